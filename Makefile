@@ -1,0 +1,45 @@
+# Nexus: two commands on a fresh machine.
+#   make demo   create .venv, install, run the lifecycle flow on the tiny preset (offline)
+#   make test   same set-up plus dev tools, then the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: demo test lint bench up down clean install install-dev
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/nexus run lifecycle configs/presets/tiny.yaml
+
+test: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: install-dev
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python -m bench.orchestration
+
+up: install
+	bash deployments/up.sh
+
+down:
+	bash deployments/down.sh
+
+clean:
+	rm -rf .nexus data/processed

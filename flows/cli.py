@@ -1,0 +1,104 @@
+"""The ``nexus`` command.
+
+    nexus run FLOW CONFIG [key=value ...]   run flows/<FLOW>.py on a YAML config
+    nexus data ls [AREA]                    list datasets and their versions
+    nexus data show NAME[@vN]               manifest, schema and sample rows of one dataset
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import typing
+from pathlib import Path
+
+from nexus_core.errors import NexusError
+
+
+def _flow(name: str):  # noqa: ANN202 - (prefect Flow, config model)
+    """``flows/<name>.py`` defines a flow function called ``<name>`` whose first parameter is its config."""
+    if not (Path(__file__).parent / f"{name}.py").is_file() or name in {"cli", "common", "report"}:
+        known = sorted(p.stem for p in Path(__file__).parent.glob("*.py")
+                       if p.stem not in {"__init__", "__main__", "cli", "common", "report"})
+        raise NexusError(f"unknown flow {name!r} (known: {', '.join(known)})")
+    module = importlib.import_module(f"flows.{name}")
+    flow_fn = getattr(module, name)
+    hints = typing.get_type_hints(flow_fn.fn)
+    first = next(iter(hints))
+    return flow_fn, hints[first]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.common import load_flow_config
+    from flows.report import print_result
+
+    flow_fn, model = _flow(args.flow)
+    cfg = load_flow_config(model, args.config, args.overrides)
+    print_result(flow_fn(cfg))
+    return 0
+
+
+def cmd_data_ls(args: argparse.Namespace) -> int:
+    from nexus_core.io import DataQuery
+
+    infos = DataQuery().list(args.area)
+    if not infos:
+        print("no datasets yet: run `make demo` or `nexus run lifecycle configs/presets/tiny.yaml`")
+        return 0
+    print(f"{'area':<12} {'name':<28} {'kind':<8} {'versions':<14} rows")
+    for i in infos:
+        versions = ",".join(f"v{v}" for v in i.versions)
+        print(f"{i.area:<12} {i.name:<28} {i.kind:<8} {versions:<14} {'' if i.rows is None else i.rows}")
+    return 0
+
+
+def cmd_data_show(args: argparse.Namespace) -> int:
+    from nexus_core.io import DataQuery, load_table
+
+    query = DataQuery()
+    m = query.manifest(args.spec)
+    print(json.dumps(m.model_dump(mode="json", by_alias=True, exclude={"result", "config"}), indent=2))
+    if m.rows is not None:
+        print(load_table(m.ref()).head(args.rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``nexus``."""
+    parser = argparse.ArgumentParser(prog="nexus", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a flow on a config")
+    run.add_argument("flow", help="flow name: a module in flows/ (lifecycle, ...)")
+    run.add_argument("config", help="YAML config (configs/...)")
+    run.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    run.set_defaults(func=cmd_run)
+
+    data = sub.add_parser("data", help="datasets and versions").add_subparsers(dest="data_command", required=True)
+    ls = data.add_parser("ls", help="list datasets")
+    ls.add_argument("area", nargs="?", help="only this area (corpus, models, distill, ...)")
+    ls.set_defaults(func=cmd_data_ls)
+    show = data.add_parser("show", help="show one dataset")
+    show.add_argument("spec", help="NAME or NAME@vN or AREA/NAME@vN")
+    show.add_argument("--rows", type=int, default=5, help="sample rows to print")
+    show.set_defaults(func=cmd_data_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``nexus`` console script."""
+    from nexus_core.settings import configure_environment
+
+    configure_environment()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NexusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""The catalog: a small SQL database of artifacts, step runs, review labels and costs.
+
+SQLite under ``NEXUS_HOME`` by default; any SQLAlchemy URL through ``NEXUS_CATALOG_URL``. The
+dashboards and ``nexus costs`` read it; artifacts themselves stay on disk with their manifests.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from functools import cache
+
+from sqlalchemy import Engine, event
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+from nexus_core.settings import catalog_url
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ArtifactRow(SQLModel, table=True):
+    """One finished artifact version."""
+
+    __tablename__ = "artifacts"
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str
+    area: str = Field(index=True)
+    name: str = Field(index=True)
+    version: int
+    uri: str = Field(unique=True)
+    digest: str
+    rows: int | None = None
+    bytes: int = 0
+    step: str
+    config_hash: str
+    flow_run_id: str | None = Field(default=None, index=True)
+    mlflow_run_id: str | None = None
+    created_at: datetime = Field(default_factory=_now)
+
+
+class StepRunRow(SQLModel, table=True):
+    """One call of a step: executed, returned from an existing manifest, or failed."""
+
+    __tablename__ = "step_runs"
+    id: int | None = Field(default=None, primary_key=True)
+    step: str = Field(index=True)
+    status: str  # completed | reused | failed
+    config_hash: str
+    artifact_uri: str | None = None
+    error: str | None = None
+    flow_name: str | None = None
+    flow_run_id: str | None = Field(default=None, index=True)
+    task_run_id: str | None = None
+    mlflow_run_id: str | None = None
+    started_at: datetime = Field(default_factory=_now)
+    seconds: float = 0.0
+
+
+class CostRow(SQLModel, table=True):
+    """Spend of one step execution: API tokens and dollars, or GPU seconds and dollars."""
+
+    __tablename__ = "costs"
+    id: int | None = Field(default=None, primary_key=True)
+    flow_name: str | None = Field(default=None, index=True)
+    flow_run_id: str | None = None
+    step: str = Field(index=True)
+    provider: str = "local"
+    kind: str = "api"  # api | gpu | cpu
+    model: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    gpu_seconds: float = 0.0
+    usd: float = 0.0
+    created_at: datetime = Field(default_factory=_now, index=True)
+
+
+class ReviewLabelRow(SQLModel, table=True):
+    """A reviewer's decision on one row of a dataset (append-only: the latest label wins)."""
+
+    __tablename__ = "review_labels"
+    id: int | None = Field(default=None, primary_key=True)
+    dataset_uri: str = Field(index=True)
+    row_id: str = Field(index=True)
+    decision: str  # accept | reject | edit
+    edited_output: str | None = None
+    reviewer: str
+    note: str | None = None
+    created_at: datetime = Field(default_factory=_now)
+
+
+@cache
+def _engine_for(url: str) -> Engine:
+    args = {"check_same_thread": False, "timeout": 30} if url.startswith("sqlite") else {}
+    engine = create_engine(url, connect_args=args)
+    if url.startswith("sqlite"):
+        # WAL lets the dashboard read while a flow writes; two writers wait instead of failing.
+        @event.listens_for(engine, "connect")
+        def _pragmas(conn, _record):  # noqa: ANN001
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+
+    SQLModel.metadata.create_all(engine)
+    return engine
+
+
+def engine() -> Engine:
+    """Engine for the configured catalog, tables created on first use."""
+    return _engine_for(catalog_url())
+
+
+def add(*rows: SQLModel) -> None:
+    """Insert rows in one transaction."""
+    with Session(engine()) as session:
+        session.add_all(rows)
+        session.commit()
+
+
+def artifacts(name: str | None = None, area: str | None = None) -> list[ArtifactRow]:
+    """Artifact rows, newest first, optionally filtered by name and area."""
+    with Session(engine()) as session:
+        query = select(ArtifactRow)
+        if name:
+            query = query.where(ArtifactRow.name == name)
+        if area:
+            query = query.where(ArtifactRow.area == area)
+        return list(session.exec(query.order_by(ArtifactRow.id.desc())))
+
+
+def step_runs(flow_run_id: str | None = None) -> list[StepRunRow]:
+    """Step-run rows, oldest first, optionally for one flow run."""
+    with Session(engine()) as session:
+        query = select(StepRunRow)
+        if flow_run_id:
+            query = query.where(StepRunRow.flow_run_id == flow_run_id)
+        return list(session.exec(query.order_by(StepRunRow.id)))
+
+
+def costs() -> list[CostRow]:
+    """Every cost row, oldest first."""
+    with Session(engine()) as session:
+        return list(session.exec(select(CostRow).order_by(CostRow.id)))

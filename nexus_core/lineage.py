@@ -1,0 +1,177 @@
+"""MLflow lineage: one run per flow run, one nested run per step execution.
+
+Uses ``MlflowClient`` with explicit run ids rather than mlflow's global "active run", because
+Prefect runs tasks in worker threads and the active-run stack does not cross threads.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nexus_core.config import flatten
+from nexus_core.settings import mlflow_uri, nexus_home
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from nexus_core.artifacts import ArtifactRef
+
+DEFAULT_EXPERIMENT = "nexus"
+_flow_runs: dict[str, str] = {}  # prefect flow run id -> mlflow run id
+
+
+@cache
+def _client_for(uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def client() -> MlflowClient:
+    """MlflowClient for the configured tracking URI (SQLite under NEXUS_HOME by default)."""
+    return _client_for(mlflow_uri())
+
+
+def experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
+    """Id of the named experiment, created with artifacts under NEXUS_HOME if missing."""
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (nexus_home() / "mlartifacts" / name).as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # another process created it first
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _params(config: dict[str, Any]) -> list:
+    from mlflow.entities import Param
+
+    flat = flatten(config)
+    return [Param(k[:250], json.dumps(v, default=str)[:500] if not isinstance(v, str) else v[:500])
+            for k, v in sorted(flat.items())]
+
+
+def _log_batch(run_id: str, metrics: dict[str, float] | None = None, params: list | None = None,
+               tags: dict[str, str] | None = None, step: int = 0) -> None:
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
+    ts = [RunTag(k, str(v)) for k, v in (tags or {}).items() if v is not None]
+    params = params or []
+    # MLflow caps a batch at 1000 metrics / 100 params / 100 tags.
+    for i in range(0, max(len(ms), len(params), len(ts), 1), 100):
+        client().log_batch(run_id, metrics=ms[i:i + 100], params=params[i:i + 100], tags=ts[i:i + 100])
+
+
+def start_flow_run(flow_name: str, prefect_flow_run_id: str | None, config: dict[str, Any] | None = None,
+                   experiment: str | None = None) -> str:
+    """Create the MLflow run for a flow run; its steps nest under it. Returns the MLflow run id."""
+    tags = {"mlflow.runName": flow_name, "nexus.kind": "flow", "nexus.flow": flow_name,
+            "prefect.flow_run_id": prefect_flow_run_id}
+    run = client().create_run(experiment_id(experiment or flow_name), tags={k: v for k, v in tags.items() if v})
+    if config:
+        _log_batch(run.info.run_id, params=_params(config))
+    if prefect_flow_run_id:
+        _flow_runs[prefect_flow_run_id] = run.info.run_id
+    return run.info.run_id
+
+
+def end_run(run_id: str, ok: bool = True) -> None:
+    """Mark a run finished or failed."""
+    client().set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def parent_run_for(prefect_flow_run_id: str | None) -> str | None:
+    """The MLflow run of a Prefect flow run, if the flow started one."""
+    if not prefect_flow_run_id:
+        return None
+    if prefect_flow_run_id in _flow_runs:
+        return _flow_runs[prefect_flow_run_id]
+    runs = client().search_runs(
+        experiment_ids=[e.experiment_id for e in client().search_experiments()],
+        filter_string=f"tags.`prefect.flow_run_id` = '{prefect_flow_run_id}' and tags.`nexus.kind` = 'flow'",
+        max_results=1,
+    )
+    if runs:
+        _flow_runs[prefect_flow_run_id] = runs[0].info.run_id
+        return runs[0].info.run_id
+    return None
+
+
+class StepRun:
+    """Handle of one step's MLflow run: log metrics, inputs and the output manifest."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Log a batch of metrics in one call."""
+        _log_batch(self.run_id, metrics=metrics, step=step)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Set tags in one call."""
+        _log_batch(self.run_id, tags={k: str(v) for k, v in tags.items()})
+
+    def log_inputs(self, inputs: dict[str, ArtifactRef]) -> None:
+        """Record input artifacts as MLflow dataset inputs (name, digest, source URI)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        datasets = [
+            DatasetInput(
+                Dataset(name=ref.name, digest=ref.digest[:36], source_type="local",
+                        source=json.dumps({"uri": ref.uri, "version": ref.version})),
+                tags=[InputTag("mlflow.data.context", key)],
+            )
+            for key, ref in inputs.items()
+        ]
+        if datasets:
+            client().log_inputs(self.run_id, datasets=datasets)
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload one file as a run artifact."""
+        client().log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        """Upload a mapping as a JSON run artifact."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(data, indent=2, default=str))
+            self.log_file(path)
+
+
+@contextmanager
+def step_run(step: str, config: dict[str, Any], tags: dict[str, Any], flow_name: str | None = None,
+             prefect_flow_run_id: str | None = None) -> Iterator[StepRun]:
+    """An MLflow run for one step execution, nested under its flow's run when there is one.
+
+    Marked FAILED if the block raises, FINISHED otherwise.
+    """
+    parent = parent_run_for(prefect_flow_run_id)
+    all_tags = {"mlflow.runName": step.rsplit(".", 1)[-1], "nexus.kind": "step", "nexus.step": step,
+                "prefect.flow_run_id": prefect_flow_run_id, **tags}
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    experiment = client().get_run(parent).info.experiment_id if parent else experiment_id(
+        flow_name or DEFAULT_EXPERIMENT)
+    run = client().create_run(experiment, tags={k: str(v) for k, v in all_tags.items() if v is not None})
+    handle = StepRun(run.info.run_id)
+    _log_batch(handle.run_id, params=_params(config))
+    try:
+        yield handle
+    except BaseException:
+        end_run(handle.run_id, ok=False)
+        raise
+    end_run(handle.run_id, ok=True)

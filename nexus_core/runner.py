@@ -1,0 +1,184 @@
+"""The spine: run a step, publish its artifact with a manifest, record lineage, catalog and cost.
+
+A step is a plain function ``run_<step>(cfg, *, inputs, out_uri) -> <Step>Result`` that writes its
+files under ``out_uri`` and returns a small result. :func:`run_step` wraps it:
+
+1. If a finished version of the artifact was made by the same step code, config and input
+   digests, return its stored result without work (idempotent re-runs, even outside Prefect).
+2. Otherwise run the step in a staging directory, inside an MLflow run.
+3. Publish: digest the files, write ``manifest.json`` last, rename into ``<name>_v<N>``.
+4. Record the artifact, the step run and its cost in the catalog.
+
+If the step raises, the staging directory is removed: no manifest, earlier versions untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, Field
+
+from nexus_core import catalog, lineage
+from nexus_core.artifacts import (
+    ArtifactRef,
+    Manifest,
+    code_version,
+    dir_digest,
+    list_versions,
+    now_iso,
+    publish,
+    read_manifest,
+    remove_tree,
+    source_hash,
+    staging_dir,
+    version_dir,
+)
+from nexus_core.config import config_dict, config_hash
+
+R = TypeVar("R", bound="StepResult")
+
+
+class Cost(BaseModel):
+    """What one step execution spent."""
+
+    usd: float = 0.0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    gpu_seconds: float = 0.0
+    provider: str = "local"
+    model: str | None = None
+
+
+class StepResult(BaseModel):
+    """Base of every step result: small, serialisable, never tensors or DataFrames."""
+
+    ref: ArtifactRef | None = Field(default=None, description="The published artifact (set by run_step)")
+    rows: int | None = Field(default=None, description="Row count of the output table, if any")
+    columns: dict[str, str] | None = Field(default=None, description="Output schema: column -> type")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    cost: Cost = Field(default_factory=Cost)
+    reused: bool = Field(default=False, description="True when an existing artifact was returned")
+
+
+class RunContext(BaseModel):
+    """Where a step runs: filled by the Prefect task wrapper, empty when called directly."""
+
+    flow_name: str | None = None
+    flow_run_id: str | None = None
+    task_run_id: str | None = None
+
+
+def step_name(fn: Callable[..., Any]) -> str:
+    """Dotted name of a step function, e.g. ``nexus_core.steps.distill.inputs.run_teacher_inputs``."""
+    return f"{fn.__module__}.{fn.__name__}"
+
+
+def step_code_hash(fn: Callable[..., Any], *extra_sources: str) -> str:
+    """Hash of the step module's source plus extra texts (prompt templates, rules files)."""
+    module = sys.modules[fn.__module__]
+    return source_hash(inspect.getsource(module), *extra_sources)
+
+
+def find_reusable(area: str, name: str, step: str, chash: str, code: str,
+                  inputs: dict[str, ArtifactRef]) -> Manifest | None:
+    """The newest finished artifact made by the same step code, config and input digests."""
+    digests = {k: v.digest for k, v in inputs.items()}
+    for version in reversed(list_versions(area, name)):
+        m = read_manifest(version_dir(area, name, version))
+        if (m.step == step and m.config_hash == chash and m.code_hash == code
+                and {k: v.digest for k, v in m.inputs.items()} == digests):
+            return m
+    return None
+
+
+def run_step(
+    fn: Callable[..., R],
+    cfg: BaseModel,
+    *,
+    area: str,
+    name: str,
+    kind: str = "dataset",
+    inputs: dict[str, ArtifactRef] | None = None,
+    context: RunContext | None = None,
+    extra_sources: tuple[str, ...] = (),
+) -> R:
+    """Run ``fn`` through the spine (see module docstring) and return its result with ``ref`` set."""
+    inputs = dict(inputs or {})
+    context = context or RunContext()
+    step = step_name(fn)
+    result_cls: type[R] = typing.get_type_hints(fn)["return"]
+    chash = config_hash(cfg)
+    code = step_code_hash(fn, *extra_sources)
+
+    existing = find_reusable(area, name, step, chash, code, inputs)
+    if existing is not None:
+        result = result_cls.model_validate(existing.result)
+        result.ref, result.reused = existing.ref(), True
+        catalog.add(catalog.StepRunRow(step=step, status="reused", config_hash=chash,
+                                       artifact_uri=existing.uri, flow_name=context.flow_name,
+                                       flow_run_id=context.flow_run_id, task_run_id=context.task_run_id))
+        return result
+
+    cfg_dict = config_dict(cfg)
+    started, t0 = now_iso(), time.perf_counter()
+    staging = staging_dir(area, name)
+    tags = {"nexus.config_hash": chash, "nexus.code_hash": code, "prefect.task_run_id": context.task_run_id,
+            "mlflow.source.git.commit": code_version().get("git_sha")}
+    mlflow_run_id = None
+    try:
+        with lineage.step_run(step, cfg_dict, tags, context.flow_name, context.flow_run_id) as run:
+            mlflow_run_id = run.run_id
+            run.log_inputs(inputs)
+            result = fn(cfg, inputs=inputs, out_uri=str(staging))
+            digest, nbytes = dir_digest(staging)
+
+            def make_manifest(version: int, target: Path) -> Manifest:
+                return Manifest(
+                    kind=kind, name=name, version=version, uri=str(target), digest=digest,
+                    step=step, rows=result.rows, bytes=nbytes, schema=result.columns, config=cfg_dict,
+                    config_hash=chash, code_hash=code, inputs=inputs, code_version=code_version(),
+                    metrics=result.metrics, cost=result.cost.model_dump(exclude={"provider", "model"}),
+                    result=result.model_dump(mode="json", exclude={"ref", "reused"}),
+                    prefect={"flow_run_id": context.flow_run_id, "task_run_id": context.task_run_id,
+                             "flow_name": context.flow_name},
+                    mlflow_run_id=run.run_id, started_at=started, finished_at=now_iso(),
+                )
+
+            manifest = publish(staging, area, name, make_manifest)
+            result.ref = manifest.ref()
+            run.log_metrics({**result.metrics, "rows": result.rows, "cost_usd": result.cost.usd,
+                             "seconds": time.perf_counter() - t0})
+            run.set_tags({"nexus.output_uri": manifest.uri, "nexus.output_digest": digest,
+                          "nexus.artifact": f"{name}@v{manifest.version}"})
+            run.log_file(Path(manifest.uri) / "manifest.json")
+    except BaseException as exc:
+        remove_tree(staging)
+        catalog.add(catalog.StepRunRow(
+            step=step, status="failed", config_hash=chash, error=f"{type(exc).__name__}: {exc}"[:2000],
+            flow_name=context.flow_name, flow_run_id=context.flow_run_id, task_run_id=context.task_run_id,
+            mlflow_run_id=mlflow_run_id, seconds=time.perf_counter() - t0))
+        raise
+
+    seconds = time.perf_counter() - t0
+    rows: list[Any] = [
+        catalog.ArtifactRow(kind=kind, area=area, name=name, version=manifest.version, uri=manifest.uri,
+                            digest=digest, rows=result.rows, bytes=nbytes, step=step, config_hash=chash,
+                            flow_run_id=context.flow_run_id, mlflow_run_id=mlflow_run_id),
+        catalog.StepRunRow(step=step, status="completed", config_hash=chash, artifact_uri=manifest.uri,
+                           flow_name=context.flow_name, flow_run_id=context.flow_run_id,
+                           task_run_id=context.task_run_id, mlflow_run_id=mlflow_run_id, seconds=seconds),
+    ]
+    c = result.cost
+    if c.usd or c.tokens_in or c.tokens_out or c.gpu_seconds:
+        rows.append(catalog.CostRow(flow_name=context.flow_name, flow_run_id=context.flow_run_id, step=step,
+                                    provider=c.provider, kind="gpu" if c.gpu_seconds else "api", model=c.model,
+                                    tokens_in=c.tokens_in, tokens_out=c.tokens_out,
+                                    gpu_seconds=c.gpu_seconds, usd=c.usd))
+    catalog.add(*rows)
+    return result

@@ -1,0 +1,71 @@
+"""Where Nexus keeps state, and the environment every entry point sets before heavy imports.
+
+Everything lives under ``NEXUS_HOME`` (default ``./.nexus``): Prefect's home and database, the
+MLflow store, the catalog. Data artifacts live under ``NEXUS_DATA`` (default ``./data``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def nexus_home() -> Path:
+    """The project-local state directory (``NEXUS_HOME``, default ``./.nexus``), created on demand."""
+    home = Path(os.environ.get("NEXUS_HOME", ".nexus")).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def data_root() -> Path:
+    """Root of ``raw/`` and ``processed/`` datasets (``NEXUS_DATA``, default ``./data``)."""
+    return Path(os.environ.get("NEXUS_DATA", "data")).expanduser().resolve()
+
+
+def mlflow_uri() -> str:
+    """MLflow tracking URI: ``MLFLOW_TRACKING_URI`` if set, else SQLite under ``NEXUS_HOME``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{nexus_home() / 'mlflow.db'}"
+
+
+def catalog_url() -> str:
+    """SQLAlchemy URL of the catalog: ``NEXUS_CATALOG_URL`` if set, else SQLite under ``NEXUS_HOME``."""
+    return os.environ.get("NEXUS_CATALOG_URL") or f"sqlite:///{nexus_home() / 'catalog.db'}"
+
+
+def configure_environment() -> None:
+    """Set the offline, project-local defaults. Must run before prefect, litellm or mlflow import.
+
+    Only fills variables the user has not set, so real deployments override any of them.
+    """
+    home = nexus_home()
+    defaults = {
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "results"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "MLFLOW_TRACKING_URI": mlflow_uri(),
+        # litellm fetches a price map from the network at import unless told not to.
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "GIT_PYTHON_REFRESH": "quiet",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+def shell_exports() -> str:
+    """``export NAME=value`` lines for the environment Nexus sets (sourced by deployments/up.sh)."""
+    import shlex
+
+    configure_environment()
+    keys = ["NEXUS_HOME", "NEXUS_DATA", "PREFECT_HOME", "PREFECT_RESULTS_PERSIST_BY_DEFAULT",
+            "PREFECT_LOCAL_STORAGE_PATH", "MLFLOW_TRACKING_URI", "LITELLM_LOCAL_MODEL_COST_MAP",
+            "HF_HUB_DISABLE_TELEMETRY", "TOKENIZERS_PARALLELISM", "DO_NOT_TRACK"]
+    values = {"NEXUS_HOME": str(nexus_home()), "NEXUS_DATA": str(data_root())}
+    return "\n".join(f"export {k}={shlex.quote(values.get(k) or os.environ[k])}" for k in keys)
+
+
+if __name__ == "__main__":
+    print(shell_exports())

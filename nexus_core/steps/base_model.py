@@ -1,0 +1,58 @@
+"""Base model: build a tiny preset model on the run's own text, or pin a pretrained one as an artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.config import NexusModel
+from nexus_core.errors import InputError
+from nexus_core.io import load_table
+from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm, load_llm
+from nexus_core.runner import StepResult
+
+
+class BaseModelConfig(NexusModel):
+    """Where the base model comes from."""
+
+    source: Literal["tiny", "pretrained"] = Field("tiny", description="Build a tiny model, or copy a real one")
+    pretrained: str | None = Field(None, description="Hub id or local path (source=pretrained)")
+    tiny: TinyLLMConfig = Field(default_factory=TinyLLMConfig, description="Shape of the tiny model")
+    text_column: str = Field("text", description="Corpus column the tiny tokenizer is trained on")
+
+    @model_validator(mode="after")
+    def _pretrained_named(self) -> BaseModelConfig:
+        if self.source == "pretrained" and not self.pretrained:
+            raise ValueError("pretrained: required when source is 'pretrained'")
+        return self
+
+
+class BaseModelResult(StepResult):
+    """What was built."""
+
+    architecture: str
+    parameters: int
+    vocab_size: int
+
+
+def run_base_model(cfg: BaseModelConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> BaseModelResult:
+    """Write an HF model directory (weights, config, tokenizer) to ``out_uri``."""
+    out = Path(out_uri)
+    if cfg.source == "tiny":
+        if "corpus" not in inputs:
+            raise InputError("base_model: source=tiny needs a 'corpus' input to train the tokenizer on")
+        texts = load_table(inputs["corpus"])
+        if cfg.text_column not in texts.columns:
+            raise InputError(f"{inputs['corpus'].uri}: missing column {cfg.text_column!r}")
+        build_tiny_llm(out, texts[cfg.text_column].drop_nulls().to_list(), cfg.tiny)
+        model, tokenizer = load_llm(out)  # prove the from_pretrained path works before publishing
+    else:
+        model, tokenizer = load_llm(cfg.pretrained)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    params = sum(p.numel() for p in model.parameters())
+    return BaseModelResult(architecture=model.config.architectures[0], parameters=params,
+                           vocab_size=len(tokenizer), metrics={"parameters": params})
