@@ -1,0 +1,114 @@
+"""A scripted OpenAI-compatible HTTP server for tests that must inject faults (429, 5xx, timeouts,
+malformed bodies) that a healthy real server never produces. Real HTTP on loopback, real litellm
+client on the other side; only the answers are scripted.
+
+    def handler(body: dict, n: int) -> Reply: ...   # n = 0-based index of this request
+    with StubServer(handler) as stub:
+        litellm.completion(model="openai/stub", api_base=stub.url, api_key="x", messages=[...])
+        stub.requests  # every JSON body received
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Reply:
+    """What the stub answers: status, a JSON-able body or raw text, extra headers, a delay."""
+
+    status: int = 200
+    body: dict[str, Any] | str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+
+
+def chat_completion(content: str, model: str = "stub", prompt_tokens: int = 10, completion_tokens: int = 20,
+                    logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A well-formed ``/v1/chat/completions`` body."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "stop",
+                              "message": {"role": "assistant", "content": content}}
+    if logprobs is not None:
+        choice["logprobs"] = {"content": logprobs}
+    return {"id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [choice],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def echo_handler(body: dict[str, Any], n: int) -> Reply:
+    """Default: answer with the last user message reversed-in-words, well formed."""
+    last = body.get("messages", [{}])[-1].get("content", "")
+    return Reply(body=chat_completion(f"Answer to: {last}", model=body.get("model", "stub")))
+
+
+class StubServer:
+    """Threaded HTTP server on 127.0.0.1 with a random port; ``url`` ends in ``/v1``."""
+
+    def __init__(self, handler: Callable[[dict[str, Any], int], Reply] = echo_handler):
+        self.handler = handler
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        stub = self
+
+        class _Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep test output clean
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                if self.path.rstrip("/").endswith("/models"):
+                    self._send(Reply(body={"object": "list", "data": [{"id": "stub", "object": "model"}]}))
+                else:
+                    self._send(Reply(status=404, body={"error": {"message": "not found"}}))
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                try:
+                    body = json.loads(raw or b"{}")
+                except json.JSONDecodeError:
+                    self._send(Reply(status=400, body={"error": {"message": "malformed JSON"}}))
+                    return
+                with stub._lock:
+                    n = len(stub.requests)
+                    stub.requests.append(body)
+                self._send(stub.handler(body, n))
+
+            def _send(self, reply: Reply) -> None:
+                if reply.delay_s:
+                    time.sleep(reply.delay_s)
+                data = reply.body if isinstance(reply.body, str) else json.dumps(reply.body or {})
+                payload = data.encode()
+                try:
+                    self.send_response(reply.status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    for k, v in reply.headers.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and went away: expected in timeout tests
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """Base URL for litellm's ``api_base`` (``http://127.0.0.1:PORT/v1``)."""
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def __enter__(self) -> StubServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._server.shutdown()
+        self._server.server_close()
