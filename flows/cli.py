@@ -3,6 +3,7 @@
     nexus run FLOW CONFIG [key=value ...]   run flows/<FLOW>.py on a YAML config
     nexus data ls [AREA]                    list datasets and their versions
     nexus data show NAME[@vN]               manifest, schema and sample rows of one dataset
+    nexus serve MODEL [--port N] [--api-key-env VAR]   OpenAI-compatible server for local models
 """
 
 from __future__ import annotations
@@ -65,6 +66,32 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve local model dirs (or artifact specs like ``models/tiny_base@v1``) behind an OpenAI-compatible API."""
+    import os
+
+    import uvicorn
+
+    from nexus_core.io import DataQuery
+    from nexus_core.serve.app import create_app, hash_api_key
+
+    models: dict[str, str] = {}
+    for spec in args.model:
+        name, _, where = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        path = where if Path(where).exists() else DataQuery().ref(where).uri
+        models[name or Path(path).name] = path
+    hashes = None
+    if args.api_key_env:
+        keys = [k for k in os.environ.get(args.api_key_env, "").split(",") if k]
+        if not keys:
+            raise NexusError(f"--api-key-env {args.api_key_env}: variable is unset or empty")
+        hashes = [hash_api_key(k) for k in keys]  # only hashes are kept in memory
+    app = create_app(models, api_key_hashes=hashes, max_batch_size=args.max_batch_size)
+    print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``nexus``."""
     parser = argparse.ArgumentParser(prog="nexus", description=__doc__,
@@ -84,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("spec", help="NAME or NAME@vN or AREA/NAME@vN")
     show.add_argument("--rows", type=int, default=5, help="sample rows to print")
     show.set_defaults(func=cmd_data_show)
+    serve = sub.add_parser("serve", help="OpenAI-compatible server for local models")
+    serve.add_argument("model", nargs="+", help="model dir, artifact spec (NAME@vN), or SERVED_NAME=dir")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port")
+    serve.add_argument("--api-key-env", default=None,
+                       help="environment variable holding the accepted API key(s), comma-separated")
+    serve.add_argument("--max-batch-size", type=int, default=16, help="most rows in one generate batch")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,69 @@
+"""`nexus serve` as a real process, and serving a peft adapter directory."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm
+from nexus_core.serve import serve_in_thread
+from nexus_core.serve.app import create_app
+
+TEXTS = ["one two three four", "five six seven eight", "the quick brown fox"] * 20
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llm(tmp_path_factory.mktemp("tiny") / "model", TEXTS, TinyLLMConfig(vocab_size=300))
+
+
+def test_serves_a_peft_adapter_dir(tmp_path: Path, tiny_model: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)  # no tokenizer here: the server falls back to the base's
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").exists()
+    app = create_app({"lora": str(adapter)})
+    with serve_in_thread(app) as url:
+        r = httpx.post(f"{url}/completions", json={"model": "lora", "prompt": "one two", "max_tokens": 3}, timeout=60)
+    app.state.close()
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_nexus_serve_subcommand_with_api_key_env(tiny_model: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "MY_KEYS": "k1,k2", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", f"tiny={tiny_model}", "--port", str(port),
+                             "--api-key-env", "MY_KEYS"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "one"}], "max_tokens": 2}
+        assert httpx.post(f"{base}/v1/chat/completions", json=body,
+                          headers={"Authorization": "Bearer k2"}, timeout=60).status_code == 200
+        assert httpx.post(f"{base}/v1/chat/completions", json=body,
+                          headers={"Authorization": "Bearer k3"}).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
