@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test lint bench up down clean install install-dev
+.PHONY: demo test lint bench up down clean install install-dev lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,7 @@ down:
 
 clean:
 	rm -rf .nexus data/processed
+
+lock: install-dev
+	(echo "# Versions tested together (pip freeze). Regenerate: make lock"; \
+	 $(BIN)/pip freeze --exclude-editable | grep -v '^-e') > constraints.txt
