@@ -1,0 +1,1 @@
+"""Nexus infrastructure: GPU work-pool workers, provider clients, CoreWeave template, images, costs."""
