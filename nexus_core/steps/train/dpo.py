@@ -1,0 +1,70 @@
+"""DPO: direct preference optimisation on chosen/rejected pairs with trl.DPOTrainer.
+
+Inputs: ``model`` and ``data`` (``chosen``/``rejected``, optional ``prompt``). With LoRA the frozen
+base serves as the reference model (no second copy in memory).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.runner import StepResult
+from nexus_core.training.common import (
+    StageBase,
+    load_model,
+    load_tokenizer,
+    model_dir,
+    peft_config,
+    preflight,
+    trainer_kwargs,
+    work_dir,
+)
+from nexus_core.training.data import layout, load_rows, need, preference_records, to_dataset
+from nexus_core.training.launch import run_stage
+
+
+class DPOConfig(StageBase):
+    """Direct preference optimisation."""
+
+    method: Literal["dpo"] = Field("dpo", description="Stage method")
+    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference model")
+    loss_type: str = Field("sigmoid", description="trl DPO loss: sigmoid, ipo, hinge, robust, ...")
+    chat: bool = Field(True, description="Format prompts/responses with the chat template")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate")
+
+
+class DPOResult(StepResult):
+    """A preference-tuned model."""
+
+    method: str = "dpo"
+    steps: int = 0
+    resumed_from_step: int = 0
+
+
+def run_dpo(cfg: DPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> DPOResult:
+    """Check inputs, train, save."""
+    model_dir(inputs.get("model"))
+    df, where = load_rows(need(inputs, "data", "dpo"))
+    layout(df, "preference", where, "dpo")
+    preflight(cfg)
+    m = run_stage(_train, cfg, inputs, out_uri, "dpo")
+    return DPOResult(steps=int(m["global_step"]), resumed_from_step=int(m["resumed_from_step"]), metrics=m)
+
+
+def _train(cfg: DPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:
+    from trl import DPOConfig as TrlDPOConfig
+    from trl import DPOTrainer
+
+    from nexus_core.training.control import train_and_save
+
+    base = model_dir(inputs["model"])
+    df, where = load_rows(inputs["data"])
+    dataset = to_dataset(preference_records(df, where, "dpo", cfg.chat))
+    args = TrlDPOConfig(**trainer_kwargs(cfg, work_dir("dpo", cfg, inputs) / "checkpoints", beta=cfg.beta,
+                                         loss_type=[cfg.loss_type], max_length=cfg.max_length))
+    trainer = DPOTrainer(model=load_model(cfg, base), args=args, train_dataset=dataset,
+                         processing_class=load_tokenizer(base), peft_config=peft_config(cfg))
+    return train_and_save(trainer, cfg, run_id, base, out_uri, "dpo")

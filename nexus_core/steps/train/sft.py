@@ -1,0 +1,87 @@
+"""SFT: supervised fine-tuning with trl.SFTTrainer — full, LoRA or QLoRA; chat template, packing,
+completion-only loss.
+
+Inputs: ``model`` (HF model dir artifact) and ``data`` (table with messages | input/output |
+prompt/completion | text). Output: the fine-tuned model artifact (see ``save_model_artifact``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.runner import Cost, StepResult
+from nexus_core.training.common import (
+    StageBase,
+    load_model,
+    load_tokenizer,
+    model_dir,
+    peft_config,
+    preflight,
+    trainer_kwargs,
+    work_dir,
+)
+from nexus_core.training.data import layout, load_rows, need, sft_records, to_dataset
+from nexus_core.training.launch import run_stage
+
+
+class SFTConfig(StageBase):
+    """Supervised fine-tuning."""
+
+    method: Literal["sft"] = Field("sft", description="Stage method")
+    chat: bool = Field(True, description="Format string prompt/response pairs with the model's chat template")
+    packing: bool = Field(False, description="Pack several samples per sequence (best-fit, no cross-attention)")
+    completion_only_loss: bool = Field(True, description="Loss on the response tokens only, not the prompt")
+    assistant_only_loss: bool = Field(False, description="messages data: loss on assistant turns only "
+                                                         "(needs {% generation %} in the chat template)")
+
+
+class SFTResult(StepResult):
+    """A fine-tuned model."""
+
+    method: str = "sft"
+    steps: int = 0
+    resumed_from_step: int = 0
+    trainable_params: int = 0
+    total_params: int = 0
+
+
+def run_sft(cfg: SFTConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> SFTResult:
+    """Check inputs, train (here or under accelerate), save the model artifact."""
+    model_dir(inputs.get("model"))
+    df, where = load_rows(need(inputs, "data", "sft"))
+    layout(df, "sft", where, "sft")
+    preflight(cfg)
+    m = run_stage(_train, cfg, inputs, out_uri, "sft")
+    return SFTResult(steps=int(m["global_step"]), resumed_from_step=int(m["resumed_from_step"]),
+                     trainable_params=int(m["trainable_params"]), total_params=int(m["total_params"]),
+                     metrics=m, cost=Cost(gpu_seconds=m.get("gpu_seconds", 0.0)))
+
+
+def build_trainer(cfg: SFTConfig, inputs: dict[str, ArtifactRef], output_dir: Path):  # noqa: ANN201
+    """The trl SFTTrainer for this stage (also used by bench/train_sft.py)."""
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
+
+    base = model_dir(inputs["model"])
+    df, where = load_rows(inputs["data"])
+    dataset = to_dataset(sft_records(df, where, "sft", cfg.chat))
+    tokenizer = load_tokenizer(base)
+    args = TrlSFTConfig(**trainer_kwargs(
+        cfg, output_dir, max_length=cfg.max_length, packing=cfg.packing,
+        completion_only_loss=cfg.completion_only_loss if "prompt" in dataset.column_names else None,
+        assistant_only_loss=cfg.assistant_only_loss, dataset_num_proc=None))
+    model = load_model(cfg, base)
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      peft_config=peft_config(cfg))
+
+
+def _train(cfg: SFTConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:
+    """One process's share of the stage; rank 0 saves the artifact."""
+    from nexus_core.training.control import train_and_save
+
+    trainer = build_trainer(cfg, inputs, work_dir("sft", cfg, inputs) / "checkpoints")
+    return train_and_save(trainer, cfg, run_id, model_dir(inputs["model"]), out_uri, "sft")
