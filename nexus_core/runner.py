@@ -128,8 +128,9 @@ def run_step(
     cfg_dict = config_dict(cfg)
     started, t0 = now_iso(), time.perf_counter()
     staging = staging_dir(area, name)
+    version_info = code_version()
     tags = {"nexus.config_hash": chash, "nexus.code_hash": code, "prefect.task_run_id": context.task_run_id,
-            "mlflow.source.git.commit": code_version().get("git_sha")}
+            "mlflow.source.git.commit": version_info["git_sha"]}
     mlflow_run_id = None
     try:
         with lineage.step_run(step, cfg_dict, tags, context.flow_name, context.flow_run_id) as run:
@@ -142,7 +143,7 @@ def run_step(
                 return Manifest(
                     kind=kind, name=name, version=version, uri=str(target), digest=digest,
                     step=step, rows=result.rows, bytes=nbytes, schema=result.columns, config=cfg_dict,
-                    config_hash=chash, code_hash=code, inputs=inputs, code_version=code_version(),
+                    config_hash=chash, code_hash=code, inputs=inputs, code_version=version_info,
                     metrics=result.metrics, cost=result.cost.model_dump(exclude={"provider", "model"}),
                     result=result.model_dump(mode="json", exclude={"ref", "reused"}),
                     prefect={"flow_run_id": context.flow_run_id, "task_run_id": context.task_run_id,
