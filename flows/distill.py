@@ -1,0 +1,109 @@
+"""The distill flow: raw scientific text → teacher inputs → teacher collection → filters →
+human review (a real pause) → regeneration of rejects → SFT dataset.
+
+    nexus run distill configs/distill/tiny.yaml          # offline, recorded teacher, auto review
+    nexus run distill configs/distill/scientific.yaml    # a real teacher through litellm
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.flow_runs import pause_flow_run, suspend_flow_run
+from prefect.input import RunInput
+from prefect.runtime import flow_run
+from pydantic import Field
+
+from flows.common import flow_lineage, main
+from flows.report import FlowResult
+from nexus_core.artifacts import ArtifactRef, raw_ref
+from nexus_core.distill_lib import TeacherConfig
+from nexus_core.flowconfig import FlowConfig
+from nexus_core.review_lib import open_request
+from nexus_core.steps.distill.collect import CollectConfig
+from nexus_core.steps.distill.filters import FiltersConfig
+from nexus_core.steps.distill.inputs import TeacherInputsConfig
+from nexus_core.steps.distill.package import PackageConfig
+from nexus_core.steps.distill.regenerate import RegenerateConfig
+from nexus_core.steps.distill.review import ReviewConfig, ReviewSubmission
+from tasks.distill_collect import teacher_collect
+from tasks.distill_filters import distill_filters
+from tasks.distill_inputs import teacher_inputs
+from tasks.distill_package import sft_package
+from tasks.distill_regenerate import regenerate
+from tasks.distill_review import review
+
+
+class DistillConfig(FlowConfig):
+    """Config of the distill flow: one section per stage; ``teacher`` serves collection and regeneration."""
+
+    name: str = Field("distill", description="Run name; artifact names derive from it")
+    sources: list[str] = Field(default_factory=list, description="Raw JSONL / enhanced-prompt JSON files")
+    inputs: TeacherInputsConfig = Field(default_factory=TeacherInputsConfig, description="Prompt templates")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher model through litellm")
+    batch_size: int = Field(256, ge=1, description="Rows per collection batch")
+    filters: FiltersConfig = Field(default_factory=FiltersConfig, description="Filter rules")
+    review: ReviewConfig = Field(default_factory=ReviewConfig, description="Review gate")
+    regenerate: RegenerateConfig = Field(default_factory=RegenerateConfig, description="Regeneration of rejects")
+    package: PackageConfig = Field(default_factory=PackageConfig, description="SFT packaging")
+
+
+class ReviewInput(RunInput):
+    """Typed input the review app sends with resume_flow_run."""
+
+    reviewer: str
+    labels_digest: str
+    labels: int = 0
+
+
+def review_gate(cfg: ReviewConfig, filtered: ArtifactRef) -> ReviewConfig:
+    """Human mode: record a review request and pause until the review app resumes with its submission.
+
+    A deployment run suspends (its process exits; it re-runs from cached tasks on resume); any other
+    run pauses in process, since suspension needs a deployment to restart from.
+    """
+    if cfg.mode != "human":
+        return cfg
+    open_request(filtered.uri, flow_run.get_id(), flow_run.get_flow_name(), filtered.rows or 0)
+    get_run_logger().info("waiting for review of %s: open the review app (streamlit run dashboards/app.py)",
+                          filtered.uri)
+    if flow_run.deployment_id:
+        answer = suspend_flow_run(wait_for_input=ReviewInput, timeout=cfg.timeout_s, key=f"review-{filtered.digest}")
+    else:
+        answer = pause_flow_run(wait_for_input=ReviewInput, timeout=cfg.timeout_s,
+                                poll_interval=cfg.poll_interval_s, key=f"review-{filtered.digest}")
+    return cfg.model_copy(update={"submission": ReviewSubmission(
+        reviewer=answer.reviewer, labels_digest=answer.labels_digest, labels=answer.labels)})
+
+
+@flow(name="distill", log_prints=True)
+def distill(cfg: DistillConfig, sources: dict[str, ArtifactRef] | None = None) -> FlowResult:
+    """Raw text to an SFT dataset; ``sources`` (refs from an upstream flow) replace ``cfg.sources``."""
+    with flow_lineage(cfg) as mlflow_run_id:
+        sources = sources or {f"source_{i}": raw_ref(p) for i, p in enumerate(cfg.sources)}
+        n = cfg.name
+        inputs = teacher_inputs(cfg.inputs, sources, name=f"{n}_teacher_inputs")
+        collected = teacher_collect(CollectConfig(teacher=cfg.teacher, batch_size=cfg.batch_size), inputs.ref,
+                                    name=f"{n}_collected")
+        filtered = distill_filters(cfg.filters, collected.ref, name=f"{n}_filtered")
+        reviewed = review(review_gate(cfg.review, filtered.ref), filtered.ref, name=f"{n}_reviewed")
+        regen_cfg = cfg.regenerate.model_copy(update={"teacher": cfg.teacher, "rules": cfg.filters.rules})
+        regenerated = regenerate(regen_cfg, reviewed.ref, name=f"{n}_regenerated")
+        sft = sft_package(cfg.package, regenerated.ref, name=f"{n}_sft")
+        steps = {"teacher_inputs": inputs, "collected": collected, "filtered": filtered, "reviewed": reviewed,
+                 "regenerated": regenerated, "sft": sft}
+    return FlowResult(
+        flow="distill",
+        artifacts={k: r.ref for k, r in steps.items()},
+        reused=[k for k, r in steps.items() if r.reused],
+        flow_run_id=flow_run.get_id(),
+        mlflow_run_id=mlflow_run_id,
+        summary={"collected_ok": collected.ok, "collected_failed": collected.failed,
+                 "offline_misses": len(collected.offline_misses), "filter_kept": filtered.kept,
+                 "gates_passed": filtered.gates_passed, "review_accepted": reviewed.accepted,
+                 "regenerated_rescued": regenerated.rescued, "sft_rows": sft.rows,
+                 "teacher_usd": round(collected.cost.usd + regenerated.cost.usd, 6)},
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(distill, DistillConfig))

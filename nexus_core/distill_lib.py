@@ -1,0 +1,200 @@
+"""Helpers the distill steps share: prompt templates, teacher config, row ids, and the filter rules.
+
+Steps never import each other; collection and regeneration both call the teacher, filters and
+regeneration both apply the same rules, so that code lives here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import yaml
+from pydantic import Field
+
+from nexus_core.config import NexusModel, validate
+from nexus_core.errors import ConfigError, InputError
+from nexus_core.llm_client import LLMConfig
+
+# ---------------------------------------------------------------- teacher
+
+
+class TeacherConfig(LLMConfig):
+    """The teacher model (any litellm provider) plus how many rows to ask it about."""
+
+    max_samples: int | None = Field(None, ge=1, description="Ask the teacher about at most this many rows (null: all)")
+
+
+# ---------------------------------------------------------------- templates
+
+
+class PromptTemplate(NexusModel):
+    """A prompt template file: system prompt and a user template with ``{placeholders}``."""
+
+    name: str = Field(description="Template id (the file stem)")
+    system: str = Field(description="System prompt")
+    user: str = Field(description="User message template; placeholders: {text} {title} {domain} and, for "
+                                  "regeneration, {previous} {reasons} {round}")
+    text: str = Field(description="The file's raw text (hashed into the cache key)")
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the template file, 16 hex chars."""
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()[:16]
+
+    def render(self, **values: Any) -> str:
+        """The user message with placeholders filled; an unknown placeholder names the template."""
+        try:
+            return self.user.format(**values)
+        except (KeyError, IndexError) as exc:
+            raise InputError(f"prompt template {self.name!r}: unknown placeholder {exc}") from None
+
+
+def template_path(prompts_dir: str | Path, name: str) -> Path:
+    """``<prompts_dir>/<name>.yaml``."""
+    return Path(prompts_dir) / f"{name}.yaml"
+
+
+def load_template(prompts_dir: str | Path, name: str) -> PromptTemplate:
+    """Load one template; an unknown name lists the templates that exist."""
+    path = template_path(prompts_dir, name)
+    if not path.is_file():
+        known = sorted(p.stem for p in Path(prompts_dir).glob("*.yaml")) if Path(prompts_dir).is_dir() else []
+        raise InputError(f"unknown prompt template {name!r}: {path} not found (known: {', '.join(known) or 'none'})")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping with system and user")
+    return validate(PromptTemplate, {"name": name, "text": text, **data}, str(path))
+
+
+def template_texts(prompts_dir: str | Path, names: list[str]) -> list[str]:
+    """Raw texts of the named templates that exist (for cache keys; missing ones fail later, named)."""
+    return [template_path(prompts_dir, n).read_text(encoding="utf-8")
+            for n in names if template_path(prompts_dir, n).is_file()]
+
+
+def row_id(*parts: str) -> str:
+    """Stable id of a row from the things that define it."""
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- filter rules
+
+
+class Gates(NexusModel):
+    """Dataset-level quality gates: minimum fractions."""
+
+    falsifiable_hypothesis: float = Field(0.6, ge=0, le=1, description="Share of hypothesis rows that are falsifiable")
+    methodology_present: float = Field(0.5, ge=0, le=1, description="Share of methodology rows that describe a method")
+    length_format_valid: float = Field(0.9, ge=0, le=1, description="Share of answered rows with valid length and format")
+
+
+class FilterRules(NexusModel):
+    """The rules file (``configs/distill/filters.yaml``)."""
+
+    min_chars: int = Field(120, ge=0, description="A response must be longer than this")
+    action_verbs: list[str] = Field(description="At least one of these verb stems must occur")
+    citation_patterns: list[str] = Field(description="Regexes of hallucinated citations or bracketed references")
+    format_patterns: list[str] = Field(description="Regexes of broken formatting")
+    falsifiable_patterns: list[str] = Field(description="Regexes; a hypothesis must match one")
+    methodology_patterns: list[str] = Field(description="Regexes; a methodology must match one")
+    falsifiable_templates: list[str] = Field(default_factory=lambda: ["hypothesis"],
+                                             description="Templates whose rows must be falsifiable")
+    methodology_templates: list[str] = Field(default_factory=lambda: ["methodology"],
+                                             description="Templates whose rows must describe a method")
+    dedupe: bool = Field(True, description="Remove exact and near duplicates (first occurrence kept)")
+    gates: Gates = Field(default_factory=Gates, description="Quality gates")
+
+
+def load_rules(path: str | Path) -> tuple[FilterRules, str]:
+    """(rules, raw text) of a rules YAML; every regex is compiled so a bad one names its key."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: filter rules file not found")
+    text = path.read_text(encoding="utf-8")
+    rules = validate(FilterRules, yaml.safe_load(text) or {}, str(path))
+    problems = []
+    for key in ("citation_patterns", "format_patterns", "falsifiable_patterns", "methodology_patterns"):
+        for i, pattern in enumerate(getattr(rules, key)):
+            try:  # polars' (Rust) regex dialect is the one that runs: no backreferences, no lookaround
+                pl.Series([""]).str.contains(pattern)
+            except Exception as exc:  # noqa: BLE001 - polars raises ComputeError for bad patterns
+                problems.append(f"{key}[{i}]: bad regex ({str(exc).splitlines()[0]})")
+    if problems:
+        raise ConfigError(problems, str(path))
+    return rules, text
+
+
+def _any(patterns: list[str]) -> str:
+    return "|".join(f"(?:{p})" for p in patterns) if patterns else r"$^"
+
+
+def apply_rules(df: pl.DataFrame, rules: FilterRules, text_col: str = "response",
+                template_col: str = "template_name") -> pl.DataFrame:
+    """Add ``keep`` (bool), ``reasons`` (list[str]), ``reason`` (str) and per-check flags to ``df``.
+
+    Rules run as polars expressions (no Python per row). Duplicates: exact on the stripped text,
+    near on a normalised fingerprint (lowercase, letters only, whitespace collapsed); the first
+    occurrence of each is kept.
+    """
+    text = pl.col(text_col).fill_null("")
+    verbs = r"(?i)\b(?:" + "|".join(re.escape(v) for v in rules.action_verbs) + r")"
+    fences = text.str.count_matches("```")
+    checks = {
+        "no_response": pl.col(text_col).is_null() | (text.str.strip_chars() == ""),
+        "too_short": text.str.len_chars() <= rules.min_chars,
+        "no_action_verb": ~text.str.contains(verbs),
+        "citation": text.str.contains(_any(rules.citation_patterns)),
+        "broken_format": text.str.contains(_any(rules.format_patterns)) | (fences % 2 == 1),
+        "not_falsifiable": pl.col(template_col).is_in(rules.falsifiable_templates)
+        & ~text.str.contains(_any(rules.falsifiable_patterns)),
+        "no_methodology": pl.col(template_col).is_in(rules.methodology_templates)
+        & ~text.str.contains(_any(rules.methodology_patterns)),
+    }
+    answered_expr = ~checks["no_response"]
+    out = df.with_columns(**{f"chk_{k}": v if k == "no_response" else answered_expr & v for k, v in checks.items()})
+    dup_exprs = []
+    if rules.dedupe:
+        stripped = text.str.strip_chars().str.to_lowercase()
+        fingerprint = (text.str.to_lowercase().str.replace_all(r"[^a-z]+", " ").str.strip_chars()
+                       .str.replace_all(r"\s+", " "))
+        answered = ~pl.col("chk_no_response")
+        out = out.with_columns(
+            chk_exact_duplicate=answered & ~stripped.is_first_distinct(),
+        ).with_columns(
+            chk_near_duplicate=answered & ~pl.col("chk_exact_duplicate") & ~fingerprint.is_first_distinct(),
+        )
+        dup_exprs = ["exact_duplicate", "near_duplicate"]
+    names = [*checks, *dup_exprs]
+    reasons = pl.concat_list([pl.when(pl.col(f"chk_{n}")).then(pl.lit(n)).otherwise(pl.lit(None)) for n in names])
+    out = out.with_columns(reasons=reasons.list.drop_nulls())
+    return out.with_columns(keep=pl.col("reasons").list.len() == 0,
+                            reason=pl.col("reasons").list.join("; "))
+
+
+def gate_metrics(df: pl.DataFrame, rules: FilterRules, template_col: str = "template_name") -> dict[str, float]:
+    """Share of rows meeting each gate and whether the gate passed (1.0/0.0), from ``apply_rules`` output."""
+    answered = df.filter(~pl.col("chk_no_response"))
+    hyp = answered.filter(pl.col(template_col).is_in(rules.falsifiable_templates))
+    meth = answered.filter(pl.col(template_col).is_in(rules.methodology_templates))
+
+    def share(frame: pl.DataFrame, bad: pl.Expr) -> float:
+        return float(frame.select((~bad).mean()).item()) if frame.height else 0.0
+
+    values = {
+        "falsifiable_hypothesis": share(hyp, pl.col("chk_not_falsifiable")),
+        "methodology_present": share(meth, pl.col("chk_no_methodology")),
+        "length_format_valid": share(answered, pl.col("chk_too_short") | pl.col("chk_broken_format")),
+    }
+    out: dict[str, float] = {}
+    for name, value in values.items():
+        out[f"gate_{name}"] = value
+        out[f"gate_{name}_pass"] = float(value >= getattr(rules.gates, name))
+    return out

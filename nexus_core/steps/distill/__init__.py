@@ -1,0 +1,1 @@
+"""Distillation data pipeline steps: teacher inputs, collection, filters, review, regeneration, SFT packaging."""

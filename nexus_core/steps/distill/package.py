@@ -1,0 +1,70 @@
+"""SFT packaging: the kept rows as ``{"input", "output", "meta"}`` records.
+
+Writes ``data.parquet`` (``meta`` a struct), ``sft.jsonl`` (same records) and a Hugging Face
+``datasets`` dataset under ``hf/`` (``load_from_disk``). Training accepts any table with
+``input``/``output``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+from pydantic import Field
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.config import NexusModel
+from nexus_core.errors import InputError
+from nexus_core.io import read_table, schema_of, write_jsonl, write_parquet
+from nexus_core.runner import StepResult
+
+REQUIRED = ("row_id", "domain", "template_name", "template_hash", "user_prompt", "final_output", "final_keep",
+            "origin", "decision_source")
+
+
+class PackageConfig(NexusModel):
+    """What goes into the SFT dataset."""
+
+    include_system_prompt: bool = Field(False, description="Prefix input with the system prompt")
+    min_rows: int = Field(1, ge=0, description="Fail if fewer rows survive (an empty SFT set is a bug upstream)")
+
+
+class PackageResult(StepResult):
+    """Rows per template and domain."""
+
+    per_template: dict[str, int] = Field(default_factory=dict)
+    per_domain: dict[str, int] = Field(default_factory=dict)
+
+
+def run_sft_package(cfg: PackageConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> PackageResult:
+    """Package the kept rows of ``inputs["regenerated"]``."""
+    if "regenerated" not in inputs:
+        raise InputError("sft package: input 'regenerated' missing")
+    src = Path(inputs["regenerated"].uri) / "data.parquet"
+    df = read_table(src, columns=REQUIRED).filter(pl.col("final_keep") & pl.col("final_output").is_not_null())
+    if df.height < cfg.min_rows:
+        raise InputError(f"{src}: only {df.height} kept row(s), need at least {cfg.min_rows}")
+    model = pl.col("model") if "model" in df.columns else pl.lit(None, pl.Utf8)
+    inp = pl.col("user_prompt")
+    if cfg.include_system_prompt:
+        inp = pl.concat_str([pl.col("system_prompt"), pl.lit("\n\n"), pl.col("user_prompt")])
+    quality = (pl.when(pl.col("decision_source") == "human").then(pl.lit("human_reviewed"))
+               .when(pl.col("origin") == "regenerated").then(pl.lit("regenerated"))
+               .otherwise(pl.lit("filter_passed")))
+    out = df.select(
+        input=inp, output=pl.col("final_output"),
+        meta=pl.struct(row_id=pl.col("row_id"), domain=pl.col("domain"), quality=quality,
+                       template_name=pl.col("template_name"), template_hash=pl.col("template_hash"),
+                       teacher=model, origin=pl.col("origin"), review=pl.col("decision_source"),
+                       attempts=pl.col("attempts") if "attempts" in df.columns else pl.lit(0)),
+    )
+    root = Path(out_uri)
+    write_parquet(out, root / "data.parquet")
+    write_jsonl(out, root / "sft.jsonl")
+    from datasets import Dataset
+
+    Dataset.from_list(out.to_dicts()).save_to_disk(str(root / "hf"))
+    per_template = dict(out.group_by(pl.col("meta").struct.field("template_name")).len().iter_rows())
+    per_domain = dict(out.group_by(pl.col("meta").struct.field("domain")).len().iter_rows())
+    return PackageResult(rows=out.height, columns=schema_of(out), per_template=per_template,
+                         per_domain=per_domain, metrics={"rows": out.height})

@@ -1,0 +1,15 @@
+"""Task: package kept rows as an SFT dataset (Parquet, JSONL, HF datasets)."""
+
+from __future__ import annotations
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.runner import run_step
+from nexus_core.steps.distill.package import PackageConfig, PackageResult, run_sft_package
+from tasks.common import nexus_task, run_context
+
+
+@nexus_task(run_sft_package, name="distill-package")
+def sft_package(cfg: PackageConfig, regenerated: ArtifactRef, name: str = "sft") -> PackageResult:
+    """Write the SFT dataset ``distill/<name>_vN``."""
+    return run_step(run_sft_package, cfg, area="distill", name=name, inputs={"regenerated": regenerated},
+                    context=run_context())
