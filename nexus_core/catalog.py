@@ -89,6 +89,27 @@ class ReviewLabelRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=_now)
 
 
+class EvalReportRow(SQLModel, table=True):
+    """One evaluation report (issue 7): the leaderboard is a query over these rows."""
+
+    __tablename__ = "eval_reports"
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(index=True)
+    model_name: str | None = Field(default=None, index=True)
+    model_uri: str | None = None
+    model_digest: str | None = None
+    dataset_name: str | None = Field(default=None, index=True)
+    dataset_digest: str | None = None
+    judge: str | None = None
+    judge_kind: str = "heuristic"  # heuristic | llm: heuristic scores are never ranked as LLM-judged
+    score: float | None = None  # mean of the rubric medians
+    gate_passed: bool = False
+    metrics_json: str = "{}"
+    report_uri: str = Field(unique=True)
+    flow_run_id: str | None = None
+    created_at: datetime = Field(default_factory=_now, index=True)
+
+
 @cache
 def _engine_for(url: str) -> Engine:
     args = {"check_same_thread": False, "timeout": 30} if url.startswith("sqlite") else {}
@@ -140,3 +161,25 @@ def costs() -> list[CostRow]:
     """Every cost row, oldest first."""
     with Session(engine()) as session:
         return list(session.exec(select(CostRow).order_by(CostRow.id)))
+
+
+def add_eval_report(row: EvalReportRow) -> None:
+    """Insert an evaluation report row unless one for the same report URI exists (idempotent)."""
+    with Session(engine()) as session:
+        if session.exec(select(EvalReportRow).where(EvalReportRow.report_uri == row.report_uri)).first():
+            return
+        session.add(row)
+        session.commit()
+
+
+def leaderboard(dataset_name: str | None = None, judge_kind: str | None = None) -> list[EvalReportRow]:
+    """Evaluation reports ranked: gate passed first, then score (highest first), then newest."""
+    with Session(engine()) as session:
+        query = select(EvalReportRow)
+        if dataset_name:
+            query = query.where(EvalReportRow.dataset_name == dataset_name)
+        if judge_kind:
+            query = query.where(EvalReportRow.judge_kind == judge_kind)
+        rows = list(session.exec(query))
+    return sorted(rows, key=lambda r: (not r.gate_passed, -(r.score if r.score is not None else float("-inf")),
+                                       -r.id if r.id is not None else 0))

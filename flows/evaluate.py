@@ -1,0 +1,109 @@
+"""The evaluate flow: score a model on a validation set, judge it on the rubric, decide the gates.
+
+    (dataset file ─► ingest) ─► predict ─► score ─► judge ─► gates ─► report (+ leaderboard) ─► feedback
+
+``model`` and ``dataset`` come from an upstream flow (the lifecycle passes ArtifactRefs) or from the
+config (a path, an artifact directory, or ``[area/]name[@vN]``). With no model at all, the offline
+preset builds a tiny one on the validation text so the whole flow runs anywhere.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.runtime import flow_run
+from pydantic import Field
+
+from flows.common import flow_lineage, main
+from flows.report import FlowResult
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.config import config_hash
+from nexus_core.errors import ConfigError
+from nexus_core.eval_lib import eval_run_id, resolve_ref
+from nexus_core.flowconfig import FlowConfig
+from nexus_core.steps.base_model import BaseModelConfig
+from nexus_core.steps.evaluate.feedback import FeedbackConfig
+from nexus_core.steps.evaluate.gates import GatesConfig
+from nexus_core.steps.evaluate.judge import JudgeConfig
+from nexus_core.steps.evaluate.predict import PredictConfig
+from nexus_core.steps.evaluate.report import ReportConfig
+from nexus_core.steps.evaluate.score import ScoreConfig
+from nexus_core.steps.ingest import IngestConfig
+from tasks.base_model import base_model
+from tasks.eval_feedback import eval_feedback
+from tasks.eval_gates import eval_gates
+from tasks.eval_judge import eval_judge
+from tasks.eval_predict import eval_predict
+from tasks.eval_report import eval_report
+from tasks.eval_score import eval_score
+from tasks.ingest import ingest
+
+
+class EvaluateConfig(FlowConfig):
+    """Config of the evaluate flow: where the model and data come from, and one section per step."""
+
+    name: str = Field("eval", description="Evaluation name; artifact names derive from it")
+    model: str | None = Field(None, description="Model: HF dir, artifact dir or name[@vN] (ignored when the "
+                                                "flow is given a model ref); null builds `tiny_model`")
+    dataset: str | None = Field(None, description="Validation set with input/output: table file, artifact dir "
+                                                  "or [area/]name[@vN] (ignored when given a dataset ref)")
+    tiny_model: BaseModelConfig = Field(
+        default_factory=lambda: BaseModelConfig(source="tiny", text_column="input"),
+        description="Offline fallback model built on the validation inputs when no model is named")
+    predict: PredictConfig = Field(default_factory=PredictConfig, description="Prediction settings")
+    score: ScoreConfig = Field(default_factory=ScoreConfig, description="Metrics to compute")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Rubric judge (llm or heuristic)")
+    gates: GatesConfig = Field(default_factory=GatesConfig, description="Quality gates")
+    report: ReportConfig = Field(default_factory=ReportConfig, description="Report settings")
+    feedback: FeedbackConfig | None = Field(default_factory=FeedbackConfig,
+                                            description="Failed samples → teacher inputs; null disables")
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(cfg: EvaluateConfig, model: ArtifactRef | None = None, dataset: ArtifactRef | None = None) -> FlowResult:
+    """Evaluate ``model`` on ``dataset``; the summary's ``gate_passed`` is the promote/reject verdict."""
+    with flow_lineage(cfg) as mlflow_run_id:
+        steps = {}
+        if dataset is None:
+            if not cfg.dataset:
+                raise ConfigError(["dataset: required when the flow is not given a dataset ref"])
+            dataset = resolve_ref(cfg.dataset, "dataset")
+            if dataset.kind == "raw" and dataset.path.is_file():  # a plain table file: version it first
+                steps["dataset"] = ingest(
+                    IngestConfig(sources=[cfg.dataset], required_columns=["input", "output"], dedupe_on=None),
+                    {"validation": dataset}, name=f"{cfg.name}_validation")
+                dataset = steps["dataset"].ref
+        if model is None:
+            if cfg.model:
+                model = resolve_ref(cfg.model, "model")
+            else:
+                steps["model"] = base_model(cfg.tiny_model, dataset, name=f"{cfg.name}_tiny_model")
+                model = steps["model"].ref
+        run_id = eval_run_id(model, dataset, config_hash(cfg, exclude={"model", "dataset", "extends", "overrides"}))
+
+        preds = steps["predict"] = eval_predict(cfg.predict.model_copy(update={"run_id": run_id}), model, dataset,
+                                                name=cfg.name)
+        scores = steps["score"] = eval_score(cfg.score, preds.ref, name=cfg.name)
+        judged = steps["judge"] = eval_judge(cfg.judge, preds.ref, name=cfg.name)
+        gates = steps["gates"] = eval_gates(cfg.gates, judged.ref, scores.ref, name=cfg.name)
+        report = steps["report"] = eval_report(cfg.report.model_copy(update={"run_id": run_id}), preds.ref,
+                                               scores.ref, judged.ref, gates.ref, name=cfg.name)
+        if cfg.feedback is not None:
+            steps["feedback"] = eval_feedback(cfg.feedback, judged.ref, name=cfg.name)
+    return FlowResult(
+        flow="evaluate",
+        artifacts={k: r.ref for k, r in steps.items()},
+        reused=[k for k, r in steps.items() if r.reused],
+        flow_run_id=flow_run.get_id(),
+        mlflow_run_id=mlflow_run_id,
+        summary={
+            "gate_passed": gates.passed, "failed_gates": gates.failed_gates, "gate_values": gates.values,
+            "run_id": run_id, "judge": judged.label, "judge_kind": judged.judge_kind,
+            "score": report.score, "metrics": scores.values,
+            "report": f"{report.ref.uri}/{report.report_file}",
+            "feedback_samples": steps["feedback"].failed_samples if "feedback" in steps else 0,
+        },
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(evaluate, EvaluateConfig))

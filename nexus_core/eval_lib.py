@@ -1,0 +1,71 @@
+"""Helpers of the evaluation flow that are not steps: naming a run, finding inputs, recording reports.
+
+Kept outside ``steps/`` so the flow, the tasks and other areas (the lifecycle's promote/reject
+decision, the leaderboard dashboard) can share them without importing a step module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from nexus_core import catalog, lineage
+from nexus_core.artifacts import MANIFEST, ArtifactRef, raw_ref, read_manifest
+from nexus_core.errors import InputError
+
+
+def eval_run_id(model: ArtifactRef, dataset: ArtifactRef, config_hash: str) -> str:
+    """A stable id for (model, dataset, evaluation config): same inputs, same id, so caches still hit."""
+    h = hashlib.sha256(f"{model.digest}:{dataset.digest}:{config_hash}".encode()).hexdigest()[:10]
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in model.name)[:40]
+    return f"{safe}-v{model.version}-{h}"
+
+
+def resolve_ref(spec: str, what: str) -> ArtifactRef:
+    """An ArtifactRef for ``spec``: an artifact directory, an HF model directory, a table file, or
+    ``[area/]name[@vN]`` of a dataset under the data root."""
+    from nexus_core.io import DataQuery
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return read_manifest(path).ref()
+    if path.exists():
+        if what == "model" and path.is_dir() and not (path / "config.json").is_file():
+            raise InputError(f"{what} {spec}: not a model directory (no config.json)")
+        return raw_ref(path)
+    if Path(spec.split("@")[0]).suffix in {".jsonl", ".parquet", ".gz", ".zst", ".json", ".ndjson"}:
+        raise InputError(f"{what} {spec}: file not found")
+    try:
+        return DataQuery().ref(spec)
+    except InputError as exc:
+        raise InputError(f"{what} {spec!r}: not a path and not a known artifact ({exc})") from None
+
+
+def record_report(report: ArtifactRef, flow_run_id: str | None = None) -> catalog.EvalReportRow:
+    """Add the report to the leaderboard (idempotent) and log its JSON and tables to its MLflow run."""
+    manifest = read_manifest(report.uri)
+    result = manifest.result
+    data = json.loads((report.path / result["report_file"]).read_text())
+    model, dataset = data.get("model") or {}, data.get("dataset") or {}
+    row = catalog.EvalReportRow(
+        run_id=data["run_id"], model_name=model.get("name"), model_uri=model.get("uri"),
+        model_digest=model.get("digest"), dataset_name=dataset.get("name"), dataset_digest=dataset.get("digest"),
+        judge=data["judge"].get("name"), judge_kind=data["judge"]["kind"], score=data.get("score"),
+        gate_passed=bool(data["gate_passed"]), metrics_json=json.dumps(data.get("metrics") or {}),
+        report_uri=report.uri, flow_run_id=flow_run_id,
+    )
+    catalog.add_eval_report(row)
+    if manifest.mlflow_run_id:
+        client = lineage.client()
+        run_id = manifest.mlflow_run_id
+        client.log_artifact(run_id, str(report.path / result["report_file"]))
+        gates = data.get("gates") or []
+        if gates:
+            client.log_table(run_id, {k: [g.get(k) for g in gates] for k in gates[0]}, "eval_gates.json")
+        worst = data.get("worst_samples") or []
+        if worst:
+            client.log_table(run_id, {k: [str(w.get(k)) for w in worst] for k in worst[0]}, "eval_worst_samples.json")
+        client.set_tag(run_id, "nexus.eval.judge_kind", data["judge"]["kind"])
+        client.set_tag(run_id, "nexus.eval.gate_passed", str(bool(data["gate_passed"])))
+    return row

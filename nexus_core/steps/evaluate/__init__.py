@@ -1,0 +1,1 @@
+"""Evaluation steps: predict, score, judge, gates, report, feedback."""

@@ -1,0 +1,123 @@
+"""Quality gates: thresholds from config over the judged table and the metrics, one verdict.
+
+Defaults (issue 7): median >= 3.5 on plausibility and on falsifiability; >= 70 % of samples with a
+methodology block of at least 3 ordered steps; teacher-student agreement (mean) >= 3.0 on the top 500.
+Rubric columns are null for rows the judge could not score; those rows do not count. A gate with no
+usable value fails (an evaluation that scored nothing must not promote a model).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+from pydantic import Field, model_validator
+
+from nexus_core.artifacts import ArtifactRef, atomic_write_json
+from nexus_core.config import NexusModel
+from nexus_core.errors import InputError
+from nexus_core.io import load_table, schema_of, write_parquet
+from nexus_core.runner import StepResult
+
+
+class Gate(NexusModel):
+    """One threshold: a statistic of a judged-table column, or a metric value, must reach ``min``."""
+
+    name: str = Field(description="Gate name shown in reports")
+    column: str | None = Field(None, description="Judged-table column (a rubric dimension, has_methodology, ...)")
+    metric: str | None = Field(None, description="Metric name from the score step (instead of a column)")
+    stat: Literal["median", "mean", "share_true", "value"] = Field(
+        "median", description="median/mean of the column, share of true values, or the metric's value")
+    min: float | None = Field(None, description="Pass when the statistic is >= min")
+    max: float | None = Field(None, description="Pass when the statistic is <= max (e.g. perplexity)")
+    top_n: int | None = Field(None, ge=1, description="Only the first N rows (after rank_by ordering)")
+    rank_by: str | None = Field(None, description="Column ranking rows for top_n, highest first (None: table order)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Gate:
+        if (self.column is None) == (self.metric is None):
+            raise ValueError(f"gate {self.name!r}: set exactly one of column or metric")
+        if self.min is None and self.max is None:
+            raise ValueError(f"gate {self.name!r}: set min or max")
+        if self.metric is not None and self.stat != "value":
+            raise ValueError(f"gate {self.name!r}: a metric gate uses stat 'value'")
+        return self
+
+
+def default_gates() -> list[Gate]:
+    """The issue's default gates."""
+    return [
+        Gate(name="plausibility_median", column="plausibility", stat="median", min=3.5),
+        Gate(name="falsifiability_median", column="falsifiability", stat="median", min=3.5),
+        Gate(name="methodology_share", column="has_methodology", stat="share_true", min=0.70),
+        Gate(name="teacher_agreement_top500", column="teacher_agreement", stat="mean", min=3.0, top_n=500),
+    ]
+
+
+class GatesConfig(NexusModel):
+    """The gates a model must pass."""
+
+    gates: list[Gate] = Field(default_factory=default_gates, description="Every gate must pass")
+
+
+class GatesResult(StepResult):
+    """The verdict."""
+
+    passed: bool
+    failed_gates: list[str] = Field(default_factory=list)
+    values: dict[str, float | None] = Field(default_factory=dict)
+
+
+def _stat(gate: Gate, table: pl.DataFrame, metrics: dict[str, float | None], where: str) -> tuple[float | None, int]:
+    if gate.metric is not None:
+        if gate.metric not in metrics:
+            raise InputError(f"{where}: gate {gate.name!r} needs metric {gate.metric!r} "
+                             f"(computed: {', '.join(metrics) or 'none'})")
+        return metrics[gate.metric], 1
+    for col in filter(None, (gate.column, gate.rank_by)):
+        if col not in table.columns:
+            raise InputError(f"{where}: gate {gate.name!r} needs column {col!r} (has: {', '.join(table.columns)})")
+    if gate.rank_by:
+        table = table.sort(gate.rank_by, descending=True, nulls_last=True, maintain_order=True)
+    if gate.top_n:
+        table = table.head(gate.top_n)
+    values = [v for v in table[gate.column].to_list() if v is not None]
+    if not values:
+        return None, 0
+    if gate.stat == "median":
+        return float(statistics.median(values)), len(values)
+    if gate.stat == "mean":
+        return float(statistics.fmean(values)), len(values)
+    if gate.stat == "share_true":
+        return sum(bool(v) for v in values) / len(values), len(values)
+    raise InputError(f"{where}: gate {gate.name!r}: stat 'value' needs a metric, not a column")
+
+
+def run_gates(cfg: GatesConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> GatesResult:
+    """Evaluate every gate on ``inputs['judged']`` (and ``inputs['scores']`` for metric gates)."""
+    if "judged" not in inputs:
+        raise InputError("gates: missing input 'judged'")
+    table = load_table(inputs["judged"])
+    metrics: dict[str, float | None] = {}
+    if "scores" in inputs:
+        metrics = json.loads((inputs["scores"].path / "metrics.json").read_text())["values"]
+    where = f"{inputs['judged'].uri}/data.parquet"
+    rows = []
+    for gate in cfg.gates:
+        value, n = _stat(gate, table, metrics, where)
+        ok = value is not None and (gate.min is None or value >= gate.min) and (gate.max is None or value <= gate.max)
+        rows.append({"gate": gate.name, "value": value, "min": gate.min, "max": gate.max, "n": n, "passed": ok,
+                     "detail": "no usable values" if value is None else None})
+    passed = all(r["passed"] for r in rows)
+    df = pl.DataFrame(rows, schema={"gate": pl.String, "value": pl.Float64, "min": pl.Float64, "max": pl.Float64,
+                                    "n": pl.Int64, "passed": pl.Boolean, "detail": pl.String})
+    write_parquet(df, Path(out_uri) / "data.parquet")
+    atomic_write_json(Path(out_uri) / "gates.json", {"passed": passed, "gates": rows})
+    values = {r["gate"]: r["value"] for r in rows}
+    return GatesResult(rows=df.height, columns=schema_of(df), passed=passed,
+                       failed_gates=[r["gate"] for r in rows if not r["passed"]], values=values,
+                       metrics={"gate_passed": float(passed),
+                                **{f"gate.{k}": v for k, v in values.items() if v is not None}})

@@ -1,0 +1,185 @@
+"""Predictions: batched greedy generation of a model on a validation set, plus reference log-likelihoods.
+
+Validation set: any table with ``input`` and ``output`` (reference) columns — the SFT dataset format —
+or ``prompt``/``completion``. Writes ``data.parquet`` and the same table as
+``predictions_<run_id>.parquet`` with one row per example: the prediction, the reference's summed
+negative log-likelihood and token count (for perplexity), and, when ``labels`` are configured, the
+label the model finds most likely and the positive-class probability (for accuracy/F1/AUROC).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from pydantic import Field
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.config import NexusModel
+from nexus_core.errors import InputError
+from nexus_core.io import load_table, schema_of, write_parquet
+from nexus_core.runner import Cost, StepResult
+
+PASS_THROUGH = ("label", "target", "meta", "domain", "title", "abstract", "quality")
+
+
+class PredictConfig(NexusModel):
+    """How to generate predictions."""
+
+    run_id: str = Field("adhoc", description="Evaluation run id; names predictions_<run_id>.parquet")
+    max_rows: int | None = Field(None, ge=1, description="Evaluate only the first N rows (None: all)")
+    batch_size: int = Field(8, ge=1, description="Prompts generated together (left-padded)")
+    max_new_tokens: int = Field(64, ge=1, description="Longest generated answer")
+    max_input_tokens: int = Field(384, ge=8, description="Prompts are truncated from the left to this length")
+    system_prompt: str | None = Field(None, description="System message prepended to every prompt")
+    use_chat_template: bool = Field(True, description="Format prompts with the tokenizer's chat template if it has one")
+    perplexity: bool = Field(True, description="Score the reference under the model (ref_nll, ref_tokens)")
+    labels: list[str] | None = Field(None, description="Classification: candidate labels scored by likelihood; "
+                                                       "the second is the positive class for AUROC")
+    dtype: str = Field("float32", description="torch dtype to load the model in")
+    seed: int = Field(0, description="Torch seed (generation is greedy; this pins any randomness)")
+
+
+class PredictResult(StepResult):
+    """Where the predictions are and how long they took."""
+
+    run_id: str
+    predictions_file: str
+    model_uri: str
+    seconds_per_row: float
+
+
+def _prompt_text(tokenizer: Any, cfg: PredictConfig, text: str) -> str:
+    if cfg.use_chat_template and getattr(tokenizer, "chat_template", None):
+        msgs = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else [])
+        msgs.append({"role": "user", "content": text})
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return f"{cfg.system_prompt}\n\n{text}\n" if cfg.system_prompt else f"{text}\n"
+
+
+def _continuation_nll(model: Any, tokenizer: Any, prompts: list[str], conts: list[str], max_in: int) -> list[tuple[float, int]]:
+    """Summed NLL (nats) and token count of each continuation given its prompt, teacher-forced."""
+    import torch
+
+    out = []
+    for prompt, cont in zip(prompts, conts, strict=True):
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_in:]
+        c_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
+        if not c_ids:
+            out.append((0.0, 0))
+            continue
+        ids = torch.tensor([p_ids + c_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        targets = ids[0, 1:]
+        tok_lp = logp.gather(1, targets[:, None])[:, 0][len(p_ids) - 1:]
+        out.append((float(-tok_lp.sum()), len(c_ids)))
+    return out
+
+
+def _read_validation(ref: ArtifactRef) -> pl.DataFrame:
+    df = load_table(ref)
+    if "input" not in df.columns and {"prompt", "completion"} <= set(df.columns):
+        df = df.rename({"prompt": "input", "completion": "output"})
+    missing = [c for c in ("input", "output") if c not in df.columns]
+    if missing:
+        raise InputError(f"{ref.uri}: validation set missing column(s) {', '.join(missing)} "
+                         f"(needs input/output or prompt/completion; has: {', '.join(df.columns)})")
+    if df.height == 0:
+        raise InputError(f"{ref.uri}: validation set has no rows")
+    return df
+
+
+def _first_number(text: str | None) -> float | None:
+    m = re.search(r"-?\d+(?:\.\d+)?", text or "")
+    return float(m.group(0)) if m else None
+
+
+def run_predict(cfg: PredictConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> PredictResult:
+    """Generate a prediction for every validation row with the model in ``inputs['model']``."""
+    import torch
+
+    from nexus_core.models.tiny import load_llm
+
+    for key in ("model", "dataset"):
+        if key not in inputs:
+            raise InputError(f"predict: missing input {key!r} (have: {', '.join(inputs) or 'none'})")
+    df = _read_validation(inputs["dataset"])
+    if cfg.max_rows:
+        df = df.head(cfg.max_rows)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_llm(inputs["model"].uri, dtype=cfg.dtype)
+    model.eval()
+    tokenizer.padding_side = "left"  # decoder-only generation needs the prompt flush right
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    texts = [str(x) for x in df["input"].to_list()]
+    refs = [None if x is None else str(x) for x in df["output"].to_list()]
+    prompts = [_prompt_text(tokenizer, cfg, t) for t in texts]
+    preds, n_gen, latency = [], [], []
+    t_start = time.perf_counter()
+    for i in range(0, len(prompts), cfg.batch_size):
+        batch = prompts[i:i + cfg.batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True,
+                        max_length=cfg.max_input_tokens, add_special_tokens=False)
+        t0 = time.perf_counter()
+        enc.pop("token_type_ids", None)  # PreTrainedTokenizerFast emits it; causal LMs reject it
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        per_row = (time.perf_counter() - t0) / len(batch)
+        new = gen[:, enc["input_ids"].shape[1]:]
+        for row in new:
+            ids = [t for t in row.tolist() if t != tokenizer.pad_token_id]
+            if tokenizer.eos_token_id in ids:
+                ids = ids[:ids.index(tokenizer.eos_token_id)]
+            preds.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+            n_gen.append(len(ids))
+            latency.append(per_row)
+
+    cols: dict[str, Any] = {
+        "row_id": [str(x) for x in df["row_id"].to_list()] if "row_id" in df.columns else [str(i) for i in range(df.height)],
+        "input": texts, "reference": refs, "prediction": preds, "generated_tokens": n_gen, "latency_s": latency,
+    }
+    if cfg.perplexity:
+        nll = _continuation_nll(model, tokenizer, prompts, [r or "" for r in refs], cfg.max_input_tokens)
+        cols["ref_nll"] = [n for n, _ in nll]
+        cols["ref_tokens"] = [c for _, c in nll]
+    if cfg.labels:
+        scored = [_continuation_nll(model, tokenizer, prompts, [lab] * len(prompts), cfg.max_input_tokens)
+                  for lab in cfg.labels]
+        pred_label, score = [], []
+        for r in range(len(prompts)):
+            lls = [-scored[k][r][0] for k in range(len(cfg.labels))]
+            top = max(lls)
+            probs = [math.exp(x - top) for x in lls]
+            pred_label.append(cfg.labels[lls.index(top)])
+            score.append(probs[min(1, len(probs) - 1)] / sum(probs))
+        cols["pred_label"], cols["score"] = pred_label, score
+    table = pl.DataFrame(cols)
+    for name in PASS_THROUGH:
+        if name in df.columns and name not in table.columns:
+            col = df[name]
+            if col.dtype == pl.Object or isinstance(col.dtype, pl.Struct | pl.List):
+                col = pl.Series(name, [json.dumps(v, default=str) for v in col.to_list()])
+            table = table.with_columns(col.alias(name))
+    if "target" in table.columns:
+        table = table.with_columns(pl.Series("pred_value", [_first_number(p) for p in preds], dtype=pl.Float64))
+
+    out = Path(out_uri)
+    write_parquet(table, out / "data.parquet")
+    fname = f"predictions_{cfg.run_id}.parquet"
+    shutil.copyfile(out / "data.parquet", out / fname)
+    seconds = time.perf_counter() - t_start
+    return PredictResult(rows=table.height, columns=schema_of(table), run_id=cfg.run_id, predictions_file=fname,
+                         model_uri=inputs["model"].uri, seconds_per_row=seconds / max(1, table.height),
+                         metrics={"predict_seconds": seconds, "mean_generated_tokens": sum(n_gen) / max(1, len(n_gen))},
+                         cost=Cost(provider="local", model=Path(inputs["model"].uri).name))
