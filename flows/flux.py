@@ -1,0 +1,116 @@
+"""The flux flow: images + captions → MDS → precomputed latents and text embeddings → Flux.2 training.
+
+    [tiny pipeline] ─► prepare ─► precompute ─► train ─► (output_dir)
+
+``precomputed_data_dir`` skips prepare and precompute (train from existing shards);
+``pipeline.tiny`` builds a small Klein-compatible pipeline instead of naming a real one.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.runtime import flow_run
+from pydantic import Field, model_validator
+
+from flows.common import flow_lineage, main
+from flows.report import FlowResult
+from nexus_core.artifacts import raw_ref
+from nexus_core.config import NexusModel
+from nexus_core.flowconfig import FlowConfig
+from nexus_core.flux.train_lib import export_outputs
+from nexus_core.models.flux_tiny import TinyFluxConfig
+from nexus_core.steps.flux.precompute import PrecomputeConfig
+from nexus_core.steps.flux.prepare import PrepareConfig
+from nexus_core.steps.flux.tiny_pipeline import TinyPipelineConfig
+from nexus_core.steps.flux.train import TrainConfig
+from tasks.flux_precompute import flux_precompute
+from tasks.flux_prepare import flux_prepare
+from tasks.flux_tiny_pipeline import flux_tiny_pipeline
+from tasks.flux_train import flux_train
+
+
+class PipelineSection(NexusModel):
+    """The single source of VAE, scheduler and text encoder (and the DiT unless model.dit is set)."""
+
+    pretrained_model_name_or_path: str | None = Field(None, description="Hub id or local pipeline directory")
+    tiny: TinyFluxConfig | None = Field(None, description="Build a tiny pipeline from this shape instead")
+
+
+class ModelSection(NexusModel):
+    """The transformer to train."""
+
+    dit: str | None = Field(None, description="Transformer dir or hub id; default the pipeline's transformer")
+
+
+class DataSection(NexusModel):
+    """Raw inputs of prepare."""
+
+    source: str | None = Field(None, description="sstk list file, image folder, or DreamBooth instance folder")
+    class_dir: str | None = Field(None, description="DreamBooth class image folder (optional)")
+
+
+class FluxConfig(FlowConfig):
+    """Config of the flux flow (configs/flux/...)."""
+
+    name: str = Field("flux", description="Run name; artifact names derive from it")
+    pipeline: PipelineSection = Field(default_factory=PipelineSection, description="Where the pipeline comes from")
+    model: ModelSection = Field(default_factory=ModelSection, description="Which DiT to train")
+    data: DataSection = Field(default_factory=DataSection, description="Raw images and captions")
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="Prepare step")
+    precompute: PrecomputeConfig = Field(default_factory=PrecomputeConfig, description="Precompute step")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Train step")
+    precomputed_data_dir: str | None = Field(None, description="Existing precompute artifact: skip prepare+precompute")
+    output_dir: str | None = Field(None, description="Also copy the trained weights and config here")
+
+    @model_validator(mode="after")
+    def _sources_named(self) -> FluxConfig:
+        problems = []
+        if not self.pipeline.tiny and not self.pipeline.pretrained_model_name_or_path:
+            problems.append("pipeline.pretrained_model_name_or_path: missing (or set pipeline.tiny)")
+        if not self.precomputed_data_dir and not self.data.source:
+            problems.append("data.source: missing (or set precomputed_data_dir)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+@flow(name="flux", log_prints=True)
+def flux(cfg: FluxConfig) -> FlowResult:
+    """Prepare, precompute and train a Flux.2 Klein transformer; every step a cached, traced artifact."""
+    with flow_lineage(cfg) as mlflow_run_id:
+        steps = {}
+        pipe_ref, path = None, cfg.pipeline.pretrained_model_name_or_path
+        if cfg.pipeline.tiny:
+            corpus = [p for p in (cfg.prepare.instance_prompt, cfg.prepare.class_prompt) if p]
+            steps["pipeline"] = flux_tiny_pipeline(
+                TinyPipelineConfig(tiny=cfg.pipeline.tiny, corpus=corpus + cfg.train.validation_prompts),
+                name=f"{cfg.name}_pipeline")
+            pipe_ref, path = steps["pipeline"].ref, None
+        if cfg.precomputed_data_dir:
+            latents = raw_ref(cfg.precomputed_data_dir)
+        else:
+            steps["prepare"] = flux_prepare(
+                cfg.prepare.model_copy(update={"pretrained_model_name_or_path": path}), raw_ref(cfg.data.source),
+                raw_ref(cfg.data.class_dir) if cfg.data.class_dir else None, pipe_ref, name=f"{cfg.name}_images")
+            steps["precompute"] = flux_precompute(
+                cfg.precompute.model_copy(update={"pretrained_model_name_or_path": path}), steps["prepare"].ref,
+                pipe_ref, name=f"{cfg.name}_latents")
+            latents = steps["precompute"].ref
+        steps["train"] = flux_train(
+            cfg.train.model_copy(update={"pretrained_model_name_or_path": path, "dit": cfg.model.dit}),
+            latents, pipe_ref, name=f"{cfg.name}_transformer")
+        exported = export_outputs(steps["train"].ref.uri, cfg.output_dir) if cfg.output_dir else []
+    train = steps["train"]
+    return FlowResult(
+        flow="flux",
+        artifacts={k: r.ref for k, r in steps.items()},
+        reused=[k for k, r in steps.items() if r.reused],
+        flow_run_id=flow_run.get_id(),
+        mlflow_run_id=mlflow_run_id,
+        summary={"global_step": train.global_step, "final_loss": train.final_loss, "weights": train.weights,
+                 "validation_images": len(train.validation_images), "exported": exported},
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(flux, FluxConfig))

@@ -1,0 +1,18 @@
+"""Task: prepared MDS → latents + text embeddings MDS (flux precompute)."""
+
+from __future__ import annotations
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.runner import run_step
+from nexus_core.steps.flux.precompute import PrecomputeConfig, PrecomputeResult, run_precompute
+from tasks.common import nexus_task, run_context
+
+
+@nexus_task(run_precompute, name="flux-precompute")
+def flux_precompute(cfg: PrecomputeConfig, prepared: ArtifactRef, pipeline: ArtifactRef | None = None,
+                    name: str = "flux_latents") -> PrecomputeResult:
+    """Run the VAE and text encoder once over ``prepared`` into ``flux/<name>_vN`` (resumable by group)."""
+    inputs = {"prepared": prepared}
+    if pipeline is not None:
+        inputs["pipeline"] = pipeline
+    return run_step(run_precompute, cfg, area="flux", name=name, inputs=inputs, context=run_context())

@@ -1,0 +1,18 @@
+"""Task: train the Flux.2 transformer (LoRA or full) from precomputed shards."""
+
+from __future__ import annotations
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.runner import run_step
+from nexus_core.steps.flux.train import TrainConfig, TrainResult, run_train
+from tasks.common import nexus_task, run_context
+
+
+@nexus_task(run_train, name="flux-train")
+def flux_train(cfg: TrainConfig, precomputed: ArtifactRef, pipeline: ArtifactRef | None = None,
+               name: str = "flux_transformer") -> TrainResult:
+    """Train on ``precomputed`` into ``models/<name>_vN`` (checkpoints persist for resumption)."""
+    inputs = {"precomputed": precomputed}
+    if pipeline is not None:
+        inputs["pipeline"] = pipeline
+    return run_step(run_train, cfg, area="models", name=name, kind="model", inputs=inputs, context=run_context())
