@@ -3,6 +3,7 @@
     nexus run FLOW CONFIG [key=value ...]   run flows/<FLOW>.py on a YAML config
     nexus data ls [AREA]                    list datasets and their versions
     nexus data show NAME[@vN]               manifest, schema and sample rows of one dataset
+    nexus doctor [CONFIG] [key=value ...]   dependencies, accelerator, disk space, configured models
     nexus serve MODEL [--port N] [--api-key-env VAR]   OpenAI-compatible server for local models
 """
 
@@ -92,6 +93,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from nexus_core.doctor import format_report, run_doctor
+
+    checks = run_doctor(args.config, args.overrides, min_free_gb=args.min_free_gb)
+    print(format_report(checks))
+    return 1 if any(c.required and not c.ok for c in checks) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``nexus``."""
     parser = argparse.ArgumentParser(prog="nexus", description=__doc__,
@@ -111,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("spec", help="NAME or NAME@vN or AREA/NAME@vN")
     show.add_argument("--rows", type=int, default=5, help="sample rows to print")
     show.set_defaults(func=cmd_data_show)
+
+    doctor = sub.add_parser("doctor", help="check dependencies, accelerator, disk and configured models")
+    doctor.add_argument("config", nargs="?", help="a flux YAML whose models should resolve")
+    doctor.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    doctor.add_argument("--min-free-gb", type=float, default=5.0, help="required free disk space")
+    doctor.set_defaults(func=cmd_doctor)
     serve = sub.add_parser("serve", help="OpenAI-compatible server for local models")
     serve.add_argument("model", nargs="+", help="model dir, artifact spec (NAME@vN), or SERVED_NAME=dir")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind")
