@@ -5,6 +5,7 @@
     nexus data show NAME[@vN]               manifest, schema and sample rows of one dataset
     nexus doctor [CONFIG] [key=value ...]   dependencies, accelerator, disk space, configured models
     nexus serve MODEL [--port N] [--api-key-env VAR]   OpenAI-compatible server for local models
+    nexus costs [--by flow_name,step,provider] [--flow NAME] [--run ID] [--json]   spend report
 """
 
 from __future__ import annotations
@@ -93,6 +94,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_costs(args: argparse.Namespace) -> int:
+    """Print the cost ledger grouped by flow, step and provider (or any ``--by`` keys)."""
+    from nexus_core.costs import cost_report, format_report
+
+    by = [k.strip() for k in args.by.split(",") if k.strip()]
+    lines = cost_report(by=by, flow_name=args.flow, flow_run_id=args.run)
+    print(json.dumps(lines, indent=2) if args.json else format_report(lines, by))
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from nexus_core.doctor import format_report, run_doctor
 
@@ -134,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="environment variable holding the accepted API key(s), comma-separated")
     serve.add_argument("--max-batch-size", type=int, default=16, help="most rows in one generate batch")
     serve.set_defaults(func=cmd_serve)
+    costs = sub.add_parser("costs", help="GPU and API spend by flow, step and provider")
+    costs.add_argument("--by", default="flow_name,step,provider",
+                       help="comma-separated group keys: flow_name, flow_run_id, step, provider, kind, model")
+    costs.add_argument("--flow", default=None, help="only this flow name")
+    costs.add_argument("--run", default=None, help="only this Prefect flow run id")
+    costs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    costs.set_defaults(func=cmd_costs)
     return parser
 
 
