@@ -1,0 +1,21 @@
+"""Nexus dashboards: a Streamlit multipage app.   streamlit run dashboards/app.py
+
+Each page is a script in ``dashboards/pages/``; this shell only lists them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from nexus_core.settings import configure_environment
+
+configure_environment()
+
+PAGES = Path(__file__).parent / "pages"
+st.set_page_config(page_title="Nexus", layout="wide")
+pages = [st.Page(str(PAGES / "review.py"), title="Review", icon=":material/rate_review:", default=True)]
+pages += [st.Page(str(p), title=p.stem.replace("_", " ").capitalize())
+          for p in sorted(PAGES.glob("*.py")) if p.stem not in {"__init__", "review"}]
+st.navigation(pages).run()

@@ -1,0 +1,111 @@
+"""Review: label filtered distill rows (accept / reject / edit) and submit the batch.
+
+Keyboard: ``a`` accept, ``r`` reject, ``e`` save edit, ``j``/``k`` next/previous. Labels are
+appended to the catalog (two reviewers at once lose nothing; the latest label of a row wins).
+Submitting resumes the flow run paused at the review gate with the batch's typed input.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from pathlib import Path
+
+import polars as pl
+import streamlit as st
+
+from nexus_core import review_lib
+from nexus_core.settings import configure_environment
+
+configure_environment()
+
+st.title("Review")
+st.caption("Accept, reject or edit distilled rows; submitting resumes the waiting distill flow run.")
+
+waiting = review_lib.requests(status="waiting")
+options: dict[str, tuple[str, int | None, str | None]] = {}
+for req in waiting:
+    options[f"waiting · {Path(req.dataset_uri).name} · run {req.flow_run_id}"] = (
+        req.dataset_uri, req.id, req.flow_run_id)
+try:
+    from nexus_core import catalog
+
+    for art in catalog.artifacts(area="distill"):
+        if art.name.endswith("_filtered"):
+            options.setdefault(f"{art.name}@v{art.version}", (art.uri, None, None))
+except Exception:  # noqa: BLE001 - an empty or missing catalog just means nothing to review
+    pass
+if not options:
+    st.info("Nothing to review yet: run `nexus run distill configs/distill/tiny.yaml review.mode=human`.")
+    st.stop()
+
+choice = st.selectbox("Dataset", list(options), key="dataset")
+dataset_uri, request_id, flow_run_id = options[choice]
+reviewer = st.text_input("Reviewer", value=st.session_state.get("reviewer") or getpass.getuser(), key="reviewer")
+
+table = Path(dataset_uri) / "data.parquet"
+if not table.is_file():
+    st.error(f"{table}: not found")
+    st.stop()
+df = pl.read_parquet(table)
+labels = review_lib.latest_labels(dataset_uri)
+n = df.height
+idx = min(st.session_state.get("idx", 0), n - 1)
+st.session_state["idx"] = idx
+row = df.row(idx, named=True)
+
+st.progress(len(labels) / n if n else 0.0, text=f"{len(labels)} of {n} rows labelled")
+verdict = "keep" if row.get("keep") else f"reject ({row.get('reason') or ''})"
+st.markdown(f"**Row {idx + 1}/{n}** · `{row['row_id']}` · {row.get('domain')} · "
+            f"template `{row.get('template_name')}` · filters: **{verdict}**")
+current = labels.get(row["row_id"])
+if current is not None:
+    st.caption(f"Latest label: {current.decision} by {current.reviewer} at {current.created_at:%Y-%m-%d %H:%M}")
+with st.expander("Prompt", expanded=False):
+    st.text(row.get("system_prompt") or "")
+    st.text(row.get("user_prompt") or "")
+st.markdown("**Response**")
+st.text(row.get("response") or "(no response)")
+edited = st.text_area("Edit the response (then press Save edit)", value=row.get("response") or "", key=f"edit-{idx}")
+note = st.text_input("Note (optional)", key=f"note-{idx}")
+
+
+def _label(decision: str) -> None:
+    review_lib.add_label(dataset_uri, row["row_id"], decision, reviewer,
+                         edited_output=edited if decision == "edit" else None, note=note or None)
+    st.session_state["idx"] = min(idx + 1, n - 1)
+
+
+cols = st.columns(5)
+if cols[0].button("Accept", key="accept", shortcut="a", type="primary"):
+    _label("accept")
+    st.rerun()
+if cols[1].button("Reject", key="reject", shortcut="r"):
+    _label("reject")
+    st.rerun()
+if cols[2].button("Save edit", key="edit", shortcut="e"):
+    _label("edit")
+    st.rerun()
+if cols[3].button("Previous", key="prev", shortcut="k"):
+    st.session_state["idx"] = max(idx - 1, 0)
+    st.rerun()
+if cols[4].button("Next", key="next", shortcut="j"):
+    st.session_state["idx"] = min(idx + 1, n - 1)
+    st.rerun()
+
+st.divider()
+if request_id is None:
+    st.caption("No flow run is waiting for this dataset: labels are stored and used by the next human-mode run.")
+elif st.button(f"Submit batch ({len(labels)} labels) and resume the flow", key="submit"):
+    from prefect.flow_runs import resume_flow_run
+
+    run_input = {"reviewer": reviewer, "labels_digest": review_lib.labels_digest(dataset_uri),
+                 "labels": len(labels)}
+    try:
+        resume_flow_run(flow_run_id, run_input=run_input)
+    except Exception as exc:  # noqa: BLE001 - show the reason (not paused, timed out, API down)
+        st.error(f"Could not resume flow run {flow_run_id}: {type(exc).__name__}: {exc}")
+    else:
+        review_lib.mark_submitted(request_id, reviewer)
+        st.success(f"Submitted {len(labels)} labels; flow run {flow_run_id} resumed.")
+        st.code(json.dumps(run_input), language="json")
