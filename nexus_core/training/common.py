@@ -242,6 +242,10 @@ def load_tokenizer(path: Path):  # noqa: ANN201 - PreTrainedTokenizerBase
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if "token_type_ids" in tok.model_input_names:
+        # Decoder-only LMs take no token types; a generic fast tokenizer still emits them, and
+        # generate() (GRPO rollouts) rejects the unknown kwarg.
+        tok.model_input_names = [n for n in tok.model_input_names if n != "token_type_ids"]
     return tok
 
 

@@ -59,3 +59,25 @@ def tiny_model(tmp_path_factory) -> ArtifactRef:
 def refs(train_files) -> dict[str, ArtifactRef]:
     """ArtifactRefs of the raw dataset files."""
     return {k: raw_ref(v) for k, v in train_files.items()}
+
+
+def teacher_logprobs(model_path: Path, prompt: str, response: str, k: int = 4) -> str:
+    """What an OpenAI-compatible server reports for ``response``: per token its text, logprob and top-k."""
+    import torch
+
+    from nexus_core.models.tiny import load_llm
+
+    model, tok = load_llm(model_path)
+    prompt_ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    prompt_ids = list(prompt_ids["input_ids"] if isinstance(prompt_ids, dict) else prompt_ids)
+    resp = tok(response, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt_ids + resp])).logits[0], -1)
+    out = []
+    for j, tid in enumerate(resp):
+        row = logp[len(prompt_ids) + j - 1]
+        top = torch.topk(row, k)
+        out.append({"token": tok.decode([tid]), "logprob": float(row[tid]),
+                    "top_logprobs": [{"token": tok.decode([int(i)]), "logprob": float(v)}
+                                     for v, i in zip(top.values, top.indices, strict=True)]})
+    return json.dumps(out)
