@@ -59,6 +59,7 @@ class _Common(BaseModel):
     seed: int | None = Field(None, description="Seed for reproducible sampling")
     stream: bool = Field(False, description="Answer as server-sent events")
     stream_options: dict[str, Any] | None = Field(None, description="include_usage: send a final usage chunk")
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS up to max_tokens")
 
 
 class ChatRequest(_Common):
@@ -243,7 +244,8 @@ def _sampling(body: _Common, eng: Engine, prompts: list[list[int]], max_tokens: 
                        code="context_length_exceeded", param="messages")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return Sampling(max_tokens=min(max_tokens, room), temperature=body.temperature, top_p=body.top_p,
-                    stop=[s for s in stop if s], seed=body.seed, logprobs=logprobs, top_logprobs=top)
+                    stop=[s for s in stop if s], seed=body.seed, logprobs=logprobs, top_logprobs=top,
+                    ignore_eos=body.ignore_eos)
 
 
 async def _respond(request: Request, kind: str, body: _Common, eng: Engine, prompts: list[list[int]],

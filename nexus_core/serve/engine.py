@@ -41,7 +41,7 @@ def check_model_dir(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, dtype: str = "float32"):  # noqa: ANN201 - (model, tokenizer)
-    """Load an HF causal LM dir, or a peft adapter dir (merged into its base for fast decoding)."""
+    """Load an HF causal LM dir, an INT8 variant (``quantized/``), or a peft adapter dir (merged into its base)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,6 +54,10 @@ def load_model(path: str | Path, dtype: str = "float32"):  # noqa: ANN201 - (mod
         model = AutoPeftModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype).merge_and_unload()
         tok_src = p if (p / "tokenizer_config.json").is_file() else base
         tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
+    elif (p / "quantized" / "quantization.json").is_file():  # an INT8 variant from the quantize step
+        from nexus_core.models.compressed import load_compressed
+
+        model, tokenizer, _ = load_compressed(p, dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(p))
@@ -72,6 +76,7 @@ class Sampling:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    ignore_eos: bool = False  # vLLM extension: always generate max_tokens (benchmarks)
 
 
 @dataclass
@@ -262,7 +267,7 @@ class Engine:
                 entry["top_logprobs"] = [{"token": self._token_text(int(t)), "id": int(t), "logprob": _finite(float(v))}
                                          for v, t in zip(vals, idx, strict=True)]
             r.pending_lp.append(entry)
-        if tok in self.eos_ids:
+        if tok in self.eos_ids and not s.ignore_eos:
             self._finish(r, "stop")
             return
         r.ids.append(tok)

@@ -1,0 +1,148 @@
+"""The compress flow: a model → pruned / quantized variants → export → side-by-side benchmark → release.
+
+    nexus run compress configs/compress/tiny.yaml                    # builds a tiny base offline
+    nexus run compress configs/compress/base.yaml model=models/my_sft@v3
+    nexus serve compress/tiny_int8@v1                                # serve any variant
+
+In the lifecycle it takes the trained model (and the SFT dataset for calibration) as refs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+from pydantic import Field, model_validator
+
+from flows.common import flow_lineage, main
+from flows.report import FlowResult
+from nexus_core.artifacts import ArtifactRef, raw_ref
+from nexus_core.config import NexusModel
+from nexus_core.flowconfig import FlowConfig
+from nexus_core.steps.base_model import BaseModelConfig
+from nexus_core.steps.compress.benchmark import BenchmarkConfig
+from nexus_core.steps.compress.export import ExportConfig
+from nexus_core.steps.compress.prune import PruneConfig
+from nexus_core.steps.compress.quantize import QuantizeConfig
+from nexus_core.steps.compress.release import ReleaseConfig
+from nexus_core.steps.ingest import IngestConfig
+from tasks.base_model import base_model
+from tasks.compress_benchmark import benchmark
+from tasks.compress_export import export
+from tasks.compress_prune import prune
+from tasks.compress_quantize import quantize
+from tasks.compress_release import release
+from tasks.ingest import ingest
+
+
+class VariantSpec(NexusModel):
+    """One compressed variant: prune, quantize, or prune then quantize."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$", description="Variant name (artifact suffix, benchmark row)")
+    prune: PruneConfig | None = Field(None, description="Pruning, applied first")
+    quantize: QuantizeConfig | None = Field(None, description="Quantization, applied to the (pruned) model")
+
+    @model_validator(mode="after")
+    def _something(self) -> VariantSpec:
+        if self.prune is None and self.quantize is None:
+            raise ValueError(f"variant {self.name!r}: needs prune and/or quantize")
+        if self.name in {"base", "heldout"}:
+            raise ValueError(f"variant name {self.name!r} is reserved")
+        return self
+
+
+class ExportSection(ExportConfig):
+    """Export settings plus which model to export."""
+
+    source: str = Field("base", description="'base' or a variant name (quantized variants export as fp32)")
+
+
+class CompressConfig(FlowConfig):
+    """Config of the compress flow."""
+
+    name: str = Field("compress", description="Run name; artifact names derive from it")
+    model: str | None = Field(None, description="Model dir or artifact spec (NAME@vN); unused when the flow "
+                                                "gets a model ref; if both are absent a base is built from corpus")
+    calibration: str | None = Field(None, description="Calibration dataset dir or spec (default: the corpus)")
+    heldout: str | None = Field(None, description="Held-out dataset dir or spec (default: calibration)")
+    corpus: IngestConfig | None = Field(None, description="Raw corpus (tiny base and default calibration)")
+    base_model: BaseModelConfig = Field(default_factory=BaseModelConfig, description="Base built when no model")
+    variants: list[VariantSpec] = Field(default_factory=list, description="Compressed variants to make")
+    export: ExportSection | None = Field(None, description="Export settings (None: no export)")
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="Benchmark settings")
+    release: ReleaseConfig | None = Field(None, description="Register the chosen variant (None: no release)")
+
+    @model_validator(mode="after")
+    def _sources(self) -> CompressConfig:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variants: duplicate names in {names}")
+        if self.export and self.export.source not in {"base", *names}:
+            raise ValueError(f"export.source: {self.export.source!r} is not 'base' or a variant ({names})")
+        return self
+
+
+def _resolve(spec: str) -> ArtifactRef:
+    """A directory path (raw ref, digest-keyed) or a dataset/model spec known to DataQuery."""
+    from nexus_core.io import DataQuery
+
+    return raw_ref(spec) if Path(spec).exists() else DataQuery().ref(spec)
+
+
+@flow(name="compress", log_prints=True)
+def compress(cfg: CompressConfig, model: ArtifactRef | None = None,
+             calibration: ArtifactRef | None = None) -> FlowResult:
+    """Compress ``model`` (or ``cfg.model``, or a tiny base) into benchmarked release variants."""
+    with flow_lineage(cfg) as mlflow_run_id:
+        steps: dict = {}
+        corpus = None
+        if cfg.corpus is not None and (calibration is None and cfg.calibration is None or model is None
+                                       and cfg.model is None):
+            sources = {f"source_{i}": raw_ref(p) for i, p in enumerate(cfg.corpus.sources)}
+            corpus = steps["ingest"] = ingest(cfg.corpus, sources, name=f"{cfg.name}_corpus")
+        if model is None:
+            if cfg.model:
+                model = _resolve(cfg.model)
+            elif corpus is not None:
+                steps["base_model"] = base_model(cfg.base_model, corpus.ref, name=f"{cfg.name}_base")
+                model = steps["base_model"].ref
+            else:
+                raise ValueError("compress: no model: pass one, set `model`, or give a `corpus` for a tiny base")
+        if calibration is None:
+            calibration = _resolve(cfg.calibration) if cfg.calibration else (corpus.ref if corpus else None)
+        heldout = _resolve(cfg.heldout) if cfg.heldout else calibration
+
+        variants: dict[str, ArtifactRef] = {}
+        for v in cfg.variants:
+            src = model
+            if v.prune:
+                steps[f"{v.name}.prune"] = prune(v.prune, src, calibration, name=f"{cfg.name}_{v.name}_pruned")
+                src = steps[f"{v.name}.prune"].ref
+            if v.quantize:
+                steps[f"{v.name}.quantize"] = quantize(v.quantize, src, calibration, name=f"{cfg.name}_{v.name}")
+                src = steps[f"{v.name}.quantize"].ref
+            variants[v.name] = src
+        if cfg.export:
+            source = model if cfg.export.source == "base" else variants[cfg.export.source]
+            export_cfg = ExportConfig(**cfg.export.model_dump(exclude={"source"}))
+            steps["export"] = export(export_cfg, source, name=f"{cfg.name}_export")
+        bench = steps["benchmark"] = benchmark(cfg.benchmark, model, variants, heldout, name=f"{cfg.name}_benchmark")
+        summary: dict = {r["model"]: {k: r[k] for k in ("size_ratio", "latency_ratio", "perplexity_ratio")}
+                         for r in bench.table}
+        if cfg.release:
+            rel = steps["release"] = release(cfg.release, bench.ref, {"base": model, **variants},
+                                             name=f"{cfg.name}_release")
+            summary["released"] = {"variant": rel.chosen, "registry": f"{rel.registry_name}/{rel.registry_version}"}
+    return FlowResult(
+        flow="compress",
+        artifacts={"model": model, **variants, **{k: r.ref for k, r in steps.items()}},
+        reused=[k for k, r in steps.items() if r.reused],
+        flow_run_id=flow_run.get_id(),
+        mlflow_run_id=mlflow_run_id,
+        summary=summary,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(compress, CompressConfig))

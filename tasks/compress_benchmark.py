@@ -1,0 +1,19 @@
+"""Task: benchmark the base model and its compressed variants side by side."""
+
+from __future__ import annotations
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.runner import run_step
+from nexus_core.steps.compress.benchmark import BenchmarkConfig, BenchmarkResult, run_benchmark
+from tasks.common import nexus_task, run_context
+
+
+@nexus_task(run_benchmark, name="compress-benchmark")
+def benchmark(cfg: BenchmarkConfig, base: ArtifactRef, variants: dict[str, ArtifactRef],
+              heldout: ArtifactRef | None = None, name: str = "benchmark") -> BenchmarkResult:
+    """Measure ``base`` and each of ``variants`` into the report ``compress/<name>_vN``."""
+    if {"base", "heldout"} & set(variants):
+        raise ValueError("variant names 'base' and 'heldout' are reserved")
+    inputs = {"base": base, **variants, **({"heldout": heldout} if heldout else {})}
+    return run_step(run_benchmark, cfg, area="compress", name=name, kind="report", inputs=inputs,
+                    context=run_context())

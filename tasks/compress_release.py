@@ -1,0 +1,16 @@
+"""Task: choose the variant to release and register it in the MLflow model registry."""
+
+from __future__ import annotations
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.runner import run_step
+from nexus_core.steps.compress.release import ReleaseConfig, ReleaseResult, run_release
+from tasks.common import nexus_task, run_context
+
+
+@nexus_task(run_release, name="compress-release")
+def release(cfg: ReleaseConfig, benchmark: ArtifactRef, models: dict[str, ArtifactRef],
+            name: str = "release") -> ReleaseResult:
+    """Release one of ``models`` (keys as in the benchmark table) per the policy in ``cfg``."""
+    return run_step(run_release, cfg, area="compress", name=name, kind="release",
+                    inputs={"benchmark": benchmark, **models}, context=run_context())
