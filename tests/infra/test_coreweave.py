@@ -78,3 +78,34 @@ def test_cli_prints_the_manifest(capsys):
     assert main(["gpus=4"]) == 0
     assert "nvidia.com/gpu: 4" in capsys.readouterr().out
     assert main(["gpus=lots"]) == 1
+
+
+def test_remote_prefect_file_job_variables_validate_against_their_pools():
+    """infra/prefect.remote.yaml: every deployment's job variables fit its pool's template."""
+    from pathlib import Path
+
+    import yaml
+
+    from infra.concurrency import DEFAULT, LimitsConfig
+    from infra.workers.lambda_worker import LambdaVariables
+    from infra.workers.runpod_worker import RunPodVariables
+    from nexus_core.config import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    doc = yaml.safe_load((repo / "infra" / "prefect.remote.yaml").read_text())
+    pools = load_config(DEFAULT, LimitsConfig).work_pools
+    seen = set()
+    for dep in doc["deployments"]:
+        pool = dep["work_pool"]["name"]
+        jv = {**dep["work_pool"]["job_variables"], "image": "registry/nexus-gpu:abc123"}
+        jv["env"] = {k: "x" for k in jv["env"]}             # {{ $VAR }} placeholders filled at deploy time
+        kind = pools[pool].type
+        if kind == "kubernetes":
+            render(jv)
+        else:
+            model = {"nexus-lambda": LambdaVariables, "nexus-runpod": RunPodVariables}[kind]
+            assert set(jv) <= set(model.model_fields), set(jv) - set(model.model_fields)
+            model.model_validate(jv)
+        assert (repo / dep["entrypoint"].split(":")[0]).is_file()
+        seen.add(kind)
+    assert seen == {"nexus-lambda", "nexus-runpod", "kubernetes"}
