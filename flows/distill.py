@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from pydantic import Field
 
 from flows.common import flow_lineage, main
@@ -66,7 +66,7 @@ def review_gate(cfg: ReviewConfig, filtered: ArtifactRef) -> ReviewConfig:
     open_request(filtered.uri, flow_run.get_id(), flow_run.get_flow_name(), filtered.rows or 0)
     get_run_logger().info("waiting for review of %s: open the review app (streamlit run dashboards/app.py)",
                           filtered.uri)
-    if flow_run.deployment_id:
+    if deployment.id:  # prefect.runtime.flow_run has no deployment_id in 3.8
         answer = suspend_flow_run(wait_for_input=ReviewInput, timeout=cfg.timeout_s, key=f"review-{filtered.digest}")
     else:
         answer = pause_flow_run(wait_for_input=ReviewInput, timeout=cfg.timeout_s,

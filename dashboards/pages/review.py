@@ -1,6 +1,6 @@
 """Review: label filtered distill rows (accept / reject / edit) and submit the batch.
 
-Keyboard: ``a`` accept, ``r`` reject, ``e`` save edit, ``j``/``k`` next/previous. Labels are
+Keyboard: ``a`` accept, ``x`` reject, ``e`` save edit, ``j``/``k`` next/previous. Labels are
 appended to the catalog (two reviewers at once lose nothing; the latest label of a row wins).
 Submitting resumes the flow run paused at the review gate with the batch's typed input.
 """
@@ -80,7 +80,7 @@ cols = st.columns(5)
 if cols[0].button("Accept", key="accept", shortcut="a", type="primary"):
     _label("accept")
     st.rerun()
-if cols[1].button("Reject", key="reject", shortcut="r"):
+if cols[1].button("Reject", key="reject", shortcut="x"):
     _label("reject")
     st.rerun()
 if cols[2].button("Save edit", key="edit", shortcut="e"):

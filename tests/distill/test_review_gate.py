@@ -1,0 +1,63 @@
+"""Human review: a real distill flow run pauses at the gate; the review page labels rows and resumes it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import polars as pl
+import pytest
+
+from flows.common import load_flow_config
+from flows.distill import DistillConfig, distill
+from nexus_core import review_lib
+
+pytestmark = pytest.mark.integration
+
+
+def test_review_page_resumes_paused_flow(prefect_harness, repo):
+    from streamlit.testing.v1 import AppTest
+
+    cfg = load_flow_config(DistillConfig, str(repo / "configs/distill/tiny.yaml"),
+                           ["name=dhuman", "review.mode=human", "review.poll_interval_s=1", "review.timeout_s=300",
+                            "inputs.templates=[hypothesis]", "regenerate.max_rounds=0"])
+    out: dict = {}
+    worker = threading.Thread(target=lambda: out.setdefault("result", distill(cfg)), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 240
+    while not (reqs := [r for r in review_lib.requests("waiting") if "dhuman_filtered" in r.dataset_uri]):
+        assert worker.is_alive() and time.monotonic() < deadline, "flow never reached the review gate"
+        time.sleep(0.5)
+    req = reqs[0]
+    assert "result" not in out  # really waiting
+
+    # A second reviewer labels the first row at the same time: append-only, nothing lost.
+    first_row = pl.read_parquet(f"{req.dataset_uri}/data.parquet")["row_id"][0]
+    review_lib.add_label(req.dataset_uri, first_row, "reject", "bob", note="parallel reviewer")
+
+    at = AppTest.from_file(str(repo / "dashboards/pages/review.py"), default_timeout=60).run()
+    assert not at.exception
+    assert at.selectbox(key="dataset").value.startswith("waiting")
+    at.text_input(key="reviewer").set_value("alice").run()
+    at.button(key="accept").click().run()  # row 1 → accepted by alice (latest label wins over bob's)
+    at.button(key="reject").click().run()  # row 2 → rejected
+    at.text_area(key="edit-2").set_value("An edited answer by the reviewer.").run()
+    at.button(key="edit").click().run()  # row 3 → edited
+    at.button(key="submit").click().run()
+    assert not at.exception and at.success, [e.value for e in at.error]
+
+    worker.join(timeout=240)
+    result = out["result"]
+    reviewed = pl.read_parquet(f"{result.artifacts['reviewed'].uri}/data.parquet")
+    ids = pl.read_parquet(f"{req.dataset_uri}/data.parquet")["row_id"].to_list()[:3]
+    got = {r["row_id"]: r for r in reviewed.filter(pl.col("row_id").is_in(ids)).iter_rows(named=True)}
+    assert [got[i]["decision"] for i in ids] == ["accept", "reject", "accept"]
+    assert got[ids[0]]["reviewer"] == "alice" and got[ids[2]]["reviewed_output"] == "An edited answer by the reviewer."
+    assert (reviewed.filter(~pl.col("row_id").is_in(ids))["decision_source"] == "filter").all()
+    labels = review_lib.all_labels(req.dataset_uri)
+    assert {lb.reviewer for lb in labels} == {"alice", "bob"} and len(labels) == 4
+    exported = [p.name for p in (result.artifacts["reviewed"].path / "labels").iterdir()]
+    assert len(exported) == 1 and (result.artifacts["reviewed"].path / "accepted.jsonl").is_file()
+    assert review_lib.requests("waiting") == [] or all(r.id != req.id for r in review_lib.requests("waiting"))
+    sft = pl.read_parquet(f"{result.artifacts['sft'].uri}/data.parquet")
+    assert "An edited answer by the reviewer." in sft["output"].to_list()
