@@ -250,3 +250,23 @@ def test_wrong_type_job_variable_is_one_clear_error(clouds):
         asyncio.run(RunPodJobConfiguration.from_template_and_values(template(RunPodWorker, clouds),
                                                                     {"cloud_type": "CHEAPEST"}))
     assert clouds.log == []
+
+
+def test_prefect_collections_entry_point_finds_the_workers(tmp_path, repo):
+    """The exact entry-point line proposed for pyproject.toml makes Prefect find both worker types
+    without anything importing infra first (a stand-in dist-info carries the line)."""
+    import os
+    import subprocess
+    import sys
+
+    dist = tmp_path / "nexus_infra_ep-0.0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: nexus-infra-ep\nVersion: 0.0.0\n")
+    (dist / "entry_points.txt").write_text('[prefect.collections]\nnexus_infra = infra.workers\n')
+    code = ("import sys; from prefect.workers.base import BaseWorker; "
+            "assert 'infra.workers' not in sys.modules; "
+            "print(sorted(t for t in BaseWorker.get_all_available_worker_types() if t.startswith('nexus-')))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(repo)])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "['nexus-lambda', 'nexus-runpod']" in out.stdout
