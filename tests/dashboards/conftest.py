@@ -1,0 +1,186 @@
+"""A store filled by a real tiny run, for the dashboard tests.
+
+Every artifact goes through ``nexus_core.runner.run_step`` (manifest, MLflow run, catalog rows):
+ingest of raw teacher rows, the real distill filters, human labels through ``review_lib``, a tiny
+base model, a few real SFT steps (loss / learning-rate / tokens-per-second curves in MLflow), a
+teacher-API spend and a GPU spend under a flow run with a budget, and an evaluation report put on
+the leaderboard with ``eval_lib.record_report``. Flow runs waiting at a review gate are real
+Prefect flow runs (the session's test harness) in state Suspended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import Field
+
+from nexus_core import lineage, review_lib
+from nexus_core.artifacts import ArtifactRef, atomic_write_json, raw_ref
+from nexus_core.config import NexusModel
+from nexus_core.runner import Cost, RunContext, StepResult, run_step
+
+REPO = Path(__file__).resolve().parents[2]
+PAGES = REPO / "dashboards" / "pages"
+
+GOOD = ("We measure soil respiration in 12 randomised control plots and compare drought cycles. If rewetting "
+        "drives the pulse then respiration predicts carbon loss; a flat response would refute it.")
+ROWS = [
+    {"row_id": "r1", "template_name": "hypothesis", "status": "ok", "input": "Soil drought?", "response": GOOD},
+    {"row_id": "r2", "template_name": "hypothesis", "status": "ok", "input": "Sleep memory?", "response": "Too short."},
+    {"row_id": "r3", "template_name": "methodology", "status": "ok", "input": "MEMS drift?",
+     "response": GOOD.replace("soil", "sensor") + " As shown [3]."},
+    {"row_id": "r4", "template_name": "hypothesis", "status": "failed", "input": "Coral?", "response": None},
+    {"row_id": "r5", "template_name": "hypothesis", "status": "ok", "input": "Bees?",
+     "response": GOOD.replace("soil", "hive")},
+]
+
+
+class SpendConfig(NexusModel):
+    """Stand-in for a teacher or GPU step: records what it spent."""
+
+    label: str = Field(description="What was spent on")
+    cost: Cost = Field(description="The spend to record")
+
+
+class SpendResult(StepResult):
+    """Nothing but the cost."""
+
+
+def run_spend(cfg: SpendConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> SpendResult:
+    """Write a receipt; the runner puts ``cost`` in the ledger."""
+    atomic_write_json(Path(out_uri) / "receipt.json", {"label": cfg.label})
+    return SpendResult(cost=cfg.cost)
+
+
+class ReportConfig(NexusModel):
+    """An evaluation report in the shape issue 7's report step writes."""
+
+    report: dict = Field(description="eval_report JSON")
+
+
+class ReportResult(StepResult):
+    """Where the report file is."""
+
+    report_file: str = "eval_report_dash.json"
+
+
+def run_report(cfg: ReportConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> ReportResult:
+    """Write the report JSON (the leaderboard reads it through ``eval_lib.record_report``)."""
+    atomic_write_json(Path(out_uri) / "eval_report_dash.json", cfg.report)
+    return ReportResult(rows=1)
+
+
+def _fill(tmp: Path) -> dict:
+    from nexus_core.steps.base_model import BaseModelConfig, run_base_model
+    from nexus_core.steps.distill.filters import FiltersConfig, run_distill_filters
+    from nexus_core.steps.ingest import IngestConfig, run_ingest
+    from nexus_core.steps.train.sft import SFTConfig, run_sft
+
+    raw = tmp / "teacher_rows.jsonl"
+    # ``output`` makes the rows trainable as SFT pairs (input/output) after filtering.
+    raw.write_text("".join(json.dumps({**r, "output": r["response"] or "No answer."}) + "\n" for r in ROWS))
+    collected = run_step(run_ingest, IngestConfig(sources=[str(raw)], required_columns=["row_id", "response"],
+                                                  dedupe_on=None),
+                         area="dash", name="dash_collected", inputs={"source_0": raw_ref(raw)})
+    filtered = run_step(run_distill_filters, FiltersConfig(rules=str(REPO / "configs/distill/filters.yaml")),
+                        area="dash", name="dash_filtered", inputs={"collected": collected.ref})
+    for row_id, decision in [("r1", "accept"), ("r2", "reject"), ("r3", "edit"), ("r2", "accept")]:
+        review_lib.add_label(filtered.ref.uri, row_id, decision, reviewer="ana",
+                             edited_output="Fixed answer." if decision == "edit" else None, note=f"{decision} it")
+
+    corpus = run_step(run_ingest, IngestConfig(sources=[str(REPO / "data/raw/scientific/abstracts.jsonl")]),
+                      area="dash", name="dash_corpus", inputs={"source_0": raw_ref(REPO / "data/raw/scientific/abstracts.jsonl")})
+    base = run_step(run_base_model, BaseModelConfig.model_validate(
+        {"source": "tiny", "text_column": "text",
+         "tiny": {"vocab_size": 320, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}}),
+        area="dash", name="dash_base", kind="model", inputs={"corpus": corpus.ref})
+    sft = run_step(run_sft, SFTConfig.model_validate(
+        {"max_steps": 4, "batch_size": 2, "max_length": 64, "logging_steps": 1, "learning_rate": 1e-3,
+         "precision": "fp32"}),
+        area="dash", name="dash_sft", kind="model", inputs={"model": base.ref, "data": filtered.ref})
+
+    flow_run_id = "00000000-0000-0000-0000-00000000da5b"
+    flow_mlflow = lineage.start_flow_run("distill", flow_run_id, {"budget_usd": 0.05, "name": "dash"})
+    ctx = RunContext(flow_name="distill", flow_run_id=flow_run_id)
+    run_step(run_spend, SpendConfig(label="teacher", cost=Cost(usd=0.04, tokens_in=1200, tokens_out=800,
+                                                               provider="openai", model="gpt-4o-mini")),
+             area="dash", name="dash_teacher_spend", context=ctx)
+    run_step(run_spend, SpendConfig(label="gpu", cost=Cost(usd=0.03, gpu_seconds=90.0, provider="lambda",
+                                                           model="gpu_1x_a10")),
+             area="dash", name="dash_gpu_spend", context=ctx)
+    lineage.end_run(flow_mlflow)
+
+    from nexus_core import eval_lib
+
+    report = {
+        "run_id": "dash-eval", "model": {"name": sft.ref.name, "version": sft.ref.version, "uri": sft.ref.uri,
+                                         "digest": sft.ref.digest},
+        "dataset": {"name": "dash_holdout", "digest": "x"}, "metrics": {"rougeL": 0.42, "exact_match": 0.1},
+        "judge": {"kind": "heuristic", "name": "rules", "dimensions": {
+            "scientific_rigor": {"median": 3.0, "mean": 3.1, "n": 5}, "clarity": {"median": 4.0, "mean": 3.9, "n": 5}}},
+        "gates": [{"name": "rougeL_min", "metric": "rougeL", "threshold": 0.3, "value": 0.42, "passed": True}],
+        "gate_passed": True, "score": 3.5,
+    }
+    rep = run_step(run_report, ReportConfig(report=report), area="dash", name="dash_report", kind="report",
+                   inputs={"model": sft.ref})
+    eval_lib.record_report(rep.ref)
+    return {"collected": collected.ref, "filtered": filtered.ref, "corpus": corpus.ref, "base": base.ref,
+            "sft": sft.ref, "report": rep.ref, "flow_run_id": flow_run_id}
+
+
+@pytest.fixture(scope="session")
+def filled_store(tmp_path_factory) -> dict:
+    """The session store (NEXUS_HOME / NEXUS_DATA of conftest) after one real tiny run."""
+    return _fill(tmp_path_factory.mktemp("dash-raw"))
+
+
+@pytest.fixture(scope="session")
+def suspended_run(prefect_harness, filled_store) -> str:
+    """A real Prefect flow run named like the distill flow, in state Suspended, with its review request."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Suspended
+
+    @flow(name="distill")
+    def distill_standin() -> None:
+        """Only its name matters: the run is created directly in the Suspended state."""
+
+    with get_client(sync_client=True) as client:
+        created = client.create_flow_run(distill_standin, name="dash-waiting",
+                                         state=Suspended(timeout_seconds=3600))
+    review_lib.open_request(filled_store["filtered"].uri, str(created.id), "distill", filled_store["filtered"].rows)
+    return str(created.id)
+
+
+@pytest.fixture
+def empty_store(tmp_path, monkeypatch) -> Path:
+    """A fresh, empty data root, catalog and MLflow store (what a new checkout sees)."""
+    monkeypatch.setenv("NEXUS_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("NEXUS_CATALOG_URL", f"sqlite:///{tmp_path / 'catalog.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def app_test(page: str, timeout: float = 60):  # noqa: ANN201
+    """An AppTest of one page file, run once."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(PAGES / page), default_timeout=timeout)
+    at.run()
+    return at
+
+
+def texts(at) -> str:  # noqa: ANN001
+    """Every text-like element of a rendered page, joined (for `in` assertions)."""
+    parts = []
+    for kind in ("title", "caption", "markdown", "info", "warning", "error", "success", "subheader", "metric"):
+        for el in getattr(at, kind):
+            parts.append(str(getattr(el, "value", "")) + " " + str(getattr(el, "label", "")))
+    return "\n".join(parts)
+
+
+os.environ.setdefault("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")
