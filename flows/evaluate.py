@@ -78,9 +78,11 @@ def evaluate(cfg: EvaluateConfig, model: ArtifactRef | None = None, dataset: Art
             else:
                 steps["model"] = base_model(cfg.tiny_model, dataset, name=f"{cfg.name}_tiny_model")
                 model = steps["model"].ref
+        # Predictions are named by what makes them (so a gates-only change reuses them); the report by everything.
+        pred_id = eval_run_id(model, dataset, config_hash(cfg.predict))
         run_id = eval_run_id(model, dataset, config_hash(cfg, exclude={"model", "dataset", "extends", "overrides"}))
 
-        preds = steps["predict"] = eval_predict(cfg.predict.model_copy(update={"run_id": run_id}), model, dataset,
+        preds = steps["predict"] = eval_predict(cfg.predict.model_copy(update={"run_id": pred_id}), model, dataset,
                                                 name=cfg.name)
         scores = steps["score"] = eval_score(cfg.score, preds.ref, name=cfg.name)
         judged = steps["judge"] = eval_judge(cfg.judge, preds.ref, name=cfg.name)

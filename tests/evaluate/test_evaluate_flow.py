@@ -1,0 +1,99 @@
+"""The evaluate flow on the offline preset, against a real (temporary) Prefect API and MLflow store:
+report + gate verdict, leaderboard, feedback records the distillation teacher-inputs step reads, caching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.common import load_flow_config
+from flows.evaluate import EvaluateConfig, evaluate
+from nexus_core import catalog, lineage
+from nexus_core.artifacts import raw_ref, read_manifest
+from nexus_core.io import iter_jsonl, read_table
+from nexus_core.judge import HEURISTIC_LABEL
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_eval_yaml_validates():
+    files = sorted((REPO / "configs/eval").glob("*.yaml"))
+    assert {f.name for f in files} >= {"base.yaml", "tiny.yaml"}
+    for f in files:
+        cfg = load_flow_config(EvaluateConfig, str(f))
+        assert cfg.gates.gates and cfg.judge.rubric == "configs/eval/rubric.json"
+    assert load_flow_config(EvaluateConfig, str(REPO / "configs/eval/tiny.yaml")).judge.kind == "heuristic"
+
+
+@pytest.fixture(scope="module")
+def first(prefect_harness):
+    cfg = load_flow_config(EvaluateConfig, str(REPO / "configs/eval/tiny.yaml"),
+                           [f"dataset={REPO / 'data/raw/eval/tiny_validation.jsonl'}", "name=evt"])
+    return cfg, evaluate(cfg)
+
+
+def test_report_and_gate_verdict(first):
+    cfg, result = first
+    assert list(result.artifacts) == ["dataset", "model", "predict", "score", "judge", "gates", "report", "feedback"]
+    s = result.summary
+    assert s["gate_passed"] is False  # a random-weight model must not pass
+    assert s["judge_kind"] == "heuristic" and s["judge"] == HEURISTIC_LABEL
+    preds = result.artifacts["predict"]
+    assert len(list(preds.path.glob("predictions_evt_tiny_model-v1-*.parquet"))) == 1
+    table = read_table(preds.path / "data.parquet")
+    assert table.height == 8 and table["prediction"].dtype.is_(table["input"].dtype)
+    assert (table["ref_tokens"] > 0).all() and s["metrics"]["perplexity"] > 1
+    report = json.loads(Path(s["report"]).read_text())
+    assert Path(s["report"]).name == f"eval_report_{s['run_id']}.json"
+    assert report["gate_passed"] is False and report["judge"]["label"] == HEURISTIC_LABEL
+    assert {g["gate"] for g in report["gates"]} == {"plausibility_median", "falsifiability_median",
+                                                   "methodology_share", "teacher_agreement_top500"}
+    assert report["model"]["uri"] == result.artifacts["model"].uri
+    assert report["dataset"]["digest"] == result.artifacts["dataset"].digest
+    # MLflow: metrics on the judge step named as heuristic, report tagged, under the flow's run
+    judge_run = lineage.client().get_run(read_manifest(result.artifacts["judge"].uri).mlflow_run_id)
+    assert "heuristic_judge.plausibility.median" in judge_run.data.metrics
+    assert not any(k.startswith("llm_judge") for k in judge_run.data.metrics)
+    report_run = lineage.client().get_run(read_manifest(result.artifacts["report"].uri).mlflow_run_id)
+    assert report_run.data.tags["nexus.eval.judge_kind"] == "heuristic"
+    assert report_run.data.tags["mlflow.parentRunId"] == result.mlflow_run_id
+
+
+def test_feedback_records_feed_the_distillation_teacher_inputs(first, tmp_path):
+    from nexus_core.steps.distill.inputs import TeacherInputsConfig, run_teacher_inputs
+
+    _, result = first
+    path = result.artifacts["feedback"].path / "teacher_inputs.jsonl"
+    records = list(iter_jsonl(path))
+    assert len(records) == result.summary["feedback_samples"] > 0
+    first_rec = records[0]
+    assert {"title", "abstract", "domain", "text", "fail_reason"} <= set(first_rec)
+    src = {json.loads(line)["row_id"]: json.loads(line) for line in open(REPO / "data/raw/eval/tiny_validation.jsonl")}
+    assert first_rec["domain"] == src[first_rec["source_row_id"]]["meta"]["domain"]
+    out = tmp_path / "ti"
+    out.mkdir()
+    ti = run_teacher_inputs(TeacherInputsConfig(prompts_dir=str(REPO / "configs/distill/prompts")),
+                            inputs={"feedback": raw_ref(path)}, out_uri=str(out))
+    assert ti.rows == len(records) * 2  # two templates per fed-back sample
+
+
+def test_relaxed_gates_pass_reuse_upstream_and_rank_first_on_leaderboard(first):
+    cfg, result = first
+    relaxed = cfg.model_copy(update={"gates": cfg.gates.model_validate(
+        {"gates": [{"name": "any_plausibility", "column": "plausibility", "stat": "median", "min": 1},
+                   {"name": "ppl_finite", "metric": "perplexity", "stat": "value", "max": 1e9}]})})
+    again = evaluate(relaxed, model=result.artifacts["model"], dataset=result.artifacts["dataset"])
+    assert again.summary["gate_passed"] is True
+    for step in ("predict", "score", "judge"):  # served from cache: only gates, report and feedback re-ran
+        assert again.artifacts[step] == result.artifacts[step]
+    assert again.artifacts["gates"].version == result.artifacts["gates"].version + 1
+    board = catalog.leaderboard(dataset_name="evt_validation")
+    assert [r.gate_passed for r in board][:2] == [True, False]
+    assert board[0].report_uri == again.artifacts["report"].uri and board[0].judge_kind == "heuristic"
+    # a re-run of the same evaluation is served from cache and not listed twice
+    third = evaluate(relaxed, model=result.artifacts["model"], dataset=result.artifacts["dataset"])
+    assert third.artifacts["report"] == again.artifacts["report"]
+    assert len(catalog.leaderboard(dataset_name="evt_validation")) == len(board)

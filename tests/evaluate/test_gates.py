@@ -1,0 +1,91 @@
+"""Gates pass and fail on constructed judged tables; a missing column or metric is named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from nexus_core.artifacts import ArtifactRef, atomic_write_json
+from nexus_core.errors import InputError
+from nexus_core.io import write_parquet
+from nexus_core.steps.evaluate.gates import Gate, GatesConfig, run_gates
+
+
+def _ref(path: Path, name: str) -> ArtifactRef:
+    return ArtifactRef(uri=str(path), kind="dataset", name=name, version=1, digest="x")
+
+
+def _judged(tmp_path: Path, plaus, falsi, steps, agree, name="judged") -> ArtifactRef:
+    d = tmp_path / name
+    d.mkdir()
+    write_parquet(pl.DataFrame({"plausibility": plaus, "falsifiability": falsi,
+                                "has_methodology": [s >= 3 for s in steps], "steps_count": steps,
+                                "teacher_agreement": agree}, schema_overrides={"plausibility": pl.Int64}),
+                  d / "data.parquet")
+    return _ref(d, name)
+
+
+def _run(tmp_path: Path, judged: ArtifactRef, cfg: GatesConfig | None = None, scores: ArtifactRef | None = None):
+    out = tmp_path / f"out_{judged.name}"
+    out.mkdir(exist_ok=True)
+    inputs = {"judged": judged, **({"scores": scores} if scores else {})}
+    result = run_gates(cfg or GatesConfig(), inputs=inputs, out_uri=str(out))
+    return result, json.loads((out / "gates.json").read_text())
+
+
+def test_default_gates_pass_on_good_samples(tmp_path):
+    # medians 4 and 4; 8/10 with >= 3 steps; agreement mean 3.2
+    judged = _judged(tmp_path, [4, 4, 5, 3, 4, 4, 5, 4, 3, 4], [4, 3, 4, 4, 5, 4, 4, 3, 4, 4],
+                     [3, 4, 5, 3, 3, 3, 4, 3, 1, 2], [3, 3, 4, 3, 3, 3, 4, 3, 3, 3])
+    result, data = _run(tmp_path, judged)
+    assert result.passed and data["passed"] and result.failed_gates == []
+    assert result.values["methodology_share"] == pytest.approx(0.8)
+    assert result.values["teacher_agreement_top500"] == pytest.approx(3.2)
+
+
+def test_default_gates_fail_just_below_each_threshold(tmp_path):
+    # median plausibility 3 (< 3.5), 6/10 methodology (< 0.7); falsifiability and agreement fine
+    judged = _judged(tmp_path, [3, 3, 4, 3, 4, 3, 4, 3, 4, 3], [4] * 10, [3, 3, 3, 3, 3, 3, 1, 1, 1, 1], [3] * 10)
+    result, _ = _run(tmp_path, judged)
+    assert not result.passed
+    assert result.failed_gates == ["plausibility_median", "methodology_share"]
+
+
+def test_unscored_rows_do_not_count_and_no_scores_fails(tmp_path):
+    judged = _judged(tmp_path, [None, None], [None, None], [5, 5], [None, None])
+    result, data = _run(tmp_path, judged)
+    assert not result.passed
+    assert {g["gate"]: g["detail"] for g in data["gates"]}["plausibility_median"] == "no usable values"
+
+
+def test_top_n_ranked_and_metric_gates(tmp_path):
+    judged = _judged(tmp_path, [5, 5, 1], [5, 5, 1], [3, 3, 3], [5, 4, 1])
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    atomic_write_json(scores / "metrics.json", {"values": {"perplexity": 12.0}})
+    cfg = GatesConfig(gates=[
+        Gate(name="agree_top2", column="teacher_agreement", stat="mean", min=4.5, top_n=2, rank_by="plausibility"),
+        Gate(name="ppl", metric="perplexity", stat="value", max=20.0),
+    ])
+    result, _ = _run(tmp_path, judged, cfg, _ref(scores, "scores"))
+    assert result.passed and result.values == {"agree_top2": 4.5, "ppl": 12.0}
+
+
+def test_missing_column_or_metric_is_named(tmp_path):
+    judged = _judged(tmp_path, [4], [4], [3], [4])
+    cfg = GatesConfig(gates=[Gate(name="rig", column="method_rigour", min=3)])
+    with pytest.raises(InputError, match=r"judged/data.parquet: gate 'rig' needs column 'method_rigour'"):
+        _run(tmp_path, judged, cfg)
+    cfg = GatesConfig(gates=[Gate(name="acc", metric="accuracy", stat="value", min=0.5)])
+    with pytest.raises(InputError, match="gate 'acc' needs metric 'accuracy'"):
+        _run(tmp_path, judged, cfg)
+
+
+def test_gate_config_rejects_ambiguous_gates():
+    with pytest.raises(ValueError, match="exactly one of column or metric"):
+        Gate(name="x", column="a", metric="b", min=1)
+    with pytest.raises(ValueError, match="set min or max"):
+        Gate(name="x", column="a")

@@ -1,0 +1,107 @@
+"""The LLM judge through litellm: against the project's own OpenAI-compatible server (a real tiny model),
+against a scripted server injecting malformed verdicts, and against an unreachable endpoint."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.io import read_table, write_parquet
+from nexus_core.judge import JudgeSettings, JudgeUnreachable
+from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm
+from nexus_core.steps.evaluate.judge import JudgeConfig, run_judge
+from tests.support.openai_stub import Reply, StubServer, chat_completion
+
+REPO = Path(__file__).resolve().parents[2]
+DIMS = ["plausibility", "falsifiability", "method_rigour", "reproducibility", "teacher_agreement"]
+
+
+@pytest.fixture
+def predictions(tmp_path: Path) -> ArtifactRef:
+    d = tmp_path / "preds"
+    d.mkdir()
+    write_parquet(pl.DataFrame({
+        "row_id": ["a", "b", "c"], "input": ["Why does soil respire?"] * 3,
+        "reference": ["1. Measure CO2.\n2. Compare.\n3. Repeat."] * 3,
+        "prediction": ["ANSWER-GOOD", "ANSWER-PROSE", "ANSWER-OUT-OF-RANGE"],
+    }), d / "data.parquet")
+    return ArtifactRef(uri=str(d), kind="dataset", name="preds", version=1, digest="x", rows=3)
+
+
+def _cfg(url: str, **kw) -> JudgeConfig:
+    settings = JudgeSettings(model="openai/judge", api_base=url, max_retries=2, backoff_s=0.01, timeout_s=20,
+                             max_tokens=24, cache=False, **kw)
+    return JudgeConfig(kind="llm", rubric=str(REPO / "configs/eval/rubric.json"), llm=settings)
+
+
+def scripted(body: dict, n: int) -> Reply:
+    student = body["messages"][-1]["content"]
+    verdict = {d: 4 for d in DIMS} | {"rationale": "sound"}
+    if "ANSWER-PROSE" in student:
+        return Reply(body=chat_completion("The answer looks plausible to me, 4/5 overall."))
+    if "ANSWER-OUT-OF-RANGE" in student:
+        return Reply(body=chat_completion(json.dumps(verdict | {"method_rigour": 7})))
+    return Reply(body=chat_completion("```json\n" + json.dumps(verdict) + "\n```"))
+
+
+def test_malformed_verdicts_are_rows_with_reasons(tmp_path, predictions):
+    with StubServer(scripted) as stub:
+        result = run_judge(_cfg(stub.url), inputs={"predictions": predictions}, out_uri=str(tmp_path))
+        assert len(stub.requests) == 3
+        system = stub.requests[0]["messages"][0]["content"]
+    assert all(d in system for d in DIMS)  # the rubric reaches the judge
+    assert (result.ok, result.unparseable, result.failed) == (1, 2, 0)
+    assert result.judge_kind == "llm" and result.cost.tokens_in == 30
+    df = read_table(tmp_path / "data.parquet").sort("row_id")
+    assert df["status"].to_list() == ["ok", "unparseable", "unparseable"]
+    assert df["plausibility"].to_list() == [4, None, None]
+    assert df["reason"][1].startswith("no JSON object in verdict")
+    assert df["reason"][2].startswith("verdict fails schema at method_rigour")
+    assert df["raw_verdict"][1].startswith("The answer looks plausible")  # kept for review
+    assert set(df["judge_kind"]) == {"llm"}
+
+
+def test_unreachable_judge_is_named_after_retries(tmp_path, predictions):
+    with StubServer(lambda body, n: Reply(status=503, body={"error": {"message": "overloaded"}})) as stub:
+        cfg = _cfg(stub.url)
+        with pytest.raises(JudgeUnreachable) as err:
+            run_judge(cfg, inputs={"predictions": predictions}, out_uri=str(tmp_path))
+        assert len(stub.requests) == 3 * 3  # every row tried 1 + max_retries times
+    assert "judge model 'openai/judge'" in str(err.value) and stub.url in str(err.value)
+    assert "after 3 attempt(s)" in str(err.value)
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with pytest.raises(JudgeUnreachable, match=r"judge model 'openai/judge' at http://127\.0\.0\.1:\d+/v1 unreachable"):
+        run_judge(_cfg(dead), inputs={"predictions": predictions}, out_uri=str(tmp_path / "b"))
+
+
+def test_judge_against_the_projects_own_server(tmp_path, predictions):
+    from nexus_core.serve import serve_in_thread
+    from nexus_core.serve.app import create_app
+
+    # tokenizer trained on the rubric text itself: judge prompts stay short in tokens, so the test stays fast
+    texts = [(REPO / "configs/eval/rubric.json").read_text(), '{"plausibility": 4, "rationale": "ok"}'] * 5
+    model = build_tiny_llm(tmp_path / "judge_model", texts,
+                           TinyLLMConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048))
+    app = create_app({"judge": str(model)})
+    try:
+        with serve_in_thread(app) as url:
+            result = run_judge(_cfg(url), inputs={"predictions": predictions}, out_uri=str(tmp_path / "out"))
+    finally:
+        app.state.close()
+    df = read_table(tmp_path / "out" / "data.parquet")
+    # a random-weight judge cannot write a schema-valid verdict: every row is kept, with the server's answer
+    # judged unusable (no JSON / empty content) — never "unreachable", since the server did answer
+    assert df.height == 3 and result.ok == 0
+    assert set(df["status"]) <= {"unparseable", "failed"}
+    for reason in df["reason"].to_list():
+        assert reason.startswith(("no JSON object", "verdict", "empty verdict")) or "malformed response" in reason
+    assert result.judge == "openai/judge" and set(df["judge_kind"]) == {"llm"}

@@ -1,0 +1,85 @@
+"""Rubric loading (bad dimension / scale named), verdict schema validation, heuristic judge features."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nexus_core.errors import ConfigError
+from nexus_core.judge import (
+    HEURISTIC_LABEL,
+    count_ordered_steps,
+    heuristic_verdict,
+    load_rubric,
+    parse_verdict,
+    token_f1,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+RUBRIC = REPO / "configs/eval/rubric.json"
+
+
+@pytest.fixture
+def rubric():
+    return load_rubric(RUBRIC)
+
+
+def test_project_rubric_has_the_five_dimensions(rubric):
+    assert rubric.names == ["plausibility", "falsifiability", "method_rigour", "reproducibility", "teacher_agreement"]
+    assert rubric.bounds == (1, 5)
+
+
+def test_unknown_dimension_and_scale_are_named_with_the_file(tmp_path):
+    data = json.loads(RUBRIC.read_text())
+    data["scale"] = "1-7"
+    data["dimensions"][2]["name"] = "elegance"
+    bad = tmp_path / "rubric.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as err:
+        load_rubric(bad)
+    msg = str(err.value)
+    assert str(bad) in msg
+    assert "scale: unknown scale '1-7'" in msg
+    assert "dimensions[2].name: unknown dimension 'elegance'" in msg
+
+
+def test_rubric_not_json_or_missing_key(tmp_path):
+    bad = tmp_path / "r.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_rubric(bad)
+    bad.write_text(json.dumps({"name": "x", "dimensions": []}))
+    with pytest.raises(ConfigError, match="instructions"):
+        load_rubric(bad)
+
+
+def test_parse_verdict_accepts_fenced_json_and_rejects_bad_ones(rubric):
+    good = {"plausibility": 4, "falsifiability": 5.0, "method_rigour": 3, "reproducibility": 2,
+            "teacher_agreement": 1, "rationale": "ok"}
+    verdict, reason = parse_verdict(f"Here you go:\n```json\n{json.dumps(good)}\n```", rubric)
+    assert reason is None and verdict["falsifiability"] == 5
+    assert parse_verdict("I think it is good", rubric) == (None, "no JSON object in verdict: 'I think it is good'")
+    _, reason = parse_verdict(json.dumps({**good, "plausibility": 9}), rubric)
+    assert reason.startswith("verdict fails schema at plausibility") and "maximum" in reason
+    _, reason = parse_verdict(json.dumps({k: v for k, v in good.items() if k != "reproducibility"}), rubric)
+    assert "'reproducibility' is a required property" in reason
+    assert parse_verdict('{"plausibility": 4,', rubric)[1].startswith("no JSON object")
+    assert parse_verdict('{"plausibility": 4,}', rubric)[1].startswith("verdict is not valid JSON")
+    assert parse_verdict("", rubric) == (None, "empty verdict")
+
+
+def test_heuristic_judge_counts_steps_wording_and_similarity(rubric):
+    answer = ("Hypothesis: drought pulses scale with biomass.\n1. Measure respiration in 40 mesocosms.\n"
+              "2) Randomise plots into control and treatment.\nStep 3: compare rates at p < 0.05.\n"
+              "4. Report the mean and variance.")
+    assert count_ordered_steps(answer) == 4
+    assert count_ordered_steps("no steps here, just 1 number") == 0
+    v = heuristic_verdict(answer, answer, rubric)
+    assert v["rationale"].startswith(HEURISTIC_LABEL)
+    assert v["teacher_agreement"] == 5 and v["_features"]["steps"] == 4
+    assert v["falsifiability"] >= 4  # measure, randomise, control, compare, rates, p <, mean, variance
+    weak = heuristic_verdict("maybe", answer, rubric)
+    assert all(weak[d] <= 2 for d in rubric.names)
+    assert token_f1("a b c", "a b d") == pytest.approx(2 / 3)
