@@ -244,6 +244,11 @@ class LLMClient:
     def _cost(self, response: Any) -> float:
         import litellm
 
+        hidden = getattr(response, "_hidden_params", None) or {}
+        if hidden.get("response_cost") is not None:  # litellm already priced it during the call
+            return float(hidden["response_cost"])
+        if self.cfg.model not in litellm.model_cost and self.cfg.model.split("/", 1)[-1] not in litellm.model_cost:
+            return 0.0  # unpriced (a local server): skip completion_cost's slow failure path
         try:
             return float(litellm.completion_cost(completion_response=response) or 0.0)
         except Exception:  # a model without a price (local server): free
