@@ -6,6 +6,7 @@
     nexus doctor [CONFIG] [key=value ...]   dependencies, accelerator, disk space, configured models
     nexus serve MODEL [--port N] [--api-key-env VAR]   OpenAI-compatible server for local models
     nexus costs [--by flow_name,step,provider] [--flow NAME] [--run ID] [--json]   spend report
+    nexus leaderboard [--dataset NAME] [--judge heuristic|llm] [--json]   evaluation reports ranked
 """
 
 from __future__ import annotations
@@ -112,6 +113,25 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(c.required and not c.ok for c in checks) else 0
 
 
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """Print evaluation reports ranked: gates passed first, then the rubric score (judge kind shown)."""
+    from nexus_core.catalog import leaderboard
+
+    rows = leaderboard(dataset_name=args.dataset, judge_kind=args.judge)
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
+        return 0
+    if not rows:
+        print("no evaluation reports yet: run `nexus run evaluate configs/eval/tiny.yaml`")
+        return 0
+    print(f"{'#':<3} {'model':<28} {'dataset':<24} {'judge':<10} {'score':>6} {'gates':<6} run_id")
+    for i, r in enumerate(rows, start=1):
+        score = "" if r.score is None else f"{r.score:.2f}"
+        print(f"{i:<3} {(r.model_name or '?'):<28} {(r.dataset_name or '?'):<24} {r.judge_kind:<10} {score:>6} "
+              f"{'pass' if r.gate_passed else 'FAIL':<6} {r.run_id}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``nexus``."""
     parser = argparse.ArgumentParser(prog="nexus", description=__doc__,
@@ -152,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     costs.add_argument("--run", default=None, help="only this Prefect flow run id")
     costs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     costs.set_defaults(func=cmd_costs)
+    board = sub.add_parser("leaderboard", help="evaluation reports ranked across models")
+    board.add_argument("--dataset", default=None, help="only reports on this validation dataset name")
+    board.add_argument("--judge", default=None, choices=["heuristic", "llm"], help="only this judge kind")
+    board.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    board.set_defaults(func=cmd_leaderboard)
     return parser
 
 

@@ -28,6 +28,19 @@ def test_every_eval_yaml_validates():
     assert load_flow_config(EvaluateConfig, str(REPO / "configs/eval/tiny.yaml")).judge.kind == "heuristic"
 
 
+def test_evaluate_deployments_parameters_validate(monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(REPO)  # deployments run from the repo root (prefect.yaml pull step)
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    ours = {d["name"]: d for d in deployments if d["entrypoint"] == "flows/evaluate.py:evaluate"}
+    assert {"evaluate", "evaluate-nightly"} <= set(ours)
+    assert ours["evaluate-nightly"]["schedules"][0]["cron"] == "0 2 * * *"
+    for d in ours.values():
+        cfg = EvaluateConfig.model_validate(d["parameters"]["cfg"])
+        assert cfg.judge.kind == "heuristic"
+
+
 @pytest.fixture(scope="module")
 def first(prefect_harness):
     cfg = load_flow_config(EvaluateConfig, str(REPO / "configs/eval/tiny.yaml"),
