@@ -103,16 +103,20 @@ def check_tokenizers(cfg: KDConfig, inputs: dict[str, ArtifactRef], rows: list[d
                              f"tokenizers (vocab {len(tv)} vs {len(sv)}; e.g. {diff}); logit distillation needs one "
                              "shared vocabulary")
         return
-    tmap, bad, total = _token_map(student), [], 0
+    # Teacher tokens must be student tokens, and the teacher's segmentation of each response must be the
+    # student's own (a different tokenizer that happens to share short tokens still segments differently).
+    tmap, bad, total, odd_rows = _token_map(student), [], 0, 0
     for row in rows:
-        for entry in _entries(row[cfg.logprobs_column]):
-            total += 1
-            if entry["token"] not in tmap:
-                bad.append(entry["token"])
-    if bad:
-        raise InputError(f"{where}: {len(bad)} of {total} teacher tokens are not tokens of the student's tokenizer "
-                         f"(e.g. {sorted(set(bad))[:5]}): teacher and student tokenizers differ; distil from a "
-                         "teacher with the student's tokenizer, or use SFT on its responses")
+        tokens = [e["token"] for e in _entries(row[cfg.logprobs_column])]
+        total += len(tokens)
+        bad += [t for t in tokens if t not in tmap]
+        if tokens and all(t in tmap for t in tokens):
+            odd_rows += student("".join(tokens), add_special_tokens=False)["input_ids"] != [tmap[t] for t in tokens]
+    if bad or odd_rows > 0.1 * len(rows):
+        raise InputError(f"{where}: teacher tokens are not tokens of the student's tokenizer ({len(bad)} of {total} "
+                         f"tokens unknown, e.g. {sorted(set(bad))[:5]}; {odd_rows} of {len(rows)} responses segmented "
+                         "differently): teacher and student tokenizers differ; distil from a teacher with the "
+                         "student's tokenizer, or use SFT on its responses")
 
 
 def _entries(value: Any) -> list[dict[str, Any]]:
