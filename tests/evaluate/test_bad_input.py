@@ -1,0 +1,74 @@
+"""Bad input fails fast and names the file and what is missing; inputs resolve from paths and specs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.errors import ConfigError, InputError
+from nexus_core.eval_lib import resolve_ref
+from nexus_core.io import write_jsonl, write_parquet
+from nexus_core.steps.evaluate.feedback import FeedbackConfig, run_feedback
+from nexus_core.steps.evaluate.predict import PredictConfig, run_predict
+from nexus_core.steps.evaluate.score import ScoreConfig, run_score
+
+
+def _table(tmp_path: Path, name: str, df: pl.DataFrame) -> ArtifactRef:
+    d = tmp_path / name
+    d.mkdir()
+    write_parquet(df, d / "data.parquet")
+    return ArtifactRef(uri=str(d), kind="dataset", name=name, version=1, digest="x", rows=df.height)
+
+
+def test_predictions_without_metric_columns_are_named(tmp_path):
+    preds = _table(tmp_path, "preds", pl.DataFrame({"prediction": ["a"], "reference": ["a"]}))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(InputError, match=r"preds/data.parquet: metric 'accuracy' needs column\(s\) label, pred_label"):
+        run_score(ScoreConfig(metrics=["exact_match", "accuracy"]), inputs={"predictions": preds}, out_uri=str(out))
+    result = run_score(ScoreConfig(metrics=["exact_match", "accuracy"], skip_missing=True),
+                       inputs={"predictions": preds}, out_uri=str(out))
+    assert result.values == {"exact_match": 1.0} and "accuracy" in result.skipped
+    with pytest.raises(ValueError, match="unknown metric"):
+        ScoreConfig(metrics=["bleu"])
+
+
+def test_validation_set_without_input_output_is_named(tmp_path):
+    data = _table(tmp_path, "val", pl.DataFrame({"question": ["q"], "answer": ["a"]}))
+    model = ArtifactRef(uri=str(tmp_path / "nomodel"), kind="model", name="m", version=1, digest="x")
+    with pytest.raises(InputError, match=r"val: validation set missing column\(s\) input, output"):
+        run_predict(PredictConfig(), inputs={"model": model, "dataset": data}, out_uri=str(tmp_path))
+    with pytest.raises(InputError, match="missing input 'dataset'"):
+        run_predict(PredictConfig(), inputs={"model": model}, out_uri=str(tmp_path))
+
+
+def test_feedback_needs_judged_columns(tmp_path):
+    judged = _table(tmp_path, "judged", pl.DataFrame({"row_id": ["1"], "input": ["x"]}))
+    with pytest.raises(InputError, match=r"judged/data.parquet: missing column\(s\) status"):
+        run_feedback(FeedbackConfig(), inputs={"judged": judged}, out_uri=str(tmp_path))
+
+
+def test_resolve_ref_paths_and_errors(tmp_path, data_root):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    assert resolve_ref(str(hf), "model").kind == "raw"
+    with pytest.raises(InputError, match="not a model directory"):
+        resolve_ref(str(tmp_path), "model")
+    with pytest.raises(InputError, match="missing.jsonl: file not found"):
+        resolve_ref(str(tmp_path / "missing.jsonl"), "dataset")
+    with pytest.raises(InputError, match="not a path and not a known artifact"):
+        resolve_ref("nosuch@v2", "dataset")
+    f = tmp_path / "val.jsonl"
+    write_jsonl([{"input": "a", "output": "b"}], f)
+    assert resolve_ref(str(f), "dataset").path == f
+
+
+def test_flow_config_needs_a_dataset():
+    from flows.evaluate import EvaluateConfig, evaluate
+
+    with pytest.raises(ConfigError, match="dataset: required"):
+        evaluate.fn(EvaluateConfig())
