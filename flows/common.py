@@ -12,7 +12,9 @@ from pydantic import BaseModel
 
 from nexus_core import lineage
 from nexus_core.config import config_dict, load_config
+from nexus_core.costs import set_flow_budget
 from nexus_core.errors import NexusError
+from nexus_core.flowconfig import FlowConfig
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -21,6 +23,8 @@ C = TypeVar("C", bound=BaseModel)
 def flow_lineage(cfg: BaseModel) -> Iterator[str]:
     """Open the MLflow run of this flow run (its steps nest under it); marks it failed on error."""
     name = flow_run.get_flow_name() or "flow"
+    if isinstance(cfg, FlowConfig):
+        set_flow_budget(flow_run.get_id(), cfg.budget_usd)
     run_id = lineage.start_flow_run(name, flow_run.get_id(), config_dict(cfg))
     try:
         yield run_id

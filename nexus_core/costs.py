@@ -24,7 +24,32 @@ from pydantic import Field, ValidationError
 
 from nexus_core.config import NexusModel
 from nexus_core.errors import ConfigError, StepError
-from nexus_core.runner import Cost
+
+
+class Cost(NexusModel):
+    """What one step execution spent (a step result's ``cost``; the runner writes it to the ledger)."""
+
+    usd: float = Field(0.0, description="Dollars spent")
+    tokens_in: int = Field(0, description="API prompt tokens")
+    tokens_out: int = Field(0, description="API completion tokens")
+    gpu_seconds: float = Field(0.0, description="GPU time, seconds × GPUs")
+    provider: str = Field("local", description="Who was paid: openai, lambda, runpod, local, ...")
+    model: str | None = Field(None, description="API model or GPU type")
+
+
+_flow_budgets: dict[str, float] = {}  # prefect flow run id -> budget in USD, set by the flow
+
+
+def set_flow_budget(flow_run_id: str | None, budget_usd: float | None) -> None:
+    """Record a flow run's budget; every step of that run checks it before starting."""
+    if flow_run_id and budget_usd is not None:
+        _flow_budgets[flow_run_id] = budget_usd
+
+
+def flow_budget(flow_run_id: str | None) -> float | None:
+    """The budget recorded for a flow run, or None (no limit)."""
+    return _flow_budgets.get(flow_run_id) if flow_run_id else None
+
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PRICES = REPO / "infra" / "prices.yaml"
@@ -159,7 +184,7 @@ def check_budget(budget_usd: float | None, *, estimate_usd: float, step: str,
         return float("inf")
     already = spent(flow_run_id=flow_run_id, flow_name=None if flow_run_id else flow_name)
     left = budget_usd - already
-    if estimate_usd > left + 1e-9:
+    if estimate_usd > left + 1e-9 or left <= 0:
         who = f"flow run {flow_run_id}" if flow_run_id else f"flow {flow_name or '(unnamed)'}"
         raise BudgetExceededError(
             f"{who}: step {step} is estimated at ${estimate_usd:.2f} but only ${max(left, 0):.2f} of the "

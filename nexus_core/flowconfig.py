@@ -19,6 +19,8 @@ class FlowConfig(NexusModel):
 
     extends: str | None = Field(None, description="YAML preset this config starts from (path from repo root)")
     overrides: list[str] = Field(default_factory=list, description="key.sub=value overrides applied last")
+    budget_usd: float | None = Field(None, ge=0, description="Spend limit for one run of this flow (API + GPU); "
+                                     "steps refuse to start once it is used up")
 
     @model_validator(mode="before")
     @classmethod

@@ -40,19 +40,9 @@ from nexus_core.artifacts import (
     version_dir,
 )
 from nexus_core.config import config_dict, config_hash
+from nexus_core.costs import Cost, check_budget, flow_budget
 
 R = TypeVar("R", bound="StepResult")
-
-
-class Cost(BaseModel):
-    """What one step execution spent."""
-
-    usd: float = 0.0
-    tokens_in: int = 0
-    tokens_out: int = 0
-    gpu_seconds: float = 0.0
-    provider: str = "local"
-    model: str | None = None
 
 
 class StepResult(BaseModel):
@@ -125,6 +115,10 @@ def run_step(
                                        flow_run_id=context.flow_run_id, task_run_id=context.task_run_id))
         return result
 
+    # Refuse to start once the flow run's budget is spent (in-step caps, e.g. teacher.max_cost_usd,
+    # stop a step that is already running).
+    check_budget(flow_budget(context.flow_run_id), estimate_usd=0.0, step=step,
+                 flow_run_id=context.flow_run_id, flow_name=context.flow_name)
     cfg_dict = config_dict(cfg)
     started, t0 = now_iso(), time.perf_counter()
     staging = staging_dir(area, name)
