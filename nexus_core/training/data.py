@@ -53,11 +53,11 @@ def load_rows(ref: ArtifactRef) -> tuple[pl.DataFrame, str]:
 
 def layout(df: pl.DataFrame, use: Use, where: str, method: str) -> tuple[str, ...]:
     """The first accepted column layout ``df`` has for ``use``; InputError naming what is missing."""
+    if use == "sft" and detect_capability(df.columns) is not None:
+        return ("capability",)  # reasoning/tool/... data is rendered by its capability's chat format
     for cols in LAYOUTS[use]:
         if all(c in df.columns for c in cols):
             return cols
-    if use == "sft" and detect_capability(df.columns) is not None:
-        return ("capability",)
     wanted = " or ".join("/".join(c) for c in LAYOUTS[use])
     raise InputError(f"{where}: method {method!r} needs column(s) {wanted}; has: {', '.join(df.columns)}")
 

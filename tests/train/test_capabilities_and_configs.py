@@ -1,0 +1,70 @@
+"""Capability detection/formatting, the dataset organizer, and every YAML under configs/train/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.common import load_flow_config
+from flows.llm_train import LLMTrainConfig
+from nexus_core.errors import ConfigError
+from nexus_core.io import read_table
+from nexus_core.training.capabilities import detect_capability, organize, to_messages
+from nexus_core.training.data import sft_records
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(("keys", "capability"), [
+    ({"input", "tool_calls", "tools"}, "tools"),
+    ({"input", "thinking", "output"}, "thinking"),
+    ({"question", "reasoning_content", "answer"}, "reasoning"),
+    ({"question", "rationale", "answer"}, "cot"),
+    ({"prompt", "output", "safety_category"}, "safety"),
+    ({"input", "output", "over_refusal"}, "anti_refusal"),
+    ({"input", "output"}, None),
+])
+def test_detect_capability(keys, capability):
+    assert detect_capability(keys) == capability
+
+
+def test_capability_rows_render_as_chat():
+    tool = to_messages({"input": "rate of plot 3?", "tools": [{"name": "get_rate"}],
+                        "tool_calls": [{"name": "get_rate", "arguments": {"plot": 3}}]}, "tools")
+    assert tool[0]["role"] == "system" and "get_rate" in tool[0]["content"]
+    assert tool[-1]["content"] == '<tool_call>{"arguments": {"plot": 3}, "name": "get_rate"}</tool_call>'
+    think = to_messages({"input": "q", "thinking": "because", "output": "a"}, "thinking")
+    assert think[-1] == {"role": "assistant", "content": "<think>because</think>\na"}
+    cot = to_messages({"question": "q", "rationale": "r", "answer": "4"}, "cot")
+    assert cot == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r\nAnswer: 4"}]
+
+
+def test_sft_records_use_capability_format_for_raw_capability_data():
+    df = read_table(REPO / "data/raw/train/reasoning.jsonl")
+    rows = sft_records(df, "reasoning.jsonl")
+    assert rows[0]["messages"][-1]["content"].startswith("<think>")
+
+
+def test_organize_files_dataset_by_capability(tmp_path):
+    src = tmp_path / "calls.jsonl"
+    src.write_text(json.dumps({"input": "x", "tool_calls": []}) + "\n")
+    dest = organize(src, root=tmp_path / "data")
+    assert dest == tmp_path / "data/raw/datasets/tools/calls.jsonl"
+    assert dest.read_text() == src.read_text()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/train").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_train_yaml_validates(path):
+    cfg = load_flow_config(LLMTrainConfig, str(path))
+    assert cfg.name
+    for stage in cfg.stages:
+        assert stage.dataset in cfg.datasets
+
+
+def test_bad_queue_is_rejected_with_the_key():
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.train\.sft.*unknown key|stages.0.train"):
+        load_flow_config(LLMTrainConfig, None, ["stages=[{name: a, dataset: d, train: {method: sft, lr: 1}}]"])
+    with pytest.raises(ConfigError, match="kd with source=model needs a teacher"):
+        load_flow_config(LLMTrainConfig, None, ["stages=[{name: a, dataset: d, train: {method: kd}}]"])
