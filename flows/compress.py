@@ -97,8 +97,9 @@ def compress(cfg: CompressConfig, model: ArtifactRef | None = None,
     with flow_lineage(cfg) as mlflow_run_id:
         steps: dict = {}
         corpus = None
-        if cfg.corpus is not None and (calibration is None and cfg.calibration is None or model is None
-                                       and cfg.model is None):
+        needs_model = model is None and cfg.model is None
+        needs_calibration = calibration is None and cfg.calibration is None
+        if cfg.corpus is not None and (needs_model or needs_calibration):
             sources = {f"source_{i}": raw_ref(p) for i, p in enumerate(cfg.corpus.sources)}
             corpus = steps["ingest"] = ingest(cfg.corpus, sources, name=f"{cfg.name}_corpus")
         if model is None:

@@ -38,8 +38,14 @@ def load_texts(ref: ArtifactRef, column: str | None = None, limit: int | None = 
 
 
 def count_params(model: Any) -> int:
-    """Number of parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Number of parameters (tied weights counted once), int8-packed Linear weights included."""
+    total = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        # Quantized Linears keep their weights in packed params, invisible to .parameters().
+        if ".quantized" in type(m).__module__ and callable(getattr(m, "weight", None)):
+            total += m.weight().numel() + (m.bias().numel() if callable(getattr(m, "bias", None))
+                                           and m.bias() is not None else 0)
+    return total
 
 
 def dir_bytes(path: str | Path, pattern: str = "*") -> int:
@@ -273,7 +279,7 @@ def recover_by_distillation(student: Any, teacher: Any, tokenizer: Any, texts: l
             opt.step()
             if masks:
                 apply_masks(student, masks)
-            losses.append(float(loss))
+            losses.append(loss.detach().item())
     finally:
         tokenizer.padding_side = pad_side
         student.eval()

@@ -85,7 +85,13 @@ def quantize_static_int8(model: Any, modules: list[str], calibrate: Any = None) 
     prepare(model, inplace=True)
     if calibrate is not None:
         calibrate(model)
-    convert(model, inplace=True)
+        convert(model, inplace=True)
+        return model
+    import warnings
+
+    with warnings.catch_warnings():  # uncalibrated observers: the saved scales are loaded right after
+        warnings.filterwarnings("ignore", message="must run observer")
+        convert(model, inplace=True)
     return model
 
 

@@ -118,10 +118,12 @@ class Engine:
     """One served model: its tokenizer, a request queue and the batching worker thread."""
 
     def __init__(self, name: str, path: str | Path, *, max_batch_size: int = 16, batch_wait_s: float = 0.005,
-                 dtype: str = "float32", on_batch: Any = None):
+                 dtype: str = "float32", on_batch: Any = None, draft_path: str | Path | None = None):
         self.name = name
         self.path = str(path)
         self.model, self.tokenizer = load_model(path, dtype)
+        # Speculative decoding: a smaller model with the same tokenizer proposes tokens, this one verifies.
+        self.draft = load_model(draft_path, dtype)[0] if draft_path else None
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.on_batch = on_batch  # callback(rows, tokens) for metrics
@@ -201,6 +203,9 @@ class Engine:
                     if req.sampling.seed is not None:
                         gen = torch.Generator().manual_seed(req.sampling.seed + k)
                     rows.append(_Row(req=req, index=p_i * req.n + k, prompt=prompt, generator=gen))
+        if self.draft is not None and len(rows) == 1 and self._speculative_ok(rows[0]):
+            self._run_speculative(rows[0])
+            return
         width = max(len(r.prompt) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(rows), width), dtype=torch.long)
@@ -239,6 +244,31 @@ class Engine:
                 self._finish(r, "length")
         if self.on_batch is not None:
             self.on_batch(len(rows), produced)
+
+    @staticmethod
+    def _speculative_ok(row: _Row) -> bool:
+        # Assisted generation in transformers is exact for greedy decoding of one sequence and does not
+        # return per-token alternatives; other requests take the batched path.
+        s = row.req.sampling
+        return s.temperature <= 0 and not s.logprobs and row.req.n == 1
+
+    def _run_speculative(self, r: _Row) -> None:
+        import torch
+
+        s = r.req.sampling
+        ids = torch.tensor([r.prompt])
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), assistant_model=self.draft,
+                                      max_new_tokens=s.max_tokens, do_sample=False, pad_token_id=self.pad_id,
+                                      eos_token_id=None if s.ignore_eos else sorted(self.eos_ids))
+        for tok in out[0, ids.shape[1]:].tolist():
+            self._advance(r, tok, None)
+            if r.done:
+                break
+        if not r.done:
+            self._finish(r, "length")
+        if self.on_batch is not None:
+            self.on_batch(1, len(r.ids))
 
     def _pick(self, logits: Any, row: _Row) -> int:
         import torch

@@ -35,3 +35,14 @@ def test_bad_variants_name_the_key(tmp_path: Path) -> None:
         load_flow_config(CompressConfig, str(bad))
     text = str(err.value)
     assert "sparsity" in text and "needs prune and/or quantize" in text
+
+
+def test_deployment_style_parameters_resolve_nested_extends(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    monkeypatch.chdir(repo)
+    deployments = yaml.safe_load((repo / "prefect.yaml").read_text())["deployments"]
+    dep = next(d for d in deployments if d["name"] == "compress")
+    assert dep["entrypoint"] == "flows/compress.py:compress"
+    cfg = CompressConfig.model_validate(dep["parameters"]["cfg"])
+    assert cfg.name == "tiny" and cfg.corpus is not None and len(cfg.variants) >= 6

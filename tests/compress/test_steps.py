@@ -133,3 +133,27 @@ def test_nf4_on_cpu_says_why(assets: dict[str, ArtifactRef]) -> None:
     with pytest.raises(StepError, match="nf4 needs a CUDA GPU"):
         run_step(run_quantize, QuantizeConfig(method="nf4"), area="compress", name="t_nf4", kind="model",
                  inputs={"model": assets["model"]})
+
+
+def test_export_folds_a_lora_adapter_into_merged_safetensors(assets: dict[str, ArtifactRef], tmp_path: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from nexus_core.steps.compress.export import ExportConfig, run_export
+
+    base = AutoModelForCausalLM.from_pretrained(assets["model"].uri)
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+    cfg = ExportConfig(formats=["safetensors", "coreml"])
+    res = run_step(run_export, cfg, area="compress", name="t_export_lora", kind="model",
+                   inputs={"model": raw_ref(tmp_path / "adapter")})
+    assert res.formats["safetensors"] == "ok" and res.formats["coreml"] == "unavailable"
+    merged = AutoModelForCausalLM.from_pretrained(res.ref.uri)
+    assert not (Path(res.ref.uri) / "adapter_config.json").exists()
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)  # the LoRA delta is in the merged weights

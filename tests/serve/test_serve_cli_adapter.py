@@ -46,6 +46,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch + transformers
 def test_nexus_serve_subcommand_with_api_key_env(tiny_model: Path) -> None:
     port = _free_port()
     env = {**os.environ, "MY_KEYS": "k1,k2", "OMP_NUM_THREADS": "1"}
@@ -67,3 +68,22 @@ def test_nexus_serve_subcommand_with_api_key_env(tiny_model: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_speculative_decoding_with_a_draft_model_matches_greedy(tmp_path: Path, tiny_model: Path) -> None:
+    from nexus_core.compress_lib import drop_layers, save_model
+    from nexus_core.models.tiny import load_llm
+
+    model, tok = load_llm(tiny_model)
+    drop_layers(model, [1])  # a smaller draft with the same tokenizer
+    save_model(model, tok, tmp_path / "draft")
+    body = {"model": "tiny", "prompt": "one two three", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    plain = create_app({"tiny": str(tiny_model)})
+    spec = create_app({"tiny": str(tiny_model)}, draft_models={"tiny": str(tmp_path / "draft")})
+    assert spec.state.engines["tiny"].draft is not None
+    answers = []
+    for app in (plain, spec):
+        with serve_in_thread(app) as url:
+            answers.append(httpx.post(f"{url}/completions", json=body, timeout=60).json()["choices"][0]["text"])
+        app.state.close()
+    assert answers[0] == answers[1]  # greedy speculative decoding is exact
