@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +97,15 @@ def verdict_schema(rubric: Rubric) -> dict[str, Any]:
 _JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
 
 
-def parse_verdict(text: str | None, rubric: Rubric) -> tuple[dict[str, Any] | None, str | None]:
-    """(verdict, None) when ``text`` holds a schema-valid JSON verdict, else (None, reason)."""
+@lru_cache(maxsize=16)
+def _validator(rubric_json: str):  # noqa: ANN202 - jsonschema validator; built once per rubric, not per verdict
     import jsonschema
 
+    return jsonschema.Draft202012Validator(verdict_schema(Rubric.model_validate_json(rubric_json)))
+
+
+def parse_verdict(text: str | None, rubric: Rubric) -> tuple[dict[str, Any] | None, str | None]:
+    """(verdict, None) when ``text`` holds a schema-valid JSON verdict, else (None, reason)."""
     if not text or not text.strip():
         return None, "empty verdict"
     cleaned = text.strip()
@@ -115,8 +121,7 @@ def parse_verdict(text: str | None, rubric: Rubric) -> tuple[dict[str, Any] | No
         value = verdict.get(key) if isinstance(verdict, dict) else None
         if isinstance(value, float) and value.is_integer():
             verdict[key] = int(value)
-    errors = sorted(jsonschema.Draft202012Validator(verdict_schema(rubric)).iter_errors(verdict),
-                    key=lambda e: list(e.path))
+    errors = sorted(_validator(rubric.model_dump_json()).iter_errors(verdict), key=lambda e: list(e.path))
     if errors:
         where = ".".join(map(str, errors[0].path)) or "(verdict)"
         return None, f"verdict fails schema at {where}: {errors[0].message}"
