@@ -116,7 +116,6 @@ def reason_histogram(uri: str) -> pl.DataFrame:
 def row_history(row_id: str) -> pl.DataFrame:
     """One row across every artifact version that holds it (collection, filters, review, regeneration
     rounds), oldest first, with each regeneration attempt and each human label as its own line."""
-    from nexus_core import review_lib
     from nexus_core.io import DataQuery
 
     lines: list[dict[str, Any]] = []
@@ -131,6 +130,8 @@ def row_history(row_id: str) -> pl.DataFrame:
         row = hit.row(0, named=True)
         base = {"artifact": f"{m.name}@v{m.version}", "step": m.step.rsplit(".", 1)[-1], "at": m.finished_at}
         verdict = next((row[c] for c in ("final_keep", "keep", "decision", "status") if c in row), None)
+        if isinstance(verdict, bool):
+            verdict = "keep" if verdict else "reject"
         reason = next((row[c] for c in REASON_COLUMNS if c in row and row[c]), None)
         text = next((row[c] for c in ("final_output", "reviewed_output", "response", "output") if c in row), None)
         lines.append({**base, "round": None, "verdict": _text(verdict), "reason": _text(reason),
@@ -138,14 +139,26 @@ def row_history(row_id: str) -> pl.DataFrame:
         for attempt in json.loads(row.get("history_json") or "[]"):
             lines.append({**base, "round": attempt.get("round"), "verdict": "keep" if attempt.get("keep") else "reject",
                           "reason": _text(attempt.get("reasons")), "text": _text(attempt.get("response"))})
-        for label in review_lib.all_labels(m.uri):
-            if label.row_id == row_id:
-                lines.append({**base, "step": f"label by {label.reviewer}", "at": label.created_at.isoformat(),
-                              "round": None, "verdict": label.decision, "reason": _text(label.note),
-                              "text": _text(label.edited_output)})
+        for label in _labels_of_row(m.uri, row_id):
+            lines.append({**base, "step": f"label by {label.reviewer}", "at": label.created_at.isoformat(),
+                      "round": None, "verdict": label.decision, "reason": _text(label.note),
+                      "text": _text(label.edited_output)})
     schema_ = {"artifact": pl.Utf8, "step": pl.Utf8, "at": pl.Utf8, "round": pl.Int64, "verdict": pl.Utf8,
                "reason": pl.Utf8, "text": pl.Utf8}
     return pl.DataFrame(lines, schema=schema_)
+
+
+def _labels_of_row(dataset_uri: str, row_id: str) -> list:
+    """Labels of one row, oldest first (filtered in SQL: a dataset may carry 100k labels)."""
+    from sqlmodel import Session, select
+
+    from nexus_core import catalog
+    from nexus_core.catalog import ReviewLabelRow
+
+    with Session(catalog.engine()) as session:
+        query = select(ReviewLabelRow).where(ReviewLabelRow.dataset_uri == dataset_uri,
+                                             ReviewLabelRow.row_id == row_id)
+        return list(session.exec(query.order_by(ReviewLabelRow.id)))
 
 
 def _text(value: Any) -> str | None:
