@@ -137,17 +137,35 @@ class TrainingController(TrainerCallback):
 class MlflowLogger(TrainerCallback):
     """Logs loss, learning rate, grad norm, tokens/s and peak memory to the step's MLflow run (rank 0).
 
-    Checkpoints are recorded as artifacts (their trainer_state.json, small) plus a path tag.
+    Metrics are buffered and sent with one ``log_batch`` every ``flush_s`` seconds (and at save/end):
+    a SQLite commit per training step would cost more than a tiny model's step. Checkpoints are
+    recorded as artifacts (their trainer_state.json, small) plus a path tag.
     """
 
-    def __init__(self, run_id: str | None):
+    def __init__(self, run_id: str | None, flush_s: float = 10.0):
         self.run_id = run_id
-        self._t = time.monotonic()
+        self.flush_s = flush_s
+        self._t = self._flushed = time.monotonic()
         self._tokens = 0
+        self._buffer: list[Any] = []
         self.tokens_per_s: list[float] = []
 
+    def flush(self) -> None:
+        """Send buffered metrics in batches of 1000 (MLflow's limit)."""
+        if self.run_id and self._buffer:
+            from nexus_core import lineage
+
+            for i in range(0, len(self._buffer), 1000):
+                lineage.client().log_batch(self.run_id, metrics=self._buffer[i:i + 1000])
+        self._buffer.clear()
+        self._flushed = time.monotonic()
+
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
-        """Forward the trainer's numeric logs, plus throughput and memory."""
+        """Buffer the trainer's numeric logs, plus throughput and memory."""
+        if not (self.run_id and state.is_world_process_zero):
+            return control
+        from mlflow.entities import Metric
+
         logs = dict(logs or {})
         now, tokens = time.monotonic(), state.num_input_tokens_seen or 0
         if tokens > self._tokens and now > self._t:
@@ -155,11 +173,11 @@ class MlflowLogger(TrainerCallback):
             logs["tokens_per_s"] = self.tokens_per_s[-1]
         self._t, self._tokens = now, tokens
         logs["peak_memory_mb"] = peak_memory_mb()
-        if self.run_id and state.is_world_process_zero:
-            from nexus_core import lineage
-
-            metrics = {f"train/{k}": float(v) for k, v in logs.items() if isinstance(v, int | float)}
-            lineage._log_batch(self.run_id, metrics=metrics, step=state.global_step)
+        ms = int(time.time() * 1000)
+        self._buffer += [Metric(f"train/{k}", float(v), ms, state.global_step)
+                         for k, v in logs.items() if isinstance(v, int | float)]
+        if now - self._flushed >= self.flush_s:
+            self.flush()
         return control
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
@@ -168,8 +186,14 @@ class MlflowLogger(TrainerCallback):
         if self.run_id and state.is_world_process_zero and (ckpt / "trainer_state.json").is_file():
             from nexus_core import lineage
 
+            self.flush()
             lineage.client().log_artifact(self.run_id, str(ckpt / "trainer_state.json"), f"checkpoints/{ckpt.name}")
             lineage._log_batch(self.run_id, tags={"nexus.last_checkpoint": str(ckpt)})
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        """Send what is left."""
+        self.flush()
         return control
 
 

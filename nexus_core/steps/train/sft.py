@@ -13,7 +13,8 @@ from typing import Literal
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.runner import Cost, StepResult
+from nexus_core.costs import Cost
+from nexus_core.runner import StepResult
 from nexus_core.training.common import (
     StageBase,
     load_model,
@@ -33,7 +34,11 @@ class SFTConfig(StageBase):
 
     method: Literal["sft"] = Field("sft", description="Stage method")
     chat: bool = Field(True, description="Format string prompt/response pairs with the model's chat template")
-    packing: bool = Field(False, description="Pack several samples per sequence (best-fit, no cross-attention)")
+    packing: bool = Field(False, description="Pack several samples per sequence (less padding). Samples are kept "
+                                             "apart only with flash-attention (GPU); with sdpa/eager they attend "
+                                             "to earlier samples in their pack")
+    packing_strategy: Literal["bfd", "bfd_split", "wrapped"] = Field(
+        "bfd", description="trl packing: best-fit decreasing (padding-free), bfd that splits long rows, or wrapped")
     completion_only_loss: bool = Field(True, description="Loss on the response tokens only, not the prompt")
     assistant_only_loss: bool = Field(False, description="messages data: loss on assistant turns only "
                                                          "(needs {% generation %} in the chat template)")
@@ -71,7 +76,7 @@ def build_trainer(cfg: SFTConfig, inputs: dict[str, ArtifactRef], output_dir: Pa
     dataset = to_dataset(sft_records(df, where, "sft", cfg.chat))
     tokenizer = load_tokenizer(base)
     args = TrlSFTConfig(**trainer_kwargs(
-        cfg, output_dir, max_length=cfg.max_length, packing=cfg.packing,
+        cfg, output_dir, max_length=cfg.max_length, packing=cfg.packing, packing_strategy=cfg.packing_strategy,
         completion_only_loss=cfg.completion_only_loss if "prompt" in dataset.column_names else None,
         assistant_only_loss=cfg.assistant_only_loss, dataset_num_proc=None))
     model = load_model(cfg, base)
