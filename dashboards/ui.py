@@ -7,6 +7,7 @@ from typing import Any
 import streamlit as st
 
 from dashboards import lib
+from dashboards.auth import require_login
 
 TTL_S = 30  # figures may lag a running flow by this much; the Refresh button clears it at once
 
@@ -22,7 +23,9 @@ def load(name: str, *args: Any) -> Any:
 
 
 def header(title: str, caption: str) -> None:
-    """Page title, one-line purpose, and a refresh button that drops cached figures."""
+    """Login gate, page title, one-line purpose, and a refresh button that drops cached figures."""
+    # Also gated here, not only in app.py: a cold server routes a deep link (/data) straight to the page.
+    require_login()
     st.title(title)
     st.caption(caption)
     if st.sidebar.button("Refresh", key=f"refresh-{title}", help="Re-read the catalog, manifests and MLflow"):
