@@ -136,7 +136,23 @@ def test_dreambooth_with_generated_class_images_and_prior_preservation(flow_run,
     assert pre.rows == 4 and pre.groups == 1
     res = run_train(TrainConfig(resolution=32, batch_size=2, max_steps=1, prior_preservation=True,
                                 distillation=True, loss={"base": "huber", "weighting": "cosmap"},
+                                gradient_checkpointing=True,
                                 lora={"rank": 2, "alpha": 2}, checkpoint_dir=str(tmp_path / "ck"), device="cpu"),
                     inputs={"precomputed": _ref(tmp_path / "pre"), "pipeline": pipe}, out_uri=str(tmp_path / "t"))
     assert res.global_step == 1 and np.isfinite(res.final_loss)
     assert (tmp_path / "t" / "transformer_lora.safetensors").is_file()
+
+
+def test_precompute_resumes_by_shard_group(flow_run, tmp_path):
+    from nexus_core.errors import InputError
+
+    _, result, _ = flow_run
+    inputs = {"prepared": result.artifacts["prepare"], "pipeline": result.artifacts["pipeline"]}
+    cfg = PrecomputeConfig(resolution=32, batch_size=2, max_sequence_length=16, group_size=2, layout="nested",
+                           device="cpu")
+    with pytest.raises(InputError, match="max_groups=1"):  # an interrupted run: one group finished
+        run_precompute(cfg.model_copy(update={"max_groups": 1}), inputs=inputs, out_uri=str(tmp_path / "a"))
+    res = run_precompute(cfg, inputs=inputs, out_uri=str(tmp_path / "b"))
+    assert (res.groups, res.resumed_groups, res.rows) == (3, 1, 6)
+    names = [s["raw_data"]["basename"] for s in read_index(tmp_path / "b" / "mds")["shards"]]
+    assert names[0].startswith("groups/00000/") and verify_shards(tmp_path / "b" / "mds") == len(names)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -99,7 +100,8 @@ def run_precompute(cfg: PrecomputeConfig, *, inputs: dict[str, ArtifactRef], out
     prepared = Path(inputs["prepared"].uri) / "mds"
     work = work_dir(cfg, inputs)
     work.mkdir(parents=True, exist_ok=True)
-    samples = iter_samples(prepared, work / "cache")
+    # a fresh cache per attempt: streaming refuses a local dir another live dataset still holds
+    samples = iter_samples(prepared, tempfile.mkdtemp(prefix="cache-", dir=work))
     rcol = f"latents_{cfg.resolution}"
     columns = {"caption": "str", "subset": "str", rcol: "ndarray", "text_embeds": "ndarray", "text_ids": "ndarray"}
     groups, resumed, encoded, seconds = [], 0, 0, 0.0
@@ -161,7 +163,7 @@ def run_precompute(cfg: PrecomputeConfig, *, inputs: dict[str, ArtifactRef], out
     shards = merge_groups(out / "mds", groups, cfg.layout)
     verify_shards(out / "mds")
     if not lat_shape:  # every group came from an earlier attempt: read one row for the shapes
-        first = next(iter_samples(out / "mds", work / "cache2"))
+        first = next(iter_samples(out / "mds", tempfile.mkdtemp(prefix="cache-", dir=work)))
         lat_shape, txt_shape = list(first[rcol].shape), list(first["text_embeds"].shape)
     bn = pipe.vae.bn
     meta = {
