@@ -105,8 +105,9 @@ def build_tiny_flux(out_dir: str | Path, captions: Iterable[str], cfg: TinyFluxC
     return Path(out_dir)
 
 
-def load_flux_pipeline(path: str, dit: str | None = None, dtype: str = "float32"):  # noqa: ANN201
-    """Load a Flux2KleinPipeline from ``path`` (hub id or dir); ``dit`` swaps in a transformer from elsewhere.
+def load_flux_pipeline(path: str, dit: str | None = None, dtype: str = "float32", transformer=None):  # noqa: ANN001, ANN201
+    """Load a Flux2KleinPipeline from ``path`` (hub id or dir); ``dit`` swaps in a transformer from elsewhere,
+    ``transformer`` an already loaded one (the pipeline's own is then never read from disk).
 
     ``pipeline.pretrained_model_name_or_path`` is the single source of VAE, scheduler and text encoder;
     the DiT may come from a separate directory (a fine-tuned or distilled one).
@@ -120,8 +121,8 @@ def load_flux_pipeline(path: str, dit: str | None = None, dtype: str = "float32"
     if p.exists() and not (p / "model_index.json").is_file():
         raise InputError(f"{p}: not a diffusers pipeline directory (no model_index.json)")
     torch_dtype = getattr(torch, dtype)
-    kwargs = {}
-    if dit:
+    kwargs = {"transformer": transformer} if transformer is not None else {}
+    if dit and transformer is None:
         sub = "transformer" if (Path(dit) / "transformer" / "config.json").is_file() else None
         kwargs["transformer"] = Flux2Transformer2DModel.from_pretrained(dit, subfolder=sub, torch_dtype=torch_dtype)
     pipe = Flux2KleinPipeline.from_pretrained(str(path), torch_dtype=torch_dtype, **kwargs)

@@ -164,7 +164,20 @@ def _load_transformer(path: str):  # noqa: ANN202 - Flux2Transformer2DModel
     return Flux2Transformer2DModel.from_pretrained(path, subfolder=sub)
 
 
-def _validate(cfg: TrainConfig, pipeline: str, transformer, step: int, out: Path, log: StepLogger) -> list[str]:  # noqa: ANN001
+def _subsets(root: Path, ds) -> list[str]:  # noqa: ANN001
+    """instance/class label of every row, from the artifact's table (same order as the shards)."""
+    table = root / "data.parquet"
+    if table.is_file():
+        import polars as pl
+
+        subsets = pl.read_parquet(table, columns=["subset"])["subset"].to_list()
+        if len(subsets) == ds.num_samples:
+            return subsets
+    return [ds[i]["subset"] for i in range(ds.num_samples)]  # reads every shard once
+
+
+def _validate(cfg: TrainConfig, pipeline: str, transformer, step: int, out: Path, log: StepLogger,  # noqa: ANN001
+              cache: dict) -> list[str]:
     """Render the validation prompts with the current transformer; save and log the images."""
     import torch
 
@@ -172,14 +185,19 @@ def _validate(cfg: TrainConfig, pipeline: str, transformer, step: int, out: Path
 
     if not cfg.validation_prompts:
         return []
-    pipe = load_flux_pipeline(pipeline)
+    if "pipe" not in cache:  # VAE + text encoder load once per run, not once per validation
+        cache["pipe"] = load_flux_pipeline(pipeline, transformer=transformer).to(transformer.device)
+    pipe = cache["pipe"]
     pipe.transformer = transformer
     paths = []
     transformer.eval()
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     for i, prompt in enumerate(cfg.validation_prompts):
-        image = pipe(prompt=prompt, height=cfg.resolution, width=cfg.resolution,
-                     num_inference_steps=cfg.validation_inference_steps, max_sequence_length=64,
-                     generator=torch.Generator().manual_seed(cfg.seed + i)).images[0]
+        # the frozen base may be in the autocast dtype while the VAE and text encoder are float32
+        with torch.autocast(transformer.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            image = pipe(prompt=prompt, height=cfg.resolution, width=cfg.resolution,
+                         num_inference_steps=cfg.validation_inference_steps, max_sequence_length=64,
+                         generator=torch.Generator().manual_seed(cfg.seed + i)).images[0]
         path = out / "validation" / f"step_{step:06d}_{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
@@ -216,12 +234,16 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
         from peft import LoraConfig
 
         transformer.requires_grad_(False)
+        if cfg.mixed_precision != "no":  # frozen base weights in the autocast dtype: half the memory
+            transformer.to(dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16)
         transformer.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
                                            lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules,
                                            init_lora_weights="gaussian"))
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:  # trainable weights (LoRA) stay float32 for a stable optimizer
+        p.data = p.data.float()
     if not params:
         raise ConfigError([f"lora.target_modules: {cfg.lora.target_modules} matched no trainable module"])
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -246,7 +268,7 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
     cache = Path(tempfile.mkdtemp(prefix="flux-train-cache-"))
     ds = open_dataset(mds, cache)
     try:
-        subsets = [ds[i]["subset"] for i in range(ds.num_samples)] if cfg.prior_preservation else []
+        subsets = _subsets(Path(inputs["precomputed"].uri), ds) if cfg.prior_preservation else []
         pools = ([[i for i, s in enumerate(subsets) if s == "instance"], [i for i, s in enumerate(subsets) if s == "class"]]
                  if cfg.prior_preservation else [list(range(ds.num_samples))])
         if cfg.prior_preservation and not all(pools):
@@ -255,6 +277,7 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
         per_pool = cfg.batch_size // len(pools)
         step, loss_val, t0, history = start, float("nan"), time.perf_counter(), {}
         validation: list[str] = []
+        val_cache: dict = {}
         transformer.train()
         while step < cfg.max_steps:
             for micro in range(cfg.gradient_accumulation_steps):
@@ -301,14 +324,14 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
                 atomic_write_json(ck / "trainer_state.json", {"global_step": step, "loss": loss_val})
                 rotate_checkpoints(ckpt_root, cfg.checkpoints_total_limit)
             if step % cfg.validation_steps == 0 and step != cfg.max_steps:
-                validation += _validate(cfg, pipeline, acc.unwrap_model(transformer), step, out, log)
+                validation += _validate(cfg, pipeline, acc.unwrap_model(transformer), step, out, log, val_cache)
         seconds = (time.perf_counter() - t0) / max(1, step - start)
     finally:
         del ds
         shutil.rmtree(cache, ignore_errors=True)
 
     model = acc.unwrap_model(transformer)
-    validation += _validate(cfg, pipeline, model, step, out, log)
+    validation += _validate(cfg, pipeline, model, step, out, log, val_cache)
     if cfg.train_mode == "lora":
         from diffusers import Flux2KleinPipeline
         from peft.utils import get_peft_model_state_dict
