@@ -89,7 +89,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not keys:
             raise NexusError(f"--api-key-env {args.api_key_env}: variable is unset or empty")
         hashes = [hash_api_key(k) for k in keys]  # only hashes are kept in memory
-    app = create_app(models, api_key_hashes=hashes, max_batch_size=args.max_batch_size)
+    drafts = {}
+    for spec in args.draft or []:
+        name, sep, where = spec.partition("=")
+        if not sep or name not in models:
+            raise NexusError(f"--draft {spec!r}: expected SERVED_NAME=DIR with SERVED_NAME one of {sorted(models)}")
+        drafts[name] = where if Path(where).exists() else DataQuery().ref(where).uri
+    app = create_app(models, api_key_hashes=hashes, max_batch_size=args.max_batch_size, draft_models=drafts)
     print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
@@ -164,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-env", default=None,
                        help="environment variable holding the accepted API key(s), comma-separated")
     serve.add_argument("--max-batch-size", type=int, default=16, help="most rows in one generate batch")
+    serve.add_argument("--draft", action="append", metavar="NAME=DIR",
+                       help="speculative decoding: a smaller draft model (same tokenizer) for served model NAME")
     serve.set_defaults(func=cmd_serve)
     costs = sub.add_parser("costs", help="GPU and API spend by flow, step and provider")
     costs.add_argument("--by", default="flow_name,step,provider",

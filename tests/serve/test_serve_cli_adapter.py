@@ -51,7 +51,7 @@ def test_nexus_serve_subcommand_with_api_key_env(tiny_model: Path) -> None:
     port = _free_port()
     env = {**os.environ, "MY_KEYS": "k1,k2", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", f"tiny={tiny_model}", "--port", str(port),
-                             "--api-key-env", "MY_KEYS"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--api-key-env", "MY_KEYS", "--draft", f"tiny={tiny_model}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(600):

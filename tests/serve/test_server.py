@@ -98,6 +98,8 @@ def test_bad_requests_are_4xx_and_server_stays_up(server: str) -> None:
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
     r = httpx.post(f"{server}/completions", headers=h, json={"model": "tiny", "prompt": "x", "temperature": 9})
     assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/completions", headers=h, json={"model": "tiny", "prompt": "the cat " * 400})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     # still serving
     ok = httpx.post(f"{server}/completions", headers=h, json={"model": "tiny", "prompt": "the", "max_tokens": 3,
                                                                 "logprobs": 2, "n": 2})
