@@ -103,21 +103,22 @@ class Metrics:
 
 def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = None, max_batch_size: int = 16,
                batch_wait_s: float = 0.005, default_max_tokens: int = 256, dtype: str = "float32",
-               draft_models: dict[str, str] | None = None) -> FastAPI:
+               draft_models: dict[str, str] | None = None, device: str | None = None) -> FastAPI:
     """An OpenAI-compatible FastAPI app serving ``models`` (served name → local HF model or adapter dir).
 
     Models load now, so a bad directory fails here with an ``InputError`` naming it. With
     ``api_key_hashes`` (sha256 hex digests, see :func:`hash_api_key`) every ``/v1`` call needs
     ``Authorization: Bearer <key>`` whose digest is listed; ``/health`` and ``/metrics`` stay open.
     ``draft_models`` (served name → smaller model dir with the same tokenizer) turns on speculative
-    decoding for that model's single greedy requests.
+    decoding for that model's single greedy requests. ``device`` defaults to CUDA when available
+    (int8 CPU variants stay on the CPU).
     """
     metrics = Metrics()
     engines: dict[str, Engine] = {}
     for name, path in models.items():
         engines[name] = Engine(name, path, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, dtype=dtype,
                                on_batch=lambda rows, toks, n=name: metrics.batch_rows.labels(n).observe(rows),
-                               draft_path=(draft_models or {}).get(name))
+                               draft_path=(draft_models or {}).get(name), device=device)
     hashes = [h.lower() for h in (api_key_hashes or [])]
     app = FastAPI(title="Nexus OpenAI-compatible server", docs_url=None, redoc_url=None)
     app.state.engines = engines

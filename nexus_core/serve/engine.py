@@ -118,12 +118,21 @@ class Engine:
     """One served model: its tokenizer, a request queue and the batching worker thread."""
 
     def __init__(self, name: str, path: str | Path, *, max_batch_size: int = 16, batch_wait_s: float = 0.005,
-                 dtype: str = "float32", on_batch: Any = None, draft_path: str | Path | None = None):
+                 dtype: str = "float32", on_batch: Any = None, draft_path: str | Path | None = None,
+                 device: str | None = None):
+        import torch
+
         self.name = name
         self.path = str(path)
         self.model, self.tokenizer = load_model(path, dtype)
         # Speculative decoding: a smaller model with the same tokenizer proposes tokens, this one verifies.
         self.draft = load_model(draft_path, dtype)[0] if draft_path else None
+        int8 = any(".quantized" in type(m).__module__ for m in self.model.modules())
+        # torch.ao int8 kernels are CPU-only; everything else goes to the GPU when there is one.
+        self.device = device or ("cuda" if torch.cuda.is_available() and not int8 else "cpu")
+        self.model.to(self.device)
+        if self.draft is not None:
+            self.draft.to(self.device)
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.on_batch = on_batch  # callback(rows, tokens) for metrics
@@ -213,12 +222,14 @@ class Engine:
             ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
             attn[i, width - len(r.prompt):] = 1
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        dev = self.device
+        ids, attn, pos = ids.to(dev), attn.to(dev), pos.to(dev)
         budget = max(r.req.sampling.max_tokens for r in rows)
         produced = 0
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
             past = out.past_key_values
-            logits = out.logits[:, -1, :].float()
+            logits = out.logits[:, -1, :].float().cpu()  # sampling and logprobs happen on the host
             last_pos = pos[:, -1]
             for _step in range(budget):
                 next_ids = torch.full((len(rows),), self.pad_id, dtype=torch.long)
@@ -233,12 +244,12 @@ class Engine:
                     self._advance(r, tok, logprobs[i])
                 if all(r.done for r in rows):
                     break
-                attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+                attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=torch.long, device=dev)], dim=1)
                 last_pos = last_pos + 1
-                out = self.model(input_ids=next_ids[:, None], attention_mask=attn, position_ids=last_pos[:, None],
-                                 past_key_values=past, use_cache=True)
+                out = self.model(input_ids=next_ids[:, None].to(dev), attention_mask=attn,
+                                 position_ids=last_pos[:, None], past_key_values=past, use_cache=True)
                 past = out.past_key_values
-                logits = out.logits[:, -1, :].float()
+                logits = out.logits[:, -1, :].float().cpu()
         for r in rows:
             if not r.done:
                 self._finish(r, "length")
@@ -256,7 +267,7 @@ class Engine:
         import torch
 
         s = r.req.sampling
-        ids = torch.tensor([r.prompt])
+        ids = torch.tensor([r.prompt], device=self.device)
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), assistant_model=self.draft,
                                       max_new_tokens=s.max_tokens, do_sample=False, pad_token_id=self.pad_id,
