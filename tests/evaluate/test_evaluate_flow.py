@@ -110,3 +110,25 @@ def test_relaxed_gates_pass_reuse_upstream_and_rank_first_on_leaderboard(first):
     third = evaluate(relaxed, model=result.artifacts["model"], dataset=result.artifacts["dataset"])
     assert third.artifacts["report"] == again.artifacts["report"]
     assert len(catalog.leaderboard(dataset_name="evt_validation")) == len(board)
+
+
+def test_editing_the_rubric_misses_the_cache(first, tmp_path):
+    from prefect import flow
+
+    from nexus_core.steps.evaluate.judge import JudgeConfig
+    from tasks.eval_judge import eval_judge
+
+    _, result = first
+    rubric = tmp_path / "rubric.json"
+    rubric.write_text((REPO / "configs/eval/rubric.json").read_text())
+    cfg = JudgeConfig(kind="heuristic", rubric=str(rubric))
+
+    @flow
+    def judge_only():
+        return eval_judge(cfg, result.artifacts["predict"], name="rubric_edit")
+
+    a, b = judge_only(), judge_only()
+    assert a.ref == b.ref  # same rubric text: cached
+    rubric.write_text(rubric.read_text().replace("scientifically plausible", "credible"))
+    c = judge_only()
+    assert c.ref.version == a.ref.version + 1
