@@ -11,6 +11,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from flows.common import flow_lineage, main
 from flows.report import FlowResult
@@ -70,7 +71,7 @@ class FluxConfig(FlowConfig):
         if not self.precomputed_data_dir and not self.data.source:
             problems.append("data.source: missing (or set precomputed_data_dir)")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise PydanticCustomError("flux_sources", "; ".join(problems))
         return self
 
 

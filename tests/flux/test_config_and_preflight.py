@@ -56,15 +56,25 @@ def test_resolution_channels_and_odd_prior_batch_are_reported_together(tmp_path)
     assert "train.batch_size: 3 is odd" in msg
 
 
+def test_unloadable_pipeline_is_reported_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = TrainConfig(pretrained_model_name_or_path="nobody/not-cached-xyz", dit=str(tmp_path / "nope"),
+                      resolution=32, device="cpu")
+    with pytest.raises(ConfigError) as err:
+        preflight(cfg, _precomputed(tmp_path))
+    assert "pipeline.pretrained_model_name_or_path: nobody/not-cached-xyz cannot be loaded" in str(err.value)
+    assert "model.dit: " in str(err.value)
+
+
 def test_missing_pipeline_in_train_step(tmp_path):
     with pytest.raises(ConfigError, match="pipeline.pretrained_model_name_or_path: missing"):
         preflight(TrainConfig(resolution=32, device="cpu"), _precomputed(tmp_path))
 
 
 def test_matching_config_passes_preflight(tmp_path):
-    meta, pipe, device = preflight(TrainConfig(pretrained_model_name_or_path="p", resolution=32, latent_channels=16,
-                                               device="cpu"), _precomputed(tmp_path))
-    assert meta["latent_column"] == "latents_32" and pipe == "p" and device == "cpu"
+    meta, pipe, device = preflight(TrainConfig(pretrained_model_name_or_path=str(tmp_path), resolution=32,
+                                               latent_channels=16, device="cpu"), _precomputed(tmp_path))
+    assert meta["latent_column"] == "latents_32" and pipe == str(tmp_path) and device == "cpu"
 
 
 @pytest.mark.skipif(cpu_has_native_bf16(), reason="this CPU has native bf16")

@@ -123,6 +123,15 @@ def checkpoint_root(cfg: TrainConfig, inputs: dict[str, ArtifactRef]) -> Path:
     return data_root() / "work" / "flux_train" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def _loadable(ref: str) -> bool:
+    """A local path must exist; a hub id must be cached when the hub is off (otherwise it may download)."""
+    from nexus_core.doctor import resolve_model
+
+    if ref.startswith((".", "/", "~")) or Path(ref).exists():
+        return Path(ref).expanduser().exists()
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in {"1", "true", "True"} or resolve_model(ref)[0]
+
+
 def preflight(cfg: TrainConfig, inputs: dict[str, ArtifactRef]) -> tuple[dict, str, str]:
     """Every config/data mismatch as one clear error before any model loads: (meta, pipeline, device)."""
     if "precomputed" not in inputs:
@@ -137,6 +146,11 @@ def preflight(cfg: TrainConfig, inputs: dict[str, ArtifactRef]) -> tuple[dict, s
     if not pipeline:
         problems.append("pipeline.pretrained_model_name_or_path: missing (the single source of VAE, scheduler "
                         "and text encoder)")
+    for key, ref in (("pipeline.pretrained_model_name_or_path", pipeline), ("model.dit", cfg.dit),
+                     ("train.teacher_dit", cfg.teacher_dit if cfg.distillation else None)):
+        if ref and not _loadable(ref):
+            problems.append(f"{key}: {ref} cannot be loaded here (no such local directory, or a hub id not in "
+                            "the local cache while HF_HUB_OFFLINE is set); see `nexus doctor`")
     if cfg.resolution != meta["resolution"]:
         problems.append(f"train.resolution: {cfg.resolution} but {root} holds {meta['latent_column']} "
                         f"(precomputed at {meta['resolution']})")
