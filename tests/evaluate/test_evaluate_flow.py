@@ -132,3 +132,29 @@ def test_editing_the_rubric_misses_the_cache(first, tmp_path):
     rubric.write_text(rubric.read_text().replace("scientifically plausible", "credible"))
     c = judge_only()
     assert c.ref.version == a.ref.version + 1
+
+
+def test_llm_judge_as_a_subflow_of_a_parent_flow(first):
+    """How the lifecycle chains it: a parent flow passes model and dataset refs, reads gate_passed."""
+    from prefect import flow
+
+    from tests.support.openai_stub import Reply, StubServer, chat_completion
+
+    cfg, result = first
+    dims = ["plausibility", "falsifiability", "method_rigour", "reproducibility", "teacher_agreement"]
+    verdict = json.dumps({d: 4 for d in dims} | {"rationale": "fine"})
+    with StubServer(lambda body, n: Reply(body=chat_completion(verdict))) as stub:
+        llm_cfg = cfg.model_copy(update={"judge": cfg.judge.model_validate(
+            {"kind": "llm", "llm": {"model": "openai/judge", "api_base": stub.url, "cache": False}})})
+
+        @flow
+        def parent():
+            return evaluate(llm_cfg, model=result.artifacts["model"], dataset=result.artifacts["dataset"])
+
+        ev = parent()
+        assert len(stub.requests) == 8
+    assert ev.summary["judge_kind"] == "llm" and ev.summary["failed_gates"] == ["methodology_share"]
+    assert ev.summary["gate_passed"] is False  # the random model writes no ordered methodology steps
+    assert ev.artifacts["predict"] == result.artifacts["predict"]
+    row = next(r for r in catalog.leaderboard(judge_kind="llm") if r.report_uri == ev.artifacts["report"].uri)
+    assert row.score == 4.0 and row.judge == "openai/judge"
