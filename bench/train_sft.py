@@ -35,6 +35,7 @@ def make_inputs(root: Path, rows: int = 96, hidden: int = 256, layers: int = 4) 
     from nexus_core.artifacts import raw_ref
     from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm
 
+    root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     data = [{"input": " ".join(rng.choices(WORDS, k=rng.randint(4, 20))),
              "output": " ".join(rng.choices(WORDS, k=rng.randint(4, 120)))} for _ in range(rows)]
