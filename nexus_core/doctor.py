@@ -105,6 +105,8 @@ def resolve_model(ref: str, marker: str = "model_index.json") -> tuple[bool, str
 def check_config_models(cfg: dict[str, Any]) -> list[Check]:
     """The models a flux config names: pipeline, DiT, distillation teacher."""
     out = []
+    if "pipeline" not in cfg:  # not a flux config: nothing of ours to resolve
+        return [Check("pipeline", True, "config names no flux pipeline", required=False)]
     pipe = (cfg.get("pipeline") or {})
     if pipe.get("tiny") is not None:
         out.append(Check("pipeline", True, "tiny pipeline built from config"))
