@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -281,6 +282,7 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
 
     cache = Path(tempfile.mkdtemp(prefix="flux-train-cache-"))
     ds = open_dataset(mds, cache)
+    loader = None
     try:
         subsets = _subsets(Path(inputs["precomputed"].uri), ds) if cfg.prior_preservation else []
         pools = ([[i for i, s in enumerate(subsets) if s == "instance"], [i for i, s in enumerate(subsets) if s == "class"]]
@@ -293,15 +295,23 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
         validation: list[str] = []
         val_cache: dict = {}
         transformer.train()
+
+        def fetch(pos: int) -> tuple:
+            idx = [i for k, pool in enumerate(pools) for i in stream_indices(pool, cfg.seed + 7919 * k, pos, per_pool)]
+            return len(idx), collate([ds[i] for i in idx], meta, cfg.latent_norm)
+
+        # one batch read ahead on a thread, so shard reads and decoding overlap the forward/backward pass
+        loader = ThreadPoolExecutor(1)
+        ahead = loader.submit(fetch, start * cfg.gradient_accumulation_steps * per_pool)
         while step < cfg.max_steps:
             for micro in range(cfg.gradient_accumulation_steps):
                 pos = (step * cfg.gradient_accumulation_steps + micro) * per_pool
-                idx = [i for k, pool in enumerate(pools) for i in stream_indices(pool, cfg.seed + 7919 * k, pos, per_pool)]
-                x0, img_ids, emb, txt_ids = collate([ds[i] for i in idx], meta, cfg.latent_norm)
-                x0, img_ids, emb, txt_ids = (t.to(acc.device) for t in (x0, img_ids, emb, txt_ids))
+                n, batch = ahead.result()
+                ahead = loader.submit(fetch, pos + per_pool)
+                x0, img_ids, emb, txt_ids = (t.to(acc.device) for t in batch)
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + pos)
                 noise = torch.randn(x0.shape, generator=gen).to(acc.device)
-                sig = losses.sample_sigmas(len(idx), cfg.loss.weighting, gen, logit_mean=cfg.loss.logit_mean,
+                sig = losses.sample_sigmas(n, cfg.loss.weighting, gen, logit_mean=cfg.loss.logit_mean,
                                            logit_std=cfg.loss.logit_std, mode_scale=cfg.loss.mode_scale,
                                            shift=cfg.loss.shift).to(acc.device)
                 xt = losses.noisy_latents(x0, noise, sig)
@@ -341,7 +351,9 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
                 validation += _validate(cfg, pipeline, acc.unwrap_model(transformer), step, out, log, val_cache)
         seconds = (time.perf_counter() - t0) / max(1, step - start)
     finally:
-        del ds
+        if loader is not None:
+            loader.shutdown(wait=True, cancel_futures=True)
+        ds = None  # drop the dataset (and its shared memory) before its cache dir goes
         shutil.rmtree(cache, ignore_errors=True)
 
     model = acc.unwrap_model(transformer)
