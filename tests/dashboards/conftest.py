@@ -3,9 +3,9 @@
 Every artifact goes through ``nexus_core.runner.run_step`` (manifest, MLflow run, catalog rows):
 ingest of raw teacher rows, the real distill filters, human labels through ``review_lib``, a tiny
 base model, a few real SFT steps (loss / learning-rate / tokens-per-second curves in MLflow), a
-teacher-API spend and a GPU spend under a flow run with a budget, and an evaluation report put on
-the leaderboard with ``eval_lib.record_report``. Flow runs waiting at a review gate are real
-Prefect flow runs (the session's test harness) in state Suspended.
+teacher-API spend and a GPU spend under a flow run with a budget. The leaderboard is filled by the
+real evaluation steps on that SFT model (offline preset, heuristic judge) and ``eval_lib.record_report``,
+and the flow run waiting at a review gate is a real Prefect flow run in state Suspended.
 """
 
 from __future__ import annotations
@@ -55,24 +55,6 @@ def run_spend(cfg: SpendConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
     return SpendResult(cost=cfg.cost)
 
 
-class ReportConfig(NexusModel):
-    """An evaluation report in the shape issue 7's report step writes."""
-
-    report: dict = Field(description="eval_report JSON")
-
-
-class ReportResult(StepResult):
-    """Where the report file is."""
-
-    report_file: str = "eval_report_dash.json"
-
-
-def run_report(cfg: ReportConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> ReportResult:
-    """Write the report JSON (the leaderboard reads it through ``eval_lib.record_report``)."""
-    atomic_write_json(Path(out_uri) / "eval_report_dash.json", cfg.report)
-    return ReportResult(rows=1)
-
-
 def _fill(tmp: Path) -> dict:
     from nexus_core.steps.base_model import BaseModelConfig, run_base_model
     from nexus_core.steps.distill.filters import FiltersConfig, run_distill_filters
@@ -114,28 +96,50 @@ def _fill(tmp: Path) -> dict:
              area="dash", name="dash_gpu_spend", context=ctx)
     lineage.end_run(flow_mlflow)
 
-    from nexus_core import eval_lib
-
-    report = {
-        "run_id": "dash-eval", "model": {"name": sft.ref.name, "version": sft.ref.version, "uri": sft.ref.uri,
-                                         "digest": sft.ref.digest},
-        "dataset": {"name": "dash_holdout", "digest": "x"}, "metrics": {"rougeL": 0.42, "exact_match": 0.1},
-        "judge": {"kind": "heuristic", "name": "rules", "dimensions": {
-            "scientific_rigor": {"median": 3.0, "mean": 3.1, "n": 5}, "clarity": {"median": 4.0, "mean": 3.9, "n": 5}}},
-        "gates": [{"name": "rougeL_min", "metric": "rougeL", "threshold": 0.3, "value": 0.42, "passed": True}],
-        "gate_passed": True, "score": 3.5,
-    }
-    rep = run_step(run_report, ReportConfig(report=report), area="dash", name="dash_report", kind="report",
-                   inputs={"model": sft.ref})
-    eval_lib.record_report(rep.ref)
     return {"collected": collected.ref, "filtered": filtered.ref, "corpus": corpus.ref, "base": base.ref,
-            "sft": sft.ref, "report": rep.ref, "flow_run_id": flow_run_id}
+            "sft": sft.ref, "flow_run_id": flow_run_id}
 
 
 @pytest.fixture(scope="session")
 def filled_store(tmp_path_factory) -> dict:
     """The session store (NEXUS_HOME / NEXUS_DATA of conftest) after one real tiny run."""
     return _fill(tmp_path_factory.mktemp("dash-raw"))
+
+
+@pytest.fixture(scope="session")
+def evaluated(filled_store) -> dict:
+    """The evaluation steps (tiny offline preset: heuristic judge, its gates) on the fixture's SFT model,
+    each through run_step, and the report put on the leaderboard as the evaluate flow does."""
+    from nexus_core.config import load_config
+    from nexus_core.eval_lib import record_report
+    from nexus_core.steps.evaluate.gates import GatesConfig, run_gates
+    from nexus_core.steps.evaluate.judge import JudgeConfig, run_judge
+    from nexus_core.steps.evaluate.predict import PredictConfig, run_predict
+    from nexus_core.steps.evaluate.report import ReportConfig, run_report
+    from nexus_core.steps.evaluate.score import ScoreConfig, run_score
+    from nexus_core.steps.ingest import IngestConfig, run_ingest
+
+    preset = REPO / "configs/eval/tiny.yaml"
+    raw = REPO / "data/raw/eval/tiny_validation.jsonl"
+    dataset = run_step(run_ingest, IngestConfig(sources=[str(raw)], required_columns=["input", "output"],
+                                                dedupe_on=None), area="dash", name="dash_validation",
+                       inputs={"validation": raw_ref(raw)}).ref
+    predict_cfg = load_config(preset, PredictConfig, ["predict.max_new_tokens=4", "predict.run_id=dash"],
+                              section="predict")
+    preds = run_step(run_predict, predict_cfg, area="dash", name="dash_predictions",
+                     inputs={"model": filled_store["sft"], "dataset": dataset}).ref
+    scores = run_step(run_score, load_config(preset, ScoreConfig, section="score"), area="dash",
+                      name="dash_scores", inputs={"predictions": preds}).ref
+    judge_cfg = load_config(preset, JudgeConfig, [f"judge.rubric={REPO / 'configs/eval/rubric.json'}"],
+                            section="judge")
+    judged = run_step(run_judge, judge_cfg, area="dash", name="dash_judged", inputs={"predictions": preds}).ref
+    gates = run_step(run_gates, load_config(preset, GatesConfig, section="gates"), area="dash", name="dash_gates",
+                     inputs={"judged": judged, "scores": scores}).ref
+    report = run_step(run_report, load_config(preset, ReportConfig, ["report.run_id=dash-eval"], section="report"),
+                      area="dash", name="dash_report", kind="report",
+                      inputs={"predictions": preds, "scores": scores, "judged": judged, "gates": gates})
+    record_report(report.ref)
+    return {"run_id": "dash-eval", "gate_passed": report.gate_passed, "report": report.ref}
 
 
 @pytest.fixture(scope="session")

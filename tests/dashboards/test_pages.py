@@ -50,16 +50,18 @@ def test_training_page_draws_curves_of_the_real_sft_run(filled_store):
     assert "final_loss" in set(side["field"])
 
 
-def test_leaderboard_page_ranks_reports_with_rubric_and_gates(filled_store):
+def test_leaderboard_page_ranks_the_real_evaluation_with_rubric_and_gates(evaluated, filled_store):
     at = app_test("leaderboard.py")
     _ok(at)
     board = at.dataframe[0].value
-    row = board[board["run_id"] == "dash-eval"].iloc[0]
-    assert row["model"] == filled_store["sft"].name and row["gate"] == "pass" and row["score"] == 3.5
-    assert "metric.rougeL" in board.columns
+    row = board[board["run_id"] == evaluated["run_id"]].iloc[0]
+    assert row["model"] == filled_store["sft"].name and row["judge_kind"] == "heuristic"
+    assert row["gate"] == ("pass" if evaluated["gate_passed"] else "fail")
+    assert any(c.startswith("metric.") for c in board.columns)
     assert "Rubric breakdown" in texts(at)
+    assert at.get("vega_lite_chart"), "no score / rubric chart"
     gates = at.dataframe[-1].value
-    assert list(gates["name"]) == ["rougeL_min"]
+    assert len(gates) >= 1 and "passed" in gates.columns
 
 
 def test_costs_page_groups_spend_and_checks_the_budget(filled_store):
