@@ -19,6 +19,7 @@ from flows.common import flow_lineage, main
 from flows.report import FlowResult
 from nexus_core.artifacts import ArtifactRef, raw_ref
 from nexus_core.config import NexusModel
+from nexus_core.errors import InputError
 from nexus_core.flowconfig import FlowConfig
 from nexus_core.steps.base_model import BaseModelConfig
 from nexus_core.steps.compress.benchmark import BenchmarkConfig
@@ -109,7 +110,8 @@ def compress(cfg: CompressConfig, model: ArtifactRef | None = None,
                 steps["base_model"] = base_model(cfg.base_model, corpus.ref, name=f"{cfg.name}_base")
                 model = steps["base_model"].ref
             else:
-                raise ValueError("compress: no model: pass one, set `model`, or give a `corpus` for a tiny base")
+                raise InputError("compress: no model: pass one, set `model=PATH|NAME@vN`, or give a `corpus` "
+                                 "to build a tiny base")
         if calibration is None:
             calibration = _resolve(cfg.calibration) if cfg.calibration else (corpus.ref if corpus else None)
         heldout = _resolve(cfg.heldout) if cfg.heldout else calibration
