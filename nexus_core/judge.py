@@ -265,3 +265,24 @@ def judge_llm(items: list[dict[str, Any]], rubric: Rubric, settings: JudgeSettin
         raise JudgeUnreachable(f"judge model {settings.model!r} at {where} unreachable after "
                                f"{settings.max_retries + 1} attempt(s) per request: {failed[0].error}")
     return out
+
+
+def judge_items(items: list[dict[str, Any]], rubric: Rubric, kind: str = "heuristic",
+                settings: JudgeSettings | None = None) -> list[dict[str, Any]]:
+    """Judge items (question, answer, reference) with ``kind`` = ``llm`` or ``heuristic``; uniform result dicts.
+
+    The entry point for other areas too: e.g. a distillation filter scoring teacher outputs calls
+    ``judge_items([{"question": prompt, "answer": response, "reference": None}], load_rubric(path))``.
+    Heuristic results say so in their rationale (:data:`HEURISTIC_LABEL`).
+    """
+    if kind == "llm":
+        return judge_llm(items, rubric, settings or JudgeSettings())
+    if kind != "heuristic":
+        raise ValueError(f"judge kind must be 'llm' or 'heuristic', got {kind!r}")
+    out = []
+    for item in items:
+        verdict = heuristic_verdict(item.get("answer"), item.get("reference"), rubric)
+        verdict.pop("_features")
+        out.append({"status": "ok", "reason": None, "verdict": verdict, "raw": json.dumps(verdict), "attempts": 1,
+                    "latency_s": 0.0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0})
+    return out

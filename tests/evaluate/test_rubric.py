@@ -83,3 +83,13 @@ def test_heuristic_judge_counts_steps_wording_and_similarity(rubric):
     weak = heuristic_verdict("maybe", answer, rubric)
     assert all(weak[d] <= 2 for d in rubric.names)
     assert token_f1("a b c", "a b d") == pytest.approx(2 / 3)
+
+
+def test_judge_items_is_the_shared_entry_point(rubric):
+    from nexus_core.judge import judge_items
+
+    rows = judge_items([{"question": "q", "answer": "1. a\n2. b\n3. measure c", "reference": "measure c"}], rubric)
+    assert rows[0]["status"] == "ok" and rows[0]["verdict"]["rationale"].startswith(HEURISTIC_LABEL)
+    assert set(rubric.names) <= set(rows[0]["verdict"])
+    with pytest.raises(ValueError, match="judge kind must be"):
+        judge_items([], rubric, kind="oracle")

@@ -8,7 +8,6 @@ integer column per rubric dimension (null unless ok), the rationale and raw verd
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Literal
@@ -24,8 +23,7 @@ from nexus_core.judge import (
     HEURISTIC_LABEL,
     JudgeSettings,
     count_ordered_steps,
-    heuristic_verdict,
-    judge_llm,
+    judge_items,
     load_rubric,
 )
 from nexus_core.runner import Cost, StepResult
@@ -63,20 +61,11 @@ def run_judge(cfg: JudgeConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
     answers = table["prediction"].to_list()
     references = table["reference"].to_list()
 
-    if cfg.kind == "heuristic":
-        judge_name, label = "heuristic", HEURISTIC_LABEL
-        results = []
-        for answer, reference in zip(answers, references, strict=True):
-            verdict = heuristic_verdict(answer, reference, rubric)
-            verdict.pop("_features")
-            results.append({"status": "ok", "reason": None, "verdict": verdict, "raw": json.dumps(verdict),
-                            "attempts": 1, "latency_s": 0.0, "prompt_tokens": 0, "completion_tokens": 0,
-                            "cost_usd": 0.0})
-    else:
-        judge_name, label = cfg.llm.model, f"llm judge {cfg.llm.model}"
-        items = [{"question": q, "answer": a or "", "reference": r}
-                 for q, a, r in zip(table["input"].to_list(), answers, references, strict=True)]
-        results = judge_llm(items, rubric, cfg.llm)
+    items = [{"question": q, "answer": a or "", "reference": r}
+             for q, a, r in zip(table["input"].to_list(), answers, references, strict=True)]
+    results = judge_items(items, rubric, cfg.kind, cfg.llm)
+    judge_name = "heuristic" if cfg.kind == "heuristic" else cfg.llm.model
+    label = HEURISTIC_LABEL if cfg.kind == "heuristic" else f"llm judge {cfg.llm.model}"
 
     cols: dict[str, list] = {
         "judge": [judge_name] * table.height, "judge_kind": [cfg.kind] * table.height,
