@@ -156,3 +156,10 @@ def test_precompute_resumes_by_shard_group(flow_run, tmp_path):
     assert (res.groups, res.resumed_groups, res.rows) == (3, 1, 6)
     names = [s["raw_data"]["basename"] for s in read_index(tmp_path / "b" / "mds")["shards"]]
     assert names[0].startswith("groups/00000/") and verify_shards(tmp_path / "b" / "mds") == len(names)
+
+
+def test_second_flow_run_is_served_from_cache(flow_run):
+    cfg, result, _ = flow_run
+    again = flux(cfg)
+    assert again.artifacts == result.artifacts
+    assert again.flow_run_id != result.flow_run_id
