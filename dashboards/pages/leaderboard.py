@@ -51,10 +51,12 @@ rubric: pl.DataFrame = load("rubric_frame", reports)
 if rubric.is_empty():
     st.caption("These reports carry no rubric scores.")
 else:
+    # One group of bars per rubric dimension, one bar per report within it.
     chart = alt.Chart(rubric.to_pandas()).mark_bar().encode(
-        x=alt.X("median:Q", title="median score"), y=alt.Y("model:N", title=None),
-        color="model:N", row=alt.Row("dimension:N", title=None), tooltip=["model", "dimension", "median"])
-    st.altair_chart(chart)
+        x=alt.X("median:Q", title="median score"), y=alt.Y("dimension:N", title=None), yOffset="model:N",
+        color=alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1)),
+        tooltip=["model", "dimension", "median"])
+    st.altair_chart(chart, width="stretch")
 
 st.subheader("Gate verdicts")
 pick = st.selectbox("Report", list(reports))

@@ -35,7 +35,7 @@ else:
                 st.caption(f"No {titles[key].lower()} logged for these runs.")
                 continue
             chart = alt.Chart(part.to_pandas()).mark_line(point=part.height < 200).encode(
-                x=alt.X("step:Q"), y=alt.Y("value:Q", title=titles[key]), color=alt.Color("run:N", title="run"),
+                x=alt.X("step:Q"), y=alt.Y("value:Q", title=titles[key], scale=alt.Scale(zero=False)), color=alt.Color("run:N", title="run"),
                 tooltip=["run", "step", "value"])
             st.altair_chart(chart, width="stretch")
 
