@@ -25,7 +25,8 @@ def flow_lineage(cfg: BaseModel) -> Iterator[str]:
     name = flow_run.get_flow_name() or "flow"
     if isinstance(cfg, FlowConfig):
         set_flow_budget(flow_run.get_id(), cfg.budget_usd)
-    run_id = lineage.start_flow_run(name, flow_run.get_id(), config_dict(cfg))
+    run_id = lineage.start_flow_run(name, flow_run.get_id(), config_dict(cfg),
+                                    parent_prefect_flow_run_id=flow_run.get_parent_flow_run_id())
     try:
         yield run_id
     except BaseException:

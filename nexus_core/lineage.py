@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from nexus_core.artifacts import ArtifactRef
 
 DEFAULT_EXPERIMENT = "nexus"
+# The MLflow run of the step executing in this thread/task, for steps that log while they work
+# (training curves, validation images). Set by step_run.
+_current_step_run: ContextVar[str | None] = ContextVar("nexus_current_step_run", default=None)
 _flow_runs: dict[str, str] = {}  # prefect flow run id -> mlflow run id
 
 
@@ -77,11 +81,21 @@ def _log_batch(run_id: str, metrics: dict[str, float] | None = None, params: lis
 
 
 def start_flow_run(flow_name: str, prefect_flow_run_id: str | None, config: dict[str, Any] | None = None,
-                   experiment: str | None = None) -> str:
-    """Create the MLflow run for a flow run; its steps nest under it. Returns the MLflow run id."""
+                   experiment: str | None = None, parent_prefect_flow_run_id: str | None = None) -> str:
+    """Create the MLflow run for a flow run; its steps nest under it. Returns the MLflow run id.
+
+    A subflow's run (``parent_prefect_flow_run_id`` set) nests under its parent flow's run, in the
+    parent's experiment, so a lifecycle run shows as one tree.
+    """
     tags = {"mlflow.runName": flow_name, "nexus.kind": "flow", "nexus.flow": flow_name,
             "prefect.flow_run_id": prefect_flow_run_id}
-    run = client().create_run(experiment_id(experiment or flow_name), tags={k: v for k, v in tags.items() if v})
+    parent = parent_run_for(parent_prefect_flow_run_id)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+        exp = client().get_run(parent).info.experiment_id
+    else:
+        exp = experiment_id(experiment or flow_name)
+    run = client().create_run(exp, tags={k: v for k, v in tags.items() if v})
     if config:
         _log_batch(run.info.run_id, params=_params(config))
     if prefect_flow_run_id:
@@ -169,9 +183,18 @@ def step_run(step: str, config: dict[str, Any], tags: dict[str, Any], flow_name:
     run = client().create_run(experiment, tags={k: str(v) for k, v in all_tags.items() if v is not None})
     handle = StepRun(run.info.run_id)
     _log_batch(handle.run_id, params=_params(config))
+    token = _current_step_run.set(handle.run_id)
     try:
         yield handle
     except BaseException:
         end_run(handle.run_id, ok=False)
         raise
+    finally:
+        _current_step_run.reset(token)
     end_run(handle.run_id, ok=True)
+
+
+def current_step_run() -> StepRun | None:
+    """The MLflow run of the step now executing (inside run_step), or None outside a step."""
+    run_id = _current_step_run.get()
+    return StepRun(run_id) if run_id else None

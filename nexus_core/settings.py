@@ -41,6 +41,8 @@ def configure_environment() -> None:
     defaults = {
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        # the temporary API server of a plain `nexus run` can take >20 s to start on a busy 2-core box
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "results"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",

@@ -17,7 +17,7 @@ def nexus(*args, env=None, cwd=None):
 
 def test_unknown_config_key_fails_before_any_work(repo, tmp_path):
     data = tmp_path / "data"
-    out = nexus("run", "lifecycle", "configs/presets/tiny.yaml", "base_model.tiny.colour=red",
+    out = nexus("run", "lifecycle", "configs/presets/tiny_base.yaml", "base_model.tiny.colour=red",
                 env={"NEXUS_DATA": str(data)}, cwd=repo)
     assert out.returncode == 1
     assert "base_model.tiny.colour: unknown key" in out.stderr
@@ -26,9 +26,9 @@ def test_unknown_config_key_fails_before_any_work(repo, tmp_path):
 
 
 def test_wrong_type_and_unknown_flow(repo):
-    out = nexus("run", "lifecycle", "configs/presets/tiny.yaml", "base_model.tiny.hidden_size=big", cwd=repo)
+    out = nexus("run", "lifecycle", "configs/presets/tiny_base.yaml", "base_model.tiny.hidden_size=big", cwd=repo)
     assert out.returncode == 1 and "base_model.tiny.hidden_size" in out.stderr
-    out = nexus("run", "nosuchflow", "configs/presets/tiny.yaml", cwd=repo)
+    out = nexus("run", "nosuchflow", "configs/presets/tiny_base.yaml", cwd=repo)
     assert out.returncode == 1 and "unknown flow 'nosuchflow'" in out.stderr
 
 
@@ -38,11 +38,11 @@ def test_bad_jsonl_line_fails_with_line_number_and_keeps_earlier_versions(repo, 
     good = json.dumps({"title": "t", "abstract": "a", "domain": "d", "text": "some text"})
     raw.write_text(good + "\n")
     env = {"NEXUS_DATA": str(data), "NEXUS_HOME": str(tmp_path / "home")}
-    ok = nexus("run", "lifecycle", "configs/presets/tiny.yaml", f"corpus.sources=[{raw}]", env=env, cwd=repo)
+    ok = nexus("run", "lifecycle", "configs/presets/tiny_base.yaml", f"corpus.sources=[{raw}]", env=env, cwd=repo)
     assert ok.returncode == 0, ok.stderr
     assert "manifest.json" in ok.stdout
     raw.write_text(good + "\n{not json\n")
-    bad = nexus("run", "lifecycle", "configs/presets/tiny.yaml", f"corpus.sources=[{raw}]", env=env, cwd=repo)
+    bad = nexus("run", "lifecycle", "configs/presets/tiny_base.yaml", f"corpus.sources=[{raw}]", env=env, cwd=repo)
     assert bad.returncode != 0
     assert f"{raw}:2: not valid JSON" in bad.stderr
     versions = sorted(p.name for p in (data / "processed" / "corpus").iterdir() if not p.name.startswith("."))

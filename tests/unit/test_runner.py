@@ -78,3 +78,27 @@ def test_missing_column_is_named(data_root, tmp_path):
     with pytest.raises(InputError, match=r"missing column\(s\) domain"):
         run_step(run_ingest, IngestConfig(sources=[src.uri], required_columns=["text", "domain"]),
                  area="corpus", name="c", inputs={"s": src})
+
+
+class PeekConfig(NexusModel):
+    n: int = 1
+
+
+class PeekResult(StepResult):
+    run_id: str | None = None
+
+
+def run_peek(cfg: PeekConfig, *, inputs, out_uri: str) -> PeekResult:
+    run = lineage.current_step_run()
+    run.log_metrics({"loss": 0.5}, step=1)  # what a training loop does while it works
+    Path(out_uri, "x.txt").write_text("x")
+    return PeekResult(run_id=run.run_id)
+
+
+def test_a_step_can_log_to_its_own_mlflow_run_while_it_works(data_root):
+    assert lineage.current_step_run() is None
+    res = run_step(run_peek, PeekConfig(), area="t", name="peek")
+    assert res.run_id == read_manifest(res.ref.uri).mlflow_run_id
+    history = lineage.client().get_metric_history(res.run_id, "loss")
+    assert [m.value for m in history] == [0.5]
+    assert lineage.current_step_run() is None
