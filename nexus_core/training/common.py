@@ -75,6 +75,8 @@ class StageBase(NexusModel):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing")
     control: ControlSpec = Field(default_factory=ControlSpec, description="Pause/cooldown/GPU guard")
     num_processes: int = Field(1, ge=1, description="Data-parallel processes (>1 launches accelerate)")
+    isolate: bool = Field(False, description="Train in a child process even with one process: signal control "
+                                             "under Prefect worker threads, memory returned when done")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Strategy when num_processes > 1")
 
     @model_validator(mode="after")

@@ -207,7 +207,11 @@ def fit(trainer, cfg: StageBase, run_id: str | None = None) -> dict[str, float]:
     trainer.add_callback(logger)
     resume = last_checkpoint(Path(trainer.args.output_dir))
     resumed_from = int(resume.name.rsplit("-", 1)[-1]) if resume else 0
-    controller.install()
+    if controller.install():  # where to send SIGUSR1/SIGUSR2: <work dir>/train.pid (rank 0 under DDP)
+        pid_file = Path(trainer.args.output_dir).parent / "train.pid"
+        if trainer.state.is_world_process_zero or int(os.environ.get("RANK", "0")) == 0:
+            pid_file.parent.mkdir(parents=True, exist_ok=True)
+            pid_file.write_text(str(os.getpid()))
     t0 = time.monotonic()
     try:
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

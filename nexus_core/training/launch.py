@@ -31,14 +31,17 @@ RUN_ID_ENV = "NEXUS_TRAIN_MLFLOW_RUN_ID"
 def current_step_run_id(cfg: StageBase) -> str | None:
     """MLflow run id of the step execution in progress for ``cfg`` (the runner opened it).
 
-    The runner does not hand its run id to steps, so find the RUNNING step run tagged with this
-    config hash. (A ``lineage.current_step_run()`` in the runner would make this lookup unnecessary.)
+    ``lineage.current_step_run()`` when the runner set it; else (a step called outside the runner's
+    context) the RUNNING step run tagged with this config hash.
     """
     if os.environ.get(RUN_ID_ENV):
         return os.environ[RUN_ID_ENV]
     try:
         from nexus_core import lineage
 
+        current = lineage.current_step_run()
+        if current is not None:
+            return current.run_id
         c = lineage.client()
         runs = c.search_runs(
             experiment_ids=[e.experiment_id for e in c.search_experiments()],
@@ -51,9 +54,11 @@ def current_step_run_id(cfg: StageBase) -> str | None:
 
 def run_stage(train_fn: TrainFn, cfg: StageBase, inputs: dict[str, ArtifactRef], out_uri: str,
               method: str) -> dict[str, float]:
-    """Run ``train_fn`` here (one process) or under ``accelerate launch`` (``cfg.num_processes`` > 1)."""
+    """Run ``train_fn`` here, in one child process (``cfg.isolate``), or under ``accelerate launch``
+    (``cfg.num_processes`` > 1). A child process gets the signal controller even when this call runs
+    in a Prefect worker thread, and gives its memory back to the OS when training ends."""
     run_id = current_step_run_id(cfg)
-    if cfg.num_processes == 1:
+    if cfg.num_processes == 1 and not cfg.isolate:
         return train_fn(cfg, inputs, out_uri, run_id)
     work = work_dir(method, cfg, inputs)
     spec_path, result_path = work / "launch.json", work / "launch_result.json"
@@ -62,14 +67,16 @@ def run_stage(train_fn: TrainFn, cfg: StageBase, inputs: dict[str, ArtifactRef],
         "module": train_fn.__module__, "function": train_fn.__name__, "config_class": type(cfg).__name__,
         "config": cfg.model_dump(mode="json"), "inputs": {k: v.model_dump(mode="json") for k, v in inputs.items()},
         "out_uri": out_uri, "run_id": run_id, "result": str(result_path)})
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
-           "--main_process_port", str(_free_port()), "-m", "nexus_core.training.launch", str(spec_path)]
+    cmd = [sys.executable, "-m", "nexus_core.training.launch", str(spec_path)]
+    if cfg.num_processes > 1:
+        cmd[1:1] = ["-m", "accelerate.commands.launch", "--num_processes", str(cfg.num_processes),
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
+                    "--main_process_port", str(_free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not result_path.is_file():
         tail = (proc.stdout + proc.stderr)[-3000:]
-        raise StepError(f"{method}: distributed training ({cfg.num_processes} processes) failed "
+        raise StepError(f"{method}: training in {cfg.num_processes} child process(es) failed "
                         f"(exit {proc.returncode}):\n{tail}")
     return json.loads(result_path.read_text())
 

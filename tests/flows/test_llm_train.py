@@ -9,7 +9,7 @@ from flows.llm_train import LLMTrainConfig, llm_train
 from nexus_core import lineage
 from nexus_core.artifacts import read_manifest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a Prefect harness + 3 trainings: ~1-2 min
 
 
 @pytest.fixture(scope="module")

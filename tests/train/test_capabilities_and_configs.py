@@ -59,8 +59,9 @@ def test_organize_files_dataset_by_capability(tmp_path):
 def test_every_train_yaml_validates(path):
     cfg = load_flow_config(LLMTrainConfig, str(path))
     assert cfg.name
-    for stage in cfg.stages:
-        assert stage.dataset in cfg.datasets
+    assert cfg.stages or path.name == "base.yaml"
+    for stage in cfg.stages:  # every dataset is named here, or (lifecycle sections) passed in by the caller
+        assert stage.dataset in cfg.datasets or path.name.startswith("lifecycle")
 
 
 def test_bad_queue_is_rejected_with_the_key():

@@ -5,47 +5,36 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
 
+from nexus_core.errors import StepError
 from nexus_core.runner import run_step
 from nexus_core.steps.train.sft import SFTConfig, build_trainer, run_sft
 from nexus_core.training.common import COMPLETE_MARKER, last_checkpoint, work_dir
 from nexus_core.training.control import KILL_AT_STEP_ENV, fit
 
-REPO = Path(__file__).resolve().parents[2]
-
-# The first attempt trains exactly as the stage does (same trainer, work dir, controller), without the
-# MLflow/catalog bookkeeping of the runner, so the child process starts fast.
-CHILD = """
-import sys
-from nexus_core.artifacts import ArtifactRef
-from nexus_core.steps.train.sft import SFTConfig, build_trainer
-from nexus_core.training.common import work_dir
-from nexus_core.training.control import fit
-cfg = SFTConfig.model_validate_json(sys.argv[1])
-inputs = {k: ArtifactRef.model_validate_json(v) for k, v in zip(("model", "data"), sys.argv[2:4])}
-fit(build_trainer(cfg, inputs, work_dir("sft", cfg, inputs) / "checkpoints"), cfg)
-"""
-
 
 @pytest.mark.slow  # a child process that imports torch/trl: ~20-50 s on a shared 2-core machine
-def test_killed_stage_resumes_from_its_checkpoint(tiny_model, refs):
-    cfg = SFTConfig(finetune="lora", max_steps=5, batch_size=2, seed=11, checkpoint={"save_steps": 2})
-    env = {**os.environ, KILL_AT_STEP_ENV: "3", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, cfg.model_dump_json(), tiny_model.model_dump_json(),
-                           refs["sft"].model_dump_json()], env=env, cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    ckpt = last_checkpoint(work_dir("sft", cfg, {"model": tiny_model, "data": refs["sft"]}) / "checkpoints")
+def test_killed_stage_resumes_from_its_checkpoint(tiny_model, refs, monkeypatch):
+    # isolate: the stage trains in a child process, which SIGKILLs itself after step 3 (before its
+    # checkpoint), exactly what an OOM-killer or a pre-empted node does.
+    cfg = SFTConfig(finetune="lora", max_steps=5, batch_size=2, seed=11, isolate=True,
+                    checkpoint={"save_steps": 2})
+    inputs = {"model": tiny_model, "data": refs["sft"]}
+    monkeypatch.setenv(KILL_AT_STEP_ENV, "3")
+    with pytest.raises(StepError, match=r"exit -9"):
+        run_step(run_sft, cfg, area="train", name="t_resume", kind="model", inputs=inputs)
+    work = work_dir("sft", cfg, inputs)
+    assert int((work / "train.pid").read_text()) != os.getpid()  # where an operator sends SIGUSR1/2
+    ckpt = last_checkpoint(work / "checkpoints")
     assert ckpt is not None and ckpt.name == "checkpoint-2"
     # The re-run continues at step 2 (optimizer, scheduler, RNG restored by the trainer) instead of step 0.
-    r = run_step(run_sft, cfg, area="train", name="t_resume", kind="model",
-                 inputs={"model": tiny_model, "data": refs["sft"]})
+    monkeypatch.delenv(KILL_AT_STEP_ENV)
+    r = run_step(run_sft, cfg, area="train", name="t_resume", kind="model", inputs=inputs)
     assert r.resumed_from_step == 2
     assert r.steps == 5
     assert r.metrics["param_delta"] > 0
