@@ -39,7 +39,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.report import print_result
 
     flow_fn, model = _flow(args.flow)
-    cfg = load_flow_config(model, args.config, args.overrides)
+    overrides = [*args.overrides, *(["dry_run=true"] if args.dry_run else [])]  # flows with a dry_run field
+    cfg = load_flow_config(model, args.config, overrides)
     print_result(flow_fn(cfg))
     return 0
 
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("flow", help="flow name: a module in flows/ (lifecycle, ...)")
     run.add_argument("config", help="YAML config (configs/...)")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    run.add_argument("--dry-run", action="store_true", help="same as dry_run=true (e.g. llm_train: plan only)")
     run.set_defaults(func=cmd_run)
 
     data = sub.add_parser("data", help="datasets and versions").add_subparsers(dest="data_command", required=True)

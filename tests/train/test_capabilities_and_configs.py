@@ -69,3 +69,10 @@ def test_bad_queue_is_rejected_with_the_key():
         load_flow_config(LLMTrainConfig, None, ["stages=[{name: a, dataset: d, train: {method: sft, lr: 1}}]"])
     with pytest.raises(ConfigError, match="kd with source=model needs a teacher"):
         load_flow_config(LLMTrainConfig, None, ["stages=[{name: a, dataset: d, train: {method: kd}}]"])
+
+
+def test_cli_dry_run_flag_becomes_the_dry_run_override():
+    from flows.cli import build_parser
+
+    args = build_parser().parse_args(["run", "llm_train", "configs/train/tiny.yaml", "quick=true", "--dry-run"])
+    assert args.dry_run and args.overrides == ["quick=true"]
