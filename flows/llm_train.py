@@ -3,7 +3,7 @@ model and producing a registered model artifact.
 
     nexus run llm_train configs/train/tiny.yaml                    # tiny base + SFT(LoRA) → DPO → KD, offline
     nexus run llm_train configs/train/sft_lora.yaml base_model=models/my_base@v1 datasets.sft=distill/sft@v2
-    nexus run llm_train configs/train/tiny.yaml dry_run=true       # modalities + stage queue, no training
+    nexus run llm_train configs/train/tiny.yaml --dry-run          # modalities + stage queue, no training
 
 In the lifecycle it takes the base model and the distilled dataset(s) as refs.
 """

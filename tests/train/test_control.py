@@ -84,3 +84,18 @@ def test_two_process_data_parallel_on_cpu(tiny_model, refs):
     assert r.metrics["world_size"] == 2
     assert r.steps == 2
     assert (Path(r.ref.uri) / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_gpu_temperature_guard_pauses_until_cool(monkeypatch):
+    from transformers import TrainerControl, TrainerState
+
+    from nexus_core.training import control as control_mod
+
+    readings = iter([[91, 60], [70, 60]])  # NVML as a hot then cooled GPU reports it
+    monkeypatch.setattr(control_mod, "gpu_temperatures", lambda: next(readings))
+    controller = control_mod.TrainingController(SFTConfig(control={"gpu_check_every": 5}))
+    state = TrainerState()
+    state.global_step = 5
+    controller.on_step_end(None, state, TrainerControl())
+    assert controller.thermal_pauses == 1
+    assert next(readings, None) is None  # it kept reading until the GPU was at or below the resume mark
