@@ -163,7 +163,7 @@ def render_times(repeat: int) -> dict[str, float]:
     for page in PAGES:
         # One AppTest per page, run once to warm imports: its first run also scans every installed
         # package for Streamlit components (~1-3 s here), a test-harness cost a served app pays once.
-        at = AppTest.from_file(str(REPO / "dashboards" / "pages" / page), default_timeout=300)
+        at = AppTest.from_file(str(REPO / "dashboards" / "views" / page), default_timeout=300)
         at.run()
         times = []
         for _ in range(repeat):

@@ -1,6 +1,6 @@
 """Nexus dashboards: a Streamlit multipage app.   streamlit run dashboards/app.py
 
-Each page is a script in ``dashboards/pages/``; this shell only lists them.
+Each page is a script in ``dashboards/views/`` (not ``pages/``, which Streamlit would also route on its own, skipping this shell and its login); this shell only lists them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from nexus_core.settings import configure_environment
 
 configure_environment()
 
-PAGES = Path(__file__).parent / "pages"
+PAGES = Path(__file__).parent / "views"
 st.set_page_config(page_title="Nexus", layout="wide")
 require_login()  # OIDC login on shared deployments (dashboards/README.md); a no-op locally
 pages = [st.Page(str(PAGES / "review.py"), title="Review", icon=":material/rate_review:", default=True)]

@@ -23,7 +23,7 @@ from nexus_core.config import NexusModel
 from nexus_core.runner import Cost, RunContext, StepResult, run_step
 
 REPO = Path(__file__).resolve().parents[2]
-PAGES = REPO / "dashboards" / "pages"
+PAGES = REPO / "dashboards" / "views"
 
 GOOD = ("We measure soil respiration in 12 randomised control plots and compare drought cycles. If rewetting "
         "drives the pulse then respiration predicts carbon loss; a flat response would refute it.")

@@ -118,8 +118,7 @@ def test_data_page_renders_in_headless_chromium(served_app, tmp_path):
     try:
         browser.call("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1,
                      mobile=False)
-        # Open the app's root first: while a dashboards/pages/ folder exists, a cold server routes a deep
-        # link (/data) the old multipage way (the page script alone) until app.py has run st.navigation once.
+        # Open the root, then a deep link: both must go through app.py's st.navigation (pages live in views/).
         browser.call("Page.navigate", url=served_app)
         for _ in range(240):
             if "Leaderboard" in browser.text():

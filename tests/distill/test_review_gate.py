@@ -35,7 +35,7 @@ def test_review_page_resumes_paused_flow(prefect_harness, repo):
     first_row = pl.read_parquet(f"{req.dataset_uri}/data.parquet")["row_id"][0]
     review_lib.add_label(req.dataset_uri, first_row, "reject", "bob", note="parallel reviewer")
 
-    at = AppTest.from_file(str(repo / "dashboards/pages/review.py"), default_timeout=60).run()
+    at = AppTest.from_file(str(repo / "dashboards/views/review.py"), default_timeout=60).run()
     assert not at.exception
     assert at.selectbox(key="dataset").value.startswith("waiting")
     at.text_input(key="reviewer").set_value("alice").run()
