@@ -135,6 +135,10 @@ class StepRun:
         """Log a batch of metrics in one call."""
         _log_batch(self.run_id, metrics=metrics, step=step)
 
+    def log(self, metrics: dict[str, float], tags: dict[str, Any]) -> None:
+        """Log metrics and set tags in one call (each MLflow call costs ~10 ms on SQLite)."""
+        _log_batch(self.run_id, metrics=metrics, tags={k: str(v) for k, v in tags.items()})
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Set tags in one call."""
         _log_batch(self.run_id, tags={k: str(v) for k, v in tags.items()})

@@ -147,10 +147,10 @@ def run_step(
 
             manifest = publish(staging, area, name, make_manifest)
             result.ref = manifest.ref()
-            run.log_metrics({**result.metrics, "rows": result.rows, "cost_usd": result.cost.usd,
-                             "seconds": time.perf_counter() - t0})
-            run.set_tags({"nexus.output_uri": manifest.uri, "nexus.output_digest": digest,
-                          "nexus.artifact": f"{name}@v{manifest.version}"})
+            run.log({**result.metrics, "rows": result.rows, "cost_usd": result.cost.usd,
+                     "seconds": time.perf_counter() - t0},
+                    {"nexus.output_uri": manifest.uri, "nexus.output_digest": digest,
+                     "nexus.artifact": f"{name}@v{manifest.version}"})
             run.log_file(Path(manifest.uri) / "manifest.json")
     except BaseException as exc:
         remove_tree(staging)
