@@ -7,11 +7,14 @@ A local OpenAI-compatible stub answers every request after a fixed latency and s
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 os.environ.setdefault("NEXUS_HOME", tempfile.mkdtemp(prefix="nexus-bench-"))
 from nexus_core.settings import configure_environment  # noqa: E402
@@ -19,11 +22,8 @@ from nexus_core.settings import configure_environment  # noqa: E402
 configure_environment()
 
 
-def main(n: int = 400, latency: float = 0.05, cap: int = 8, n_seq: int = 40) -> None:
-    """Print achieved req/s, the ratio to the server max (target >= 0.8) and to a sequential loop."""
-    import litellm
-
-    from nexus_core.llm_client import LLMClient, LLMConfig, ResponseCache
+def _serve(latency: float, cap: int, urls) -> None:  # noqa: ANN001 - a multiprocessing queue
+    """The stub server, in its own process so its Python work does not share the client's GIL."""
     from tests.support.openai_stub import Reply, StubServer, chat_completion
 
     gate = threading.Semaphore(cap)
@@ -33,9 +33,32 @@ def main(n: int = 400, latency: float = 0.05, cap: int = 8, n_seq: int = 40) -> 
             time.sleep(latency)
         return Reply(body=chat_completion("answer " + str(i)))
 
-    server_max = cap / latency
     with StubServer(handler) as stub:
-        cfg = LLMConfig(model="openai/bench", api_base=stub.url, max_concurrency=cap, cache=False, max_retries=0)
+        urls.put(stub.url)
+        threading.Event().wait()
+
+
+@contextmanager
+def served(latency: float, cap: int) -> Iterator[str]:
+    """Run the stub in a child process; yield its base URL."""
+    urls = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(target=_serve, args=(latency, cap, urls), daemon=True)
+    proc.start()
+    try:
+        yield urls.get(timeout=60)
+    finally:
+        proc.terminate()
+
+
+def main(n: int = 400, latency: float = 0.05, cap: int = 8, n_seq: int = 40) -> None:
+    """Print achieved req/s, the ratio to the server max (target >= 0.8) and to a sequential loop."""
+    import litellm
+
+    from nexus_core.llm_client import LLMClient, LLMConfig, ResponseCache
+
+    server_max = cap / latency
+    with served(latency, cap) as url:
+        cfg = LLMConfig(model="openai/bench", api_base=url, max_concurrency=cap, cache=False, max_retries=0)
         client = LLMClient(cfg, ResponseCache(enabled=False))
         client.map_sync([[{"role": "user", "content": "warm-up"}]])
         batch = [[{"role": "user", "content": f"q{i}"}] for i in range(n)]
@@ -45,7 +68,7 @@ def main(n: int = 400, latency: float = 0.05, cap: int = 8, n_seq: int = 40) -> 
         ok = sum(c.status == "ok" for c in out)
         t0 = time.perf_counter()
         for i in range(n_seq):
-            litellm.completion(model="openai/bench", api_base=stub.url, api_key="x",
+            litellm.completion(model="openai/bench", api_base=url, api_key="x",
                                messages=[{"role": "user", "content": f"s{i}"}])
         seq = n_seq / (time.perf_counter() - t0)
     print(f"server max (cap {cap} / latency {latency * 1000:.0f} ms): {server_max:8.1f} req/s")
@@ -56,4 +79,7 @@ def main(n: int = 400, latency: float = 0.05, cap: int = 8, n_seq: int = 40) -> 
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:2]))
+    # a fast server (client CPU bound), then one with a teacher-like latency at higher concurrency
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 400
+    main(n, latency=0.05, cap=8)
+    main(4 * n, latency=0.5, cap=32, n_seq=4)

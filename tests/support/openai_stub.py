@@ -58,6 +58,9 @@ class StubServer:
         stub = self
 
         class _Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections, as with real servers
+            disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms ACK stall
+
             def log_message(self, *args: Any) -> None:  # keep test output clean
                 pass
 
