@@ -32,6 +32,17 @@ def _pandas(df: pd.DataFrame, rules) -> pd.Series:  # noqa: ANN001
     return ~bad
 
 
+def _word(i: int) -> str:
+    """A distinct letters-only name per row: the near-duplicate fingerprint drops digits, and rows
+    that differ only in a number would all collapse into one."""
+    out = ""
+    while True:
+        i, r = divmod(i, 26)
+        out += chr(97 + r)
+        if not i:
+            return out
+
+
 def main(n: int = 1_000_000) -> None:
     """Print rows/s for both and the ratio."""
     rules, _ = load_rules("configs/distill/filters.yaml")
@@ -39,7 +50,8 @@ def main(n: int = 1_000_000) -> None:
     texts, tpl = [], []
     for i in range(n):
         kind = kinds[i % 2]
-        base = good_answer(kind, f"system {i}") if i % 3 else weak_answer(WEAK_KINDS[i % 5], kind, f"topic {i}")
+        base = good_answer(kind, f"system {_word(i)}") if i % 3 else weak_answer(WEAK_KINDS[i % 5], kind,
+                                                                                f"topic {_word(i)}")
         texts.append(base)
         tpl.append(kind)
     pdf = pd.DataFrame({"template_name": tpl, "response": texts})
