@@ -1,0 +1,101 @@
+"""Teacher collection memory: peak RSS of the collect step as the input grows 4x.
+
+Each size runs in a fresh process: a teacher-inputs table of N rows → ``run_teacher_collect`` (the
+real step: pyarrow batches in, ParquetWriter out, async litellm client) against a local
+OpenAI-compatible server in its own process answering 8 KB per row. If rows were held in memory,
+4x the rows would add about 3x more memory; batching keeps the growth flat.
+
+    python -m bench.distill_collect_memory [ROWS]   (default 1000, then 4x)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ANSWER = "We measure respiration in randomised plots and compare drought cycles. " * 110  # ~8 KB
+
+
+def _serve(urls) -> None:  # noqa: ANN001 - a multiprocessing queue
+    from tests.support.openai_stub import Reply, StubServer, chat_completion
+
+    with StubServer(lambda body, i: Reply(body=chat_completion(ANSWER))) as stub:
+        urls.put(stub.url)
+        threading.Event().wait()
+
+
+def child(rows: int, url: str) -> None:
+    """Run the collect step on ``rows`` rows; print the peak RSS growth in MB as JSON."""
+    tmp = Path(tempfile.mkdtemp(prefix="nexus-mem-"))
+    os.environ.update(NEXUS_HOME=str(tmp / "home"), NEXUS_DATA=str(tmp / "data"))
+    from nexus_core.settings import configure_environment
+
+    configure_environment()
+    import polars as pl
+
+    from nexus_core.artifacts import raw_ref
+    from nexus_core.distill_lib import TeacherConfig
+    from nexus_core.steps.distill.collect import CollectConfig, run_teacher_collect
+
+    inputs = tmp / "inputs"
+    inputs.mkdir()
+    pl.DataFrame({"row_id": [f"r{i}" for i in range(rows)], "domain": ["ecology"] * rows,
+                  "template_name": ["hypothesis"] * rows, "template_hash": ["h"] * rows,
+                  "system_prompt": ["You are a scientist."] * rows,
+                  "user_prompt": [f"Question {i} about soil." for i in range(rows)]}).write_parquet(inputs / "data.parquet")
+    cfg = CollectConfig(batch_size=256, teacher=TeacherConfig(model="openai/bench", api_base=url, cache=False,
+                                                              max_concurrency=16, max_retries=0))
+    warm = tmp / "warm"
+    warm.mkdir()
+    small = tmp / "small"
+    small.mkdir()
+    pl.read_parquet(inputs / "data.parquet").head(32).write_parquet(small / "data.parquet")
+    run_teacher_collect(cfg, inputs={"teacher_inputs": raw_ref(small)}, out_uri=str(warm))  # imports, pools
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = tmp / "out"
+    out.mkdir()
+    t0 = time.perf_counter()
+    res = run_teacher_collect(cfg, inputs={"teacher_inputs": raw_ref(inputs)}, out_uri=str(out))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"rows": rows, "ok": res.ok, "growth_mb": peak - base, "peak_mb": peak,
+                      "seconds": time.perf_counter() - t0,
+                      "output_mb": (out / "data.parquet").stat().st_size / 2**20}))
+
+
+def main(rows: int = 1000) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    urls = ctx.Queue()
+    server = ctx.Process(target=_serve, args=(urls,), daemon=True)
+    server.start()
+    try:
+        url = urls.get(timeout=60)
+        results = []
+        for n in (rows, 4 * rows):
+            out = subprocess.run([sys.executable, "-m", "bench.distill_collect_memory", "--child", str(n), url],
+                                 capture_output=True, text=True, check=True)
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    finally:
+        server.terminate()
+    for r in results:
+        print(f"{r['rows']:>6} rows ({r['ok']} ok, {r['output_mb']:.1f} MB of responses written): "
+              f"peak RSS {r['peak_mb']:.0f} MB, grew {r['growth_mb']:.1f} MB during the step ({r['seconds']:.0f} s)")
+    a, b = results
+    held = (b["rows"] - a["rows"]) * len(ANSWER) / 2**20
+    print(f"4x the rows: growth {b['growth_mb']:.1f} MB vs {a['growth_mb']:.1f} MB "
+          f"(holding every response would add ~{held:.0f} MB more)")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        child(int(sys.argv[2]), sys.argv[3])
+    else:
+        main(*(int(a) for a in sys.argv[1:2]))
