@@ -25,7 +25,8 @@ st.dataframe(sets.drop("uri"), hide_index=True, width="stretch")
 names = [f"{r['area']}/{r['name']}" for r in sets.iter_rows(named=True)]
 # Open on the first table rather than a model: that is what people come here to look at.
 first_table = next((i for i, r in enumerate(sets.iter_rows(named=True)) if r["kind"] != "model"), 0)
-choice = st.selectbox("Dataset", names, index=first_table)
+wanted = st.query_params.get("dataset")  # deep link: /data?dataset=area/name
+choice = st.selectbox("Dataset", names, index=names.index(wanted) if wanted in names else first_table)
 area, name = choice.split("/", 1)
 vers: pl.DataFrame = load("versions", area, name)
 version = st.selectbox("Version", vers["version"].to_list(), format_func=lambda v: f"v{v}")

@@ -124,7 +124,7 @@ def test_data_page_renders_in_headless_chromium(served_app, tmp_path):
             if "Leaderboard" in browser.text():
                 break
             time.sleep(0.5)
-        browser.call("Page.navigate", url=f"{served_app}/data")
+        browser.call("Page.navigate", url=f"{served_app}/data?dataset=dash/dash_collected")
         text = ""
         for _ in range(240):
             text = browser.text()
@@ -132,9 +132,10 @@ def test_data_page_renders_in_headless_chromium(served_app, tmp_path):
                 break
             time.sleep(0.5)
         # The page's own text, rendered by the browser from the websocket, not the static shell (tables are
-        # drawn on a canvas, so we look for headings). The store is the test session's, so which dataset the
-        # page selects first depends on what other tests wrote: assert on sections every dataset gets.
-        assert "Schema" in text and "Rejections by reason" in text and "Row history" in text and "Review queue" in text, \
+        # drawn on a canvas, so we look for headings and the deep-linked dataset's subheader; the store is the
+        # test session's, shared with other tests, hence the explicit ?dataset=).
+        assert "dash_collected@v1" in text and "Rejections by reason" in text and "Row history" in text \
+            and "Review queue" in text, \
             text.replace("\n\n", " | ")[-3000:]
         assert "Traceback" not in text and "Error" not in text.split("Schema")[0], text
         time.sleep(1.0)  # let the charts finish drawing
