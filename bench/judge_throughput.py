@@ -31,7 +31,7 @@ def run(url: str, rows: int, concurrency: int) -> tuple[float, int]:
     """(seconds, ok verdicts) for judging ``rows`` items at ``concurrency``."""
     rubric = load_rubric("configs/eval/rubric.json")
     items = [{"question": f"q{i}", "answer": f"answer {i}", "reference": "ref"} for i in range(rows)]
-    settings = JudgeSettings(model="openai/judge", api_base=url, concurrency=concurrency, cache=False,
+    settings = JudgeSettings(model="openai/judge", api_base=url, max_concurrency=concurrency, cache=False,
                              max_retries=0, timeout_s=30)
     t0 = time.perf_counter()
     out = judge_llm(items, rubric, settings)

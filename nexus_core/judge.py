@@ -191,27 +191,15 @@ def heuristic_verdict(answer: str | None, reference: str | None, rubric: Rubric)
 # ---------------------------------------------------------------- LLM judge
 
 
-class JudgeSettings(NexusModel):
-    """How to reach an LLM judge (through nexus_core.llm_client, i.e. litellm)."""
+class JudgeSettings(LLMConfig):
+    """How to reach an LLM judge: an llm_client config (litellm) with a judge's defaults."""
 
     model: str = Field("openai/judge", description="litellm model name, e.g. openai/<served name>")
-    api_base: str | None = Field(None, description="OpenAI-compatible base URL ending in /v1 (None: provider default)")
-    api_key_env: str | None = Field(None, description="Env var holding the API key (never the key itself)")
-    concurrency: int = Field(8, ge=1, description="Requests in flight at once")
-    rpm: float | None = Field(None, gt=0, description="Requests per minute limit; null for none")
     max_retries: int = Field(3, ge=0, description="Retries per request on connection errors, 429, 5xx, bad bodies")
     backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each retry (Retry-After wins)")
-    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout")
+    max_backoff_s: float = Field(30.0, ge=0, description="Longest single wait between retries")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of the judge")
     max_tokens: int = Field(256, ge=16, description="Longest verdict the judge may write")
-    cache: bool = Field(True, description="Reuse cached verdicts for identical requests (llm_client cache)")
-
-    def llm_config(self) -> LLMConfig:
-        """The llm_client config these settings describe."""
-        return LLMConfig(model=self.model, api_base=self.api_base, api_key_env=self.api_key_env,
-                         max_concurrency=self.concurrency, rpm=self.rpm, timeout_s=self.timeout_s,
-                         max_retries=self.max_retries, backoff_s=self.backoff_s, max_backoff_s=30.0,
-                         temperature=self.temperature, max_tokens=self.max_tokens, cache=self.cache)
 
 
 class JudgeUnreachable(StepError):
@@ -243,7 +231,7 @@ def judge_llm(items: list[dict[str, Any]], rubric: Rubric, settings: JudgeSettin
     """
     from nexus_core.llm_client import LLMClient, run_async
 
-    client = LLMClient(settings.llm_config())
+    client = LLMClient(settings)
     try:
         batch = [judge_messages(rubric, it["question"], it["answer"], it.get("reference")) for it in items]
         done = run_async(client.map(batch))
