@@ -37,5 +37,6 @@ def print_result(result: Any) -> None:
     print(f"Prefect flow run {result.flow_run_id}")
     print("Look at it:")
     print(f"  mlflow ui --backend-store-uri {mlflow_uri()}      # http://127.0.0.1:5000")
+    print("  streamlit run dashboards/app.py                    # review, data, training, leaderboard, costs, lineage")
     print("  make up                                            # Prefect UI :4200, MLflow :5000, Streamlit :8501")
     print(f"  nexus data ls                                      # datasets and versions (state in {nexus_home()})")
