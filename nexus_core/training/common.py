@@ -12,14 +12,16 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import Field, model_validator
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_text
 from nexus_core.config import NexusModel, config_hash
+from nexus_core.costs import Cost
 from nexus_core.errors import InputError, StepError
+from nexus_core.runner import StepResult
 from nexus_core.settings import nexus_home
 
 COMPLETE_MARKER = ".nexus_complete"
@@ -314,3 +316,18 @@ def peak_memory_mb() -> float:
 def is_main_process() -> bool:
     """Rank 0 (or not distributed)."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+class TrainResult(StepResult):
+    """What every training stage returns: steps run, where it resumed, metrics, GPU time."""
+
+    method: str = Field(description="Stage method (sft, cpt, dpo, ...)")
+    steps: int = Field(0, description="Optimizer steps at the end (global_step)")
+    resumed_from_step: int = Field(0, description="Checkpoint step resumed from (0: a fresh start)")
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, float], **extra: Any) -> Self:
+        """Build the result from fit()'s metrics (GPU seconds go to ``cost`` for the ledger)."""
+        return cls(steps=int(metrics["global_step"]), resumed_from_step=int(metrics["resumed_from_step"]),
+                   metrics=metrics, cost=Cost(gpu_seconds=metrics.get("gpu_seconds", 0.0)), **extra)
+

@@ -225,10 +225,18 @@ def fit(trainer, cfg: StageBase, run_id: str | None = None) -> dict[str, float]:
         "train_loss": float(out.training_loss), "final_loss": float(losses[-1]) if losses else float("nan"),
         "global_step": float(state.global_step), "resumed_from_step": float(resumed_from),
         "train_seconds": seconds, "tokens_seen": float(tokens),
+        # what the cost ledger prices: wall time on every GPU of the run (0 on CPU)
+        "gpu_seconds": seconds * trainer.args.world_size if _on_cuda() else 0.0,
         "tokens_per_s": tokens / seconds if seconds and tokens else 0.0,
         "peak_memory_mb": peak_memory_mb(), "pauses": float(controller.pauses),
         "emergency_saves": float(controller.emergency_saves), "thermal_pauses": float(controller.thermal_pauses),
     }
+
+
+def _on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def train_and_save(trainer, cfg: StageBase, run_id: str | None, base: Path, out_uri: str,  # noqa: ANN001

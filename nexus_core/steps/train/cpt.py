@@ -17,9 +17,9 @@ from pydantic import Field
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
 from nexus_core.errors import InputError
-from nexus_core.runner import StepResult
 from nexus_core.training.common import (
     StageBase,
+    TrainResult,
     is_main_process,
     load_model,
     load_tokenizer,
@@ -52,12 +52,10 @@ class CPTConfig(StageBase):
     rope_scaling: RopeScaling | None = Field(None, description="RoPE scaling for long context, or none")
 
 
-class CPTResult(StepResult):
+class CPTResult(TrainResult):
     """A continued-pretrained model."""
 
     method: str = "cpt"
-    steps: int = 0
-    resumed_from_step: int = 0
     streamed: bool = False
     context_length: int = 0
 
@@ -90,8 +88,7 @@ def run_cpt(cfg: CPTConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> 
             raise InputError(f"{where}: method 'cpt' needs column {cfg.text_column!r}; has: {', '.join(df.columns)}")
     preflight(cfg, problems)
     m = run_stage(_train, cfg, inputs, out_uri, "cpt")
-    return CPTResult(steps=int(m["global_step"]), resumed_from_step=int(m["resumed_from_step"]),
-                     streamed=bool(m["streamed"]), context_length=int(m["context_length"]), metrics=m)
+    return CPTResult.from_metrics(m, streamed=bool(m["streamed"]), context_length=int(m["context_length"]))
 
 
 def _stream(path: Path):  # noqa: ANN202 - datasets.IterableDataset

@@ -11,9 +11,9 @@ from typing import Literal
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.runner import StepResult
 from nexus_core.training.common import (
     StageBase,
+    TrainResult,
     load_model,
     load_tokenizer,
     model_dir,
@@ -36,12 +36,10 @@ class DPOConfig(StageBase):
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate")
 
 
-class DPOResult(StepResult):
+class DPOResult(TrainResult):
     """A preference-tuned model."""
 
     method: str = "dpo"
-    steps: int = 0
-    resumed_from_step: int = 0
 
 
 def run_dpo(cfg: DPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> DPOResult:
@@ -51,7 +49,7 @@ def run_dpo(cfg: DPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> 
     layout(df, "preference", where, "dpo")
     preflight(cfg)
     m = run_stage(_train, cfg, inputs, out_uri, "dpo")
-    return DPOResult(steps=int(m["global_step"]), resumed_from_step=int(m["resumed_from_step"]), metrics=m)
+    return DPOResult.from_metrics(m)
 
 
 def _train(cfg: DPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:

@@ -14,9 +14,9 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.errors import InputError
-from nexus_core.runner import StepResult
 from nexus_core.training.common import (
     StageBase,
+    TrainResult,
     load_model,
     load_tokenizer,
     model_dir,
@@ -47,12 +47,10 @@ class GRPOConfig(StageBase):
     learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate")
 
 
-class GRPOResult(StepResult):
+class GRPOResult(TrainResult):
     """A policy trained with GRPO."""
 
     method: str = "grpo"
-    steps: int = 0
-    resumed_from_step: int = 0
     reward_mean: float = 0.0
 
 
@@ -76,8 +74,7 @@ def run_grpo(cfg: GRPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -
                         f"num_generations ({cfg.num_generations})")
     preflight(cfg, problems)
     m = run_stage(_train, cfg, inputs, out_uri, "grpo")
-    return GRPOResult(steps=int(m["global_step"]), resumed_from_step=int(m["resumed_from_step"]),
-                      reward_mean=m.get("reward_mean", 0.0), metrics=m)
+    return GRPOResult.from_metrics(m, reward_mean=m.get("reward_mean", 0.0))
 
 
 def _train(cfg: GRPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:

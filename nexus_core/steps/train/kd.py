@@ -22,9 +22,9 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.errors import InputError
-from nexus_core.runner import StepResult
 from nexus_core.training.common import (
     StageBase,
+    TrainResult,
     load_model,
     load_tokenizer,
     model_dir,
@@ -52,12 +52,10 @@ class KDConfig(StageBase):
     chat: bool = Field(True, description="Render prompts with the chat template")
 
 
-class KDResult(StepResult):
+class KDResult(TrainResult):
     """A distilled student."""
 
     method: str = "kd"
-    steps: int = 0
-    resumed_from_step: int = 0
 
 
 def _column(df, names: tuple[str, ...], where: str, what: str) -> str:  # noqa: ANN001
@@ -132,7 +130,7 @@ def run_kd(cfg: KDConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> KD
     check_tokenizers(cfg, inputs, rows, where)
     preflight(cfg)
     m = run_stage(_train, cfg, inputs, out_uri, "kd")
-    return KDResult(steps=int(m["global_step"]), resumed_from_step=int(m["resumed_from_step"]), metrics=m)
+    return KDResult.from_metrics(m)
 
 
 def encode(cfg: KDConfig, row: dict[str, Any], tokenizer, tmap: dict[str, int] | None) -> dict[str, Any]:  # noqa: ANN001

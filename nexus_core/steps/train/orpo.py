@@ -12,9 +12,9 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.errors import InputError
-from nexus_core.runner import StepResult
 from nexus_core.training.common import (
     StageBase,
+    TrainResult,
     load_model,
     load_tokenizer,
     model_dir,
@@ -36,12 +36,10 @@ class ORPOConfig(StageBase):
     learning_rate: float = Field(8e-5, gt=0, description="Peak learning rate")
 
 
-class ORPOResult(StepResult):
+class ORPOResult(TrainResult):
     """A preference-tuned model."""
 
     method: str = "orpo"
-    steps: int = 0
-    resumed_from_step: int = 0
 
 
 def run_orpo(cfg: ORPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> ORPOResult:
@@ -53,7 +51,7 @@ def run_orpo(cfg: ORPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -
         raise InputError(f"{where}: method 'orpo' needs column prompt (or input) besides chosen/rejected")
     preflight(cfg)
     m = run_stage(_train, cfg, inputs, out_uri, "orpo")
-    return ORPOResult(steps=int(m["global_step"]), resumed_from_step=int(m["resumed_from_step"]), metrics=m)
+    return ORPOResult.from_metrics(m)
 
 
 def _train(cfg: ORPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:

@@ -11,9 +11,9 @@ from typing import Literal
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.runner import StepResult
 from nexus_core.training.common import (
     StageBase,
+    TrainResult,
     load_model,
     load_tokenizer,
     model_dir,
@@ -35,12 +35,10 @@ class RewardConfig(StageBase):
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate")
 
 
-class RewardResult(StepResult):
+class RewardResult(TrainResult):
     """A reward model (AutoModelForSequenceClassification, one label)."""
 
     method: str = "reward"
-    steps: int = 0
-    resumed_from_step: int = 0
 
 
 def run_reward(cfg: RewardConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> RewardResult:
@@ -50,7 +48,7 @@ def run_reward(cfg: RewardConfig, *, inputs: dict[str, ArtifactRef], out_uri: st
     layout(df, "preference", where, "reward")
     preflight(cfg)
     m = run_stage(_train, cfg, inputs, out_uri, "reward")
-    return RewardResult(steps=int(m["global_step"]), resumed_from_step=int(m["resumed_from_step"]), metrics=m)
+    return RewardResult.from_metrics(m)
 
 
 def _train(cfg: RewardConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:

@@ -13,10 +13,9 @@ from typing import Literal
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.costs import Cost
-from nexus_core.runner import StepResult
 from nexus_core.training.common import (
     StageBase,
+    TrainResult,
     load_model,
     load_tokenizer,
     model_dir,
@@ -44,12 +43,10 @@ class SFTConfig(StageBase):
                                                          "(needs {% generation %} in the chat template)")
 
 
-class SFTResult(StepResult):
+class SFTResult(TrainResult):
     """A fine-tuned model."""
 
     method: str = "sft"
-    steps: int = 0
-    resumed_from_step: int = 0
     trainable_params: int = 0
     total_params: int = 0
 
@@ -61,9 +58,7 @@ def run_sft(cfg: SFTConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> 
     layout(df, "sft", where, "sft")
     preflight(cfg)
     m = run_stage(_train, cfg, inputs, out_uri, "sft")
-    return SFTResult(steps=int(m["global_step"]), resumed_from_step=int(m["resumed_from_step"]),
-                     trainable_params=int(m["trainable_params"]), total_params=int(m["total_params"]),
-                     metrics=m, cost=Cost(gpu_seconds=m.get("gpu_seconds", 0.0)))
+    return SFTResult.from_metrics(m, trainable_params=int(m["trainable_params"]), total_params=int(m["total_params"]))
 
 
 def build_trainer(cfg: SFTConfig, inputs: dict[str, ArtifactRef], output_dir: Path):  # noqa: ANN201
