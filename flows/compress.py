@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
-from prefect.runtime import flow_run
 from pydantic import Field, model_validator
 
 from flows.common import flow_lineage, main
@@ -137,14 +136,7 @@ def compress(cfg: CompressConfig, model: ArtifactRef | None = None,
             rel = steps["release"] = release(cfg.release, bench.ref, {"base": model, **variants},
                                              name=f"{cfg.name}_release")
             summary["released"] = {"variant": rel.chosen, "registry": f"{rel.registry_name}/{rel.registry_version}"}
-    return FlowResult(
-        flow="compress",
-        artifacts={"model": model, **variants, **{k: r.ref for k, r in steps.items()}},
-        reused=[k for k, r in steps.items() if r.reused],
-        flow_run_id=flow_run.get_id(),
-        mlflow_run_id=mlflow_run_id,
-        summary=summary,
-    )
+    return FlowResult.from_steps("compress", steps, mlflow_run_id, summary, extra={"model": model, **variants})
 
 
 if __name__ == "__main__":

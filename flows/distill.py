@@ -91,18 +91,12 @@ def distill(cfg: DistillConfig, sources: dict[str, ArtifactRef] | None = None) -
         sft = sft_package(cfg.package, regenerated.ref, name=f"{n}_sft")
         steps = {"teacher_inputs": inputs, "collected": collected, "filtered": filtered, "reviewed": reviewed,
                  "regenerated": regenerated, "sft": sft}
-    return FlowResult(
-        flow="distill",
-        artifacts={k: r.ref for k, r in steps.items()},
-        reused=[k for k, r in steps.items() if r.reused],
-        flow_run_id=flow_run.get_id(),
-        mlflow_run_id=mlflow_run_id,
-        summary={"collected_ok": collected.ok, "collected_failed": collected.failed,
-                 "offline_misses": len(collected.offline_misses), "filter_kept": filtered.kept,
-                 "gates_passed": filtered.gates_passed, "review_accepted": reviewed.accepted,
-                 "regenerated_rescued": regenerated.rescued, "sft_rows": sft.rows,
-                 "teacher_usd": round(collected.cost.usd + regenerated.cost.usd, 6)},
-    )
+    summary = {"collected_ok": collected.ok, "collected_failed": collected.failed,
+               "offline_misses": len(collected.offline_misses), "filter_kept": filtered.kept,
+               "gates_passed": filtered.gates_passed, "review_accepted": reviewed.accepted,
+               "regenerated_rescued": regenerated.rescued, "sft_rows": sft.rows,
+               "teacher_usd": round(collected.cost.usd + regenerated.cost.usd, 6)}
+    return FlowResult.from_steps("distill", steps, mlflow_run_id, summary)
 
 
 if __name__ == "__main__":

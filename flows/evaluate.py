@@ -10,7 +10,6 @@ preset builds a tiny one on the validation text so the whole flow runs anywhere.
 from __future__ import annotations
 
 from prefect import flow
-from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.common import flow_lineage, main
@@ -91,20 +90,14 @@ def evaluate(cfg: EvaluateConfig, model: ArtifactRef | None = None, dataset: Art
                                                scores.ref, judged.ref, gates.ref, name=cfg.name)
         if cfg.feedback is not None:
             steps["feedback"] = eval_feedback(cfg.feedback, judged.ref, name=cfg.name)
-    return FlowResult(
-        flow="evaluate",
-        artifacts={k: r.ref for k, r in steps.items()},
-        reused=[k for k, r in steps.items() if r.reused],
-        flow_run_id=flow_run.get_id(),
-        mlflow_run_id=mlflow_run_id,
-        summary={
-            "gate_passed": gates.passed, "failed_gates": gates.failed_gates, "gate_values": gates.values,
-            "run_id": run_id, "judge": judged.label, "judge_kind": judged.judge_kind,
-            "score": report.score, "metrics": scores.values,
-            "report": f"{report.ref.uri}/{report.report_file}",
-            "feedback_samples": steps["feedback"].failed_samples if "feedback" in steps else 0,
-        },
-    )
+    summary = {
+        "gate_passed": gates.passed, "failed_gates": gates.failed_gates, "gate_values": gates.values,
+        "run_id": run_id, "judge": judged.label, "judge_kind": judged.judge_kind,
+        "score": report.score, "metrics": scores.values,
+        "report": f"{report.ref.uri}/{report.report_file}",
+        "feedback_samples": steps["feedback"].failed_samples if "feedback" in steps else 0,
+    }
+    return FlowResult.from_steps("evaluate", steps, mlflow_run_id, summary)
 
 
 if __name__ == "__main__":

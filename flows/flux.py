@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 from prefect import flow
-from prefect.runtime import flow_run
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -102,15 +101,9 @@ def flux(cfg: FluxConfig) -> FlowResult:
             latents, pipe_ref, name=f"{cfg.name}_transformer")
         exported = export_outputs(steps["train"].ref.uri, cfg.output_dir) if cfg.output_dir else []
     train = steps["train"]
-    return FlowResult(
-        flow="flux",
-        artifacts={k: r.ref for k, r in steps.items()},
-        reused=[k for k, r in steps.items() if r.reused],
-        flow_run_id=flow_run.get_id(),
-        mlflow_run_id=mlflow_run_id,
-        summary={"global_step": train.global_step, "final_loss": train.final_loss, "weights": train.weights,
-                 "validation_images": len(train.validation_images), "exported": exported},
-    )
+    summary = {"global_step": train.global_step, "final_loss": train.final_loss, "weights": train.weights,
+               "validation_images": len(train.validation_images), "exported": exported}
+    return FlowResult.from_steps("flux", steps, mlflow_run_id, summary)
 
 
 if __name__ == "__main__":

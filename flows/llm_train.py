@@ -169,16 +169,10 @@ def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
             if cfg.register_models:
                 reg_name = f"{cfg.registry_prefix}-{cfg.name}-{s.name}"
                 registered[s.name] = f"{reg_name}/{train_register(r.ref, reg_name, s.name, flow_run.get_id())}"
-    return FlowResult(
-        flow="llm_train",
-        artifacts={k: r.ref for k, r in steps.items()},
-        reused=[k for k, r in steps.items() if r.reused],
-        flow_run_id=flow_run.get_id(),
-        mlflow_run_id=mlflow_run_id,
-        summary={"final_model": current.uri, "registered": registered,
-                 "losses": {k: round(r.metrics.get("final_loss", float("nan")), 4)
-                            for k, r in steps.items() if k not in ("ingest", "base_model")}},
-    )
+    losses = {k: round(r.metrics.get("final_loss", float("nan")), 4)
+              for k, r in steps.items() if k not in ("ingest", "base_model")}
+    summary = {"final_model": current.uri, "registered": registered, "losses": losses}
+    return FlowResult.from_steps("llm_train", steps, mlflow_run_id, summary)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,19 @@ class FlowResult(BaseModel):
     mlflow_run_id: str | None = None
     summary: dict[str, Any] = {}
 
+    @classmethod
+    def from_steps(cls, flow: str, steps: dict[str, Any], mlflow_run_id: str | None, summary: dict[str, Any],
+                   extra: dict[str, ArtifactRef] | None = None) -> FlowResult:
+        """The result of a flow whose step results (``.ref``, ``.reused``) are ``steps``, in order.
+
+        ``extra`` adds refs the flow was given or made without a step (listed first).
+        """
+        from prefect.runtime import flow_run
+
+        return cls(flow=flow, artifacts={**(extra or {}), **{k: r.ref for k, r in steps.items()}},
+                   reused=[k for k, r in steps.items() if r.reused], flow_run_id=flow_run.get_id(),
+                   mlflow_run_id=mlflow_run_id, summary=summary)
+
 
 def print_result(result: Any) -> None:
     """Print the manifests a flow produced and how to open the UIs."""
