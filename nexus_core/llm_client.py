@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import sqlite3
@@ -208,20 +209,62 @@ def _content_of(response: dict[str, Any]) -> tuple[str, list[dict[str, Any]] | N
     return content, content_lp or None
 
 
+class Limits:
+    """Money spent and the next free rate-limit slot: what the cost cap and ``rpm`` are checked against.
+
+    One client owns a private one. Clients in several worker processes share one made with
+    ``shared=True`` (values in shared memory), so the cap and the rate hold for the whole pool.
+    ``time.monotonic`` is system-wide on Linux, so slots compare across processes.
+    """
+
+    def __init__(self, shared: bool = False):
+        ctx = multiprocessing.get_context("spawn")
+        self._lock = ctx.Lock() if shared else threading.Lock()
+        self._spent = ctx.RawValue("d", 0.0) if shared else _Box()
+        self._slot = ctx.RawValue("d", 0.0) if shared else _Box()
+
+    @property
+    def spent_usd(self) -> float:
+        """USD paid for fresh (non-cached) calls so far."""
+        return self._spent.value
+
+    def add(self, usd: float) -> None:
+        """Record money paid."""
+        with self._lock:
+            self._spent.value += usd
+
+    def take_slot(self, interval: float) -> float:
+        """Reserve the next send time ``interval`` seconds after the last one; returns its monotonic time."""
+        with self._lock:
+            slot = max(time.monotonic(), self._slot.value)
+            self._slot.value = slot + interval
+        return slot
+
+
+@dataclass
+class _Box:
+    value: float = 0.0
+
+
 class LLMClient:
     """Async chat completions with the guarantees listed in the module docstring.
 
-    ``spent_usd`` counts only fresh (non-cached) calls: money actually paid in this client's life.
+    ``spent_usd`` counts only fresh (non-cached) calls: money actually paid, by this client or by
+    every client sharing its :class:`Limits`.
     """
 
-    def __init__(self, cfg: LLMConfig, cache: ResponseCache | None = None):
+    def __init__(self, cfg: LLMConfig, cache: ResponseCache | None = None, limits: Limits | None = None):
         self.cfg = cfg
         self.cache = cache or ResponseCache(recorded=cfg.recorded_cache, enabled=cfg.cache)
-        self.spent_usd = 0.0
+        self.limits = limits or Limits()
         self.stopped_for_cost = False
-        self._next_slot = 0.0
         self._sem: asyncio.Semaphore | None = None
-        self._rate_lock: asyncio.Lock | None = None
+        self._sem_loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def spent_usd(self) -> float:
+        """USD paid for fresh calls (see :class:`Limits`)."""
+        return self.limits.spent_usd
 
     def _api_key(self) -> str | None:
         if self.cfg.api_key_env:
@@ -232,14 +275,9 @@ class LLMClient:
     async def _wait_rate(self) -> None:
         if not self.cfg.rpm:
             return
-        assert self._rate_lock is not None
-        interval = 60.0 / self.cfg.rpm
-        async with self._rate_lock:
-            now = time.monotonic()
-            slot = max(now, self._next_slot)
-            self._next_slot = slot + interval
-        if slot > now:
-            await asyncio.sleep(slot - now)
+        wait = self.limits.take_slot(60.0 / self.cfg.rpm) - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     def _cost(self, response: Any) -> float:
         import litellm
@@ -265,16 +303,19 @@ class LLMClient:
         if cfg.offline:
             return Completion(key=key, status="failed", model=cfg.model,
                               error=f"offline: no cached response for key {key[:16]}")
-        if self._sem is None:
-            self._sem, self._rate_lock = asyncio.Semaphore(cfg.max_concurrency), asyncio.Lock()
-        if cfg.max_cost_usd is not None and self.spent_usd >= cfg.max_cost_usd:
-            self.stopped_for_cost = True
-            return Completion(key=key, status="skipped", model=cfg.model,
-                              error=f"cost cap reached ({self.spent_usd:.4f} >= {cfg.max_cost_usd} USD)")
+        loop = asyncio.get_running_loop()
+        if self._sem is None or self._sem_loop is not loop:  # map_sync runs each call in a fresh loop
+            self._sem, self._sem_loop = asyncio.Semaphore(cfg.max_concurrency), loop
         import litellm
 
         last_error, attempt, waits = "", 0, []
         async with self._sem:
+            # Checked once a slot is free, not on arrival: a whole batch arrives at once, before
+            # anything is spent, so a check on arrival would let the full batch past the cap.
+            if cfg.max_cost_usd is not None and self.spent_usd >= cfg.max_cost_usd:
+                self.stopped_for_cost = True
+                return Completion(key=key, status="skipped", model=cfg.model,
+                                  error=f"cost cap reached ({self.spent_usd:.4f} >= {cfg.max_cost_usd} USD)")
             for attempt in range(1, cfg.max_retries + 2):
                 await self._wait_rate()
                 t0 = time.perf_counter()
@@ -287,7 +328,7 @@ class LLMClient:
                     _content_of(response)  # malformed bodies are retried like transient errors
                     cost = self._cost(raw)
                     response["_nexus_cost_usd"] = cost
-                    self.spent_usd += cost
+                    self.limits.add(cost)
                     self.cache.put(key, cfg.model, response)
                     done = self._completion(key, response, cached=False, latency=latency, attempts=attempt)
                     done.waits = waits
@@ -332,6 +373,10 @@ class LLMClient:
             return result
 
         return list(await asyncio.gather(*(one(i, m) for i, m in enumerate(batch))))
+
+    def close(self) -> None:
+        """Close the response cache."""
+        self.cache.close()
 
     def map_sync(self, batch: list[list[dict[str, Any]]]) -> list[Completion]:
         """:meth:`map` from synchronous code (runs its own event loop; safe inside a Prefect task thread)."""

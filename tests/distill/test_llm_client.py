@@ -117,3 +117,13 @@ def test_real_server_hosting_tiny_model(tmp_path, data_root):
     assert [c.status for c in out] == ["ok", "ok"], [c.error for c in out]
     assert out[0].completion_tokens > 0 and out[0].prompt_tokens > 0
     assert out[0].logprobs and "top_logprobs" in out[0].logprobs[0]
+
+
+def test_map_sync_again_in_a_new_event_loop(tmp_path):
+    # Regeneration calls map_sync once per round; each call runs its own loop, and a semaphore
+    # contended in the first loop used to fail in the second ("bound to a different event loop").
+    with StubServer() as stub:
+        client = _client(stub.url, tmp_path, max_concurrency=2)
+        rounds = [client.map_sync([[{"role": "user", "content": f"round {r} q{i}"}] for i in range(6)])
+                  for r in range(2)]
+    assert [c.status for out in rounds for c in out] == ["ok"] * 12

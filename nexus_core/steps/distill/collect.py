@@ -4,11 +4,12 @@ Rows stream through in batches (read with pyarrow, written with a ParquetWriter)
 flat as the input grows. Every response is committed to the response cache as it arrives, so a
 killed run resumes with no duplicate and no lost row, and a re-run asks only for rows that are
 missing or failed. A row that still fails after retries is kept with ``status`` and ``error``.
+With ``teacher.processes > 1`` each batch is split over worker processes (``nexus_core/llm_pool.py``)
+that share the cost cap, the rate limit and the response cache.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from pathlib import Path
@@ -24,6 +25,7 @@ from nexus_core.config import NexusModel
 from nexus_core.distill_lib import TeacherConfig
 from nexus_core.errors import InputError
 from nexus_core.llm_client import LLMClient, check_model, run_async
+from nexus_core.llm_pool import ClientPool
 from nexus_core.runner import Cost, StepResult
 
 log = logging.getLogger(__name__)
@@ -67,14 +69,15 @@ def messages_for(row: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-async def _collect(cfg: CollectConfig, src: Path, out: Path, result: CollectResult) -> LLMClient:
-    client = LLMClient(cfg.teacher)
+async def _collect(cfg: CollectConfig, src: Path, out: Path, result: CollectResult) -> float:
+    """Stream ``src`` through the teacher into ``out``; returns the USD paid."""
     pf = pq.ParquetFile(src)
     missing = [c for c in REQUIRED if c not in pf.schema_arrow.names]
     if missing:
         raise InputError(f"{src}: missing column(s) {', '.join(missing)}")
     limit = cfg.teacher.max_samples or pf.metadata.num_rows
     seen = 0
+    client = ClientPool(cfg.teacher, cfg.teacher.processes) if cfg.teacher.processes > 1 else LLMClient(cfg.teacher)
     writer = pq.ParquetWriter(out, SCHEMA, compression="zstd")
     try:
         for batch in pf.iter_batches(batch_size=cfg.batch_size):
@@ -83,7 +86,7 @@ async def _collect(cfg: CollectConfig, src: Path, out: Path, result: CollectResu
                 break
             seen += len(rows)
             requests = [messages_for(r) for r in rows]
-            done = await asyncio.gather(*(client.complete(m) for m in requests))
+            done = await client.map(requests)
             records = []
             for row, req, c in zip(rows, requests, done, strict=True):
                 result.ok += c.status == "ok"
@@ -105,8 +108,8 @@ async def _collect(cfg: CollectConfig, src: Path, out: Path, result: CollectResu
             result.rows = (result.rows or 0) + len(records)
     finally:
         writer.close()
-        client.cache.close()
-    return client
+        client.close()
+    return client.spent_usd
 
 
 def run_teacher_collect(cfg: CollectConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> CollectResult:
@@ -118,8 +121,8 @@ def run_teacher_collect(cfg: CollectConfig, *, inputs: dict[str, ArtifactRef], o
     if not src.is_file():
         raise InputError(f"{src}: file not found")
     result = CollectResult(rows=0)
-    client = run_async(_collect(cfg, src, Path(out_uri) / "data.parquet", result))
-    result.stopped_for_cost = client.stopped_for_cost
+    spent = run_async(_collect(cfg, src, Path(out_uri) / "data.parquet", result))
+    result.stopped_for_cost = result.skipped > 0  # only the cost cap skips a row
     if result.offline_misses:
         log.warning("offline: %d row(s) have no recorded response: %s", len(result.offline_misses),
                     ", ".join(result.offline_misses[:20]))
@@ -131,8 +134,8 @@ def run_teacher_collect(cfg: CollectConfig, *, inputs: dict[str, ArtifactRef], o
     tokens_in = pc.sum(fresh["prompt_tokens"]).as_py() or 0
     tokens_out = pc.sum(fresh["completion_tokens"]).as_py() or 0
     result.columns = {f.name: str(f.type) for f in SCHEMA}
-    result.cost = Cost(usd=client.spent_usd, tokens_in=tokens_in, tokens_out=tokens_out,
+    result.cost = Cost(usd=spent, tokens_in=tokens_in, tokens_out=tokens_out,
                        provider=cfg.teacher.model.split("/")[0], model=cfg.teacher.model)
     result.metrics = {"ok": result.ok, "failed": result.failed, "skipped": result.skipped, "cached": result.cached,
-                      "offline_misses": len(result.offline_misses), "usd_spent": client.spent_usd}
+                      "offline_misses": len(result.offline_misses), "usd_spent": spent}
     return result
