@@ -6,13 +6,16 @@ client on the other side; only the answers are scripted.
     with StubServer(handler) as stub:
         litellm.completion(model="openai/stub", api_base=stub.url, api_key="x", messages=[...])
         stub.requests  # every JSON body received
+        stub.prompts()  # Counter: how many times each user message was asked
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +49,15 @@ def echo_handler(body: dict[str, Any], n: int) -> Reply:
     """Default: answer with the last user message reversed-in-words, well formed."""
     last = body.get("messages", [{}])[-1].get("content", "")
     return Reply(body=chat_completion(f"Answer to: {last}", model=body.get("model", "stub")))
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that went away (killed, timed out) resets its connection: not worth a traceback."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class StubServer:
@@ -99,9 +111,19 @@ class StubServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and went away: expected in timeout tests
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def prompts(self) -> Counter[str]:
+        """How many requests carried each prompt (the last user message's content), so far."""
+        with self._lock:
+            bodies = list(self.requests)
+        out: Counter[str] = Counter()
+        for body in bodies:
+            users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
+            out[users[-1].get("content", "") if users else ""] += 1
+        return out
 
     @property
     def url(self) -> str:
