@@ -1,9 +1,10 @@
-"""Teacher collection memory: peak RSS of the collect step as the input grows 4x.
+"""Teacher collection memory: RSS of the collect step as the input grows 4x, and over the run.
 
 Each size runs in a fresh process: a teacher-inputs table of N rows → ``run_teacher_collect`` (the
 real step: pyarrow batches in, ParquetWriter out, async litellm client) against a local
-OpenAI-compatible server in its own process answering 8 KB per row. If rows were held in memory,
-4x the rows would add about 3x more memory; batching keeps the growth flat.
+OpenAI-compatible server in its own process answering 8 KB per row. A thread samples the process's
+RSS every 0.2 s. If rows were held in memory, RSS would climb through the run and 4x the rows would
+add about 3x more; batching keeps it flat once the first batches have warmed the allocator.
 
     python -m bench.distill_collect_memory [ROWS]   (default 1000, then 4x)
 """
@@ -58,15 +59,32 @@ def child(rows: int, url: str) -> None:
     small.mkdir()
     pl.read_parquet(inputs / "data.parquet").head(32).write_parquet(small / "data.parquet")
     run_teacher_collect(cfg, inputs={"teacher_inputs": raw_ref(small)}, out_uri=str(warm))  # imports, pools
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = _rss_mb()
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            samples.append(_rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     out = tmp / "out"
     out.mkdir()
     t0 = time.perf_counter()
     res = run_teacher_collect(cfg, inputs={"teacher_inputs": raw_ref(inputs)}, out_uri=str(out))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rows": rows, "ok": res.ok, "growth_mb": peak - base, "peak_mb": peak,
-                      "seconds": time.perf_counter() - t0,
+    done.set()
+    sampler.join()
+    # rows go through at a steady rate, so quarters of the run's time are quarters of its rows
+    quarters = [max(samples[len(samples) * q // 4: len(samples) * (q + 1) // 4] or [base]) for q in range(4)]
+    print(json.dumps({"rows": rows, "ok": res.ok, "base_mb": base, "peak_mb": max(samples or [base]),
+                      "quarters_mb": quarters, "seconds": time.perf_counter() - t0,
                       "output_mb": (out / "data.parquet").stat().st_size / 2**20}))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def main(rows: int = 1000) -> None:
@@ -86,11 +104,14 @@ def main(rows: int = 1000) -> None:
     finally:
         server.terminate()
     for r in results:
-        print(f"{r['rows']:>6} rows ({r['ok']} ok, {r['output_mb']:.1f} MB of responses written): "
-              f"peak RSS {r['peak_mb']:.0f} MB, grew {r['growth_mb']:.1f} MB during the step ({r['seconds']:.0f} s)")
+        print(f"{r['rows']:>6} rows ({r['ok']} ok, {r['output_mb']:.1f} MB of responses written, {r['seconds']:.0f} s): "
+              f"RSS {r['base_mb']:.0f} MB before, peak {r['peak_mb']:.0f} MB (+{r['peak_mb'] - r['base_mb']:.1f} MB); "
+              "peak per quarter of the rows: " + " / ".join(f"{q:.0f}" for q in r["quarters_mb"]) + " MB")
     a, b = results
     held = (b["rows"] - a["rows"]) * len(ANSWER) / 2**20
-    print(f"4x the rows: growth {b['growth_mb']:.1f} MB vs {a['growth_mb']:.1f} MB "
+    grow = lambda r: r["peak_mb"] - r["base_mb"]  # noqa: E731
+    print(f"4x the rows: peak growth {grow(b):.1f} MB vs {grow(a):.1f} MB; over the last three quarters of the "
+          f"{b['rows']}-row run RSS moved {max(b['quarters_mb'][1:]) - b['quarters_mb'][0]:+.1f} MB "
           f"(holding every response would add ~{held:.0f} MB more)")
 
 
