@@ -1,5 +1,6 @@
 """The distill flow: raw scientific text → teacher inputs → teacher collection → filters →
-human review (a real pause) → regeneration of rejects → SFT dataset.
+human review (a real pause) → regeneration of rejects → (human mode) a second review of the
+rescued rows → SFT dataset.
 
     nexus run distill configs/distill/tiny.yaml          # offline, recorded teacher, auto review
     nexus run distill configs/distill/scientific.yaml    # a real teacher through litellm
@@ -23,12 +24,14 @@ from nexus_core.steps.distill.collect import CollectConfig
 from nexus_core.steps.distill.filters import FiltersConfig
 from nexus_core.steps.distill.inputs import TeacherInputsConfig
 from nexus_core.steps.distill.package import PackageConfig
+from nexus_core.steps.distill.recheck import RecheckConfig
 from nexus_core.steps.distill.regenerate import RegenerateConfig
 from nexus_core.steps.distill.review import ReviewConfig, ReviewSubmission
 from tasks.distill_collect import teacher_collect
 from tasks.distill_filters import distill_filters
 from tasks.distill_inputs import teacher_inputs
 from tasks.distill_package import sft_package
+from tasks.distill_recheck import recheck_queue
 from tasks.distill_regenerate import regenerate
 from tasks.distill_review import review
 
@@ -88,9 +91,16 @@ def distill(cfg: DistillConfig, sources: dict[str, ArtifactRef] | None = None) -
         reviewed = review(review_gate(cfg.review, filtered.ref), filtered.ref, name=f"{n}_reviewed")
         regen_cfg = cfg.regenerate.model_copy(update={"teacher": cfg.teacher, "rules": cfg.filters.rules})
         regenerated = regenerate(regen_cfg, reviewed.ref, name=f"{n}_regenerated")
-        sft = sft_package(cfg.package, regenerated.ref, name=f"{n}_sft")
+        recheck = {}
+        if cfg.review.mode == "human" and cfg.review.recheck_regenerated and regenerated.rescued:
+            # a second gate: nobody has read the rescued answers yet
+            queue = recheck_queue(RecheckConfig(), regenerated.ref, name=f"{n}_recheck")
+            second = review(review_gate(cfg.review, queue.ref), queue.ref, name=f"{n}_rereviewed")
+            recheck = {"recheck": queue, "rereviewed": second}
+        sft = sft_package(cfg.package, regenerated.ref, rereviewed=recheck["rereviewed"].ref if recheck else None,
+                          name=f"{n}_sft")
         steps = {"teacher_inputs": inputs, "collected": collected, "filtered": filtered, "reviewed": reviewed,
-                 "regenerated": regenerated, "sft": sft}
+                 "regenerated": regenerated, **recheck, "sft": sft}
     summary = {"collected_ok": collected.ok, "collected_failed": collected.failed,
                "offline_misses": len(collected.offline_misses), "filter_kept": filtered.kept,
                "gates_passed": filtered.gates_passed, "review_accepted": reviewed.accepted,

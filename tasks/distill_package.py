@@ -9,7 +9,8 @@ from tasks.common import nexus_task, run_context
 
 
 @nexus_task(run_sft_package, name="distill-package")
-def sft_package(cfg: PackageConfig, regenerated: ArtifactRef, name: str = "sft") -> PackageResult:
-    """Write the SFT dataset ``distill/<name>_vN``."""
-    return run_step(run_sft_package, cfg, area="distill", name=name, inputs={"regenerated": regenerated},
-                    context=run_context())
+def sft_package(cfg: PackageConfig, regenerated: ArtifactRef, rereviewed: ArtifactRef | None = None,
+                name: str = "sft") -> PackageResult:
+    """Write the SFT dataset ``distill/<name>_vN`` (``rereviewed``: the second review of regenerated rows)."""
+    inputs = {"regenerated": regenerated, **({"rereviewed": rereviewed} if rereviewed else {})}
+    return run_step(run_sft_package, cfg, area="distill", name=name, inputs=inputs, context=run_context())

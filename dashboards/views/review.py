@@ -64,6 +64,9 @@ if current is not None:
 with st.expander("Prompt", expanded=False):
     st.text(row.get("system_prompt") or "")
     st.text(row.get("user_prompt") or "")
+if row.get("history_json"):  # a regenerated row on its second review: what was asked and rejected before
+    with st.expander(f"Earlier attempts ({row.get('attempts')})", expanded=False):
+        st.json(json.loads(row["history_json"]))
 st.markdown("**Response**")
 st.text(row.get("response") or "(no response)")
 edited = st.text_area("Edit the response (then press Save edit)", value=row.get("response") or "", key=f"edit-{idx}")

@@ -61,3 +61,58 @@ def test_review_page_resumes_paused_flow(prefect_harness, repo):
     assert review_lib.requests("waiting") == [] or all(r.id != req.id for r in review_lib.requests("waiting"))
     sft = pl.read_parquet(f"{result.artifacts['sft'].uri}/data.parquet")
     assert "An edited answer by the reviewer." in sft["output"].to_list()
+
+
+def test_regenerated_rows_go_back_to_review_before_packaging(prefect_harness, repo):
+    from prefect.flow_runs import resume_flow_run
+
+    cfg = load_flow_config(DistillConfig, str(repo / "configs/distill/tiny.yaml"),
+                           ["name=drecheck", "review.mode=human", "review.poll_interval_s=1", "review.timeout_s=300"])
+    out: dict = {}
+    worker = threading.Thread(target=lambda: out.setdefault("result", distill(cfg)), daemon=True)
+    worker.start()
+
+    def waiting_for(suffix: str):
+        deadline = time.monotonic() + 240
+        while not (reqs := [r for r in review_lib.requests("waiting") if f"drecheck_{suffix}" in r.dataset_uri]):
+            assert worker.is_alive() and time.monotonic() < deadline, f"flow never reached the {suffix} gate"
+            time.sleep(0.5)
+        return reqs[0]
+
+    def submit(req, reviewer: str) -> None:
+        from prefect.client.orchestration import get_client
+
+        deadline = time.monotonic() + 60  # the request is recorded just before the run pauses
+        with get_client(sync_client=True) as client:
+            while not client.read_flow_run(req.flow_run_id).state.is_paused():
+                assert time.monotonic() < deadline, "flow run never paused"
+                time.sleep(0.2)
+        resume_flow_run(req.flow_run_id, run_input={"reviewer": reviewer, "labels": 0,
+                                                    "labels_digest": review_lib.labels_digest(req.dataset_uri)})
+        review_lib.mark_submitted(req.id, reviewer)
+
+    submit(waiting_for("filtered"), "alice")  # no labels: filter-rejected rows go to regeneration
+    req = waiting_for("recheck")  # the second gate holds only the rows regeneration rescued
+    queue = pl.read_parquet(f"{req.dataset_uri}/data.parquet")
+    assert queue.height >= 2 and queue["keep"].all() and (queue["attempts"] >= 1).all()
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(repo / "dashboards/views/review.py"), default_timeout=60).run()
+    assert not at.exception and "drecheck_recheck" in at.selectbox(key="dataset").value
+    assert any(e.label.startswith("Earlier attempts") for e in at.expander)  # the reviewer sees the history
+    dropped, edited = queue["row_id"][0], queue["row_id"][1]
+    review_lib.add_label(req.dataset_uri, dropped, "reject", "carol", note="still unfalsifiable")
+    review_lib.add_label(req.dataset_uri, edited, "edit", "carol", edited_output="Carol's corrected answer.")
+    submit(req, "carol")
+
+    worker.join(timeout=240)
+    result = out["result"]
+    assert {"recheck", "rereviewed"} <= set(result.artifacts)
+    sft = pl.read_parquet(f"{result.artifacts['sft'].uri}/data.parquet")
+    meta = {m["row_id"]: m for m in sft["meta"].to_list()}
+    assert dropped not in meta  # rejected on the second review: not packaged
+    row = sft.filter(pl.col("meta").struct.field("row_id") == edited)
+    assert row["output"].to_list() == ["Carol's corrected answer."] and meta[edited]["quality"] == "human_reviewed"
+    # the rest of the rescued rows passed the second gate unlabelled and keep their regenerated answer
+    rest = set(queue["row_id"]) - {dropped, edited}
+    assert rest <= set(meta) and all(meta[r]["quality"] == "regenerated" for r in rest)

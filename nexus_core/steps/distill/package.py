@@ -36,12 +36,29 @@ class PackageResult(StepResult):
     per_domain: dict[str, int] = Field(default_factory=dict)
 
 
+def _apply_recheck(df: pl.DataFrame, path: Path) -> pl.DataFrame:
+    """Apply the second review of regenerated rows: a reject drops the row, an edit replaces its output."""
+    second = read_table(path, columns=("row_id", "decision", "decision_source", "reviewed_output")).select(
+        "row_id", re_decision="decision", re_source="decision_source", re_output="reviewed_output")
+    joined = df.join(second, on="row_id", how="left")
+    labelled = pl.col("re_source") == "human"
+    return joined.with_columns(
+        final_keep=pl.when(pl.col("re_decision").is_null()).then(pl.col("final_keep"))
+        .otherwise(pl.col("final_keep") & (pl.col("re_decision") == "accept")),
+        final_output=pl.when(labelled).then(pl.col("re_output")).otherwise(pl.col("final_output")),
+        decision_source=pl.when(labelled).then(pl.lit("human")).otherwise(pl.col("decision_source")),
+    ).drop("re_decision", "re_source", "re_output")
+
+
 def run_sft_package(cfg: PackageConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> PackageResult:
-    """Package the kept rows of ``inputs["regenerated"]``."""
+    """Package the kept rows of ``inputs["regenerated"]`` (after ``inputs["rereviewed"]``, when given)."""
     if "regenerated" not in inputs:
         raise InputError("sft package: input 'regenerated' missing")
     src = Path(inputs["regenerated"].uri) / "data.parquet"
-    df = read_table(src, columns=REQUIRED).filter(pl.col("final_keep") & pl.col("final_output").is_not_null())
+    df = read_table(src, columns=REQUIRED)
+    if "rereviewed" in inputs:
+        df = _apply_recheck(df, Path(inputs["rereviewed"].uri) / "data.parquet")
+    df = df.filter(pl.col("final_keep") & pl.col("final_output").is_not_null())
     if df.height < cfg.min_rows:
         raise InputError(f"{src}: only {df.height} kept row(s), need at least {cfg.min_rows}")
     model = pl.col("model") if "model" in df.columns else pl.lit(None, pl.Utf8)

@@ -40,6 +40,8 @@ class ReviewConfig(NexusModel):
     unlabeled: Literal["filter", "reject"] = Field("filter", description="Human mode: unlabelled rows follow the filter verdict, or are rejected")
     timeout_s: int = Field(86400, ge=1, description="How long the flow waits at the gate (human mode)")
     poll_interval_s: int = Field(5, ge=1, description="How often a paused in-process flow checks for resumption")
+    recheck_regenerated: bool = Field(True, description="Human mode: send the rows regeneration rescued back "
+                                      "to the review app (a second gate) before packaging")
     submission: ReviewSubmission | None = Field(None, description="Filled by the flow from the gate's input; not set by hand")
 
 
