@@ -11,13 +11,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import yaml
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from nexus_core.config import NexusModel, validate
 from nexus_core.errors import ConfigError, InputError
 from nexus_core.llm_client import LLMConfig
+from nexus_core.near_dup import near_duplicates
 
 # ---------------------------------------------------------------- teacher
 
@@ -112,7 +114,23 @@ class FilterRules(NexusModel):
     methodology_templates: list[str] = Field(default_factory=lambda: ["methodology"],
                                              description="Templates whose rows must describe a method")
     dedupe: bool = Field(True, description="Remove exact and near duplicates (first occurrence kept)")
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of word shingles "
+                                            "at or above which a later answer is a near duplicate")
+    shingle_words: int = Field(5, ge=1, le=32, description="Words per shingle (shorter texts: one shingle of "
+                                                          "all their words)")
+    minhash_permutations: int = Field(64, ge=8, le=1024, description="MinHash signature length: more is a "
+                                                                     "finer Jaccard estimate, and slower")
+    lsh_bands: int = Field(16, ge=1, le=512, description="LSH bands (divides minhash_permutations); more bands "
+                                                        "propose candidates at lower similarity")
     gates: Gates = Field(default_factory=Gates, description="Quality gates")
+
+    @field_validator("lsh_bands")
+    @classmethod
+    def _bands_divide_permutations(cls, bands: int, info: ValidationInfo) -> int:
+        permutations = info.data.get("minhash_permutations")  # absent when it failed its own check
+        if permutations and permutations % bands:
+            raise ValueError(f"must divide minhash_permutations ({permutations})")
+        return bands
 
 
 def load_rules(path: str | Path) -> tuple[FilterRules, str]:
@@ -142,9 +160,11 @@ def apply_rules(df: pl.DataFrame, rules: FilterRules, text_col: str = "response"
                 template_col: str = "template_name") -> pl.DataFrame:
     """Add ``keep`` (bool), ``reasons`` (list[str]), ``reason`` (str) and per-check flags to ``df``.
 
-    Rules run as polars expressions (no Python per row). Duplicates: exact on the stripped text,
-    near on a normalised fingerprint (lowercase, letters only, whitespace collapsed); the first
-    occurrence of each is kept.
+    Rules run as polars expressions and duplicates as numpy arrays (no Python per row). Only
+    answered rows take part in duplicate detection. Exact duplicates: the same stripped, lowercased
+    text. Near duplicates (``nexus_core.near_dup``): the rest whose word-shingle Jaccard similarity
+    with any earlier answered row (kept or not) reaches ``near_duplicate_threshold``; MinHash and LSH
+    find the candidates, the exact similarity decides. The first occurrence of each is kept.
     """
     text = pl.col(text_col).fill_null("")
     verbs = r"(?i)\b(?:" + "|".join(re.escape(v) for v in rules.action_verbs) + r")"
@@ -165,14 +185,15 @@ def apply_rules(df: pl.DataFrame, rules: FilterRules, text_col: str = "response"
     dup_exprs = []
     if rules.dedupe:
         stripped = text.str.strip_chars().str.to_lowercase()
-        fingerprint = (text.str.to_lowercase().str.replace_all(r"[^a-z]+", " ").str.strip_chars()
-                       .str.replace_all(r"\s+", " "))
-        answered = ~pl.col("chk_no_response")
-        out = out.with_columns(
-            chk_exact_duplicate=answered & ~stripped.is_first_distinct(),
-        ).with_columns(
-            chk_near_duplicate=answered & ~pl.col("chk_exact_duplicate") & ~fingerprint.is_first_distinct(),
-        )
+        out = out.with_columns(chk_exact_duplicate=~pl.col("chk_no_response") & ~stripped.is_first_distinct())
+        # An exact copy has the same shingles as its first occurrence, which is earlier: leaving copies
+        # out changes no verdict and saves their signatures.
+        rows = np.flatnonzero((~out["chk_no_response"] & ~out["chk_exact_duplicate"]).to_numpy())
+        near = np.zeros(out.height, dtype=bool)
+        near[rows] = near_duplicates(out[text_col].gather(rows), threshold=rules.near_duplicate_threshold,
+                                     shingle_words=rules.shingle_words, permutations=rules.minhash_permutations,
+                                     bands=rules.lsh_bands) >= 0
+        out = out.with_columns(chk_near_duplicate=pl.Series(near))
         dup_exprs = ["exact_duplicate", "near_duplicate"]
     names = [*checks, *dup_exprs]
     reasons = pl.concat_list([pl.when(pl.col(f"chk_{n}")).then(pl.lit(n)).otherwise(pl.lit(None)) for n in names])
