@@ -181,6 +181,27 @@ def code_version() -> dict[str, Any]:
 # ---------------------------------------------------------------- versions
 
 
+def data_root_id(root: Path | None = None) -> str:
+    """A random id written once into the data root (``.nexus-root-id``).
+
+    Task cache keys include it: delete the data root but keep Prefect's result store, and cached
+    steps run again instead of returning refs to directories that are gone.
+    """
+    root = root or data_root()
+    marker = root / ".nexus-root-id"
+    if not marker.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+        tmp.write_text(os.urandom(16).hex())
+        try:
+            os.link(tmp, marker)  # create-if-absent in one step: concurrent first runs agree on one id
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return marker.read_text().strip()
+
+
 def area_dir(area: str, root: Path | None = None) -> Path:
     """``data/processed/<area>``."""
     return (root or data_root()) / "processed" / area

@@ -131,8 +131,17 @@ def engine() -> Engine:
 
 
 def add(*rows: SQLModel) -> None:
-    """Insert rows in one transaction."""
+    """Insert rows in one transaction.
+
+    An artifact row replaces any row with the same URI: versions are immutable, so a URI written
+    again means its data root was deleted and the old row describes data that is gone.
+    """
     with Session(engine()) as session:
+        for row in rows:
+            if isinstance(row, ArtifactRow):
+                for old in session.exec(select(ArtifactRow).where(ArtifactRow.uri == row.uri)):
+                    session.delete(old)
+        session.flush()  # the unit of work would otherwise insert before it deletes
         session.add_all(rows)
         session.commit()
 

@@ -17,14 +17,15 @@ from prefect.cache_policies import INPUTS, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run, task_run
 
-from nexus_core.artifacts import source_hash
+from nexus_core.artifacts import data_root_id, source_hash
 from nexus_core.runner import RunContext, step_code_hash
 from nexus_core.settings import data_root
 
 
 @dataclass
 class StepSource(CachePolicy):
-    """Cache key part: the step module's source plus any extra texts it depends on."""
+    """Cache key part: the step module's source, any extra texts it depends on, and the data root's
+    path and id (a deleted and re-created data root misses, instead of returning refs to nothing)."""
 
     step_fn: Callable[..., Any] | None = None
     extra_sources: Callable[[dict[str, Any]], Iterable[str]] | None = field(default=None, repr=False)
@@ -32,7 +33,7 @@ class StepSource(CachePolicy):
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
         extra = tuple(self.extra_sources(inputs)) if self.extra_sources else ()
-        return source_hash(step_code_hash(self.step_fn, *extra), str(data_root()))
+        return source_hash(step_code_hash(self.step_fn, *extra), str(data_root()), data_root_id())
 
 
 def step_cache_policy(step_fn: Callable[..., Any], runtime: Iterable[str] = (),

@@ -1,6 +1,7 @@
 """Our cache policy: a second run is Cached; editing the *step module* (not the wrapper) misses."""
 
 import importlib
+import shutil
 import sys
 import textwrap
 
@@ -57,7 +58,7 @@ def modules(tmp_path, monkeypatch, data_root):
         del sys.modules[name]
 
 
-def test_second_run_cached_then_step_edit_misses(prefect_harness, modules):
+def test_second_run_cached_then_step_edit_misses(prefect_harness, modules, data_root):
     wrap = importlib.import_module("cachepkg.wrap_echo")
     assert wrap.echo_flow("a") == ("Completed", 1)
     assert wrap.echo_flow("a") == ("Cached", 1)
@@ -73,3 +74,9 @@ def test_second_run_cached_then_step_edit_misses(prefect_harness, modules):
     """))
     assert wrap.echo_flow("a") == ("Completed", 3)
     assert wrap.echo_flow("a") == ("Cached", 3)
+
+    # the data root deleted (Prefect's result store kept): run again rather than return a ref to nothing
+    shutil.rmtree(data_root)
+    state, version = wrap.echo_flow("a")
+    assert state == "Completed"
+    assert (data_root / "processed" / "test" / f"echo_v{version}" / "echo.txt").read_text() == "a"
