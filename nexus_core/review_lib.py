@@ -49,9 +49,18 @@ def _engine():  # noqa: ANN202
 
 
 def open_request(dataset_uri: str, flow_run_id: str | None, flow_name: str | None, rows: int) -> ReviewRequestRow:
-    """Record that ``flow_run_id`` waits for a review of ``dataset_uri``."""
+    """Record that ``flow_run_id`` waits for a review of ``dataset_uri``.
+
+    Idempotent per (dataset, flow run): a suspended run resumes by running again from the top,
+    passing its gates again; the request it opened the first time is returned, not a new one.
+    """
     row = ReviewRequestRow(dataset_uri=dataset_uri, flow_run_id=flow_run_id, flow_name=flow_name, rows=rows)
     with Session(_engine()) as session:
+        if flow_run_id is not None:
+            existing = session.exec(select(ReviewRequestRow).where(
+                ReviewRequestRow.dataset_uri == dataset_uri, ReviewRequestRow.flow_run_id == flow_run_id)).first()
+            if existing is not None:
+                return existing
         session.add(row)
         session.commit()
         session.refresh(row)

@@ -1,5 +1,6 @@
 """`make up` for real: Prefect server, `local` process pool + worker, `prefect deploy --all`, then
-`prefect deployment run 'lifecycle/tiny'` executes on the worker; `make down` stops it all."""
+`prefect deployment run 'lifecycle/tiny'` executes on the worker, the distill deployment suspends at
+its review gates and resumes; `make down` stops it all."""
 
 import os
 import socket
@@ -33,6 +34,13 @@ def test_up_deploy_run_down(repo, tmp_path):
         assert "Completed" in run.stdout
         manifests = list((tmp_path / "data" / "processed").glob("*/*/manifest.json"))
         assert len(manifests) >= 2, manifests
+        # the distill deployment in human mode: a real suspend at each review gate, resumed with typed input
+        review = subprocess.run(
+            ["bash", "-c", f"source {home}/env.sh && {repo}/.venv/bin/python {repo}/tests/e2e/suspend_resume.py"],
+            cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert review.returncode == 0, review.stdout[-3000:] + review.stderr[-3000:]
+        assert "GATE _filtered Suspended" in review.stdout and "GATE _recheck Suspended" in review.stdout
+        assert "FINAL Completed waiting-requests=0" in review.stdout, review.stdout[-3000:]
     finally:
         subprocess.run(["bash", "deployments/down.sh"], cwd=repo, env=env, timeout=60)
     assert not list((home / "run").glob("*.pid"))
