@@ -48,6 +48,10 @@ class LLMConfig(NexusModel):
     backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles each retry (Retry-After wins when given)")
     max_backoff_s: float = Field(60.0, ge=0, description="Longest single wait between retries")
     max_cost_usd: float | None = Field(None, ge=0, description="Stop sending new requests once this much is spent")
+    input_usd_per_mtok: float | None = Field(None, ge=0, description="Price per million prompt tokens; overrides "
+                                             "litellm's price map (needed where it has no price for the model)")
+    output_usd_per_mtok: float | None = Field(None, ge=0, description="Price per million completion tokens; "
+                                              "set together with input_usd_per_mtok")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature")
     max_tokens: int = Field(512, ge=1, description="Maximum completion tokens")
     top_logprobs: int = Field(0, ge=0, le=20, description="Top-k logprobs to request per token (0: none)")
@@ -150,8 +154,16 @@ class Completion:
     response: dict[str, Any] | None = field(default=None, repr=False)
 
 
+def litellm_prices(model: str) -> bool:
+    """Whether litellm's price map (the local copy) has a price for ``model``."""
+    import litellm
+
+    return model in litellm.model_cost or model.split("/", 1)[-1] in litellm.model_cost
+
+
 def check_model(cfg: LLMConfig, where: str = "teacher") -> None:
-    """Fail fast on a provider string litellm does not know or a missing API key (named, never printed)."""
+    """Fail fast on a provider string litellm does not know, a missing API key (named, never printed),
+    or a cost cap that could never trigger because nothing prices the model."""
     if cfg.offline:
         return
     import litellm
@@ -161,6 +173,12 @@ def check_model(cfg: LLMConfig, where: str = "teacher") -> None:
     except Exception:
         raise ConfigError([f"{where}.model: litellm does not know the provider of {cfg.model!r} "
                            f"(use e.g. openrouter/..., openai/..., anthropic/...)"]) from None
+    if (cfg.input_usd_per_mtok is None) != (cfg.output_usd_per_mtok is None):
+        raise ConfigError([f"{where}.input_usd_per_mtok / {where}.output_usd_per_mtok: set both or neither"])
+    if cfg.max_cost_usd is not None and cfg.input_usd_per_mtok is None and not litellm_prices(cfg.model):
+        raise ConfigError([f"{where}.max_cost_usd: litellm has no price for {cfg.model}, so every call would "
+                           f"cost 0 and the cap could never stop the run; set {where}.input_usd_per_mtok and "
+                           f"{where}.output_usd_per_mtok (the provider's list prices), or remove the cap"])
     if cfg.api_key_env:
         if not os.environ.get(cfg.api_key_env):
             raise ConfigError([f"{where}.api_key_env: environment variable {cfg.api_key_env} is not set"])
@@ -285,10 +303,15 @@ class LLMClient:
     def _cost(self, response: Any) -> float:
         import litellm
 
+        if self.cfg.input_usd_per_mtok is not None:  # the config's prices win over litellm's map
+            usage = getattr(response, "usage", None)
+            tokens_in = getattr(usage, "prompt_tokens", 0) or 0
+            tokens_out = getattr(usage, "completion_tokens", 0) or 0
+            return (tokens_in * self.cfg.input_usd_per_mtok + tokens_out * (self.cfg.output_usd_per_mtok or 0)) / 1e6
         hidden = getattr(response, "_hidden_params", None) or {}
         if hidden.get("response_cost") is not None:  # litellm already priced it during the call
             return float(hidden["response_cost"])
-        if self.cfg.model not in litellm.model_cost and self.cfg.model.split("/", 1)[-1] not in litellm.model_cost:
+        if not litellm_prices(self.cfg.model):
             return 0.0  # unpriced (a local server): skip completion_cost's slow failure path
         try:
             return float(litellm.completion_cost(completion_response=response) or 0.0)

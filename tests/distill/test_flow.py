@@ -80,3 +80,29 @@ def test_rerun_pays_nothing_and_reuses_everything(tiny_run):
     again = distill(cfg)
     assert again.artifacts == result.artifacts
     assert again.summary["teacher_usd"] == 0.0
+
+
+def test_scientific_config_against_a_live_teacher(prefect_harness, repo, monkeypatch):
+    """configs/distill/scientific.yaml as shipped (an openrouter model string, its key from the env),
+    only pointed at a scripted OpenAI-compatible teacher on loopback: real HTTP through litellm."""
+    from tests.support import distill_teacher
+    from tests.support.openai_stub import StubServer
+
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-or-test-not-a-real-key")
+    with StubServer(distill_teacher.handler) as stub:
+        cfg = load_flow_config(DistillConfig, str(repo / "configs/distill/scientific.yaml"),
+                               ["name=dscience", f"teacher.api_base={stub.url}", "teacher.rpm=6000",
+                                "review.mode=auto"])
+        result = distill(cfg)
+        asked = len(stub.requests)
+    assert cfg.teacher.model == "openrouter/openai/gpt-4o-mini"
+    assert list(result.artifacts) == STAGES
+    s = result.summary
+    assert s["collected_ok"] == 40 and s["collected_failed"] == 0 and s["regenerated_rescued"] > 0
+    assert asked >= 40 + s["regenerated_rescued"]  # collection, then at least one request per rescued row
+    assert set(stub.auth) == {"Bearer sk-or-test-not-a-real-key"}  # the key came from api_key_env
+    col = pl.read_parquet(f"{result.artifacts['collected'].uri}/data.parquet")
+    assert (col["cost_usd"] > 0).all() and s["teacher_usd"] > 0  # priced by litellm from the model's list price
+    assert col["logprobs_json"].is_not_null().all()  # top_logprobs: 5 in the config
+    manifest = read_manifest(result.artifacts["collected"].uri)
+    assert "sk-or-test" not in json.dumps(manifest.model_dump(mode="json"))

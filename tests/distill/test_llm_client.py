@@ -127,3 +127,17 @@ def test_map_sync_again_in_a_new_event_loop(tmp_path):
         rounds = [client.map_sync([[{"role": "user", "content": f"round {r} q{i}"}] for i in range(6)])
                   for r in range(2)]
     assert [c.status for out in rounds for c in out] == ["ok"] * 12
+
+
+def test_cost_cap_without_any_price_is_a_config_error_and_config_prices_are_used(tmp_path):
+    unpriced = LLMConfig(model="openai/no-such-priced-model", api_base="http://127.0.0.1:9/v1", max_cost_usd=1.0)
+    with pytest.raises(ConfigError, match=r"max_cost_usd: litellm has no price for openai/no-such-priced-model"):
+        check_model(unpriced)
+    with pytest.raises(ConfigError, match="set both or neither"):
+        check_model(unpriced.model_copy(update={"input_usd_per_mtok": 1.0}))
+    priced = unpriced.model_copy(update={"input_usd_per_mtok": 2.0, "output_usd_per_mtok": 8.0})
+    check_model(priced)  # a cap with prices from the config is fine
+    with StubServer(lambda body, n: Reply(body=chat_completion("ok", prompt_tokens=1000, completion_tokens=500))) as stub:
+        client = LLMClient(priced.model_copy(update={"api_base": stub.url}), ResponseCache(enabled=False))
+        [c] = client.map_sync([MSG])
+    assert c.cost_usd == pytest.approx((1000 * 2.0 + 500 * 8.0) / 1e6) and client.spent_usd == c.cost_usd

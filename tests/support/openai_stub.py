@@ -66,6 +66,7 @@ class StubServer:
     def __init__(self, handler: Callable[[dict[str, Any], int], Reply] = echo_handler):
         self.handler = handler
         self.requests: list[dict[str, Any]] = []
+        self.auth: list[str | None] = []  # each request's Authorization header, in order
         self._lock = threading.Lock()
         stub = self
 
@@ -93,6 +94,7 @@ class StubServer:
                 with stub._lock:
                     n = len(stub.requests)
                     stub.requests.append(body)
+                    stub.auth.append(self.headers.get("Authorization"))
                 self._send(stub.handler(body, n))
 
             def _send(self, reply: Reply) -> None:
