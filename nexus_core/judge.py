@@ -229,8 +229,9 @@ def judge_llm(items: list[dict[str, Any]], rubric: Rubric, settings: JudgeSettin
     attempts, latency_s, token counts and cost_usd. When no row got an answer and the failures say
     the endpoint is down, raises :class:`JudgeUnreachable` naming the model and endpoint.
     """
-    from nexus_core.llm_client import LLMClient, run_async
+    from nexus_core.llm_client import LLMClient, check_model, run_async
 
+    check_model(settings, "judge")  # unknown provider, missing key, or a cost cap nothing could trigger
     client = LLMClient(settings)
     try:
         batch = [judge_messages(rubric, it["question"], it["answer"], it.get("reference")) for it in items]

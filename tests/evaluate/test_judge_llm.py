@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.errors import ConfigError
 from nexus_core.io import read_table, write_parquet
 from nexus_core.judge import JudgeSettings, JudgeUnreachable
 from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm
@@ -80,6 +81,13 @@ def test_unreachable_judge_is_named_after_retries(tmp_path, predictions):
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
     with pytest.raises(JudgeUnreachable, match=r"judge model 'openai/judge' at http://127\.0\.0\.1:\d+/v1 unreachable"):
         run_judge(_cfg(dead), inputs={"predictions": predictions}, out_uri=str(tmp_path / "b"))
+
+
+def test_judge_cost_cap_on_an_unpriced_model_is_refused_before_any_call(tmp_path, predictions):
+    with StubServer(scripted) as stub:
+        with pytest.raises(ConfigError, match=r"judge\.max_cost_usd: litellm has no price for openai/judge"):
+            run_judge(_cfg(stub.url, max_cost_usd=0.5), inputs={"predictions": predictions}, out_uri=str(tmp_path))
+        assert stub.requests == []
 
 
 def test_judge_against_the_projects_own_server(tmp_path, predictions):
