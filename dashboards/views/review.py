@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import time
 from pathlib import Path
 
 import polars as pl
@@ -100,11 +101,20 @@ st.divider()
 if request_id is None:
     st.caption("No flow run is waiting for this dataset: labels are stored and used by the next human-mode run.")
 elif st.button(f"Submit batch ({len(labels)} labels) and resume the flow", key="submit"):
+    from prefect.client.orchestration import get_client
     from prefect.flow_runs import resume_flow_run
 
     run_input = {"reviewer": reviewer, "labels_digest": review_lib.labels_digest(dataset_uri),
                  "labels": len(labels)}
     try:
+        # The flow records its request just before it pauses: a quick reviewer can get here first.
+        deadline = time.monotonic() + 30
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline:
+                state = client.read_flow_run(flow_run_id).state
+                if state is None or state.is_paused() or state.is_final():
+                    break
+                time.sleep(0.5)
         resume_flow_run(flow_run_id, run_input=run_input)
     except Exception as exc:  # noqa: BLE001 - show the reason (not paused, timed out, API down)
         st.error(f"Could not resume flow run {flow_run_id}: {type(exc).__name__}: {exc}")
