@@ -237,7 +237,7 @@ def judge_llm(items: list[dict[str, Any]], rubric: Rubric, settings: JudgeSettin
         batch = [judge_messages(rubric, it["question"], it["answer"], it.get("reference")) for it in items]
         done = run_async(client.map(batch))
     finally:
-        client.cache.close()
+        client.close()
     out = []
     for c in done:
         row = {"attempts": c.attempts, "latency_s": c.latency_s, "prompt_tokens": c.prompt_tokens,

@@ -278,7 +278,6 @@ class LLMClient:
         self.cfg = cfg
         self.cache = cache or ResponseCache(recorded=cfg.recorded_cache, enabled=cfg.cache)
         self.limits = limits or Limits()
-        self.stopped_for_cost = False
         self._sem: asyncio.Semaphore | None = None
         self._sem_loop: asyncio.AbstractEventLoop | None = None
 
@@ -339,7 +338,6 @@ class LLMClient:
             # Checked once a slot is free, not on arrival: a whole batch arrives at once, before
             # anything is spent, so a check on arrival would let the full batch past the cap.
             if cfg.max_cost_usd is not None and self.spent_usd >= cfg.max_cost_usd:
-                self.stopped_for_cost = True
                 return Completion(key=key, status="skipped", model=cfg.model,
                                   error=f"cost cap reached ({self.spent_usd:.4f} >= {cfg.max_cost_usd} USD)")
             for attempt in range(1, cfg.max_retries + 2):

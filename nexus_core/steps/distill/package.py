@@ -43,8 +43,7 @@ def _apply_recheck(df: pl.DataFrame, path: Path) -> pl.DataFrame:
     joined = df.join(second, on="row_id", how="left")
     labelled = pl.col("re_source") == "human"
     return joined.with_columns(
-        final_keep=pl.when(pl.col("re_decision").is_null()).then(pl.col("final_keep"))
-        .otherwise(pl.col("final_keep") & (pl.col("re_decision") == "accept")),
+        final_keep=pl.col("final_keep") & (pl.col("re_decision").fill_null("accept") == "accept"),
         final_output=pl.when(labelled).then(pl.col("re_output")).otherwise(pl.col("final_output")),
         decision_source=pl.when(labelled).then(pl.lit("human")).otherwise(pl.col("decision_source")),
     ).drop("re_decision", "re_source", "re_output")

@@ -91,7 +91,7 @@ def run_regenerate(cfg: RegenerateConfig, *, inputs: dict[str, ArtifactRef], out
                 still.append(rid)
         pending = still
     if client is not None:
-        client.cache.close()
+        client.close()
     ids = df["row_id"].to_list()
     out = df.with_columns(
         final_output=pl.Series([state[r]["response"] for r in ids], dtype=pl.Utf8),
