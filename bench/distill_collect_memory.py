@@ -44,13 +44,9 @@ def child(rows: int, url: str) -> None:
     from nexus_core.artifacts import raw_ref
     from nexus_core.distill_lib import TeacherConfig
     from nexus_core.steps.distill.collect import CollectConfig, run_teacher_collect
+    from tests.support.distill_teacher import write_teacher_inputs
 
-    inputs = tmp / "inputs"
-    inputs.mkdir()
-    pl.DataFrame({"row_id": [f"r{i}" for i in range(rows)], "domain": ["ecology"] * rows,
-                  "template_name": ["hypothesis"] * rows, "template_hash": ["h"] * rows,
-                  "system_prompt": ["You are a scientist."] * rows,
-                  "user_prompt": [f"Question {i} about soil." for i in range(rows)]}).write_parquet(inputs / "data.parquet")
+    inputs = write_teacher_inputs(tmp / "inputs", [f"Question {i} about soil." for i in range(rows)])
     cfg = CollectConfig(batch_size=256, teacher=TeacherConfig(model="openai/bench", api_base=url, cache=False,
                                                               max_concurrency=16, max_retries=0))
     warm = tmp / "warm"

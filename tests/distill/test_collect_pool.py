@@ -12,17 +12,12 @@ from nexus_core.artifacts import raw_ref
 from nexus_core.distill_lib import TeacherConfig
 from nexus_core.llm_client import LLMClient, LLMConfig, ResponseCache
 from nexus_core.steps.distill.collect import CollectConfig, run_teacher_collect
+from tests.support.distill_teacher import write_teacher_inputs
 from tests.support.openai_stub import Reply, StubServer, chat_completion
 
 
 def _table(tmp_path, n: int, tag: str):
-    d = tmp_path / "inputs"
-    d.mkdir()
-    pl.DataFrame({"row_id": [f"r{i}" for i in range(n)], "domain": ["ecology"] * n,
-                  "template_name": ["hypothesis"] * n, "template_hash": ["h"] * n,
-                  "system_prompt": ["You are a scientist."] * n,
-                  "user_prompt": [f"{tag} question {i}" for i in range(n)]}).write_parquet(d / "data.parquet")
-    return raw_ref(d)
+    return raw_ref(write_teacher_inputs(tmp_path / "inputs", [f"{tag} question {i}" for i in range(n)]))
 
 
 def _answer(body, n):

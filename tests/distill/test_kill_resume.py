@@ -20,6 +20,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from tests.support.distill_teacher import write_teacher_inputs
 from tests.support.openai_stub import Reply, StubServer, echo_handler
 
 pytestmark = pytest.mark.integration
@@ -76,13 +77,8 @@ def _count_cached(db: Path) -> int:
 
 def test_sigkill_mid_run_resumes_without_duplicate_or_lost_row(tmp_path: Path) -> None:
     home, data = tmp_path / "home", tmp_path / "data"
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
     prompts = [f"Question {i}: how does soil moisture change microbial respiration?" for i in range(ROWS)]
-    pl.DataFrame({"row_id": [f"r{i:03d}" for i in range(ROWS)], "domain": ["ecology"] * ROWS,
-                  "template_name": ["hypothesis"] * ROWS, "template_hash": ["h"] * ROWS,
-                  "system_prompt": ["You are a scientist."] * ROWS,
-                  "user_prompt": prompts}).write_parquet(inputs / "data.parquet")
+    inputs = write_teacher_inputs(tmp_path / "inputs", prompts, [f"r{i:03d}" for i in range(ROWS)])
     db = home / "llm_cache.sqlite"
 
     # ---- run 1: killed with SIGKILL once KILL_AT responses are committed

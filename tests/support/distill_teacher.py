@@ -14,11 +14,26 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from typing import Any
 
 from tests.support.openai_stub import Reply, chat_completion
 
 WEAK_KINDS = ("short", "citation", "vague", "chatty", "duplicate")
+
+
+def write_teacher_inputs(directory: Path, prompts: list[str], row_ids: list[str] | None = None) -> Path:
+    """A minimal teacher-inputs table (the columns the collect step needs) as ``directory/data.parquet``;
+    row ids ``r0, r1, ...`` unless given. Returns ``directory``."""
+    import polars as pl
+
+    n = len(prompts)
+    directory.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame({"row_id": row_ids or [f"r{i}" for i in range(n)], "domain": ["ecology"] * n,
+                  "template_name": ["hypothesis"] * n, "template_hash": ["h"] * n,
+                  "system_prompt": ["You are a scientist."] * n,
+                  "user_prompt": prompts}).write_parquet(directory / "data.parquet")
+    return directory
 
 
 def _title(user: str) -> str:
