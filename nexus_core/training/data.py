@@ -22,6 +22,7 @@ from nexus_core.artifacts import ArtifactRef
 from nexus_core.errors import InputError
 from nexus_core.io import load_table, read_table
 from nexus_core.training.capabilities import detect_capability, to_messages
+from nexus_core.training.common import model_dir
 
 Use = Literal["sft", "preference", "prompt", "text"]
 
@@ -61,6 +62,15 @@ def layout(df: pl.DataFrame, use: Use, where: str, method: str) -> tuple[str, ..
     wanted = " or ".join("/".join(c) for c in LAYOUTS[use])
     raise InputError(f"{where}: method {method!r} needs column(s) {wanted}; has: {', '.join(df.columns)}")
 
+
+
+def check_model_and_table(inputs: dict[str, ArtifactRef], method: str, use: Use) -> tuple[pl.DataFrame, str]:
+    """The input checks of a stage trained on one table, before any training: the ``model`` input is a
+    model directory, and ``data`` exists and has a column layout for ``use``. Returns (rows, name)."""
+    model_dir(inputs.get("model"))
+    df, where = load_rows(need(inputs, "data", method))
+    layout(df, use, where, method)
+    return df, where
 
 def _user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]

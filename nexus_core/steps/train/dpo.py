@@ -22,7 +22,12 @@ from nexus_core.training.common import (
     trainer_kwargs,
     work_dir,
 )
-from nexus_core.training.data import layout, load_rows, need, preference_records, to_dataset
+from nexus_core.training.data import (
+    check_model_and_table,
+    load_rows,
+    preference_records,
+    to_dataset,
+)
 from nexus_core.training.launch import run_stage
 
 
@@ -44,9 +49,7 @@ class DPOResult(TrainResult):
 
 def run_dpo(cfg: DPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> DPOResult:
     """Check inputs, train, save."""
-    model_dir(inputs.get("model"))
-    df, where = load_rows(need(inputs, "data", "dpo"))
-    layout(df, "preference", where, "dpo")
+    check_model_and_table(inputs, "dpo", "preference")
     preflight(cfg)
     m = run_stage(_train, cfg, inputs, out_uri, "dpo")
     return DPOResult.from_metrics(m)

@@ -23,7 +23,12 @@ from nexus_core.training.common import (
     trainer_kwargs,
     work_dir,
 )
-from nexus_core.training.data import layout, load_rows, need, preference_records, to_dataset
+from nexus_core.training.data import (
+    check_model_and_table,
+    load_rows,
+    preference_records,
+    to_dataset,
+)
 from nexus_core.training.launch import run_stage
 
 
@@ -44,9 +49,7 @@ class ORPOResult(TrainResult):
 
 def run_orpo(cfg: ORPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> ORPOResult:
     """Check inputs, train, save."""
-    model_dir(inputs.get("model"))
-    df, where = load_rows(need(inputs, "data", "orpo"))
-    layout(df, "preference", where, "orpo")
+    df, where = check_model_and_table(inputs, "orpo", "preference")
     if "prompt" not in df.columns and "input" not in df.columns:
         raise InputError(f"{where}: method 'orpo' needs column prompt (or input) besides chosen/rejected")
     preflight(cfg)

@@ -22,7 +22,12 @@ from nexus_core.training.common import (
     trainer_kwargs,
     work_dir,
 )
-from nexus_core.training.data import layout, load_rows, need, preference_records, to_dataset
+from nexus_core.training.data import (
+    check_model_and_table,
+    load_rows,
+    preference_records,
+    to_dataset,
+)
 from nexus_core.training.launch import run_stage
 
 
@@ -43,9 +48,7 @@ class RewardResult(TrainResult):
 
 def run_reward(cfg: RewardConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> RewardResult:
     """Check inputs, train, save."""
-    model_dir(inputs.get("model"))
-    df, where = load_rows(need(inputs, "data", "reward"))
-    layout(df, "preference", where, "reward")
+    check_model_and_table(inputs, "reward", "preference")
     preflight(cfg)
     m = run_stage(_train, cfg, inputs, out_uri, "reward")
     return RewardResult.from_metrics(m)

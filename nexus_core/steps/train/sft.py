@@ -24,7 +24,7 @@ from nexus_core.training.common import (
     trainer_kwargs,
     work_dir,
 )
-from nexus_core.training.data import layout, load_rows, need, sft_records, to_dataset
+from nexus_core.training.data import check_model_and_table, load_rows, sft_records, to_dataset
 from nexus_core.training.launch import run_stage
 
 
@@ -53,9 +53,7 @@ class SFTResult(TrainResult):
 
 def run_sft(cfg: SFTConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> SFTResult:
     """Check inputs, train (here or under accelerate), save the model artifact."""
-    model_dir(inputs.get("model"))
-    df, where = load_rows(need(inputs, "data", "sft"))
-    layout(df, "sft", where, "sft")
+    check_model_and_table(inputs, "sft", "sft")
     preflight(cfg)
     m = run_stage(_train, cfg, inputs, out_uri, "sft")
     return SFTResult.from_metrics(m, trainable_params=int(m["trainable_params"]), total_params=int(m["total_params"]))
