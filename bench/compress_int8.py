@@ -35,7 +35,7 @@ def main() -> None:
     """Run the benchmark and print the table."""
     import torch
 
-    from nexus_core.compress_lib import dir_bytes, save_model
+    from nexus_core.compress.common import dir_bytes, save_model
     from nexus_core.models.compressed import (
         QUANT_DIR,
         QUANT_WEIGHTS,

@@ -139,7 +139,7 @@ def fill(rows: int, runs: int) -> None:
         for i in range(0, len(ms), 1000):
             client.log_batch(run.info.run_id, metrics=ms[i:i + 1000],
                              params=[Param("learning_rate", "0.0002")] if i == 0 else [],
-                             tags=[RunTag("nexus.step", "nexus_core.steps.train.sft.run_sft")] if i == 0 else [])
+                             tags=[RunTag("nexus.step", "nexus_core.train.sft.run_sft")] if i == 0 else [])
         client.set_terminated(run.info.run_id)
 
     for e in range(50):

@@ -57,7 +57,7 @@ def served(latency: float, cap: int) -> Iterator[str]:
 
 def _rate(client, n: int, tag: str) -> tuple[float, float, int]:  # noqa: ANN001 - LLMClient or ClientPool
     """(req/s, client CPU ms per request in this process, ok count) for ``n`` requests through ``client.map``."""
-    from nexus_core.llm_client import run_async
+    from nexus_core.llm.client import run_async
 
     run_async(client.map([[{"role": "user", "content": f"warm-up {tag} {i}"}] for i in range(16)]))
     batch = [[{"role": "user", "content": f"{tag} q{i}"}] for i in range(n)]
@@ -71,8 +71,8 @@ def main(n: int = 400, latency: float = 0.05, cap: int = 8, n_seq: int = 40, pro
     """Print achieved req/s and its ratio to the server max (target >= 0.8) and to a sequential loop."""
     import litellm
 
-    from nexus_core.llm_client import LLMClient, LLMConfig, ResponseCache
-    from nexus_core.llm_pool import ClientPool
+    from nexus_core.llm.client import LLMClient, LLMConfig, ResponseCache
+    from nexus_core.llm.pool import ClientPool
 
     server_max = cap / latency
     print(f"server: latency {latency * 1000:.0f} ms, at most {cap} at once (more wait in its queue) "

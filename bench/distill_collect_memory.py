@@ -42,8 +42,8 @@ def child(rows: int, url: str) -> None:
     import polars as pl
 
     from nexus_core.artifacts import raw_ref
-    from nexus_core.distill_lib import TeacherConfig
-    from nexus_core.steps.distill.collect import CollectConfig, run_teacher_collect
+    from nexus_core.distill.collect import CollectConfig, run_teacher_collect
+    from nexus_core.distill.prompts import TeacherConfig
     from tests.support.distill_teacher import write_teacher_inputs
 
     inputs = write_teacher_inputs(tmp / "inputs", [f"Question {i} about soil." for i in range(rows)])

@@ -1,9 +1,9 @@
-"""Filter throughput: rows/s of our rules (nexus_core.distill_lib.apply_rules: polars expressions plus
+"""Filter throughput: rows/s of our rules (nexus_core.distill.prompts.apply_rules: polars expressions plus
 numpy MinHash near duplicates) vs plain pandas implementing the same rules.
 python -m bench.distill_filters [ROWS]   (default 1,000,000)
 
 Near duplicates have no plain-pandas form that finishes on 1M rows (comparing all pairs is
-quadratic), so the pandas baseline calls the same ``nexus_core.near_dup.near_duplicates`` on its
+quadratic), so the pandas baseline calls the same ``nexus_core.distill.near_dup.near_duplicates`` on its
 answered, not exactly duplicated rows; the two differ in everything around it (the regex rules,
 exact duplicates, handing the texts over). On 100k rows the near-duplicate search is about 3/4 of
 either time.
@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
-from nexus_core.distill_lib import apply_rules, load_rules
-from nexus_core.near_dup import near_duplicates
+from nexus_core.distill.near_dup import near_duplicates
+from nexus_core.distill.rules import apply_rules, load_rules
 from tests.support.distill_teacher import WEAK_KINDS, good_answer, weak_answer
 
 # Note words: consonant-vowel syllables over consonants that start no action verb and no pattern the

@@ -34,7 +34,7 @@ def _step_times(pipe_dir: Path, pre_dir: Path, prepared: Path, args: argparse.Na
 
     from nexus_core.flux import encode, losses
     from nexus_core.flux.mds import iter_samples, open_dataset
-    from nexus_core.flux.train_lib import collate
+    from nexus_core.flux.training import collate
     from nexus_core.models.flux_tiny import load_flux_pipeline
 
     device = args.device
@@ -149,10 +149,10 @@ def main() -> None:
     os.environ.setdefault("NEXUS_DATA", str(work / "data"))
     from nexus_core.artifacts import raw_ref
     from nexus_core.flux.device import resolve_device
+    from nexus_core.flux.precompute import PrecomputeConfig, run_precompute
+    from nexus_core.flux.prepare import PrepareConfig, run_prepare
     from nexus_core.flux.synthetic import make_shape_images
     from nexus_core.models.flux_tiny import TinyFluxConfig, build_tiny_flux
-    from nexus_core.steps.flux.precompute import PrecomputeConfig, run_precompute
-    from nexus_core.steps.flux.prepare import PrepareConfig, run_prepare
 
     args.device = resolve_device(args.device)
     tiny = TinyFluxConfig(text_hidden_size=32, vae_block_out_channels=[32, 32, 32], attention_head_dim=32,

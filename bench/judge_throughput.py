@@ -2,7 +2,7 @@
 
 The server (real HTTP on loopback, threaded) answers every request with a valid rubric verdict after
 ``LATENCY_S``; with ``c`` requests in flight its maximum is ``c / LATENCY_S`` verdicts per second. The
-judge (nexus_core.judge.judge_llm → llm_client → litellm) runs N rows at each concurrency; we print the
+judge (nexus_core.evaluate.rubric.judge_llm → llm_client → litellm) runs N rows at each concurrency; we print the
 verdicts/s, the fraction of that maximum, and the speed-up over the sequential baseline (concurrency 1).
 
     python -m bench.judge_throughput [--latency 0.1] [--rows 64]
@@ -21,7 +21,7 @@ from nexus_core.settings import configure_environment  # noqa: E402
 
 configure_environment()
 
-from nexus_core.judge import KNOWN_DIMENSIONS, JudgeSettings, judge_llm, load_rubric  # noqa: E402
+from nexus_core.evaluate.rubric import KNOWN_DIMENSIONS, JudgeSettings, judge_llm, load_rubric  # noqa: E402
 from tests.support.openai_stub import Reply, StubServer, chat_completion  # noqa: E402
 
 VERDICT = json.dumps({d: 4 for d in KNOWN_DIMENSIONS} | {"rationale": "bench"})

@@ -49,7 +49,7 @@ def make_inputs(root: Path, rows: int = 96, hidden: int = 256, layers: int = 4) 
 
 
 def stage_cfg(steps: int, packing: bool, finetune: str = "full"):  # noqa: ANN201
-    from nexus_core.steps.train.sft import SFTConfig
+    from nexus_core.train.sft import SFTConfig
 
     return SFTConfig(finetune=finetune, max_steps=steps, batch_size=8, max_length=256, packing=packing,
                      logging_steps=1, learning_rate=1e-4, checkpoint={"save_steps": 10_000})
@@ -58,8 +58,8 @@ def stage_cfg(steps: int, packing: bool, finetune: str = "full"):  # noqa: ANN20
 def run_ours(inputs: dict, steps: int, packing: bool, out: Path) -> tuple[float, float]:
     """Our stage's trainer and fit() (controller + MLflow logging to a real run). Returns (tok/s, pad share)."""
     from nexus_core import lineage
-    from nexus_core.steps.train.sft import build_trainer
-    from nexus_core.training.control import fit
+    from nexus_core.train.control import fit
+    from nexus_core.train.sft import build_trainer
 
     cfg = stage_cfg(steps, packing)
     run_id = lineage.client().create_run(lineage.experiment_id("bench")).info.run_id
@@ -73,8 +73,8 @@ def run_plain(inputs: dict, steps: int, packing: bool, out: Path) -> tuple[float
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from nexus_core.training.common import trainer_kwargs
-    from nexus_core.training.data import load_rows, sft_records, to_dataset
+    from nexus_core.train.common import trainer_kwargs
+    from nexus_core.train.data import load_rows, sft_records, to_dataset
 
     cfg = stage_cfg(steps, packing)
     df, where = load_rows(inputs["data"])
@@ -105,8 +105,8 @@ def memory_child(finetune: str, root: str, steps: int) -> None:
     """
     import torch
 
-    from nexus_core.steps.train.sft import SFTConfig, build_trainer
-    from nexus_core.training.common import peak_memory_mb
+    from nexus_core.train.common import peak_memory_mb
+    from nexus_core.train.sft import SFTConfig, build_trainer
 
     inputs = make_inputs(Path(root) / "wide", rows=16, hidden=512, layers=8)
     cfg = SFTConfig(finetune=finetune, max_steps=steps, batch_size=2, max_length=128, learning_rate=1e-4,

@@ -196,13 +196,13 @@ def review_queue(limit: int = 200) -> pl.DataFrame:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateName
     from prefect.client.schemas.sorting import FlowRunSort
 
-    from nexus_core import review_lib
+    from nexus_core.distill import review_store
 
     flt = FlowRunFilter(state=FlowRunFilterState(name=FlowRunFilterStateName(any_=list(REVIEW_STATES))))
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=flt, sort=FlowRunSort.START_TIME_DESC, limit=limit)
         flows = {f.id: f.name for f in client.read_flows(limit=200)} if runs else {}
-    waiting = {r.flow_run_id: r for r in review_lib.requests(status="waiting") if r.flow_run_id}
+    waiting = {r.flow_run_id: r for r in review_store.requests(status="waiting") if r.flow_run_id}
     rows = []
     for run in runs:
         req = waiting.get(str(run.id))

@@ -11,10 +11,9 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from nexus_core import lineage
-from nexus_core.config import config_dict, load_config
+from nexus_core.config import FlowConfig, config_dict, load_config
 from nexus_core.costs import set_flow_budget
 from nexus_core.errors import NexusError
-from nexus_core.flowconfig import FlowConfig
 
 C = TypeVar("C", bound=BaseModel)
 

@@ -17,16 +17,15 @@ from pydantic import Field, model_validator
 from flows.common import flow_lineage, main
 from flows.report import FlowResult
 from nexus_core.artifacts import ArtifactRef, raw_ref
-from nexus_core.config import NexusModel
+from nexus_core.compress.benchmark import BenchmarkConfig
+from nexus_core.compress.export import ExportConfig
+from nexus_core.compress.prune import PruneConfig
+from nexus_core.compress.quantize import QuantizeConfig
+from nexus_core.compress.release import ReleaseConfig
+from nexus_core.config import FlowConfig, NexusModel
+from nexus_core.corpus.ingest import IngestConfig
 from nexus_core.errors import InputError
-from nexus_core.flowconfig import FlowConfig
-from nexus_core.steps.base_model import BaseModelConfig
-from nexus_core.steps.compress.benchmark import BenchmarkConfig
-from nexus_core.steps.compress.export import ExportConfig
-from nexus_core.steps.compress.prune import PruneConfig
-from nexus_core.steps.compress.quantize import QuantizeConfig
-from nexus_core.steps.compress.release import ReleaseConfig
-from nexus_core.steps.ingest import IngestConfig
+from nexus_core.train.base_model import BaseModelConfig
 from tasks.base_model import base_model
 from tasks.compress_benchmark import benchmark
 from tasks.compress_export import export

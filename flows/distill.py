@@ -17,16 +17,16 @@ from pydantic import Field
 from flows.common import flow_lineage, main
 from flows.report import FlowResult
 from nexus_core.artifacts import ArtifactRef, raw_ref
-from nexus_core.distill_lib import TeacherConfig
-from nexus_core.flowconfig import FlowConfig
-from nexus_core.review_lib import open_request
-from nexus_core.steps.distill.collect import CollectConfig
-from nexus_core.steps.distill.filters import FiltersConfig
-from nexus_core.steps.distill.inputs import TeacherInputsConfig
-from nexus_core.steps.distill.package import PackageConfig
-from nexus_core.steps.distill.recheck import RecheckConfig
-from nexus_core.steps.distill.regenerate import RegenerateConfig
-from nexus_core.steps.distill.review import ReviewConfig, ReviewSubmission
+from nexus_core.config import FlowConfig
+from nexus_core.distill.collect import CollectConfig
+from nexus_core.distill.filters import FiltersConfig
+from nexus_core.distill.inputs import TeacherInputsConfig
+from nexus_core.distill.package import PackageConfig
+from nexus_core.distill.prompts import TeacherConfig
+from nexus_core.distill.recheck import RecheckConfig
+from nexus_core.distill.regenerate import RegenerateConfig
+from nexus_core.distill.review import ReviewConfig, ReviewSubmission
+from nexus_core.distill.review_store import open_request
 from tasks.distill_collect import teacher_collect
 from tasks.distill_filters import distill_filters
 from tasks.distill_inputs import teacher_inputs

@@ -15,25 +15,24 @@ from pydantic import Field
 from flows.common import flow_lineage, main
 from flows.report import FlowResult
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.config import config_hash
+from nexus_core.config import FlowConfig, config_hash
+from nexus_core.corpus.ingest import IngestConfig
 from nexus_core.errors import ConfigError
-from nexus_core.eval_lib import eval_run_id, resolve_ref
-from nexus_core.flowconfig import FlowConfig
-from nexus_core.steps.base_model import BaseModelConfig
-from nexus_core.steps.evaluate.feedback import FeedbackConfig
-from nexus_core.steps.evaluate.gates import GatesConfig
-from nexus_core.steps.evaluate.judge import JudgeConfig
-from nexus_core.steps.evaluate.predict import PredictConfig
-from nexus_core.steps.evaluate.report import ReportConfig
-from nexus_core.steps.evaluate.score import ScoreConfig
-from nexus_core.steps.ingest import IngestConfig
+from nexus_core.evaluate.feedback import FeedbackConfig
+from nexus_core.evaluate.gates import GatesConfig
+from nexus_core.evaluate.judge import JudgeConfig
+from nexus_core.evaluate.predict import PredictConfig
+from nexus_core.evaluate.records import eval_run_id, resolve_ref
+from nexus_core.evaluate.report import ReportConfig
+from nexus_core.evaluate.score import ScoreConfig
+from nexus_core.train.base_model import BaseModelConfig
 from tasks.base_model import base_model
-from tasks.eval_feedback import eval_feedback
-from tasks.eval_gates import eval_gates
-from tasks.eval_judge import eval_judge
-from tasks.eval_predict import eval_predict
-from tasks.eval_report import eval_report
-from tasks.eval_score import eval_score
+from tasks.evaluate_feedback import evaluate_feedback
+from tasks.evaluate_gates import evaluate_gates
+from tasks.evaluate_judge import evaluate_judge
+from tasks.evaluate_predict import evaluate_predict
+from tasks.evaluate_report import evaluate_report
+from tasks.evaluate_score import evaluate_score
 from tasks.ingest import ingest
 
 
@@ -81,15 +80,15 @@ def evaluate(cfg: EvaluateConfig, model: ArtifactRef | None = None, dataset: Art
         pred_id = eval_run_id(model, dataset, config_hash(cfg.predict))
         run_id = eval_run_id(model, dataset, config_hash(cfg, exclude={"model", "dataset", "extends", "overrides"}))
 
-        preds = steps["predict"] = eval_predict(cfg.predict.model_copy(update={"run_id": pred_id}), model, dataset,
+        preds = steps["predict"] = evaluate_predict(cfg.predict.model_copy(update={"run_id": pred_id}), model, dataset,
                                                 name=cfg.name)
-        scores = steps["score"] = eval_score(cfg.score, preds.ref, name=cfg.name)
-        judged = steps["judge"] = eval_judge(cfg.judge, preds.ref, name=cfg.name)
-        gates = steps["gates"] = eval_gates(cfg.gates, judged.ref, scores.ref, name=cfg.name)
-        report = steps["report"] = eval_report(cfg.report.model_copy(update={"run_id": run_id}), preds.ref,
+        scores = steps["score"] = evaluate_score(cfg.score, preds.ref, name=cfg.name)
+        judged = steps["judge"] = evaluate_judge(cfg.judge, preds.ref, name=cfg.name)
+        gates = steps["gates"] = evaluate_gates(cfg.gates, judged.ref, scores.ref, name=cfg.name)
+        report = steps["report"] = evaluate_report(cfg.report.model_copy(update={"run_id": run_id}), preds.ref,
                                                scores.ref, judged.ref, gates.ref, name=cfg.name)
         if cfg.feedback is not None:
-            steps["feedback"] = eval_feedback(cfg.feedback, judged.ref, name=cfg.name)
+            steps["feedback"] = evaluate_feedback(cfg.feedback, judged.ref, name=cfg.name)
     summary = {
         "gate_passed": gates.passed, "failed_gates": gates.failed_gates, "gate_values": gates.values,
         "run_id": run_id, "judge": judged.label, "judge_kind": judged.judge_kind,

@@ -15,14 +15,13 @@ from pydantic_core import PydanticCustomError
 from flows.common import flow_lineage, main
 from flows.report import FlowResult
 from nexus_core.artifacts import raw_ref
-from nexus_core.config import NexusModel
-from nexus_core.flowconfig import FlowConfig
-from nexus_core.flux.train_lib import export_outputs
+from nexus_core.config import FlowConfig, NexusModel
+from nexus_core.flux.precompute import PrecomputeConfig
+from nexus_core.flux.prepare import PrepareConfig
+from nexus_core.flux.tiny_pipeline import TinyPipelineConfig
+from nexus_core.flux.train import TrainConfig
+from nexus_core.flux.training import export_outputs
 from nexus_core.models.flux_tiny import TinyFluxConfig
-from nexus_core.steps.flux.precompute import PrecomputeConfig
-from nexus_core.steps.flux.prepare import PrepareConfig
-from nexus_core.steps.flux.tiny_pipeline import TinyPipelineConfig
-from nexus_core.steps.flux.train import TrainConfig
 from tasks.flux_precompute import flux_precompute
 from tasks.flux_prepare import flux_prepare
 from tasks.flux_tiny_pipeline import flux_tiny_pipeline

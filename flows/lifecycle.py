@@ -20,9 +20,9 @@ from flows.evaluate import EvaluateConfig, evaluate
 from flows.llm_train import LLMTrainConfig, llm_train
 from flows.report import FlowResult
 from nexus_core.artifacts import ArtifactRef, raw_ref
-from nexus_core.flowconfig import FlowConfig
-from nexus_core.steps.base_model import BaseModelConfig
-from nexus_core.steps.ingest import IngestConfig
+from nexus_core.config import FlowConfig
+from nexus_core.corpus.ingest import IngestConfig
+from nexus_core.train.base_model import BaseModelConfig
 from tasks.base_model import base_model
 from tasks.ingest import ingest
 

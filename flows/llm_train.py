@@ -20,19 +20,18 @@ from pydantic import Field, model_validator
 from flows.common import flow_lineage, main
 from flows.report import FlowResult
 from nexus_core.artifacts import ArtifactRef, raw_ref
-from nexus_core.config import NexusModel
+from nexus_core.config import FlowConfig, NexusModel
+from nexus_core.corpus.ingest import IngestConfig
 from nexus_core.errors import ConfigError
-from nexus_core.flowconfig import FlowConfig
-from nexus_core.steps.base_model import BaseModelConfig
-from nexus_core.steps.ingest import IngestConfig
-from nexus_core.steps.train.cpt import CPTConfig
-from nexus_core.steps.train.dpo import DPOConfig
-from nexus_core.steps.train.grpo import GRPOConfig
-from nexus_core.steps.train.kd import KDConfig
-from nexus_core.steps.train.orpo import ORPOConfig
-from nexus_core.steps.train.reward import RewardConfig
-from nexus_core.steps.train.sft import SFTConfig
-from nexus_core.training.registry import describe_model
+from nexus_core.train.base_model import BaseModelConfig
+from nexus_core.train.cpt import CPTConfig
+from nexus_core.train.dpo import DPOConfig
+from nexus_core.train.grpo import GRPOConfig
+from nexus_core.train.kd import KDConfig
+from nexus_core.train.orpo import ORPOConfig
+from nexus_core.train.registry import describe_model
+from nexus_core.train.reward import RewardConfig
+from nexus_core.train.sft import SFTConfig
 from tasks.base_model import base_model as base_model_task
 from tasks.ingest import ingest
 from tasks.train_cpt import train_cpt

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nexus_core.errors import ConfigError
 
@@ -174,9 +174,42 @@ def config_dict(cfg: BaseModel | dict[str, Any]) -> dict[str, Any]:
     return redact(data)
 
 
-def config_hash(cfg: BaseModel | dict[str, Any], exclude: set[str] | frozenset[str] = frozenset()) -> str:
-    """Stable sha256 of a config (top-level keys in ``exclude`` left out), 16 hex chars."""
-    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else dict(cfg)
+def runtime_field(default: Any, description: str, **kwargs: Any) -> Any:
+    """A config field that tunes how a step runs, not what it produces (worker counts, log intervals):
+    left out of cache keys, so changing it reuses finished results."""
+    return Field(default, description=description, json_schema_extra={"nexus_runtime": True}, **kwargs)
+
+
+def _without_runtime(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        out = {}
+        for name, info in type(value).model_fields.items():
+            extra = info.json_schema_extra
+            if isinstance(extra, dict) and extra.get("nexus_runtime"):
+                continue
+            out[name] = _without_runtime(getattr(value, name))
+        return out
+    if isinstance(value, dict):
+        return {k: _without_runtime(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_runtime(v) for v in value]
+    return value
+
+
+def config_hash(cfg: BaseModel | dict[str, Any], exclude: set[str] | frozenset[str] = frozenset(),
+                runtime: bool = True) -> str:
+    """Stable sha256 of a config (top-level keys in ``exclude`` left out), 16 hex chars.
+
+    ``runtime=False`` also leaves out fields declared with :func:`runtime_field` (cache keys).
+    """
+    if isinstance(cfg, BaseModel):
+        data = cfg.model_dump(mode="json")
+        if not runtime:
+            from pydantic_core import to_jsonable_python
+
+            data = to_jsonable_python(_without_runtime(cfg))
+    else:
+        data = dict(cfg)
     data = {k: v for k, v in data.items() if k not in exclude}
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -192,3 +225,25 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+class FlowConfig(NexusModel):
+    """Flow config base: ``extends`` loads a YAML preset (with its own extends) under the given values."""
+
+    extends: str | None = Field(None, description="YAML preset this config starts from (path from repo root)")
+    overrides: list[str] = Field(default_factory=list, description="key.sub=value overrides applied last")
+    budget_usd: float | None = Field(None, ge=0, description="Spend limit for one run of this flow (API + GPU); "
+                                     "steps refuse to start once it is used up")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_extends(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("extends"):
+            base = load_yaml(data["extends"])
+            base.pop("overrides", None)
+            data = deep_merge(base, data)
+        if data.get("overrides"):
+            data = deep_merge(data, parse_overrides(data["overrides"]))
+        return data

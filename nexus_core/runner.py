@@ -1,28 +1,33 @@
 """The spine: run a step, publish its artifact with a manifest, record lineage, catalog and cost.
 
-A step is a plain function ``run_<step>(cfg, *, inputs, out_uri) -> <Step>Result`` that writes its
-files under ``out_uri`` and returns a small result. :func:`run_step` wraps it:
+A step is a plain function ``run_<step>(cfg, *, inputs, out_uri, ctx) -> <Step>Result`` marked with
+its contract (:func:`nexus_core.contract.step`). It writes its files under ``out_uri`` and returns a
+small result. :func:`run_step` wraps it:
 
-1. If a finished version of the artifact was made by the same step code, config and input
-   digests, return its stored result without work (idempotent re-runs, even outside Prefect).
-2. Otherwise run the step in a staging directory, inside an MLflow run.
-3. Publish: digest the files, write ``manifest.json`` last, rename into ``<name>_v<N>``.
-4. Record the artifact, the step run and its cost in the catalog.
+1. Check the inputs against the step's contract, before any work.
+2. If a finished version of the artifact has the same cache key (config, input digests, code of the
+   step and every in-repo module it imports, files it reads: :mod:`nexus_core.cachekey`), return its
+   stored result without work (idempotent re-runs, even outside Prefect).
+3. Otherwise run the step in a staging directory, inside an MLflow run, with a
+   :class:`~nexus_core.context.StepContext` (MLflow run, work dir, progress).
+4. Publish: digest the files, write ``manifest.json`` last, rename into ``<name>_v<N>``; delete the
+   step's work dir (its checkpoints are no longer needed).
+5. Record the artifact, the step run and its cost in the catalog.
 
-If the step raises, the staging directory is removed: no manifest, earlier versions untouched.
+If the step raises, the staging directory is removed: no manifest, earlier versions untouched; the
+work dir stays, so a re-run resumes from its checkpoints.
 """
 
 from __future__ import annotations
 
-import inspect
-import sys
+import os
 import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from nexus_core import catalog, lineage
 from nexus_core.artifacts import (
@@ -35,12 +40,15 @@ from nexus_core.artifacts import (
     publish,
     read_manifest,
     remove_tree,
-    source_hash,
     staging_dir,
     version_dir,
 )
+from nexus_core.cachekey import code_hash, step_key
 from nexus_core.config import config_dict, config_hash
+from nexus_core.context import ProgressFn, StepContext
+from nexus_core.contract import check_inputs, contract_of
 from nexus_core.costs import Cost, check_budget, flow_budget
+from nexus_core.settings import nexus_home
 
 R = TypeVar("R", bound="StepResult")
 
@@ -59,30 +67,29 @@ class StepResult(BaseModel):
 class RunContext(BaseModel):
     """Where a step runs: filled by the Prefect task wrapper, empty when called directly."""
 
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
     flow_name: str | None = None
     flow_run_id: str | None = None
     task_run_id: str | None = None
+    progress: ProgressFn | None = Field(default=None, exclude=True, description="Progress reporter (Prefect UI)")
 
 
 def step_name(fn: Callable[..., Any]) -> str:
-    """Dotted name of a step function, e.g. ``nexus_core.steps.distill.inputs.run_teacher_inputs``."""
+    """Dotted name of a step function, e.g. ``nexus_core.distill.inputs.run_teacher_inputs``."""
     return f"{fn.__module__}.{fn.__name__}"
 
 
-def step_code_hash(fn: Callable[..., Any], *extra_sources: str) -> str:
-    """Hash of the step module's source plus extra texts (prompt templates, rules files)."""
-    module = sys.modules[fn.__module__]
-    return source_hash(inspect.getsource(module), *extra_sources)
+def work_dir_for(area: str, name: str, key: str) -> Path:
+    """The stable work dir of a step execution: ``NEXUS_HOME/work/<area>/<name>-<key>``."""
+    return nexus_home() / "work" / area / f"{name}-{key[:16]}"
 
 
-def find_reusable(area: str, name: str, step: str, chash: str, code: str,
-                  inputs: dict[str, ArtifactRef]) -> Manifest | None:
-    """The newest finished artifact made by the same step code, config and input digests."""
-    digests = {k: v.digest for k, v in inputs.items()}
+def find_reusable(area: str, name: str, key: str) -> Manifest | None:
+    """The newest finished artifact ``<area>/<name>`` made with the same cache key."""
     for version in reversed(list_versions(area, name)):
         m = read_manifest(version_dir(area, name, version))
-        if (m.step == step and m.config_hash == chash and m.code_hash == code
-                and {k: v.digest for k, v in m.inputs.items()} == digests):
+        if m.cache_key == key:
             return m
     return None
 
@@ -91,22 +98,26 @@ def run_step(
     fn: Callable[..., R],
     cfg: BaseModel,
     *,
-    area: str,
     name: str,
-    kind: str = "dataset",
-    inputs: dict[str, ArtifactRef] | None = None,
+    inputs: dict[str, ArtifactRef | None] | None = None,
     context: RunContext | None = None,
-    extra_sources: tuple[str, ...] = (),
 ) -> R:
-    """Run ``fn`` through the spine (see module docstring) and return its result with ``ref`` set."""
-    inputs = dict(inputs or {})
+    """Run ``fn`` through the spine (see module docstring) and return its result with ``ref`` set.
+
+    The artifact's area and kind come from the step's contract; ``inputs`` set to None are left out.
+    """
+    contract = contract_of(fn)
+    area, kind = contract.area, contract.kind
+    inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
     context = context or RunContext()
     step = step_name(fn)
     result_cls: type[R] = typing.get_type_hints(fn)["return"]
+    check_inputs(fn, inputs)
     chash = config_hash(cfg)
-    code = step_code_hash(fn, *extra_sources)
+    code = code_hash(fn)
+    key = step_key(fn, cfg, inputs)
 
-    existing = find_reusable(area, name, step, chash, code, inputs)
+    existing = find_reusable(area, name, key)
     if existing is not None:
         result = result_cls.model_validate(existing.result)
         result.ref, result.reused = existing.ref(), True
@@ -123,21 +134,25 @@ def run_step(
     started, t0 = now_iso(), time.perf_counter()
     staging = staging_dir(area, name)
     version_info = code_version()
-    tags = {"nexus.config_hash": chash, "nexus.code_hash": code, "prefect.task_run_id": context.task_run_id,
+    tags = {"nexus.config_hash": chash, "nexus.code_hash": code, "nexus.cache_key": key, "prefect.task_run_id": context.task_run_id,
             "mlflow.source.git.commit": version_info["git_sha"]}
     mlflow_run_id = None
     try:
         with lineage.step_run(step, cfg_dict, tags, context.flow_name, context.flow_run_id) as run:
             mlflow_run_id = run.run_id
             run.log_inputs(inputs)
-            result = fn(cfg, inputs=inputs, out_uri=str(staging))
+            work = work_dir_for(area, name, key)
+            work.mkdir(parents=True, exist_ok=True)
+            ctx = StepContext(step=step, work_dir=work, run=run, on_progress=context.progress)
+            ctx.info(f"pid {os.getpid()}, work dir {work}")
+            result = fn(cfg, inputs=inputs, out_uri=str(staging), ctx=ctx)
             digest, nbytes = dir_digest(staging)
 
             def make_manifest(version: int, target: Path) -> Manifest:
                 return Manifest(
                     kind=kind, name=name, version=version, uri=str(target), digest=digest,
                     step=step, rows=result.rows, bytes=nbytes, schema=result.columns, config=cfg_dict,
-                    config_hash=chash, code_hash=code, inputs=inputs, code_version=version_info,
+                    config_hash=chash, code_hash=code, cache_key=key, inputs=inputs, code_version=version_info,
                     metrics=result.metrics, cost=result.cost.model_dump(exclude={"provider", "model"}),
                     result=result.model_dump(mode="json", exclude={"ref", "reused"}),
                     prefect={"flow_run_id": context.flow_run_id, "task_run_id": context.task_run_id,
@@ -152,6 +167,7 @@ def run_step(
                     {"nexus.output_uri": manifest.uri, "nexus.output_digest": digest,
                      "nexus.artifact": f"{name}@v{manifest.version}"})
             run.log_file(Path(manifest.uri) / "manifest.json")
+        remove_tree(work)  # published: checkpoints of this execution are no longer needed
     except BaseException as exc:
         remove_tree(staging)
         catalog.add(catalog.StepRunRow(

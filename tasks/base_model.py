@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.runner import run_step
-from nexus_core.steps.base_model import BaseModelConfig, BaseModelResult, run_base_model
+from nexus_core.train.base_model import BaseModelConfig, BaseModelResult, run_base_model
 from tasks.common import nexus_task, run_context
 
 
@@ -12,5 +12,5 @@ from tasks.common import nexus_task, run_context
 def base_model(cfg: BaseModelConfig, corpus: ArtifactRef | None = None, name: str = "base") -> BaseModelResult:
     """Build the tiny preset model on ``corpus``, or copy a pretrained one, into ``models/<name>_vN``."""
     inputs = {"corpus": corpus} if corpus else {}
-    return run_step(run_base_model, cfg, area="models", name=name, kind="model", inputs=inputs,
+    return run_step(run_base_model, cfg, name=name, inputs=inputs,
                     context=run_context())

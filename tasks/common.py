@@ -1,70 +1,80 @@
-"""Prefect conventions every task shares: cache policy, persisted results, run context.
+"""Prefect conventions every task shares: cache policy, persisted results, run context, progress.
 
-The cache key is our own policy, never Prefect's DEFAULT (which includes the run id):
-task inputs + the *step module's* source (Prefect's TASK_SOURCE only sees the thin wrapper)
-+ extra sources such as prompt templates + the data root (a cached result points at files there).
-Parameters named in ``runtime`` (worker counts, log intervals) are left out of the key.
+A task wrapper names the step it runs; its cache key is the spine's (:func:`nexus_core.cachekey.step_key`)
+over the task's parameters: the ``cfg`` parameter is the step config, every ``ArtifactRef`` parameter
+an input, and the remaining parameters (an artifact name) join as plain values. The data root's id
+joins too (a deleted and re-created data root misses, instead of returning refs to nothing).
+Never Prefect's DEFAULT, which includes the run id. Wrappers list nothing by hand.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import INPUTS, CachePolicy
+from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run, task_run
 
-from nexus_core.artifacts import data_root_id, source_hash
-from nexus_core.runner import RunContext, step_code_hash
-from nexus_core.settings import data_root
+from nexus_core.artifacts import ArtifactRef, data_root_id
+from nexus_core.cachekey import step_key
+from nexus_core.runner import RunContext
 
 
 @dataclass
-class StepSource(CachePolicy):
-    """Cache key part: the step module's source, any extra texts it depends on, and the data root's
-    path and id (a deleted and re-created data root misses, instead of returning refs to nothing)."""
+class StepKey(CachePolicy):
+    """Cache key of a task that runs one step: the spine's key over the task's parameters."""
 
     step_fn: Callable[..., Any] | None = None
-    extra_sources: Callable[[dict[str, Any]], Iterable[str]] | None = field(default=None, repr=False)
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        extra = tuple(self.extra_sources(inputs)) if self.extra_sources else ()
-        return source_hash(step_code_hash(self.step_fn, *extra), str(data_root()), data_root_id())
+        assert self.step_fn is not None
+        refs, others = {}, {}
+        for k, v in inputs.items():
+            if isinstance(v, ArtifactRef):
+                refs[k] = v
+            elif isinstance(v, dict) and v and all(isinstance(r, ArtifactRef) for r in v.values()):
+                refs.update({f"{k}.{kk}": r for kk, r in v.items()})  # a named set of inputs
+            elif k != "cfg" and v is not None:
+                others[k] = v
+        return step_key(self.step_fn, inputs.get("cfg"), refs,
+                        extra={"params": others, "data_root": data_root_id()})
 
 
-def step_cache_policy(step_fn: Callable[..., Any], runtime: Iterable[str] = (),
-                      extra_sources: Callable[[dict[str, Any]], Iterable[str]] | None = None) -> CachePolicy:
-    """INPUTS (minus runtime knobs) + the step module's source + extra sources + data root."""
-    inputs_policy = INPUTS
-    for name in runtime:
-        inputs_policy = inputs_policy - name
-    return inputs_policy + StepSource(step_fn=step_fn, extra_sources=extra_sources)
+def nexus_task(step_fn: Callable[..., Any], **task_kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+    """``@task`` with the spine's cache key, persisted results and a ``nexus`` tag.
 
-
-def nexus_task(step_fn: Callable[..., Any], *, runtime: Iterable[str] = (),
-               extra_sources: Callable[[dict[str, Any]], Iterable[str]] | None = None,
-               **task_kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
-    """``@task`` with Nexus's cache policy, persisted results and a ``nexus`` tag.
-
-    ``step_fn`` is the ``run_<step>`` function the wrapper calls; its module's source joins the key.
+    ``step_fn`` is the ``run_<step>`` function the wrapper calls.
     """
     tags = {"nexus", *task_kwargs.pop("tags", ())}
-    return task(
-        cache_policy=step_cache_policy(step_fn, runtime, extra_sources),
-        persist_result=True,
-        tags=tags,
-        **task_kwargs,
-    )
+    return task(cache_policy=StepKey(step_fn=step_fn), persist_result=True, tags=tags, **task_kwargs)
+
+
+def _progress_reporter() -> Callable[[float, str], None]:
+    """A progress artifact in the Prefect UI for the current task run, updated in place."""
+    artifact_id: list[Any] = []
+
+    def report(fraction: float, message: str) -> None:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        percent = round(100 * fraction, 1)
+        if not artifact_id:
+            artifact_id.append(create_progress_artifact(percent, description=message))
+        else:
+            update_progress_artifact(artifact_id[0], percent, description=message)
+
+    return report
 
 
 def run_context() -> RunContext:
-    """Prefect ids of the current flow and task run, for manifests, catalog and MLflow tags."""
+    """Prefect ids of the current flow and task run (for manifests, catalog, MLflow tags) and a
+    progress reporter that shows long steps' progress in the Prefect UI."""
     return RunContext(
         flow_name=flow_run.get_flow_name(),
         flow_run_id=flow_run.get_id(),
         task_run_id=task_run.get_id(),
+        progress=_progress_reporter(),
     )

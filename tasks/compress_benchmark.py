@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.compress.benchmark import BenchmarkConfig, BenchmarkResult, run_benchmark
 from nexus_core.runner import run_step
-from nexus_core.steps.compress.benchmark import BenchmarkConfig, BenchmarkResult, run_benchmark
 from tasks.common import nexus_task, run_context
 
 
@@ -15,5 +15,5 @@ def benchmark(cfg: BenchmarkConfig, base: ArtifactRef, variants: dict[str, Artif
     if {"base", "heldout"} & set(variants):
         raise ValueError("variant names 'base' and 'heldout' are reserved")
     inputs = {"base": base, **variants, **({"heldout": heldout} if heldout else {})}
-    return run_step(run_benchmark, cfg, area="compress", name=name, kind="report", inputs=inputs,
+    return run_step(run_benchmark, cfg, name=name, inputs=inputs,
                     context=run_context())

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.compress.export import ExportConfig, ExportResult, run_export
 from nexus_core.runner import run_step
-from nexus_core.steps.compress.export import ExportConfig, ExportResult, run_export
 from tasks.common import nexus_task, run_context
 
 
 @nexus_task(run_export, name="compress-export")
 def export(cfg: ExportConfig, model: ArtifactRef, name: str = "export") -> ExportResult:
     """Export ``model`` into ``compress/<name>_vN``."""
-    return run_step(run_export, cfg, area="compress", name=name, kind="model", inputs={"model": model},
+    return run_step(run_export, cfg, name=name, inputs={"model": model},
                     context=run_context())

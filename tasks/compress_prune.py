@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.compress.prune import PruneConfig, PruneResult, run_prune
 from nexus_core.runner import run_step
-from nexus_core.steps.compress.prune import PruneConfig, PruneResult, run_prune
 from tasks.common import nexus_task, run_context
 
 
@@ -13,4 +13,4 @@ def prune(cfg: PruneConfig, model: ArtifactRef, calibration: ArtifactRef | None 
           name: str = "pruned") -> PruneResult:
     """Prune ``model`` into ``compress/<name>_vN`` (calibration drives layer importance and recovery)."""
     inputs = {"model": model, **({"calibration": calibration} if calibration else {})}
-    return run_step(run_prune, cfg, area="compress", name=name, kind="model", inputs=inputs, context=run_context())
+    return run_step(run_prune, cfg, name=name, inputs=inputs, context=run_context())

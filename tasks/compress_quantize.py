@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.compress.quantize import QuantizeConfig, QuantizeResult, run_quantize
 from nexus_core.runner import run_step
-from nexus_core.steps.compress.quantize import QuantizeConfig, QuantizeResult, run_quantize
 from tasks.common import nexus_task, run_context
 
 
@@ -13,5 +13,5 @@ def quantize(cfg: QuantizeConfig, model: ArtifactRef, calibration: ArtifactRef |
              name: str = "quantized") -> QuantizeResult:
     """Quantize ``model`` into ``compress/<name>_vN`` (calibration needed for int8_static and mixed)."""
     inputs = {"model": model, **({"calibration": calibration} if calibration else {})}
-    return run_step(run_quantize, cfg, area="compress", name=name, kind="model", inputs=inputs,
+    return run_step(run_quantize, cfg, name=name, inputs=inputs,
                     context=run_context())

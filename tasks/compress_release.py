@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.compress.release import ReleaseConfig, ReleaseResult, run_release
 from nexus_core.runner import run_step
-from nexus_core.steps.compress.release import ReleaseConfig, ReleaseResult, run_release
 from tasks.common import nexus_task, run_context
 
 
@@ -12,5 +12,5 @@ from tasks.common import nexus_task, run_context
 def release(cfg: ReleaseConfig, benchmark: ArtifactRef, models: dict[str, ArtifactRef],
             name: str = "release") -> ReleaseResult:
     """Release one of ``models`` (keys as in the benchmark table) per the policy in ``cfg``."""
-    return run_step(run_release, cfg, area="compress", name=name, kind="release",
+    return run_step(run_release, cfg, name=name,
                     inputs={"benchmark": benchmark, **models}, context=run_context())

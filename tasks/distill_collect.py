@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.distill.collect import CollectConfig, CollectResult, run_teacher_collect
 from nexus_core.runner import run_step
-from nexus_core.steps.distill.collect import CollectConfig, CollectResult, run_teacher_collect
 from tasks.common import nexus_task, run_context
 
 
@@ -12,5 +12,5 @@ from tasks.common import nexus_task, run_context
 @nexus_task(run_teacher_collect, name="distill-collect", retries=1, retry_delay_seconds=5)
 def teacher_collect(cfg: CollectConfig, teacher_inputs: ArtifactRef, name: str = "collected") -> CollectResult:
     """Ask the teacher about every teacher-input row into ``distill/<name>_vN``."""
-    return run_step(run_teacher_collect, cfg, area="distill", name=name,
+    return run_step(run_teacher_collect, cfg, name=name,
                     inputs={"teacher_inputs": teacher_inputs}, context=run_context())

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.distill.package import PackageConfig, PackageResult, run_sft_package
 from nexus_core.runner import run_step
-from nexus_core.steps.distill.package import PackageConfig, PackageResult, run_sft_package
 from tasks.common import nexus_task, run_context
 
 
@@ -13,4 +13,4 @@ def sft_package(cfg: PackageConfig, regenerated: ArtifactRef, rereviewed: Artifa
                 name: str = "sft") -> PackageResult:
     """Write the SFT dataset ``distill/<name>_vN`` (``rereviewed``: the second review of regenerated rows)."""
     inputs = {"regenerated": regenerated, **({"rereviewed": rereviewed} if rereviewed else {})}
-    return run_step(run_sft_package, cfg, area="distill", name=name, inputs=inputs, context=run_context())
+    return run_step(run_sft_package, cfg, name=name, inputs=inputs, context=run_context())

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.distill.review import ReviewConfig, ReviewResult, run_review
 from nexus_core.runner import run_step
-from nexus_core.steps.distill.review import ReviewConfig, ReviewResult, run_review
 from tasks.common import nexus_task, run_context
 
 
@@ -12,5 +12,5 @@ from tasks.common import nexus_task, run_context
 @nexus_task(run_review, name="distill-review")
 def review(cfg: ReviewConfig, filtered: ArtifactRef, name: str = "reviewed") -> ReviewResult:
     """Decide every filtered row into ``distill/<name>_vN`` with label exports."""
-    return run_step(run_review, cfg, area="distill", name=name, inputs={"filtered": filtered},
+    return run_step(run_review, cfg, name=name, inputs={"filtered": filtered},
                     context=run_context())

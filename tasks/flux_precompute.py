@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.flux.precompute import PrecomputeConfig, PrecomputeResult, run_precompute
 from nexus_core.runner import run_step
-from nexus_core.steps.flux.precompute import PrecomputeConfig, PrecomputeResult, run_precompute
 from tasks.common import nexus_task, run_context
 
 
@@ -15,4 +15,4 @@ def flux_precompute(cfg: PrecomputeConfig, prepared: ArtifactRef, pipeline: Arti
     inputs = {"prepared": prepared}
     if pipeline is not None:
         inputs["pipeline"] = pipeline
-    return run_step(run_precompute, cfg, area="flux", name=name, inputs=inputs, context=run_context())
+    return run_step(run_precompute, cfg, name=name, inputs=inputs, context=run_context())

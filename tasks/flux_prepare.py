@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.flux.prepare import PrepareConfig, PrepareResult, run_prepare
 from nexus_core.runner import run_step
-from nexus_core.steps.flux.prepare import PrepareConfig, PrepareResult, run_prepare
 from tasks.common import nexus_task, run_context
 
 
@@ -17,4 +17,4 @@ def flux_prepare(cfg: PrepareConfig, source: ArtifactRef, class_dir: ArtifactRef
         inputs["class_dir"] = class_dir
     if pipeline is not None:
         inputs["pipeline"] = pipeline
-    return run_step(run_prepare, cfg, area="flux", name=name, inputs=inputs, context=run_context())
+    return run_step(run_prepare, cfg, name=name, inputs=inputs, context=run_context())

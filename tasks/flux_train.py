@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.flux.train import TrainConfig, TrainResult, run_train
 from nexus_core.runner import run_step
-from nexus_core.steps.flux.train import TrainConfig, TrainResult, run_train
 from tasks.common import nexus_task, run_context
 
 
@@ -15,4 +15,4 @@ def flux_train(cfg: TrainConfig, precomputed: ArtifactRef, pipeline: ArtifactRef
     inputs = {"precomputed": precomputed}
     if pipeline is not None:
         inputs["pipeline"] = pipeline
-    return run_step(run_train, cfg, area="models", name=name, kind="model", inputs=inputs, context=run_context())
+    return run_step(run_train, cfg, name=name, inputs=inputs, context=run_context())

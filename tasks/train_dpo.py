@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.runner import run_step
-from nexus_core.steps.train.dpo import DPOConfig, DPOResult, run_dpo
+from nexus_core.train.dpo import DPOConfig, DPOResult, run_dpo
 from tasks.common import nexus_task, run_context
 
 
 @nexus_task(run_dpo, name="train-dpo")
 def train_dpo(cfg: DPOConfig, model: ArtifactRef, data: ArtifactRef, name: str = "dpo") -> DPOResult:
     """Train ``model`` on ``data`` into ``train/<name>_vN`` (resumes from its checkpoints if killed)."""
-    return run_step(run_dpo, cfg, area="train", name=name, kind="model", inputs={"model": model, "data": data},
+    return run_step(run_dpo, cfg, name=name, inputs={"model": model, "data": data},
                     context=run_context())

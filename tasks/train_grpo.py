@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.runner import run_step
-from nexus_core.steps.train.grpo import GRPOConfig, GRPOResult, run_grpo
+from nexus_core.train.grpo import GRPOConfig, GRPOResult, run_grpo
 from tasks.common import nexus_task, run_context
 
 
@@ -13,4 +13,4 @@ def train_grpo(cfg: GRPOConfig, model: ArtifactRef, data: ArtifactRef, name: str
                reward_model: ArtifactRef | None = None) -> GRPOResult:
     """GRPO on ``data``'s prompts into ``train/<name>_vN`` (RL against ``reward_model`` when given)."""
     inputs = {"model": model, "data": data, **({"reward_model": reward_model} if reward_model else {})}
-    return run_step(run_grpo, cfg, area="train", name=name, kind="model", inputs=inputs, context=run_context())
+    return run_step(run_grpo, cfg, name=name, inputs=inputs, context=run_context())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.runner import run_step
-from nexus_core.steps.train.kd import KDConfig, KDResult, run_kd
+from nexus_core.train.kd import KDConfig, KDResult, run_kd
 from tasks.common import nexus_task, run_context
 
 
@@ -13,4 +13,4 @@ def train_kd(cfg: KDConfig, model: ArtifactRef, data: ArtifactRef, name: str = "
              teacher: ArtifactRef | None = None) -> KDResult:
     """Distil ``teacher`` (or the teacher logprobs stored in ``data``) into ``model`` → ``train/<name>_vN``."""
     inputs = {"model": model, "data": data, **({"teacher": teacher} if teacher else {})}
-    return run_step(run_kd, cfg, area="train", name=name, kind="model", inputs=inputs, context=run_context())
+    return run_step(run_kd, cfg, name=name, inputs=inputs, context=run_context())

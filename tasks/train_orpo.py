@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.runner import run_step
-from nexus_core.steps.train.orpo import ORPOConfig, ORPOResult, run_orpo
+from nexus_core.train.orpo import ORPOConfig, ORPOResult, run_orpo
 from tasks.common import nexus_task, run_context
 
 
 @nexus_task(run_orpo, name="train-orpo")
 def train_orpo(cfg: ORPOConfig, model: ArtifactRef, data: ArtifactRef, name: str = "orpo") -> ORPOResult:
     """Train ``model`` on ``data`` into ``train/<name>_vN`` (resumes from its checkpoints if killed)."""
-    return run_step(run_orpo, cfg, area="train", name=name, kind="model", inputs={"model": model, "data": data},
+    return run_step(run_orpo, cfg, name=name, inputs={"model": model, "data": data},
                     context=run_context())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.training.registry import register_model
+from nexus_core.train.registry import register_model
 
 
 @task(name="train-register", tags=["nexus"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 import streamlit as st
 
-from nexus_core import review_lib
+from nexus_core.distill import review_store
 from nexus_core.settings import configure_environment
 
 configure_environment()
@@ -23,7 +23,7 @@ configure_environment()
 st.title("Review")
 st.caption("Accept, reject or edit distilled rows; submitting resumes the waiting distill flow run.")
 
-waiting = review_lib.requests(status="waiting")
+waiting = review_store.requests(status="waiting")
 options: dict[str, tuple[str, int | None, str | None]] = {}
 for req in waiting:
     options[f"waiting · {Path(req.dataset_uri).name} · run {req.flow_run_id}"] = (
@@ -49,7 +49,7 @@ if not table.is_file():
     st.error(f"{table}: not found")
     st.stop()
 df = pl.read_parquet(table)
-labels = review_lib.latest_labels(dataset_uri)
+labels = review_store.latest_labels(dataset_uri)
 n = df.height
 idx = min(st.session_state.get("idx", 0), n - 1)
 st.session_state["idx"] = idx
@@ -75,7 +75,7 @@ note = st.text_input("Note (optional)", key=f"note-{idx}")
 
 
 def _label(decision: str) -> None:
-    review_lib.add_label(dataset_uri, row["row_id"], decision, reviewer,
+    review_store.add_label(dataset_uri, row["row_id"], decision, reviewer,
                          edited_output=edited if decision == "edit" else None, note=note or None)
     st.session_state["idx"] = min(idx + 1, n - 1)
 
@@ -104,7 +104,7 @@ elif st.button(f"Submit batch ({len(labels)} labels) and resume the flow", key="
     from prefect.client.orchestration import get_client
     from prefect.flow_runs import resume_flow_run
 
-    run_input = {"reviewer": reviewer, "labels_digest": review_lib.labels_digest(dataset_uri),
+    run_input = {"reviewer": reviewer, "labels_digest": review_store.labels_digest(dataset_uri),
                  "labels": len(labels)}
     try:
         # The flow records its request just before it pauses: a quick reviewer can get here first.
@@ -119,6 +119,6 @@ elif st.button(f"Submit batch ({len(labels)} labels) and resume the flow", key="
     except Exception as exc:  # noqa: BLE001 - show the reason (not paused, timed out, API down)
         st.error(f"Could not resume flow run {flow_run_id}: {type(exc).__name__}: {exc}")
     else:
-        review_lib.mark_submitted(request_id, reviewer)
+        review_store.mark_submitted(request_id, reviewer)
         st.success(f"Submitted {len(labels)} labels; flow run {flow_run_id} resumed.")
         st.code(json.dumps(run_input), language="json")

@@ -1,1 +1,1 @@
-"""Flux.2 helpers shared by the flux steps: losses and weightings, MDS shard I/O, latent packing."""
+"""Flux.2: prepare, precompute, train and tiny-pipeline steps, and their helpers (losses, MDS I/O, encoding)."""

@@ -6,6 +6,7 @@ from nexus_core.io.tables import (
     read_jsonl,
     read_table,
     require_columns,
+    row_id,
     schema_of,
     write_jsonl,
     write_parquet,
@@ -13,5 +14,5 @@ from nexus_core.io.tables import (
 
 __all__ = [
     "DataQuery", "DatasetInfo", "iter_jsonl", "load_table", "parse_spec", "read_jsonl", "read_table",
-    "require_columns", "schema_of", "write_jsonl", "write_parquet",
+    "require_columns", "row_id", "schema_of", "write_jsonl", "write_parquet",
 ]

@@ -6,6 +6,7 @@ Tables are polars DataFrames. Writes are atomic: a reader never sees half a file
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 from collections.abc import Iterable, Iterator
@@ -123,3 +124,8 @@ def write_jsonl(rows: Iterable[dict[str, Any]] | pl.DataFrame, path: str | Path)
 def schema_of(df: pl.DataFrame) -> dict[str, str]:
     """Column name -> polars dtype string (what manifests record as schema)."""
     return {name: str(dtype) for name, dtype in df.schema.items()}
+
+
+def row_id(*parts: str) -> str:
+    """Stable id of a row from the things that define it."""
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:16]

@@ -8,13 +8,13 @@ import polars as pl
 import pytest
 
 from nexus_core.artifacts import ArtifactRef, raw_ref
+from nexus_core.compress.prune import PruneConfig, run_prune
+from nexus_core.compress.quantize import QuantizeConfig, run_quantize
 from nexus_core.config import load_config
 from nexus_core.errors import ConfigError, InputError, StepError
 from nexus_core.models.compressed import load_compressed
 from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm, load_llm
 from nexus_core.runner import run_step
-from nexus_core.steps.compress.prune import PruneConfig, run_prune
-from nexus_core.steps.compress.quantize import QuantizeConfig, run_quantize
 
 TEXTS = [f"sample {i}: the cat sat on the mat while a dog ran in the park and models learn from data"
          for i in range(12)]
@@ -140,7 +140,7 @@ def test_export_folds_a_lora_adapter_into_merged_safetensors(assets: dict[str, A
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from nexus_core.steps.compress.export import ExportConfig, run_export
+    from nexus_core.compress.export import ExportConfig, run_export
 
     base = AutoModelForCausalLM.from_pretrained(assets["model"].uri)
     peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))

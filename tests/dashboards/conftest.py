@@ -1,7 +1,7 @@
 """A store filled by a real tiny run, for the dashboard tests.
 
 Every artifact goes through ``nexus_core.runner.run_step`` (manifest, MLflow run, catalog rows):
-ingest of raw teacher rows, the real distill filters, human labels through ``review_lib``, a tiny
+ingest of raw teacher rows, the real distill filters, human labels through ``review_store``, a tiny
 base model, a few real SFT steps (loss / learning-rate / tokens-per-second curves in MLflow), a
 teacher-API spend and a GPU spend under a flow run with a budget. The leaderboard is filled by the
 real evaluation steps on that SFT model (offline preset, heuristic judge) and ``eval_lib.record_report``,
@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 from pydantic import Field
 
-from nexus_core import lineage, review_lib
+from nexus_core import lineage
 from nexus_core.artifacts import ArtifactRef, atomic_write_json, raw_ref
 from nexus_core.config import NexusModel
+from nexus_core.distill import review_store
 from nexus_core.runner import Cost, RunContext, StepResult, run_step
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,10 +57,10 @@ def run_spend(cfg: SpendConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
 
 
 def _fill(tmp: Path) -> dict:
-    from nexus_core.steps.base_model import BaseModelConfig, run_base_model
-    from nexus_core.steps.distill.filters import FiltersConfig, run_distill_filters
-    from nexus_core.steps.ingest import IngestConfig, run_ingest
-    from nexus_core.steps.train.sft import SFTConfig, run_sft
+    from nexus_core.corpus.ingest import IngestConfig, run_ingest
+    from nexus_core.distill.filters import FiltersConfig, run_distill_filters
+    from nexus_core.train.base_model import BaseModelConfig, run_base_model
+    from nexus_core.train.sft import SFTConfig, run_sft
 
     raw = tmp / "teacher_rows.jsonl"
     # ``output`` makes the rows trainable as SFT pairs (input/output) after filtering.
@@ -70,7 +71,7 @@ def _fill(tmp: Path) -> dict:
     filtered = run_step(run_distill_filters, FiltersConfig(rules=str(REPO / "configs/distill/filters.yaml")),
                         area="dash", name="dash_filtered", inputs={"collected": collected.ref})
     for row_id, decision in [("r1", "accept"), ("r2", "reject"), ("r3", "edit"), ("r2", "accept")]:
-        review_lib.add_label(filtered.ref.uri, row_id, decision, reviewer="ana",
+        review_store.add_label(filtered.ref.uri, row_id, decision, reviewer="ana",
                              edited_output="Fixed answer." if decision == "edit" else None, note=f"{decision} it")
 
     corpus = run_step(run_ingest, IngestConfig(sources=[str(REPO / "data/raw/scientific/abstracts.jsonl")]),
@@ -111,13 +112,13 @@ def evaluated(filled_store) -> dict:
     """The evaluation steps (tiny offline preset: heuristic judge, its gates) on the fixture's SFT model,
     each through run_step, and the report put on the leaderboard as the evaluate flow does."""
     from nexus_core.config import load_config
-    from nexus_core.eval_lib import record_report
-    from nexus_core.steps.evaluate.gates import GatesConfig, run_gates
-    from nexus_core.steps.evaluate.judge import JudgeConfig, run_judge
-    from nexus_core.steps.evaluate.predict import PredictConfig, run_predict
-    from nexus_core.steps.evaluate.report import ReportConfig, run_report
-    from nexus_core.steps.evaluate.score import ScoreConfig, run_score
-    from nexus_core.steps.ingest import IngestConfig, run_ingest
+    from nexus_core.corpus.ingest import IngestConfig, run_ingest
+    from nexus_core.evaluate.gates import GatesConfig, run_gates
+    from nexus_core.evaluate.judge import JudgeConfig, run_judge
+    from nexus_core.evaluate.predict import PredictConfig, run_predict
+    from nexus_core.evaluate.records import record_report
+    from nexus_core.evaluate.report import ReportConfig, run_report
+    from nexus_core.evaluate.score import ScoreConfig, run_score
 
     preset = REPO / "configs/eval/tiny.yaml"
     raw = REPO / "data/raw/eval/tiny_validation.jsonl"
@@ -156,7 +157,7 @@ def suspended_run(prefect_harness, filled_store) -> str:
     with get_client(sync_client=True) as client:
         created = client.create_flow_run(distill_standin, name="dash-waiting",
                                          state=Suspended(timeout_seconds=3600))
-    review_lib.open_request(filled_store["filtered"].uri, str(created.id), "distill", filled_store["filtered"].rows)
+    review_store.open_request(filled_store["filtered"].uri, str(created.id), "distill", filled_store["filtered"].rows)
     return str(created.id)
 
 

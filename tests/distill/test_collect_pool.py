@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 
 from nexus_core.artifacts import raw_ref
-from nexus_core.distill_lib import TeacherConfig
-from nexus_core.llm_client import LLMClient, LLMConfig, ResponseCache
-from nexus_core.steps.distill.collect import CollectConfig, run_teacher_collect
+from nexus_core.distill.collect import CollectConfig, run_teacher_collect
+from nexus_core.distill.prompts import TeacherConfig
+from nexus_core.llm.client import LLMClient, LLMConfig, ResponseCache
 from tests.support.distill_teacher import write_teacher_inputs
 from tests.support.openai_stub import Reply, StubServer, chat_completion
 

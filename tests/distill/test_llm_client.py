@@ -8,7 +8,7 @@ import time
 import pytest
 
 from nexus_core.errors import ConfigError
-from nexus_core.llm_client import LLMClient, LLMConfig, ResponseCache, check_model
+from nexus_core.llm.client import LLMClient, LLMConfig, ResponseCache, check_model
 from tests.support.openai_stub import Reply, StubServer, chat_completion
 
 MSG = [{"role": "user", "content": "State a hypothesis."}]

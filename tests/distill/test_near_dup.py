@@ -1,4 +1,4 @@
-"""Near-duplicate detection (nexus_core.near_dup) and its place in the filter rules."""
+"""Near-duplicate detection (nexus_core.distill.near_dup) and its place in the filter rules."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import polars as pl
 import pytest
 
 from nexus_core.config import validate
-from nexus_core.distill_lib import FilterRules, apply_rules, load_rules
+from nexus_core.distill.near_dup import near_duplicates
+from nexus_core.distill.rules import FilterRules, apply_rules, load_rules
 from nexus_core.errors import ConfigError
-from nexus_core.near_dup import near_duplicates
 from tests.support.distill_teacher import good_answer
 
 ANSWER = (
@@ -118,7 +118,7 @@ def test_same_verdicts_in_a_fresh_process():
     texts += [good_answer("methodology", t) for t in TITLES]
     here = near_duplicates(texts).tolist()
     assert here == near_duplicates(pl.Series(texts)).tolist() and max(here) >= 0
-    code = ("import json, sys; from nexus_core.near_dup import near_duplicates; "
+    code = ("import json, sys; from nexus_core.distill.near_dup import near_duplicates; "
             "print(json.dumps(near_duplicates(json.load(sys.stdin)).tolist()))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}  # Python's str hash must play no part
     res = subprocess.run([sys.executable, "-c", code], input=json.dumps(texts), capture_output=True, text=True,

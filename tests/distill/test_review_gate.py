@@ -10,7 +10,7 @@ import pytest
 
 from flows.common import load_flow_config
 from flows.distill import DistillConfig, distill
-from nexus_core import review_lib
+from nexus_core.distill import review_store
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +25,7 @@ def test_review_page_resumes_paused_flow(prefect_harness, repo):
     worker = threading.Thread(target=lambda: out.setdefault("result", distill(cfg)), daemon=True)
     worker.start()
     deadline = time.monotonic() + 240
-    while not (reqs := [r for r in review_lib.requests("waiting") if "dhuman_filtered" in r.dataset_uri]):
+    while not (reqs := [r for r in review_store.requests("waiting") if "dhuman_filtered" in r.dataset_uri]):
         assert worker.is_alive() and time.monotonic() < deadline, "flow never reached the review gate"
         time.sleep(0.5)
     req = reqs[0]
@@ -33,7 +33,7 @@ def test_review_page_resumes_paused_flow(prefect_harness, repo):
 
     # A second reviewer labels the first row at the same time: append-only, nothing lost.
     first_row = pl.read_parquet(f"{req.dataset_uri}/data.parquet")["row_id"][0]
-    review_lib.add_label(req.dataset_uri, first_row, "reject", "bob", note="parallel reviewer")
+    review_store.add_label(req.dataset_uri, first_row, "reject", "bob", note="parallel reviewer")
 
     at = AppTest.from_file(str(repo / "dashboards/views/review.py"), default_timeout=60).run()
     assert not at.exception
@@ -54,11 +54,11 @@ def test_review_page_resumes_paused_flow(prefect_harness, repo):
     assert [got[i]["decision"] for i in ids] == ["accept", "reject", "accept"]
     assert got[ids[0]]["reviewer"] == "alice" and got[ids[2]]["reviewed_output"] == "An edited answer by the reviewer."
     assert (reviewed.filter(~pl.col("row_id").is_in(ids))["decision_source"] == "filter").all()
-    labels = review_lib.all_labels(req.dataset_uri)
+    labels = review_store.all_labels(req.dataset_uri)
     assert {lb.reviewer for lb in labels} == {"alice", "bob"} and len(labels) == 4
     exported = [p.name for p in (result.artifacts["reviewed"].path / "labels").iterdir()]
     assert len(exported) == 1 and (result.artifacts["reviewed"].path / "accepted.jsonl").is_file()
-    assert review_lib.requests("waiting") == [] or all(r.id != req.id for r in review_lib.requests("waiting"))
+    assert review_store.requests("waiting") == [] or all(r.id != req.id for r in review_store.requests("waiting"))
     sft = pl.read_parquet(f"{result.artifacts['sft'].uri}/data.parquet")
     assert "An edited answer by the reviewer." in sft["output"].to_list()
 
@@ -74,7 +74,7 @@ def test_regenerated_rows_go_back_to_review_before_packaging(prefect_harness, re
 
     def waiting_for(suffix: str):
         deadline = time.monotonic() + 240
-        while not (reqs := [r for r in review_lib.requests("waiting") if f"drecheck_{suffix}" in r.dataset_uri]):
+        while not (reqs := [r for r in review_store.requests("waiting") if f"drecheck_{suffix}" in r.dataset_uri]):
             assert worker.is_alive() and time.monotonic() < deadline, f"flow never reached the {suffix} gate"
             time.sleep(0.5)
         return reqs[0]
@@ -88,8 +88,8 @@ def test_regenerated_rows_go_back_to_review_before_packaging(prefect_harness, re
                 assert time.monotonic() < deadline, "flow run never paused"
                 time.sleep(0.2)
         resume_flow_run(req.flow_run_id, run_input={"reviewer": reviewer, "labels": 0,
-                                                    "labels_digest": review_lib.labels_digest(req.dataset_uri)})
-        review_lib.mark_submitted(req.id, reviewer)
+                                                    "labels_digest": review_store.labels_digest(req.dataset_uri)})
+        review_store.mark_submitted(req.id, reviewer)
 
     submit(waiting_for("filtered"), "alice")  # no labels: filter-rejected rows go to regeneration
     req = waiting_for("recheck")  # the second gate holds only the rows regeneration rescued
@@ -101,8 +101,8 @@ def test_regenerated_rows_go_back_to_review_before_packaging(prefect_harness, re
     assert not at.exception and "drecheck_recheck" in at.selectbox(key="dataset").value
     assert any(e.label.startswith("Earlier attempts") for e in at.expander)  # the reviewer sees the history
     dropped, edited = queue["row_id"][0], queue["row_id"][1]
-    review_lib.add_label(req.dataset_uri, dropped, "reject", "carol", note="still unfalsifiable")
-    review_lib.add_label(req.dataset_uri, edited, "edit", "carol", edited_output="Carol's corrected answer.")
+    review_store.add_label(req.dataset_uri, dropped, "reject", "carol", note="still unfalsifiable")
+    review_store.add_label(req.dataset_uri, edited, "edit", "carol", edited_output="Carol's corrected answer.")
     submit(req, "carol")
 
     worker.join(timeout=240)

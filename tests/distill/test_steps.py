@@ -9,11 +9,12 @@ import pytest
 
 from nexus_core.artifacts import raw_ref
 from nexus_core.config import load_config
-from nexus_core.distill_lib import TeacherConfig, apply_rules, load_rules
+from nexus_core.distill.collect import CollectConfig, run_teacher_collect
+from nexus_core.distill.inputs import TeacherInputsConfig, run_teacher_inputs
+from nexus_core.distill.prompts import TeacherConfig
+from nexus_core.distill.rules import apply_rules, load_rules
 from nexus_core.errors import ConfigError, InputError
 from nexus_core.runner import run_step
-from nexus_core.steps.distill.collect import CollectConfig, run_teacher_collect
-from nexus_core.steps.distill.inputs import TeacherInputsConfig, run_teacher_inputs
 from tests.support import distill_teacher
 from tests.support.openai_stub import Reply, StubServer
 
@@ -131,7 +132,7 @@ def test_bad_rules_file_names_key(tmp_path, repo):
 
 def test_every_distill_yaml_validates(repo):
     from flows.distill import DistillConfig
-    from nexus_core.distill_lib import load_template
+    from nexus_core.distill.prompts import load_template
 
     for name in ("base", "tiny", "scientific"):
         cfg = load_config(repo / f"configs/distill/{name}.yaml", DistillConfig)

@@ -16,7 +16,7 @@ from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
 from prefect.flow_runs import resume_flow_run  # noqa: E402
 
-from nexus_core import review_lib  # noqa: E402
+from nexus_core.distill import review_store  # noqa: E402
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
         for gate in ("_filtered", "_recheck"):
             deadline = time.monotonic() + 300
             while True:
-                reqs = [r for r in review_lib.requests("waiting") if r.flow_run_id == str(run.id) and gate in r.dataset_uri]
+                reqs = [r for r in review_store.requests("waiting") if r.flow_run_id == str(run.id) and gate in r.dataset_uri]
                 current = state()
                 if reqs and current.is_paused():
                     break
@@ -37,13 +37,13 @@ def main() -> None:
                 time.sleep(1)
             print(f"GATE {gate} {current.name}", flush=True)
             resume_flow_run(run.id, run_input={"reviewer": "e2e", "labels": 0,
-                                               "labels_digest": review_lib.labels_digest(reqs[0].dataset_uri)})
-            review_lib.mark_submitted(reqs[0].id, "e2e")
+                                               "labels_digest": review_store.labels_digest(reqs[0].dataset_uri)})
+            review_store.mark_submitted(reqs[0].id, "e2e")
         deadline = time.monotonic() + 300
         while not (current := state()).is_final():
             assert time.monotonic() < deadline, f"never finished (state {current.name})"
             time.sleep(1)
-    stale = [r for r in review_lib.requests("waiting") if r.flow_run_id == str(run.id)]
+    stale = [r for r in review_store.requests("waiting") if r.flow_run_id == str(run.id)]
     print(f"FINAL {current.name} waiting-requests={len(stale)}", flush=True)
 
 

@@ -9,11 +9,11 @@ import pytest
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.errors import ConfigError, InputError
-from nexus_core.eval_lib import resolve_ref
+from nexus_core.evaluate.feedback import FeedbackConfig, run_feedback
+from nexus_core.evaluate.predict import PredictConfig, run_predict
+from nexus_core.evaluate.records import resolve_ref
+from nexus_core.evaluate.score import ScoreConfig, run_score
 from nexus_core.io import write_jsonl, write_parquet
-from nexus_core.steps.evaluate.feedback import FeedbackConfig, run_feedback
-from nexus_core.steps.evaluate.predict import PredictConfig, run_predict
-from nexus_core.steps.evaluate.score import ScoreConfig, run_score
 
 
 def _table(tmp_path: Path, name: str, df: pl.DataFrame) -> ArtifactRef:

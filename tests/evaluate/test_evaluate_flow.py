@@ -12,8 +12,8 @@ from flows.common import load_flow_config
 from flows.evaluate import EvaluateConfig, evaluate
 from nexus_core import catalog, lineage
 from nexus_core.artifacts import raw_ref, read_manifest
+from nexus_core.evaluate.rubric import HEURISTIC_LABEL
 from nexus_core.io import iter_jsonl, read_table
-from nexus_core.judge import HEURISTIC_LABEL
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +76,7 @@ def test_report_and_gate_verdict(first):
 
 
 def test_feedback_records_feed_the_distillation_teacher_inputs(first, tmp_path):
-    from nexus_core.steps.distill.inputs import TeacherInputsConfig, run_teacher_inputs
+    from nexus_core.distill.inputs import TeacherInputsConfig, run_teacher_inputs
 
     _, result = first
     path = result.artifacts["feedback"].path / "teacher_inputs.jsonl"
@@ -115,8 +115,8 @@ def test_relaxed_gates_pass_reuse_upstream_and_rank_first_on_leaderboard(first):
 def test_editing_the_rubric_misses_the_cache(first, tmp_path):
     from prefect import flow
 
-    from nexus_core.steps.evaluate.judge import JudgeConfig
-    from tasks.eval_judge import eval_judge
+    from nexus_core.evaluate.judge import JudgeConfig
+    from tasks.evaluate_judge import evaluate_judge
 
     _, result = first
     rubric = tmp_path / "rubric.json"
@@ -125,7 +125,7 @@ def test_editing_the_rubric_misses_the_cache(first, tmp_path):
 
     @flow
     def judge_only():
-        return eval_judge(cfg, result.artifacts["predict"], name="rubric_edit")
+        return evaluate_judge(cfg, result.artifacts["predict"], name="rubric_edit")
 
     a, b = judge_only(), judge_only()
     assert a.ref == b.ref  # same rubric text: cached

@@ -10,8 +10,8 @@ import pytest
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
 from nexus_core.errors import InputError
+from nexus_core.evaluate.gates import Gate, GatesConfig, run_gates
 from nexus_core.io import write_parquet
-from nexus_core.steps.evaluate.gates import Gate, GatesConfig, run_gates
 
 
 def _ref(path: Path, name: str) -> ArtifactRef:

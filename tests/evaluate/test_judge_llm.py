@@ -12,10 +12,10 @@ import pytest
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.errors import ConfigError
+from nexus_core.evaluate.judge import JudgeConfig, run_judge
+from nexus_core.evaluate.rubric import JudgeSettings, JudgeUnreachable
 from nexus_core.io import read_table, write_parquet
-from nexus_core.judge import JudgeSettings, JudgeUnreachable
 from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm
-from nexus_core.steps.evaluate.judge import JudgeConfig, run_judge
 from tests.support.openai_stub import Reply, StubServer, chat_completion
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,8 +7,8 @@ import math
 import polars as pl
 import pytest
 
-from nexus_core import metrics as M
 from nexus_core.errors import ConfigError, InputError
+from nexus_core.evaluate import metrics as M
 
 Y = [1, 0, 1, 1, 0, 0]
 P = [1, 0, 0, 1, 1, 0]  # TP=2 (rows 0,3) FP=1 (row 4) FN=1 (row 2) TN=2

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nexus_core.errors import ConfigError
-from nexus_core.judge import (
+from nexus_core.evaluate.rubric import (
     HEURISTIC_LABEL,
     count_ordered_steps,
     heuristic_verdict,
@@ -86,7 +86,7 @@ def test_heuristic_judge_counts_steps_wording_and_similarity(rubric):
 
 
 def test_judge_items_is_the_shared_entry_point(rubric):
-    from nexus_core.judge import judge_items
+    from nexus_core.evaluate.rubric import judge_items
 
     rows = judge_items([{"question": "q", "answer": "1. a\n2. b\n3. measure c", "reference": "measure c"}], rubric)
     assert rows[0]["status"] == "ok" and rows[0]["verdict"]["rationale"].startswith(HEURISTIC_LABEL)

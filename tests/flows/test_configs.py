@@ -11,8 +11,9 @@ from flows.evaluate import EvaluateConfig
 from flows.flux import FluxConfig
 from flows.lifecycle import LifecycleConfig
 from flows.llm_train import LLMTrainConfig
-from nexus_core.distill_lib import load_rules, load_template
-from nexus_core.judge import load_rubric
+from nexus_core.distill.prompts import load_template
+from nexus_core.distill.rules import load_rules
+from nexus_core.evaluate.rubric import load_rubric
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"

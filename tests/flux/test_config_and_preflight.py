@@ -11,7 +11,7 @@ from nexus_core.config import load_config
 from nexus_core.doctor import check_config_models, format_report, run_doctor
 from nexus_core.errors import ConfigError
 from nexus_core.flux.device import cpu_has_native_bf16
-from nexus_core.steps.flux.train import TrainConfig, preflight
+from nexus_core.flux.train import TrainConfig, preflight
 
 REPO = Path(__file__).resolve().parents[2]
 YAMLS = sorted((REPO / "configs" / "flux").rglob("*.yaml"))

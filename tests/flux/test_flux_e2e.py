@@ -15,12 +15,12 @@ from nexus_core import lineage
 from nexus_core.artifacts import ArtifactRef, raw_ref, read_manifest
 from nexus_core.config import load_config
 from nexus_core.flux.mds import read_index, verify_shards
+from nexus_core.flux.precompute import PrecomputeConfig, run_precompute
+from nexus_core.flux.prepare import PrepareConfig, run_prepare
 from nexus_core.flux.synthetic import make_shape_images
-from nexus_core.flux.train_lib import checkpoints
+from nexus_core.flux.train import TrainConfig, run_train
+from nexus_core.flux.training import checkpoints
 from nexus_core.models.flux_tiny import load_flux_pipeline
-from nexus_core.steps.flux.precompute import PrecomputeConfig, run_precompute
-from nexus_core.steps.flux.prepare import PrepareConfig, run_prepare
-from nexus_core.steps.flux.train import TrainConfig, run_train
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

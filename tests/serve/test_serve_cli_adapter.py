@@ -71,7 +71,8 @@ def test_nexus_serve_subcommand_with_api_key_env(tiny_model: Path) -> None:
 
 
 def test_speculative_decoding_with_a_draft_model_matches_greedy(tmp_path: Path, tiny_model: Path) -> None:
-    from nexus_core.compress_lib import drop_layers, save_model
+    from nexus_core.compress.common import save_model
+    from nexus_core.compress.prune import drop_layers
     from nexus_core.models.tiny import load_llm
 
     model, tok = load_llm(tiny_model)

@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> None:
 
     configure_environment()  # before litellm is imported
     from nexus_core.artifacts import raw_ref
-    from nexus_core.distill_lib import TeacherConfig
-    from nexus_core.steps.distill.collect import CollectConfig, run_teacher_collect
+    from nexus_core.distill.collect import CollectConfig, run_teacher_collect
+    from nexus_core.distill.prompts import TeacherConfig
 
     cfg = CollectConfig(batch_size=args.batch_size,
                         teacher=TeacherConfig(model="openai/stub", api_base=args.api_base,

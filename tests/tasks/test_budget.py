@@ -6,9 +6,9 @@ from prefect import flow
 from flows.common import flow_lineage
 from nexus_core import catalog
 from nexus_core.artifacts import raw_ref
+from nexus_core.config import FlowConfig
+from nexus_core.corpus.ingest import IngestConfig
 from nexus_core.costs import BudgetExceededError
-from nexus_core.flowconfig import FlowConfig
-from nexus_core.steps.ingest import IngestConfig
 from tasks.ingest import ingest
 
 

@@ -10,10 +10,10 @@ from nexus_core.errors import ConfigError, InputError, StepError
 from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm
 from nexus_core.runner import run_step
 from nexus_core.settings import nexus_home
-from nexus_core.steps.train.dpo import DPOConfig, run_dpo
-from nexus_core.steps.train.grpo import GRPOConfig, run_grpo
-from nexus_core.steps.train.kd import KDConfig, run_kd
-from nexus_core.steps.train.sft import SFTConfig, run_sft
+from nexus_core.train.dpo import DPOConfig, run_dpo
+from nexus_core.train.grpo import GRPOConfig, run_grpo
+from nexus_core.train.kd import KDConfig, run_kd
+from nexus_core.train.sft import SFTConfig, run_sft
 from tests.train.conftest import QA, _write_jsonl, teacher_logprobs
 
 

@@ -11,8 +11,8 @@ from flows.common import load_flow_config
 from flows.llm_train import LLMTrainConfig
 from nexus_core.errors import ConfigError
 from nexus_core.io import read_table
-from nexus_core.training.capabilities import detect_capability, organize, to_messages
-from nexus_core.training.data import sft_records
+from nexus_core.train.capabilities import detect_capability, organize, to_messages
+from nexus_core.train.data import sft_records
 
 REPO = Path(__file__).resolve().parents[2]
 

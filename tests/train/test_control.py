@@ -13,9 +13,9 @@ from transformers import TrainerCallback
 
 from nexus_core.errors import StepError
 from nexus_core.runner import run_step
-from nexus_core.steps.train.sft import SFTConfig, build_trainer, run_sft
-from nexus_core.training.common import COMPLETE_MARKER, last_checkpoint, work_dir
-from nexus_core.training.control import KILL_AT_STEP_ENV, fit
+from nexus_core.train.common import COMPLETE_MARKER, last_checkpoint, work_dir
+from nexus_core.train.control import KILL_AT_STEP_ENV, fit
+from nexus_core.train.sft import SFTConfig, build_trainer, run_sft
 
 
 @pytest.mark.slow  # a child process that imports torch/trl: ~20-50 s on a shared 2-core machine
@@ -89,7 +89,7 @@ def test_two_process_data_parallel_on_cpu(tiny_model, refs):
 def test_gpu_temperature_guard_pauses_until_cool(monkeypatch):
     from transformers import TrainerControl, TrainerState
 
-    from nexus_core.training import control as control_mod
+    from nexus_core.train import control as control_mod
 
     readings = iter([[91, 60], [70, 60]])  # NVML as a hot then cooled GPU reports it
     monkeypatch.setattr(control_mod, "gpu_temperatures", lambda: next(readings))

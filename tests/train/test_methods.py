@@ -14,13 +14,13 @@ from safetensors.torch import load_file
 from nexus_core import lineage
 from nexus_core.artifacts import read_manifest
 from nexus_core.runner import run_step
-from nexus_core.steps.train.cpt import CPTConfig, run_cpt
-from nexus_core.steps.train.dpo import DPOConfig, run_dpo
-from nexus_core.steps.train.grpo import GRPOConfig, run_grpo
-from nexus_core.steps.train.kd import KDConfig, run_kd
-from nexus_core.steps.train.orpo import ORPOConfig, run_orpo
-from nexus_core.steps.train.reward import RewardConfig, run_reward
-from nexus_core.steps.train.sft import SFTConfig, run_sft
+from nexus_core.train.cpt import CPTConfig, run_cpt
+from nexus_core.train.dpo import DPOConfig, run_dpo
+from nexus_core.train.grpo import GRPOConfig, run_grpo
+from nexus_core.train.kd import KDConfig, run_kd
+from nexus_core.train.orpo import ORPOConfig, run_orpo
+from nexus_core.train.reward import RewardConfig, run_reward
+from nexus_core.train.sft import SFTConfig, run_sft
 from tests.train.conftest import QA, _write_jsonl, teacher_logprobs
 
 FAST = {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-3, "checkpoint": {"save_steps": 2}}

@@ -7,10 +7,10 @@ import pytest
 from nexus_core import catalog, lineage
 from nexus_core.artifacts import raw_ref, read_manifest
 from nexus_core.config import NexusModel
+from nexus_core.corpus.ingest import IngestConfig, run_ingest
 from nexus_core.errors import InputError
 from nexus_core.io import DataQuery
 from nexus_core.runner import StepResult, run_step
-from nexus_core.steps.ingest import IngestConfig, run_ingest
 
 
 class BoomConfig(NexusModel):
@@ -38,7 +38,7 @@ def test_manifest_holds_the_lineage(data_root, tmp_path):
     m = read_manifest(res.ref.uri)
     assert (m.name, m.version, m.rows, m.kind) == ("c", 1, 2, "dataset")
     assert m.inputs["s"].digest == src.digest
-    assert m.step == "nexus_core.steps.ingest.run_ingest"
+    assert m.step == "nexus_core.corpus.ingest.run_ingest"
     assert m.config["sources"] == [src.uri] and m.config_hash and m.code_hash
     assert m.schema_ == {"text": "String", "source_file": "String"}
     assert "git_sha" in m.code_version and m.metrics["rows_out"] == 2

@@ -1,0 +1,133 @@
+"""Cache keys, computed in one place for the runner (manifest reuse) and Prefect (task cache).
+
+A step's key covers everything its result depends on:
+
+- the config hash (fields marked ``runtime`` left out: worker counts, log intervals);
+- every input's digest (a model input's digest is its weights digest, or its hub revision);
+- the code: the step module's source **and every in-repo module it imports, transitively**
+  (found by reading the import statements, so an edit to a helper two imports away misses);
+- the content digest of every file the step's contract says it reads (rules, templates, rubric,
+  caption files, images);
+- ``NEXUS_CACHE_VERSION`` from the environment, to force a miss everywhere by hand.
+
+Nothing about *where* a run happens (run ids, worker counts, paths of the machine) enters it.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Iterable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from nexus_core.artifacts import ArtifactRef, dir_digest, file_sha256
+from nexus_core.config import config_hash
+
+REPO_PACKAGES = ("nexus_core",)
+
+
+def _module_file(name: str) -> Path | None:
+    """Source file of an in-repo module (None for anything outside ``REPO_PACKAGES`` or not a module)."""
+    if name.split(".")[0] not in REPO_PACKAGES:
+        return None
+    module = sys.modules.get(name)
+    origin = getattr(module, "__file__", None) if module else None
+    if origin is None:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            return None
+        origin = spec.origin if spec else None
+    return Path(origin) if origin and origin.endswith(".py") else None
+
+
+@lru_cache(maxsize=4096)
+def _imports_of(path: str, mtime_ns: int, size: int, package: str) -> tuple[str, ...]:
+    """In-repo module names a source file imports (at any depth of the file, lazy imports included)."""
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import: resolve against this module's package
+                parts = package.split(".")
+                parts = parts[: len(parts) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
+    return tuple(sorted(n for n in found if n.split(".")[0] in REPO_PACKAGES))
+
+
+def module_closure(module: str) -> dict[str, Path]:
+    """``module`` and every in-repo module it imports, transitively (with their packages' ``__init__``)."""
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = _module_file(name)
+        if path is None:
+            continue
+        seen[name] = path
+        stat = path.stat()
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        todo.extend(_imports_of(str(path), stat.st_mtime_ns, stat.st_size, package))
+        if "." in name:
+            todo.append(name.rpartition(".")[0])
+    return seen
+
+
+def code_hash(fn: Callable[..., Any]) -> str:
+    """sha256 over the source of the step's module closure (names and contents), 16 hex chars."""
+    h = hashlib.sha256()
+    for name, path in sorted(module_closure(fn.__module__).items()):
+        h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def files_digest(paths: Iterable[str | Path]) -> dict[str, str]:
+    """Content digest of each file or directory read by a step (a missing one is recorded as missing)."""
+    out = {}
+    for p in paths:
+        path = Path(p)
+        if path.is_file():
+            out[str(p)] = file_sha256(path)
+        elif path.is_dir():
+            out[str(p)] = dir_digest(path, exclude=())[0]
+        else:
+            out[str(p)] = "missing"
+    return out
+
+
+def step_key(fn: Callable[..., Any], cfg: Any, inputs: dict[str, ArtifactRef | None],
+             extra: dict[str, Any] | None = None) -> str:
+    """The cache key of running step ``fn`` on ``cfg`` and ``inputs`` (see the module docstring).
+
+    ``extra`` holds anything else the caller's result depends on (a task's artifact name).
+    """
+    from nexus_core.contract import contract_of
+
+    refs = {k: v for k, v in inputs.items() if v is not None}
+    reads = contract_of(fn).files_read(cfg, refs)
+    parts = {
+        "step": f"{fn.__module__}.{fn.__name__}",
+        "config": config_hash(cfg, runtime=False),
+        "inputs": {k: v.digest for k, v in sorted(refs.items())},
+        "code": code_hash(fn),
+        # paths are machine-specific: only the files' order and contents count
+        "files": sorted(files_digest(reads).values()),
+        "cache_version": os.environ.get("NEXUS_CACHE_VERSION", ""),
+        "extra": extra or {},
+    }
+    import json
+
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]

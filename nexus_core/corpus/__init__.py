@@ -1,0 +1,1 @@
+"""Corpus ingestion: raw text files into a versioned table."""

@@ -1,0 +1,141 @@
+"""Teacher collection: ask the teacher (any litellm model) about every teacher-input row.
+
+Rows stream through in batches (read with pyarrow, written with a ParquetWriter) so memory stays
+flat as the input grows. Every response is committed to the response cache as it arrives, so a
+killed run resumes with no duplicate and no lost row, and a re-run asks only for rows that are
+missing or failed. A row that still fails after retries is kept with ``status`` and ``error``.
+With ``teacher.processes > 1`` each batch is split over worker processes (``nexus_core/llm/pool.py``)
+that share the cost cap, the rate limit and the response cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.config import NexusModel
+from nexus_core.distill.prompts import TeacherConfig
+from nexus_core.errors import InputError
+from nexus_core.llm.client import LLMClient, check_model, run_async
+from nexus_core.llm.pool import ClientPool
+from nexus_core.runner import Cost, StepResult
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("row_id", "domain", "template_name", "template_hash", "system_prompt", "user_prompt")
+
+SCHEMA = pa.schema([
+    ("row_id", pa.string()), ("domain", pa.string()), ("title", pa.string()), ("source_file", pa.string()),
+    ("template_name", pa.string()), ("template_hash", pa.string()), ("system_prompt", pa.string()),
+    ("user_prompt", pa.string()), ("response", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("model", pa.string()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
+    ("cost_usd", pa.float64()), ("latency_s", pa.float64()), ("attempts", pa.int64()), ("cached", pa.bool_()),
+    ("cache_key", pa.string()), ("request_json", pa.string()), ("logprobs_json", pa.string()),
+])
+
+
+class CollectConfig(NexusModel):
+    """Teacher and batching."""
+
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher model and limits")
+    batch_size: int = Field(256, ge=1, description="Rows read, asked and written per batch")
+
+
+class CollectResult(StepResult):
+    """Counts by status and what was paid."""
+
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    cached: int = 0
+    offline_misses: list[str] = Field(default_factory=list, description="row_ids with no cached response offline")
+    stopped_for_cost: bool = False
+
+
+def messages_for(row: dict[str, Any]) -> list[dict[str, str]]:
+    """The chat messages of one teacher-input row."""
+    out = []
+    if row.get("system_prompt"):
+        out.append({"role": "system", "content": row["system_prompt"]})
+    out.append({"role": "user", "content": row["user_prompt"]})
+    return out
+
+
+async def _collect(cfg: CollectConfig, src: Path, out: Path, result: CollectResult) -> float:
+    """Stream ``src`` through the teacher into ``out``; returns the USD paid."""
+    pf = pq.ParquetFile(src)
+    missing = [c for c in REQUIRED if c not in pf.schema_arrow.names]
+    if missing:
+        raise InputError(f"{src}: missing column(s) {', '.join(missing)}")
+    limit = cfg.teacher.max_samples or pf.metadata.num_rows
+    seen = 0
+    client = ClientPool(cfg.teacher, cfg.teacher.processes) if cfg.teacher.processes > 1 else LLMClient(cfg.teacher)
+    writer = pq.ParquetWriter(out, SCHEMA, compression="zstd")
+    try:
+        for batch in pf.iter_batches(batch_size=cfg.batch_size):
+            rows = batch.to_pylist()[: max(0, limit - seen)]
+            if not rows:
+                break
+            seen += len(rows)
+            requests = [messages_for(r) for r in rows]
+            done = await client.map(requests)
+            records = []
+            for row, req, c in zip(rows, requests, done, strict=True):
+                result.ok += c.status == "ok"
+                result.failed += c.status == "failed"
+                result.skipped += c.status == "skipped"
+                result.cached += c.cached
+                if cfg.teacher.offline and c.status == "failed" and c.error and c.error.startswith("offline"):
+                    result.offline_misses.append(row["row_id"])
+                records.append({
+                    **{k: row.get(k) for k in ("row_id", "domain", "title", "source_file", "template_name",
+                                               "template_hash", "system_prompt", "user_prompt")},
+                    "response": c.content, "status": c.status, "error": c.error, "model": c.model,
+                    "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                    "cost_usd": c.cost_usd, "latency_s": c.latency_s, "attempts": c.attempts, "cached": c.cached,
+                    "cache_key": c.key, "request_json": json.dumps({"messages": req, **cfg.teacher.sampling()}),
+                    "logprobs_json": json.dumps(c.logprobs) if c.logprobs else None,
+                })
+            writer.write_table(pa.Table.from_pylist(records, schema=SCHEMA))
+            result.rows = (result.rows or 0) + len(records)
+    finally:
+        writer.close()
+        client.close()
+    return client.spent_usd
+
+
+def run_teacher_collect(cfg: CollectConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> CollectResult:
+    """Ask the teacher about every row of ``inputs["teacher_inputs"]``; write ``data.parquet``."""
+    if "teacher_inputs" not in inputs:
+        raise InputError("teacher collection: input 'teacher_inputs' missing")
+    check_model(cfg.teacher)
+    src = Path(inputs["teacher_inputs"].uri) / "data.parquet"
+    if not src.is_file():
+        raise InputError(f"{src}: file not found")
+    result = CollectResult(rows=0)
+    spent = run_async(_collect(cfg, src, Path(out_uri) / "data.parquet", result))
+    result.stopped_for_cost = result.skipped > 0  # only the cost cap skips a row
+    if result.offline_misses:
+        log.warning("offline: %d row(s) have no recorded response: %s", len(result.offline_misses),
+                    ", ".join(result.offline_misses[:20]))
+    if result.stopped_for_cost:
+        log.warning("cost cap %.4f USD reached: %d row(s) skipped, kept with status 'skipped'",
+                    cfg.teacher.max_cost_usd, result.skipped)
+    table = pq.read_table(Path(out_uri) / "data.parquet", columns=["prompt_tokens", "completion_tokens", "cached"])
+    fresh = table.filter(pc.invert(table["cached"]))
+    tokens_in = pc.sum(fresh["prompt_tokens"]).as_py() or 0
+    tokens_out = pc.sum(fresh["completion_tokens"]).as_py() or 0
+    result.columns = {f.name: str(f.type) for f in SCHEMA}
+    result.cost = Cost(usd=spent, tokens_in=tokens_in, tokens_out=tokens_out,
+                       provider=cfg.teacher.model.split("/")[0], model=cfg.teacher.model)
+    result.metrics = {"ok": result.ok, "failed": result.failed, "skipped": result.skipped, "cached": result.cached,
+                      "offline_misses": len(result.offline_misses), "usd_spent": spent}
+    return result

@@ -1,0 +1,116 @@
+"""Teacher inputs: raw scientific text × prompt templates → one prompt per (record, template).
+
+Sources are JSONL records (``title``, ``abstract``, ``domain``, ``text``) and "enhanced prompt" JSON
+files (``{"texts": [...], "generated_at": ...}``, each text a string or ``{"text", "domain", "title"}``).
+Templates are YAML files in ``prompts_dir``; their hash is a column and part of the cache key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from pydantic import Field
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.config import NexusModel
+from nexus_core.distill.prompts import load_template
+from nexus_core.errors import InputError
+from nexus_core.io import iter_jsonl, row_id, schema_of, write_parquet
+from nexus_core.runner import StepResult
+
+JSONL_REQUIRED = ("title", "abstract", "domain", "text")
+
+
+class TeacherInputsConfig(NexusModel):
+    """Which templates to apply to the raw sources."""
+
+    templates: list[str] = Field(default_factory=lambda: ["hypothesis", "methodology"],
+                                 description="Template names (files <prompts_dir>/<name>.yaml)")
+    prompts_dir: str = Field("configs/distill/prompts", description="Directory of prompt templates")
+    default_domain: str = Field("general", description="Domain for enhanced-prompt texts that name none")
+    min_text_chars: int = Field(20, ge=1, description="Source texts shorter than this are skipped (counted)")
+
+
+class TeacherInputsResult(StepResult):
+    """Counts per source and template."""
+
+    rows_per_source: dict[str, int] = Field(default_factory=dict)
+    skipped_short: int = 0
+
+
+def _jsonl_records(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for n, rec in enumerate(iter_jsonl(path), start=1):
+        missing = [c for c in JSONL_REQUIRED if c not in rec]
+        if missing:
+            raise InputError(f"{path}: record {n}: missing field(s) {', '.join(missing)}")
+        out.append({"title": str(rec["title"]), "domain": str(rec["domain"]), "text": str(rec["text"]),
+                    "generated_at": rec.get("generated_at")})
+    return out
+
+
+def _enhanced_records(path: Path, default_domain: str) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("texts"), list):
+        raise InputError(f"{path}: expected an object with a 'texts' list")
+    out = []
+    for i, item in enumerate(data["texts"]):
+        if isinstance(item, str):
+            item = {"text": item}
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            raise InputError(f"{path}: texts[{i}]: expected a string or an object with 'text'")
+        out.append({"title": str(item.get("title") or item["text"].split(".")[0][:120]),
+                    "domain": str(item.get("domain") or data.get("domain") or default_domain),
+                    "text": item["text"], "generated_at": data.get("generated_at")})
+    return out
+
+
+def run_teacher_inputs(cfg: TeacherInputsConfig, *, inputs: dict[str, ArtifactRef],
+                       out_uri: str) -> TeacherInputsResult:
+    """Read every source, render every template on every record, write ``data.parquet``."""
+    if not inputs:
+        raise InputError("teacher inputs: no source files given")
+    if not cfg.templates:
+        raise InputError("teacher inputs: no templates named (inputs.templates)")
+    templates = [load_template(cfg.prompts_dir, name) for name in cfg.templates]
+    rows, per_source, skipped = [], {}, 0
+    for ref in inputs.values():
+        path = Path(ref.uri)
+        if path.suffix == ".json":
+            records = _enhanced_records(path, cfg.default_domain)
+        elif path.name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
+            records = _jsonl_records(path)
+        else:
+            raise InputError(f"{path}: unknown source format (expected .jsonl or enhanced-prompt .json)")
+        if not records:
+            raise InputError(f"{path}: no records")
+        per_source[path.name] = len(records)
+        for rec in records:
+            if len(rec["text"].strip()) < cfg.min_text_chars:
+                skipped += 1
+                continue
+            for tpl in templates:
+                user = tpl.render(text=rec["text"].strip(), title=rec["title"], domain=rec["domain"])
+                rows.append({
+                    "row_id": row_id(path.name, tpl.name, tpl.hash, user),
+                    "domain": rec["domain"], "title": rec["title"], "source_text": rec["text"],
+                    "template_name": tpl.name, "template_hash": tpl.hash, "template_prompt": tpl.user,
+                    "system_prompt": tpl.system, "user_prompt": user, "source_file": path.name,
+                    "generated_at": None if rec["generated_at"] is None else str(rec["generated_at"]),
+                })
+    if not rows:
+        raise InputError("teacher inputs: every source text was empty or too short")
+    df = pl.DataFrame(rows, schema_overrides={"generated_at": pl.Utf8})
+    df = df.unique(subset=["row_id"], keep="first", maintain_order=True)
+    write_parquet(df, Path(out_uri) / "data.parquet")
+    return TeacherInputsResult(rows=df.height, columns=schema_of(df), rows_per_source=per_source,
+                               skipped_short=skipped,
+                               metrics={"rows": df.height, "sources": len(per_source), "skipped_short": skipped})

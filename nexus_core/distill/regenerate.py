@@ -1,0 +1,114 @@
+"""Regeneration: ask the teacher again about rejected rows with a stricter prompt, re-filter.
+
+The stricter template stresses falsifiability and reproducibility and shows the teacher its previous
+answer and why it was rejected. Up to ``max_rounds`` rounds; each attempt (response, verdict,
+reasons) is kept in the row's ``history_json``. Accepted rows pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+from pydantic import Field
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.config import NexusModel
+from nexus_core.distill.prompts import TeacherConfig, load_template
+from nexus_core.distill.rules import apply_rules, load_rules
+from nexus_core.errors import InputError
+from nexus_core.io import read_table, schema_of, write_parquet
+from nexus_core.llm.client import LLMClient, check_model
+from nexus_core.runner import Cost, StepResult
+
+REQUIRED = ("row_id", "template_name", "system_prompt", "user_prompt", "response", "decision",
+            "reviewed_output", "review_reason")
+
+
+class RegenerateConfig(NexusModel):
+    """Rounds, the stricter template, and the teacher and rules (the flow fills these from its own)."""
+
+    max_rounds: int = Field(2, ge=0, description="Regeneration rounds for rejected rows (0: none)")
+    template: str = Field("strict", description="Stricter prompt template name in prompts_dir")
+    prompts_dir: str = Field("configs/distill/prompts", description="Directory of prompt templates")
+    rules: str = Field("configs/distill/filters.yaml", description="Filter rules YAML used to re-filter")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher model and limits")
+
+
+class RegenerateResult(StepResult):
+    """How many rejected rows were rescued and how many stay rejected."""
+
+    attempted: int = 0
+    rescued: int = 0
+    still_rejected: int = 0
+    rounds_run: int = 0
+
+
+def run_regenerate(cfg: RegenerateConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> RegenerateResult:
+    """Regenerate the rejected rows of ``inputs["reviewed"]``; write every row with its final state."""
+    if "reviewed" not in inputs:
+        raise InputError("regenerate: input 'reviewed' missing")
+    df = read_table(Path(inputs["reviewed"].uri) / "data.parquet", columns=REQUIRED)
+    rules, _ = load_rules(cfg.rules)
+    tpl = load_template(cfg.prompts_dir, cfg.template)
+    accepted = df["decision"] == "accept"
+    state = {r["row_id"]: {"response": r["reviewed_output"], "keep": r["decision"] == "accept",
+                           "reasons": r["review_reason"] or "", "history": []}
+             for r in df.select("row_id", "reviewed_output", "decision", "review_reason").iter_rows(named=True)}
+    by_id = {r["row_id"]: r for r in df.filter(~accepted).iter_rows(named=True)}
+    pending = list(by_id)
+    attempted = len(pending)
+    client, rounds = None, 0
+    if pending and cfg.max_rounds:
+        check_model(cfg.teacher, "regenerate.teacher")
+        client = LLMClient(cfg.teacher)
+    for rnd in range(1, cfg.max_rounds + 1):
+        if not pending or client is None:
+            break
+        rounds = rnd
+        batch = []
+        for rid in pending:
+            row, st = by_id[rid], state[rid]
+            user = tpl.render(text=row["user_prompt"], previous=st["response"] or "(no answer)",
+                              reasons=st["reasons"] or "unspecified", round=rnd, title="", domain="")
+            batch.append([{"role": "system", "content": f"{row['system_prompt']}\n\n{tpl.system}".strip()},
+                          {"role": "user", "content": user}])
+        done = client.map_sync(batch)
+        frame = pl.DataFrame({"row_id": pending, "template_name": [by_id[r]["template_name"] for r in pending],
+                              "response": [c.content if c.status == "ok" else None for c in done]},
+                             schema={"row_id": pl.Utf8, "template_name": pl.Utf8, "response": pl.Utf8})
+        verdicts = apply_rules(frame, rules)
+        still = []
+        for rid, c, v in zip(pending, done, verdicts.iter_rows(named=True), strict=True):
+            reasons = v["reason"] if c.status == "ok" else f"teacher {c.status}: {c.error}"
+            st = state[rid]
+            st["history"].append({"round": rnd, "response": c.content, "keep": bool(v["keep"]), "reasons": reasons,
+                                  "status": c.status, "cache_key": c.key, "cost_usd": c.cost_usd})
+            if v["keep"]:
+                st.update(response=c.content, keep=True, reasons="")
+            else:
+                st.update(response=c.content or st["response"], reasons=reasons)
+                still.append(rid)
+        pending = still
+    if client is not None:
+        client.close()
+    ids = df["row_id"].to_list()
+    out = df.with_columns(
+        final_output=pl.Series([state[r]["response"] for r in ids], dtype=pl.Utf8),
+        final_keep=pl.Series([state[r]["keep"] for r in ids], dtype=pl.Boolean),
+        final_reasons=pl.Series([state[r]["reasons"] for r in ids], dtype=pl.Utf8),
+        attempts=pl.Series([len(state[r]["history"]) for r in ids], dtype=pl.Int64),
+        history_json=pl.Series([json.dumps(state[r]["history"]) for r in ids], dtype=pl.Utf8),
+        origin=pl.Series(["regenerated" if state[r]["history"] and state[r]["keep"] else "original" for r in ids],
+                         dtype=pl.Utf8),
+    )
+    write_parquet(out, Path(out_uri) / "data.parquet")
+    rescued = sum(1 for r in by_id if state[r]["keep"])
+    spent = client.spent_usd if client else 0.0
+    return RegenerateResult(
+        rows=out.height, columns=schema_of(out), attempted=attempted, rescued=rescued,
+        still_rejected=attempted - rescued, rounds_run=rounds,
+        cost=Cost(usd=spent, provider=cfg.teacher.model.split("/")[0], model=cfg.teacher.model),
+        metrics={"attempted": attempted, "rescued": rescued, "still_rejected": attempted - rescued,
+                 "rounds_run": rounds, "usd_spent": spent})

@@ -1,0 +1,99 @@
+"""Rubric judge: score every prediction on the rubric's dimensions with an LLM judge or the heuristic one.
+
+The output is the predictions table plus, per row: ``judge`` (model name, or ``heuristic``),
+``judge_kind`` (``llm`` | ``heuristic``), ``status`` (ok | unparseable | failed) and ``reason``, one
+integer column per rubric dimension (null unless ok), the rationale and raw verdict, and the
+``steps_count`` of the answer's methodology block (counted by rule for both judges: the gates use it).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+from pydantic import Field
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.config import NexusModel
+from nexus_core.errors import InputError
+from nexus_core.evaluate.rubric import (
+    HEURISTIC_LABEL,
+    JudgeSettings,
+    count_ordered_steps,
+    judge_items,
+    load_rubric,
+)
+from nexus_core.io import load_table, require_columns, schema_of, write_parquet
+from nexus_core.runner import Cost, StepResult
+
+
+class JudgeConfig(NexusModel):
+    """Which judge, which rubric."""
+
+    kind: Literal["heuristic", "llm"] = Field("heuristic", description="llm: litellm judge; heuristic: offline rules")
+    rubric: str = Field("configs/eval/rubric.json", description="Rubric JSON file (dimensions and scale)")
+    llm: JudgeSettings = Field(default_factory=JudgeSettings, description="LLM judge endpoint (kind=llm)")
+    methodology_min_steps: int = Field(3, ge=1, description="Ordered steps that make a methodology block")
+
+
+class JudgeResult(StepResult):
+    """Verdict counts and per-dimension medians over rows judged ok."""
+
+    judge: str
+    judge_kind: str
+    label: str
+    ok: int = 0
+    unparseable: int = 0
+    failed: int = 0
+    medians: dict[str, float] = Field(default_factory=dict)
+
+
+def run_judge(cfg: JudgeConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> JudgeResult:
+    """Judge ``inputs['predictions']`` (columns input, prediction, reference) on the rubric."""
+    if "predictions" not in inputs:
+        raise InputError("judge: missing input 'predictions'")
+    rubric = load_rubric(cfg.rubric)
+    ref = inputs["predictions"]
+    table = load_table(ref)
+    require_columns(table, ["input", "prediction", "reference"], f"{ref.uri}/data.parquet")
+    answers = table["prediction"].to_list()
+    references = table["reference"].to_list()
+
+    items = [{"question": q, "answer": a or "", "reference": r}
+             for q, a, r in zip(table["input"].to_list(), answers, references, strict=True)]
+    results = judge_items(items, rubric, cfg.kind, cfg.llm)
+    judge_name = "heuristic" if cfg.kind == "heuristic" else cfg.llm.model
+    label = HEURISTIC_LABEL if cfg.kind == "heuristic" else f"llm judge {cfg.llm.model}"
+
+    cols: dict[str, list] = {
+        "judge": [judge_name] * table.height, "judge_kind": [cfg.kind] * table.height,
+        "rubric": [f"{rubric.name}@v{rubric.version}"] * table.height,
+        "status": [r["status"] for r in results], "reason": [r["reason"] for r in results],
+    }
+    for dim in rubric.names:
+        cols[dim] = [r["verdict"][dim] if r["verdict"] else None for r in results]
+    cols["rationale"] = [str(r["verdict"].get("rationale", "")) if r["verdict"] else None for r in results]
+    cols["raw_verdict"] = [r["raw"] for r in results]
+    cols["steps_count"] = [count_ordered_steps(a) for a in answers]
+    cols["has_methodology"] = [n >= cfg.methodology_min_steps for n in cols["steps_count"]]
+    for key in ("attempts", "prompt_tokens", "completion_tokens", "cost_usd"):
+        cols[f"judge_{key}"] = [r[key] for r in results]
+    cols["judge_latency_s"] = [r["latency_s"] for r in results]
+    judged = table.with_columns([pl.Series(k, v, dtype=pl.Int64 if k in rubric.names else None)
+                                 for k, v in cols.items()])
+    write_parquet(judged, Path(out_uri) / "data.parquet")
+
+    counts = {s: cols["status"].count(s) for s in ("ok", "unparseable", "failed")}
+    medians = {d: float(statistics.median(v)) for d in rubric.names if (v := [x for x in cols[d] if x is not None])}
+    prefix = f"{cfg.kind}_judge"  # heuristic scores are never logged under an LLM-judge name
+    metrics = {f"{prefix}.{d}.median": m for d, m in medians.items()}
+    metrics.update({f"{prefix}.ok": counts["ok"], f"{prefix}.unparseable": counts["unparseable"],
+                    f"{prefix}.failed": counts["failed"],
+                    "methodology_share": sum(cols["has_methodology"]) / max(1, table.height)})
+    cost = Cost(usd=sum(cols["judge_cost_usd"]), tokens_in=sum(cols["judge_prompt_tokens"]),
+                tokens_out=sum(cols["judge_completion_tokens"]),
+                provider="litellm" if cfg.kind == "llm" else "local", model=judge_name)
+    return JudgeResult(rows=judged.height, columns=schema_of(judged), judge=judge_name, judge_kind=cfg.kind,
+                       label=label, medians=medians, metrics=metrics, cost=cost, **counts)

@@ -1,0 +1,107 @@
+"""Report: one ``eval_report_<run_id>.json`` tying model, dataset, metrics, judge verdicts and gates together.
+
+Also writes ``data.parquet``: a one-row summary (what the leaderboard reads) and ``worst.parquet``:
+the lowest-scored samples, for people reading the report.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import polars as pl
+from pydantic import Field
+
+from nexus_core.artifacts import ArtifactRef, atomic_write_json, now_iso, read_manifest
+from nexus_core.config import NexusModel
+from nexus_core.errors import InputError
+from nexus_core.evaluate.rubric import HEURISTIC_LABEL, KNOWN_DIMENSIONS
+from nexus_core.io import load_table, schema_of, write_parquet
+from nexus_core.runner import StepResult
+
+
+class ReportConfig(NexusModel):
+    """What goes into the report."""
+
+    run_id: str = Field("adhoc", description="Evaluation run id; names eval_report_<run_id>.json")
+    worst_samples: int = Field(5, ge=0, description="Lowest-scored samples quoted in the report")
+
+
+class ReportResult(StepResult):
+    """The verdict and the headline numbers."""
+
+    run_id: str
+    report_file: str
+    gate_passed: bool
+    judge_kind: str
+    score: float | None = Field(None, description="Mean of the rubric medians (the leaderboard's sort key)")
+
+
+def _ref_info(ref: ArtifactRef | None) -> dict | None:
+    if ref is None:
+        return None
+    return {"name": ref.name, "version": ref.version, "uri": ref.uri, "digest": ref.digest, "rows": ref.rows}
+
+
+def run_report(cfg: ReportConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> ReportResult:
+    """Assemble the report from the predictions, scores, judged and gates artifacts."""
+    missing = [k for k in ("predictions", "scores", "judged", "gates") if k not in inputs]
+    if missing:
+        raise InputError(f"report: missing input(s) {', '.join(missing)}")
+    scores = json.loads((inputs["scores"].path / "metrics.json").read_text())
+    gates = json.loads((inputs["gates"].path / "gates.json").read_text())
+    judged = load_table(inputs["judged"])
+    judge_result = read_manifest(inputs["judged"].uri).result
+    kind = judge_result.get("judge_kind", "unknown")
+    dims = [d for d in KNOWN_DIMENSIONS if d in judged.columns]
+    summary = {}
+    for d in dims:
+        vals = [v for v in judged[d].to_list() if v is not None]
+        summary[d] = {"median": statistics.median(vals) if vals else None,
+                      "mean": statistics.fmean(vals) if vals else None, "n": len(vals)}
+    medians = [s["median"] for s in summary.values() if s["median"] is not None]
+    score = statistics.fmean(medians) if medians else None
+    worst = judged
+    if dims:
+        worst = judged.with_columns(pl.mean_horizontal([pl.col(d) for d in dims]).alias("_mean")) \
+                      .sort("_mean", nulls_last=False).drop("_mean")
+    keep = [c for c in ["row_id", "input", "prediction", "reference", "status", "reason", *dims] if c in judged.columns]
+    worst = worst.head(cfg.worst_samples).select(keep)
+
+    pred_manifest = read_manifest(inputs["predictions"].uri)
+    report = {
+        "run_id": cfg.run_id,
+        "created_at": now_iso(),
+        "model": _ref_info(pred_manifest.inputs.get("model")),
+        "dataset": _ref_info(pred_manifest.inputs.get("dataset")),
+        "predictions": _ref_info(inputs["predictions"]),
+        "metrics": scores["values"],
+        "metrics_skipped": scores.get("skipped", {}),
+        "judge": {"kind": kind, "name": judge_result.get("judge"),
+                  "label": HEURISTIC_LABEL if kind == "heuristic" else judge_result.get("label"),
+                  "ok": judge_result.get("ok"), "unparseable": judge_result.get("unparseable"),
+                  "failed": judge_result.get("failed"), "dimensions": summary},
+        "methodology_share": float(judged["has_methodology"].mean()) if "has_methodology" in judged.columns else None,
+        "gates": gates["gates"],
+        "gate_passed": bool(gates["passed"]),
+        "score": score,
+        "worst_samples": worst.to_dicts(),
+    }
+    out = Path(out_uri)
+    fname = f"eval_report_{cfg.run_id}.json"
+    atomic_write_json(out / fname, report)
+    write_parquet(worst, out / "worst.parquet")
+    model = report["model"] or {}
+    row = pl.DataFrame([{
+        "run_id": cfg.run_id, "model": model.get("name"), "model_uri": model.get("uri"),
+        "dataset": (report["dataset"] or {}).get("name"), "judge_kind": kind, "judge": judge_result.get("judge"),
+        "score": score, "gate_passed": report["gate_passed"], "rows": judged.height,
+        "metrics_json": json.dumps(scores["values"]),
+        **{f"{d}_median": (None if s["median"] is None else float(s["median"])) for d, s in summary.items()},
+    }])
+    write_parquet(row, out / "data.parquet")
+    metrics = {f"{kind}_judge.score": score} if score is not None else {}
+    metrics["gate_passed"] = float(report["gate_passed"])
+    return ReportResult(rows=1, columns=schema_of(row), run_id=cfg.run_id, report_file=fname,
+                        gate_passed=report["gate_passed"], judge_kind=kind, score=score, metrics=metrics)

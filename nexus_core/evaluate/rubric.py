@@ -1,0 +1,277 @@
+"""Rubric judge: load a rubric, validate verdicts against its JSON schema, judge with an LLM or a heuristic.
+
+Shared by the evaluation judge step and (for scoring teacher outputs) the distillation filters, so it
+lives outside ``steps/``. Two judges:
+
+* ``llm``: any litellm model through ``nexus_core.llm.client`` (bounded concurrency, response cache,
+  retries honouring ``Retry-After``); an unparseable or schema-invalid verdict becomes a
+  row with ``status="unparseable"`` and a reason; a judge still unreachable after its retries raises
+  :class:`JudgeUnreachable` naming the model and endpoint.
+* ``heuristic``: offline scoring from ordered-steps count, measurable-outcome wording and similarity to
+  the teacher answer. Its rows carry ``judge_kind="heuristic"`` so it is never mistaken for an LLM.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from nexus_core.config import NexusModel
+from nexus_core.errors import ConfigError, StepError
+from nexus_core.llm.client import LLMConfig
+
+KNOWN_DIMENSIONS = ("plausibility", "falsifiability", "method_rigour", "reproducibility", "teacher_agreement")
+KNOWN_SCALES: dict[str, tuple[int, int]] = {"1-5": (1, 5), "1-10": (1, 10)}
+HEURISTIC_LABEL = "heuristic (rule-based, not an LLM judge)"
+
+
+class Dimension(NexusModel):
+    """One scored dimension of the rubric."""
+
+    name: str = Field(description=f"One of {', '.join(KNOWN_DIMENSIONS)}")
+    description: str = Field(description="What a high score means, shown to the judge")
+
+
+class Rubric(NexusModel):
+    """A judging rubric (configs/eval/rubric.json)."""
+
+    name: str = Field(description="Rubric name, recorded with every verdict")
+    version: int = Field(1, description="Bump when wording changes (it joins the cache key anyway)")
+    scale: str = Field("1-5", description=f"Integer scale, one of {', '.join(KNOWN_SCALES)}")
+    instructions: str = Field(description="System instructions for an LLM judge")
+    dimensions: list[Dimension] = Field(description="Dimensions scored on the scale")
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """(min, max) of the scale."""
+        return KNOWN_SCALES[self.scale]
+
+    @property
+    def names(self) -> list[str]:
+        """Dimension names in rubric order."""
+        return [d.name for d in self.dimensions]
+
+
+def load_rubric(path: str | Path) -> Rubric:
+    """Read and validate a rubric JSON file; one ConfigError names the file and every bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(["file not found"], str(path))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"not valid JSON: {exc}"], str(path)) from None
+    try:
+        rubric = Rubric.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()], str(path)) from None
+    problems = []
+    if rubric.scale not in KNOWN_SCALES:
+        problems.append(f"scale: unknown scale {rubric.scale!r} (known: {', '.join(KNOWN_SCALES)})")
+    for i, dim in enumerate(rubric.dimensions):
+        if dim.name not in KNOWN_DIMENSIONS:
+            problems.append(f"dimensions[{i}].name: unknown dimension {dim.name!r} "
+                            f"(known: {', '.join(KNOWN_DIMENSIONS)})")
+    if len(set(rubric.names)) != len(rubric.names):
+        problems.append("dimensions: duplicate names")
+    if not rubric.dimensions:
+        problems.append("dimensions: at least one is required")
+    if problems:
+        raise ConfigError(problems, str(path))
+    return rubric
+
+
+def verdict_schema(rubric: Rubric) -> dict[str, Any]:
+    """JSON schema a verdict must satisfy: every dimension an integer on the scale, plus a rationale."""
+    lo, hi = rubric.bounds
+    props: dict[str, Any] = {d: {"type": "integer", "minimum": lo, "maximum": hi} for d in rubric.names}
+    props["rationale"] = {"type": "string"}
+    return {"type": "object", "properties": props, "required": rubric.names, "additionalProperties": True}
+
+
+_JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
+
+
+@lru_cache(maxsize=16)
+def _validator(rubric_json: str):  # noqa: ANN202 - jsonschema validator; built once per rubric, not per verdict
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(verdict_schema(Rubric.model_validate_json(rubric_json)))
+
+
+def parse_verdict(text: str | None, rubric: Rubric) -> tuple[dict[str, Any] | None, str | None]:
+    """(verdict, None) when ``text`` holds a schema-valid JSON verdict, else (None, reason)."""
+    if not text or not text.strip():
+        return None, "empty verdict"
+    cleaned = text.strip()
+    match = _JSON_OBJECT.search(cleaned)  # judges often wrap JSON in prose or ``` fences
+    if not match:
+        return None, f"no JSON object in verdict: {cleaned[:120]!r}"
+    try:
+        verdict = json.loads(match.group(0))
+    except json.JSONDecodeError as exc:
+        return None, f"verdict is not valid JSON ({exc.msg} at char {exc.pos}): {cleaned[:120]!r}"
+    # integral floats (4.0) are common and harmless; anything else must fail the schema
+    for key in rubric.names:
+        value = verdict.get(key) if isinstance(verdict, dict) else None
+        if isinstance(value, float) and value.is_integer():
+            verdict[key] = int(value)
+    errors = sorted(_validator(rubric.model_dump_json()).iter_errors(verdict), key=lambda e: list(e.path))
+    if errors:
+        where = ".".join(map(str, errors[0].path)) or "(verdict)"
+        return None, f"verdict fails schema at {where}: {errors[0].message}"
+    return verdict, None
+
+
+# ---------------------------------------------------------------- heuristic judge
+
+_STEP_LINE = re.compile(r"^\s*(?:\(?\d{1,2}[.):]|step\s+\d{1,2}\b|[ivx]{1,4}[.)])\s*\S", re.IGNORECASE | re.MULTILINE)
+_MEASURABLE = re.compile(
+    r"\b(measur\w*|quantif\w*|percent\w*|rate|ratio|significan\w*|p\s*[<=]|n\s*=|sample size|control\w*|"
+    r"compar\w*|predict\w*|increase\w*|decrease\w*|reduc\w*|threshold|error|mean|median|variance|"
+    r"correlat\w*|replicat\w*|randomi[sz]\w*|\d+(?:\.\d+)?\s*(?:%|mg|ml|kg|g|s|h|°c|degrees|mm|cm|m))\b",
+    re.IGNORECASE)
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def count_ordered_steps(text: str | None) -> int:
+    """Lines that start an ordered step: ``1.``, ``2)``, ``(3)``, ``Step 4``, ``iv.``."""
+    return len(_STEP_LINE.findall(text or ""))
+
+
+def token_f1(a: str | None, b: str | None) -> float:
+    """Bag-of-words F1 between two texts (0..1): the similarity the heuristic judge uses."""
+    ta, tb = _WORD.findall((a or "").lower()), _WORD.findall((b or "").lower())
+    if not ta or not tb:
+        return 0.0
+    counts: dict[str, int] = {}
+    for t in tb:
+        counts[t] = counts.get(t, 0) + 1
+    common = 0
+    for t in ta:
+        if counts.get(t, 0) > 0:
+            common += 1
+            counts[t] -= 1
+    if not common:
+        return 0.0
+    p, r = common / len(ta), common / len(tb)
+    return 2 * p * r / (p + r)
+
+
+def heuristic_verdict(answer: str | None, reference: str | None, rubric: Rubric) -> dict[str, Any]:
+    """Rule-based scores for each rubric dimension (clamped to the scale) plus the raw features."""
+    lo, hi = rubric.bounds
+    steps = count_ordered_steps(answer)
+    measurable = len(_MEASURABLE.findall(answer or ""))
+    sim = token_f1(answer, reference)
+    numbers = len(re.findall(r"\d+(?:\.\d+)?", answer or ""))
+
+    def scale(x: float) -> int:  # x in [0, 1] -> integer on the scale
+        return int(round(lo + (hi - lo) * max(0.0, min(1.0, x))))
+
+    raw = {
+        "plausibility": 0.5 * sim + 0.25 * min(1.0, len(_WORD.findall(answer or "")) / 40) + 0.25 * min(1.0, steps / 3),
+        "falsifiability": min(1.0, measurable / 4),
+        "method_rigour": min(1.0, steps / 5),
+        "reproducibility": 0.6 * min(1.0, steps / 4) + 0.4 * min(1.0, numbers / 3),
+        "teacher_agreement": sim,
+    }
+    verdict: dict[str, Any] = {d: scale(raw[d]) for d in rubric.names}
+    verdict["rationale"] = (f"{HEURISTIC_LABEL}: {steps} ordered steps, {measurable} measurable-outcome terms, "
+                            f"token-F1 {sim:.2f} to the teacher answer")
+    verdict["_features"] = {"steps": steps, "measurable_terms": measurable, "similarity": round(sim, 4)}
+    return verdict
+
+
+# ---------------------------------------------------------------- LLM judge
+
+
+class JudgeSettings(LLMConfig):
+    """How to reach an LLM judge: an llm_client config (litellm) with a judge's defaults."""
+
+    model: str = Field("openai/judge", description="litellm model name, e.g. openai/<served name>")
+    max_retries: int = Field(3, ge=0, description="Retries per request on connection errors, 429, 5xx, bad bodies")
+    backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each retry (Retry-After wins)")
+    max_backoff_s: float = Field(30.0, ge=0, description="Longest single wait between retries")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature of the judge")
+    max_tokens: int = Field(256, ge=16, description="Longest verdict the judge may write")
+
+
+class JudgeUnreachable(StepError):
+    """The judge model could not be reached after its retries."""
+
+
+def judge_messages(rubric: Rubric, question: str, answer: str, reference: str | None) -> list[dict[str, str]]:
+    """Chat messages asking the judge for a JSON verdict on one answer."""
+    lo, hi = rubric.bounds
+    dims = "\n".join(f"- {d.name}: {d.description}" for d in rubric.dimensions)
+    keys = ", ".join(f'"{n}": <int {lo}-{hi}>' for n in rubric.names)
+    system = (f"{rubric.instructions}\nRubric '{rubric.name}' v{rubric.version}, scale {lo}-{hi}:\n{dims}\n"
+              f'Answer format: {{{keys}, "rationale": "<one sentence>"}}')
+    user = f"Question:\n{question}\n\nTeacher reference answer:\n{reference or '(none)'}\n\nStudent answer:\n{answer}"
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+# Errors that mean "nobody answered", as opposed to an answer we could not use.
+_UNREACHABLE = ("APIConnectionError", "Timeout", "InternalServerError", "ServiceUnavailableError",
+                "BadGatewayError", "RateLimitError", "AuthenticationError", "NotFoundError", "PermissionDeniedError")
+
+
+def judge_llm(items: list[dict[str, Any]], rubric: Rubric, settings: JudgeSettings) -> list[dict[str, Any]]:
+    """Judge ``items`` (dicts with question, answer, reference) with an LLM; one result dict per item.
+
+    Each result: status (ok | unparseable | failed), reason, verdict (dict or None), raw text,
+    attempts, latency_s, token counts and cost_usd. When no row got an answer and the failures say
+    the endpoint is down, raises :class:`JudgeUnreachable` naming the model and endpoint.
+    """
+    from nexus_core.llm.client import LLMClient, check_model, run_async
+
+    check_model(settings, "judge")  # unknown provider, missing key, or a cost cap nothing could trigger
+    client = LLMClient(settings)
+    try:
+        batch = [judge_messages(rubric, it["question"], it["answer"], it.get("reference")) for it in items]
+        done = run_async(client.map(batch))
+    finally:
+        client.close()
+    out = []
+    for c in done:
+        row = {"attempts": c.attempts, "latency_s": c.latency_s, "prompt_tokens": c.prompt_tokens,
+               "completion_tokens": c.completion_tokens, "cost_usd": c.cost_usd, "raw": c.content}
+        if c.status != "ok":
+            row.update(status="failed", reason=c.error or c.status, verdict=None)
+        else:
+            verdict, reason = parse_verdict(c.content, rubric)
+            row.update(status="ok" if verdict else "unparseable", reason=reason, verdict=verdict)
+        out.append(row)
+    failed = [c for c in done if c.status != "ok"]
+    if done and len(failed) == len(done) and all((c.error or "").split(":")[0] in _UNREACHABLE for c in failed):
+        where = settings.api_base or "the provider's default endpoint"
+        raise JudgeUnreachable(f"judge model {settings.model!r} at {where} unreachable after "
+                               f"{settings.max_retries + 1} attempt(s) per request: {failed[0].error}")
+    return out
+
+
+def judge_items(items: list[dict[str, Any]], rubric: Rubric, kind: str = "heuristic",
+                settings: JudgeSettings | None = None) -> list[dict[str, Any]]:
+    """Judge items (question, answer, reference) with ``kind`` = ``llm`` or ``heuristic``; uniform result dicts.
+
+    The entry point for other areas too: e.g. a distillation filter scoring teacher outputs calls
+    ``judge_items([{"question": prompt, "answer": response, "reference": None}], load_rubric(path))``.
+    Heuristic results say so in their rationale (:data:`HEURISTIC_LABEL`).
+    """
+    if kind == "llm":
+        return judge_llm(items, rubric, settings or JudgeSettings())
+    if kind != "heuristic":
+        raise ValueError(f"judge kind must be 'llm' or 'heuristic', got {kind!r}")
+    out = []
+    for item in items:
+        verdict = heuristic_verdict(item.get("answer"), item.get("reference"), rubric)
+        verdict.pop("_features")
+        out.append({"status": "ok", "reason": None, "verdict": verdict, "raw": json.dumps(verdict), "attempts": 1,
+                    "latency_s": 0.0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0})
+    return out

@@ -1,0 +1,66 @@
+"""Metrics: compute the configured metrics (nexus_core.evaluate.metrics registry) on a predictions table."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import polars as pl
+from pydantic import Field, field_validator
+
+from nexus_core.artifacts import ArtifactRef, atomic_write_json
+from nexus_core.config import NexusModel
+from nexus_core.errors import InputError
+from nexus_core.evaluate.metrics import METRICS, compute
+from nexus_core.io import load_table, schema_of, write_parquet
+from nexus_core.runner import StepResult
+
+
+class ScoreConfig(NexusModel):
+    """Which metrics to compute."""
+
+    metrics: list[str] = Field(default_factory=lambda: ["exact_match", "perplexity"],
+                               description=f"Metric names from nexus_core.evaluate.metrics ({', '.join(sorted(METRICS))})")
+    skip_missing: bool = Field(False, description="Skip metrics whose columns are absent instead of failing")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {', '.join(unknown)} (known: {', '.join(sorted(METRICS))})")
+        return names
+
+
+class ScoreResult(StepResult):
+    """Metric values (NaN when undefined, e.g. AUROC with one class) and those skipped."""
+
+    values: dict[str, float | None] = Field(default_factory=dict)
+    skipped: dict[str, str] = Field(default_factory=dict)
+
+
+def run_score(cfg: ScoreConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> ScoreResult:
+    """Compute each metric over ``inputs['predictions']``; write data.parquet (name, value, n) and metrics.json."""
+    if "predictions" not in inputs:
+        raise InputError("score: missing input 'predictions'")
+    ref = inputs["predictions"]
+    table = load_table(ref)
+    where = f"{ref.uri}/data.parquet"
+    values: dict[str, float | None] = {}
+    skipped: dict[str, str] = {}
+    for name in cfg.metrics:
+        try:
+            value = compute(name, table, where)
+        except InputError as exc:
+            if not cfg.skip_missing:
+                raise
+            skipped[name] = str(exc)
+            continue
+        values[name] = None if math.isnan(value) else value
+    rows = pl.DataFrame({"metric": list(values), "value": list(values.values()),
+                         "n": [table.height] * len(values)}, schema={"metric": pl.String, "value": pl.Float64,
+                                                                     "n": pl.Int64})
+    write_parquet(rows, Path(out_uri) / "data.parquet")
+    atomic_write_json(Path(out_uri) / "metrics.json", {"values": values, "skipped": skipped, "rows": table.height})
+    return ScoreResult(rows=rows.height, columns=schema_of(rows), values=values, skipped=skipped,
+                       metrics={k: v for k, v in values.items() if v is not None})

@@ -1,1 +1,0 @@
-"""Distillation data pipeline steps: teacher inputs, collection, filters, review, regeneration, SFT packaging."""

@@ -1,1 +1,0 @@
-"""Evaluation steps: predict, score, judge, gates, report, feedback."""

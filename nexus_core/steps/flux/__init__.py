@@ -1,1 +1,0 @@
-"""Flux.2 steps: prepare (images + captions → MDS), precompute (latents + text embeddings), train."""

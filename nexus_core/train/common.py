@@ -1,0 +1,333 @@
+"""What every training stage shares: the common config, pre-flight checks, the resumable work dir,
+TrainingArguments, model loading (full / LoRA / QLoRA) and saving the model artifact.
+
+Stages use transformers / trl / peft directly; this module only holds the pieces that would
+otherwise be copied seven times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import yaml
+from pydantic import Field, model_validator
+
+from nexus_core.artifacts import ArtifactRef, atomic_write_text
+from nexus_core.config import NexusModel, config_hash
+from nexus_core.costs import Cost
+from nexus_core.errors import InputError, StepError
+from nexus_core.runner import StepResult
+from nexus_core.settings import nexus_home
+
+COMPLETE_MARKER = ".nexus_complete"
+
+
+class LoraSpec(NexusModel):
+    """LoRA adapter shape (peft.LoraConfig)."""
+
+    r: int = Field(8, ge=1, description="Adapter rank")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input")
+    target_modules: list[str] | str = Field("all-linear", description="Modules to adapt, or 'all-linear'")
+
+
+class CheckpointSpec(NexusModel):
+    """How often to checkpoint and how many checkpoints to keep."""
+
+    save_steps: int = Field(50, ge=1, description="Write a checkpoint every N optimizer steps")
+    save_total_limit: int = Field(2, ge=1, description="Keep at most this many checkpoints")
+
+
+class ControlSpec(NexusModel):
+    """Training controller knobs (signals are always on; see nexus_core.train.control)."""
+
+    cooldown_every: int = Field(0, ge=0, description="Sleep every N steps (0 = never), e.g. for shared hosts")
+    cooldown_seconds: float = Field(0.0, ge=0, description="How long each cooldown sleeps")
+    gpu_max_temp_c: int = Field(85, description="Pause when any GPU is hotter than this (NVML)")
+    gpu_resume_temp_c: int = Field(75, description="Resume once every GPU is at or below this")
+    gpu_check_every: int = Field(10, ge=1, description="Read GPU temperatures every N steps")
+
+
+class StageBase(NexusModel):
+    """Hyper-parameters every method shares. Method configs add their own fields."""
+
+    finetune: Literal["full", "lora", "qlora"] = Field(
+        "lora", description="full: all weights; lora: adapters; qlora: adapters on a 4-bit base (GPU)")
+    load_in_4bit: bool = Field(False, description="Load the base in 4-bit (bitsandbytes); implied by qlora")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape for lora/qlora")
+    max_steps: int = Field(-1, description="Optimizer steps; -1 trains for `epochs` instead")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is -1")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate")
+    lr_scheduler: str = Field("linear", description="transformers scheduler name")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Share of steps spent warming up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    batch_size: int = Field(4, ge=1, description="Per-device batch size")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps")
+    max_length: int = Field(512, ge=8, description="Longest tokenized sequence (longer ones are truncated)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that has it, else fp32")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory")
+    seed: int = Field(0, description="Seed for weights init of new heads, shuffling and dropout")
+    logging_steps: int = Field(1, ge=1, description="Log loss/lr/grad-norm every N steps")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing")
+    control: ControlSpec = Field(default_factory=ControlSpec, description="Pause/cooldown/GPU guard")
+    num_processes: int = Field(1, ge=1, description="Data-parallel processes (>1 launches accelerate)")
+    isolate: bool = Field(False, description="Train in a child process even with one process: signal control "
+                                             "under Prefect worker threads, memory returned when done")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Strategy when num_processes > 1")
+
+    @model_validator(mode="after")
+    def _compatible(self) -> StageBase:
+        if self.finetune == "full" and self.load_in_4bit:
+            raise ValueError("load_in_4bit: QLoRA (a 4-bit base) trains LoRA adapters; it cannot be combined "
+                             "with finetune=full")
+        return self
+
+    @property
+    def quantized(self) -> bool:
+        """True when the base is loaded in 4-bit (QLoRA)."""
+        return self.finetune == "qlora" or self.load_in_4bit
+
+    @property
+    def adapters(self) -> bool:
+        """True when the stage trains LoRA adapters rather than all weights."""
+        return self.finetune in ("lora", "qlora")
+
+
+# ---------------------------------------------------------------- pre-flight
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA GPU is usable here."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def model_dir(ref: ArtifactRef | None, role: str = "model") -> Path:
+    """Local HF directory of a model input; InputError if it is missing or not a model."""
+    if ref is None:
+        raise InputError(f"missing input {role!r}: a base model artifact or HF directory")
+    path = Path(ref.uri)
+    if not path.exists():
+        raise InputError(f"{path}: {role} path does not exist")
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: {role} is not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def preflight(cfg: StageBase, problems: list[str] | None = None) -> None:
+    """Checks that need no compute: GPU-only options on a CPU machine. Raises StepError listing all."""
+    problems = list(problems or [])
+    gpu = cuda_available()
+    if cfg.quantized and not gpu:
+        problems.append("finetune=qlora / load_in_4bit needs a CUDA GPU (bitsandbytes 4-bit); this machine has "
+                        "none. Use finetune=lora on CPU.")
+    if cfg.quantized and gpu:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            problems.append("finetune=qlora needs the bitsandbytes package (pip install bitsandbytes)")
+    if cfg.precision == "fp16" and not gpu:
+        problems.append("precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+    if problems:
+        raise StepError("cannot start training:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# ---------------------------------------------------------------- work dir and checkpoints
+
+
+def work_dir(method: str, cfg: StageBase, inputs: dict[str, ArtifactRef]) -> Path:
+    """Stable directory for checkpoints, outside the staging dir (which is discarded on failure).
+
+    Keyed by config hash and input digests, so re-running the same stage finds its checkpoints.
+    """
+    digests = hashlib.sha256(json.dumps({k: v.digest for k, v in sorted(inputs.items())}).encode()).hexdigest()
+    path = nexus_home() / "work" / "train" / f"{method}-{config_hash(cfg)}-{digests[:12]}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def last_checkpoint(ckpt_dir: Path) -> Path | None:
+    """Newest checkpoint that finished writing (has our completion marker), else None.
+
+    transformers writes ``checkpoint-N`` in place; a kill mid-write leaves a partial directory. We
+    mark a checkpoint complete only after the trainer's save returns, and set partial ones aside.
+    """
+    if not ckpt_dir.is_dir():
+        return None
+    found = []
+    for child in ckpt_dir.glob("checkpoint-*"):
+        step = child.name.rsplit("-", 1)[-1]
+        if not step.isdigit():
+            continue
+        if (child / COMPLETE_MARKER).is_file() and (child / "trainer_state.json").is_file():
+            found.append((int(step), child))
+        else:
+            shutil.rmtree(child, ignore_errors=True)  # partial write from a killed run
+    return max(found)[1] if found else None
+
+
+# ---------------------------------------------------------------- trainer arguments
+
+
+def use_bf16(cfg: StageBase) -> bool:
+    """Whether to train in bf16 under the config's precision setting."""
+    import torch
+
+    if cfg.precision == "bf16":
+        return True
+    return cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def trainer_kwargs(cfg: StageBase, output_dir: Path, **extra: Any) -> dict[str, Any]:
+    """Keyword arguments for any TrainingArguments subclass (SFTConfig, DPOConfig, ...)."""
+    gpu = cuda_available()
+    kw: dict[str, Any] = dict(
+        output_dir=str(output_dir), max_steps=cfg.max_steps, num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_ratio=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, logging_steps=cfg.logging_steps, save_strategy="steps",
+        save_steps=cfg.checkpoint.save_steps, save_total_limit=cfg.checkpoint.save_total_limit,
+        seed=cfg.seed, data_seed=cfg.seed, report_to=[], disable_tqdm=True, bf16=use_bf16(cfg),
+        fp16=cfg.precision == "fp16", gradient_checkpointing=cfg.gradient_checkpointing,
+        use_cpu=not gpu, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
+        # gloo for CPU data parallelism; only inside a launched group (it would try to join one otherwise).
+        ddp_backend="gloo" if not gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        save_only_model=False,
+    )
+    if cfg.num_processes > 1 and cfg.distributed == "fsdp":
+        kw.update(fsdp="full_shard auto_wrap", fsdp_config={"use_orig_params": True})
+    kw.update(extra)
+    return kw
+
+
+def peft_config(cfg: StageBase, task_type: str = "CAUSAL_LM"):  # noqa: ANN201 - peft.LoraConfig | None
+    """peft LoraConfig for lora/qlora stages, None for full fine-tuning."""
+    if not cfg.adapters:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type=task_type)
+
+
+def load_model(cfg: StageBase, path: Path, kind: Literal["causal", "reward"] = "causal",
+               config_overrides: dict[str, Any] | None = None):  # noqa: ANN201 - PreTrainedModel
+    """Load the base model for training: fp32/bf16, or 4-bit for QLoRA (GPU only)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(str(path))
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
+    kw: dict[str, Any] = {"dtype": torch.bfloat16 if use_bf16(cfg) else torch.float32}
+    if cfg.quantized:
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    if kind == "reward":
+        config.num_labels = 1
+        return AutoModelForSequenceClassification.from_pretrained(str(path), config=config, **kw)
+    return AutoModelForCausalLM.from_pretrained(str(path), config=config, **kw)
+
+
+def load_tokenizer(path: Path):  # noqa: ANN201 - PreTrainedTokenizerBase
+    """The model's tokenizer, with a pad token guaranteed (trainers pad batches)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if "token_type_ids" in tok.model_input_names:
+        # Decoder-only LMs take no token types; a generic fast tokenizer still emits them, and
+        # generate() (GRPO rollouts) rejects the unknown kwarg.
+        tok.model_input_names = [n for n in tok.model_input_names if n != "token_type_ids"]
+    return tok
+
+
+# ---------------------------------------------------------------- saving
+
+
+def param_snapshot(model) -> dict[str, Any]:  # noqa: ANN001
+    """Copies of the trainable parameters, to prove training changed them."""
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def param_delta(before: dict[str, Any], model) -> float:  # noqa: ANN001
+    """Largest absolute change of any trainable parameter since ``before``."""
+    now = dict(model.named_parameters())
+    deltas = [float((now[n].detach().float().cpu() - t).abs().max()) for n, t in before.items() if n in now]
+    return max(deltas, default=0.0)
+
+
+def save_model_artifact(cfg: StageBase, trainer, tokenizer, base_path: Path, out_uri: str,  # noqa: ANN001
+                        method: str, kind: Literal["causal", "reward"] = "causal") -> None:
+    """Write the model artifact: HF dir at the root (merged weights), ``adapter/`` for LoRA, config.yaml.
+
+    LoRA adapters are merged into a freshly loaded full-precision base, so QLoRA stages also produce
+    ordinary weights that ``from_pretrained`` loads anywhere.
+    """
+    import torch
+
+    out = Path(out_uri)
+    model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+    if cfg.adapters:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        model.save_pretrained(out / "adapter", safe_serialization=True)
+        tokenizer.save_pretrained(out / "adapter")
+        auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+        extra = {"num_labels": 1} if kind == "reward" else {}
+        base = auto.from_pretrained(str(base_path), dtype=torch.float32, **extra)
+        merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
+        merged.save_pretrained(out, safe_serialization=True)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(
+        {"method": method, "base_model": str(base_path), **cfg.model_dump(mode="json")}, sort_keys=False))
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: CUDA allocator peak on a GPU, else max RSS."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    status = Path("/proc/self/status")
+    if status.is_file():  # VmHWM can be reset (clear_refs), unlike ru_maxrss
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or not distributed)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class TrainResult(StepResult):
+    """What every training stage returns: steps run, where it resumed, metrics, GPU time."""
+
+    method: str = Field(description="Stage method (sft, cpt, dpo, ...)")
+    steps: int = Field(0, description="Optimizer steps at the end (global_step)")
+    resumed_from_step: int = Field(0, description="Checkpoint step resumed from (0: a fresh start)")
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, float], **extra: Any) -> Self:
+        """Build the result from fit()'s metrics (GPU seconds go to ``cost`` for the ledger)."""
+        return cls(steps=int(metrics["global_step"]), resumed_from_step=int(metrics["resumed_from_step"]),
+                   metrics=metrics, cost=Cost(gpu_seconds=metrics.get("gpu_seconds", 0.0)), **extra)
+

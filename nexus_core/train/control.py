@@ -1,0 +1,254 @@
+"""Running a trainer safely: the signal controller, MLflow logging, checkpoint marking and resume.
+
+Signals (sent to the training process, e.g. ``kill -USR1 <pid>``):
+
+- SIGUSR1 pauses at the next step boundary (caches freed) and resumes on the next SIGUSR1.
+- SIGUSR2 writes an emergency checkpoint at the next step boundary (``checkpoint-<step>``).
+
+Handlers can only be installed from a process's main thread. Under a Prefect worker thread the
+controller says so in the log and training runs uncontrolled; stages launched as separate
+processes (``num_processes > 1``) always have it.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from nexus_core.train.common import COMPLETE_MARKER, StageBase, last_checkpoint, peak_memory_mb
+
+log = logging.getLogger(__name__)
+
+# Fault injection for tests and drills: SIGKILL ourselves at this global step (after its optimizer step,
+# before its checkpoint), exactly what an OOM-killer or a pre-empted node does.
+KILL_AT_STEP_ENV = "NEXUS_TRAIN_KILL_AT_STEP"
+
+
+def gpu_temperatures() -> list[int]:
+    """Temperatures (°C) of every NVIDIA GPU via NVML; empty without a GPU or NVML."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+        try:
+            return [pynvml.nvmlDeviceGetTemperature(pynvml.nvmlDeviceGetHandleByIndex(i), pynvml.NVML_TEMPERATURE_GPU)
+                    for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return []
+
+
+def free_memory() -> None:
+    """Release cached allocator memory while paused."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class TrainingController(TrainerCallback):
+    """Pause/resume (SIGUSR1), emergency checkpoint (SIGUSR2), cooldown, GPU temperature guard."""
+
+    def __init__(self, cfg: StageBase, poll_s: float = 0.1):
+        self.cfg = cfg.control
+        self.poll_s = poll_s
+        self.paused = False
+        self.save_requested = False
+        self.pauses = 0
+        self.paused_seconds = 0.0
+        self.emergency_saves = 0
+        self.thermal_pauses = 0
+        self._previous: dict[int, Any] = {}
+
+    # -- signals
+    def install(self) -> bool:
+        """Install the signal handlers (main thread only). Returns whether they are active."""
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("training controller: not on the main thread, SIGUSR1/SIGUSR2 control is off")
+            return False
+        self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_usr1)
+        self._previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, self._on_usr2)
+        return True
+
+    def uninstall(self) -> None:
+        """Restore the previous handlers."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_usr1(self, signum: int, frame: Any) -> None:
+        self.paused = not self.paused
+
+    def _on_usr2(self, signum: int, frame: Any) -> None:
+        self.save_requested = True
+
+    # -- trainer hooks
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 - transformers API
+        """Step boundary: kill drill, emergency save, pause, cooldown, thermal guard."""
+        if os.environ.get(KILL_AT_STEP_ENV) == str(state.global_step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.save_requested:
+            self.save_requested = False
+            self.emergency_saves += 1
+            control.should_save = True
+        if self.paused:
+            self.pauses += 1
+            t0 = time.monotonic()
+            log.warning("training paused at step %d (SIGUSR1 to resume)", state.global_step)
+            free_memory()
+            while self.paused:
+                time.sleep(self.poll_s)
+            self.paused_seconds += time.monotonic() - t0
+        c = self.cfg
+        if c.cooldown_every and state.global_step % c.cooldown_every == 0 and c.cooldown_seconds:
+            time.sleep(c.cooldown_seconds)
+        if state.global_step % c.gpu_check_every == 0:
+            temps = gpu_temperatures()
+            if temps and max(temps) > c.gpu_max_temp_c:
+                self.thermal_pauses += 1
+                log.warning("GPU at %d°C > %d°C: pausing until <= %d°C", max(temps), c.gpu_max_temp_c,
+                            c.gpu_resume_temp_c)
+                free_memory()
+                while (temps := gpu_temperatures()) and max(temps) > c.gpu_resume_temp_c:
+                    time.sleep(5.0)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        """The trainer finished writing checkpoint-N: mark it complete (resume only trusts marked ones)."""
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                (ckpt / COMPLETE_MARKER).write_text(str(state.global_step))
+        return control
+
+
+class MlflowLogger(TrainerCallback):
+    """Logs loss, learning rate, grad norm, tokens/s and peak memory to the step's MLflow run (rank 0).
+
+    Metrics are buffered and sent with one ``log_batch`` every ``flush_s`` seconds (and at save/end):
+    a SQLite commit per training step would cost more than a tiny model's step. Checkpoints are
+    recorded as artifacts (their trainer_state.json, small) plus a path tag.
+    """
+
+    def __init__(self, run_id: str | None, flush_s: float = 10.0):
+        self.run_id = run_id
+        self.flush_s = flush_s
+        self._t = self._flushed = time.monotonic()
+        self._tokens = 0
+        self._buffer: list[Any] = []
+        self.tokens_per_s: list[float] = []
+
+    def flush(self) -> None:
+        """Send buffered metrics in batches of 1000 (MLflow's limit)."""
+        if self.run_id and self._buffer:
+            from nexus_core import lineage
+
+            for i in range(0, len(self._buffer), 1000):
+                lineage.client().log_batch(self.run_id, metrics=self._buffer[i:i + 1000])
+        self._buffer.clear()
+        self._flushed = time.monotonic()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
+        """Buffer the trainer's numeric logs, plus throughput and memory."""
+        if not (self.run_id and state.is_world_process_zero):
+            return control
+        from mlflow.entities import Metric
+
+        logs = dict(logs or {})
+        now, tokens = time.monotonic(), state.num_input_tokens_seen or 0
+        if tokens > self._tokens and now > self._t:
+            self.tokens_per_s.append((tokens - self._tokens) / (now - self._t))
+            logs["tokens_per_s"] = self.tokens_per_s[-1]
+        self._t, self._tokens = now, tokens
+        logs["peak_memory_mb"] = peak_memory_mb()
+        ms = int(time.time() * 1000)
+        self._buffer += [Metric(f"train/{k}", float(v), ms, state.global_step)
+                         for k, v in logs.items() if isinstance(v, int | float)]
+        if now - self._flushed >= self.flush_s:
+            self.flush()
+        return control
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        """Record the checkpoint in MLflow."""
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.run_id and state.is_world_process_zero and (ckpt / "trainer_state.json").is_file():
+            from nexus_core import lineage
+
+            self.flush()
+            lineage.client().log_artifact(self.run_id, str(ckpt / "trainer_state.json"), f"checkpoints/{ckpt.name}")
+            lineage._log_batch(self.run_id, tags={"nexus.last_checkpoint": str(ckpt)})
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        """Send what is left."""
+        self.flush()
+        return control
+
+
+def fit(trainer, cfg: StageBase, run_id: str | None = None) -> dict[str, float]:  # noqa: ANN001
+    """Train with the controller and MLflow logger, resuming from the newest complete checkpoint.
+
+    Returns metrics: final loss, steps, the step resumed from, tokens/s, peak memory, pauses.
+    """
+    controller, logger = TrainingController(cfg), MlflowLogger(run_id)
+    trainer.add_callback(controller)
+    trainer.add_callback(logger)
+    resume = last_checkpoint(Path(trainer.args.output_dir))
+    resumed_from = int(resume.name.rsplit("-", 1)[-1]) if resume else 0
+    if controller.install():  # where to send SIGUSR1/SIGUSR2: <work dir>/train.pid (rank 0 under DDP)
+        pid_file = Path(trainer.args.output_dir).parent / "train.pid"
+        if trainer.state.is_world_process_zero or int(os.environ.get("RANK", "0")) == 0:
+            pid_file.parent.mkdir(parents=True, exist_ok=True)
+            pid_file.write_text(str(os.getpid()))
+    t0 = time.monotonic()
+    try:
+        out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        controller.uninstall()
+    seconds = time.monotonic() - t0
+    state = trainer.state
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    tokens = state.num_input_tokens_seen or 0
+    return {
+        "train_loss": float(out.training_loss), "final_loss": float(losses[-1]) if losses else float("nan"),
+        "global_step": float(state.global_step), "resumed_from_step": float(resumed_from),
+        "train_seconds": seconds, "tokens_seen": float(tokens),
+        # what the cost ledger prices: wall time on every GPU of the run (0 on CPU)
+        "gpu_seconds": seconds * trainer.args.world_size if _on_cuda() else 0.0,
+        "tokens_per_s": tokens / seconds if seconds and tokens else 0.0,
+        "peak_memory_mb": peak_memory_mb(), "pauses": float(controller.pauses),
+        "emergency_saves": float(controller.emergency_saves), "thermal_pauses": float(controller.thermal_pauses),
+    }
+
+
+def _on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def train_and_save(trainer, cfg: StageBase, run_id: str | None, base: Path, out_uri: str,  # noqa: ANN001
+                   method: str, kind: str = "causal") -> dict[str, float]:
+    """fit() plus the bookkeeping every stage wants: parameter change, counts, and rank-0 save."""
+    from nexus_core.train.common import is_main_process, param_delta, param_snapshot, save_model_artifact
+
+    before = param_snapshot(trainer.model)
+    metrics = fit(trainer, cfg, run_id)
+    metrics["param_delta"] = param_delta(before, trainer.model)
+    metrics["trainable_params"] = float(sum(t.numel() for t in before.values()))
+    metrics["total_params"] = float(sum(p.numel() for p in trainer.model.parameters()))
+    if is_main_process():
+        save_model_artifact(cfg, trainer, trainer.processing_class, base, out_uri, method, kind)  # type: ignore[arg-type]
+    return metrics

@@ -1,0 +1,71 @@
+"""DPO: direct preference optimisation on chosen/rejected pairs with trl.DPOTrainer.
+
+Inputs: ``model`` and ``data`` (``chosen``/``rejected``, optional ``prompt``). With LoRA the frozen
+base serves as the reference model (no second copy in memory).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.train.common import (
+    StageBase,
+    TrainResult,
+    load_model,
+    load_tokenizer,
+    model_dir,
+    peft_config,
+    preflight,
+    trainer_kwargs,
+    work_dir,
+)
+from nexus_core.train.data import (
+    check_model_and_table,
+    load_rows,
+    preference_records,
+    to_dataset,
+)
+from nexus_core.train.launch import run_stage
+
+
+class DPOConfig(StageBase):
+    """Direct preference optimisation."""
+
+    method: Literal["dpo"] = Field("dpo", description="Stage method")
+    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference model")
+    loss_type: str = Field("sigmoid", description="trl DPO loss: sigmoid, ipo, hinge, robust, ...")
+    chat: bool = Field(True, description="Format prompts/responses with the chat template")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate")
+
+
+class DPOResult(TrainResult):
+    """A preference-tuned model."""
+
+    method: str = "dpo"
+
+
+def run_dpo(cfg: DPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> DPOResult:
+    """Check inputs, train, save."""
+    check_model_and_table(inputs, "dpo", "preference")
+    preflight(cfg)
+    m = run_stage(_train, cfg, inputs, out_uri, "dpo")
+    return DPOResult.from_metrics(m)
+
+
+def _train(cfg: DPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:
+    from trl import DPOConfig as TrlDPOConfig
+    from trl import DPOTrainer
+
+    from nexus_core.train.control import train_and_save
+
+    base = model_dir(inputs["model"])
+    df, where = load_rows(inputs["data"])
+    dataset = to_dataset(preference_records(df, where, "dpo", cfg.chat))
+    args = TrlDPOConfig(**trainer_kwargs(cfg, work_dir("dpo", cfg, inputs) / "checkpoints", beta=cfg.beta,
+                                         loss_type=[cfg.loss_type], max_length=cfg.max_length))
+    trainer = DPOTrainer(model=load_model(cfg, base), args=args, train_dataset=dataset,
+                         processing_class=load_tokenizer(base), peft_config=peft_config(cfg))
+    return train_and_save(trainer, cfg, run_id, base, out_uri, "dpo")

@@ -1,0 +1,110 @@
+"""GRPO: group-relative policy optimisation with trl.GRPOTrainer, rewarded by rules and verifiers
+(exact-match answers, format checks, length) and optionally a reward model (RL against a learned
+reward: the PPO use case, since trl no longer ships PPO).
+
+Inputs: ``model``, ``data`` (``prompt`` or ``input``; ``answer`` for exact_match) and optionally
+``reward_model`` (an artifact from the reward stage).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.errors import InputError
+from nexus_core.train.common import (
+    StageBase,
+    TrainResult,
+    load_model,
+    load_tokenizer,
+    model_dir,
+    peft_config,
+    preflight,
+    trainer_kwargs,
+    work_dir,
+)
+from nexus_core.train.data import layout, load_rows, need, prompt_records, to_dataset
+from nexus_core.train.launch import run_stage
+
+Rule = Literal["exact_match", "format", "length"]
+
+
+class GRPOConfig(StageBase):
+    """GRPO with rule rewards and an optional reward model."""
+
+    method: Literal["grpo"] = Field("grpo", description="Stage method")
+    rewards: list[Rule] = Field(default_factory=lambda: ["exact_match"], description="Rule rewards to sum")
+    reward_weights: list[float] | None = Field(None, description="Weight per reward (rules, then reward model)")
+    format_pattern: str = Field(r"<think>.*</think>", description="Regex the format reward checks for")
+    max_chars: int = Field(400, ge=1, description="Length reward: penalty starts beyond this many characters")
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group)")
+    max_completion_length: int = Field(64, ge=1, description="Tokens generated per completion")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature")
+    beta: float = Field(0.0, ge=0, description="KL penalty towards the reference model (0 = none)")
+    chat: bool = Field(True, description="Format prompts with the chat template")
+    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate")
+
+
+class GRPOResult(TrainResult):
+    """A policy trained with GRPO."""
+
+    method: str = "grpo"
+    reward_mean: float = 0.0
+
+
+def run_grpo(cfg: GRPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> GRPOResult:
+    """Check inputs, train, save."""
+    model_dir(inputs.get("model"))
+    if "reward_model" in inputs:
+        model_dir(inputs["reward_model"], "reward_model")
+    df, where = load_rows(need(inputs, "data", "grpo"))
+    layout(df, "prompt", where, "grpo")
+    if "exact_match" in cfg.rewards and "answer" not in df.columns:
+        raise InputError(f"{where}: reward 'exact_match' needs column answer; has: {', '.join(df.columns)}")
+    if not cfg.rewards and "reward_model" not in inputs:
+        raise InputError("grpo: no rewards configured and no 'reward_model' input")
+    n_rewards = len(cfg.rewards) + ("reward_model" in inputs)
+    problems = []
+    if cfg.reward_weights is not None and len(cfg.reward_weights) != n_rewards:
+        problems.append(f"reward_weights: {len(cfg.reward_weights)} weights for {n_rewards} rewards")
+    if (cfg.batch_size * cfg.grad_accum) % cfg.num_generations:
+        problems.append(f"batch_size*grad_accum ({cfg.batch_size * cfg.grad_accum}) must be a multiple of "
+                        f"num_generations ({cfg.num_generations})")
+    preflight(cfg, problems)
+    m = run_stage(_train, cfg, inputs, out_uri, "grpo")
+    return GRPOResult.from_metrics(m, reward_mean=m.get("reward_mean", 0.0))
+
+
+def _train(cfg: GRPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:
+    from trl import GRPOConfig as TrlGRPOConfig
+    from trl import GRPOTrainer
+
+    from nexus_core.train import rewards
+    from nexus_core.train.control import train_and_save
+
+    base = model_dir(inputs["model"])
+    df, where = load_rows(inputs["data"])
+    dataset = to_dataset(prompt_records(df, where, "grpo", cfg.chat))
+    rule = {"exact_match": rewards.exact_match, "format": rewards.format_reward(cfg.format_pattern),
+            "length": rewards.length_penalty(cfg.max_chars)}
+    funcs: list = [rule[name] for name in cfg.rewards]
+    reward_tokenizers: list = [None] * len(funcs)
+    if "reward_model" in inputs:
+        from transformers import AutoModelForSequenceClassification
+
+        rm_path = model_dir(inputs["reward_model"], "reward_model")
+        funcs.append(AutoModelForSequenceClassification.from_pretrained(str(rm_path), num_labels=1))
+        reward_tokenizers.append(load_tokenizer(rm_path))
+    args = TrlGRPOConfig(**trainer_kwargs(
+        cfg, work_dir("grpo", cfg, inputs) / "checkpoints", num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, beta=cfg.beta,
+        reward_weights=cfg.reward_weights, generation_batch_size=cfg.batch_size * cfg.grad_accum))
+    trainer = GRPOTrainer(model=load_model(cfg, base), reward_funcs=funcs, args=args, train_dataset=dataset,
+                          processing_class=load_tokenizer(base), reward_processing_classes=reward_tokenizers,
+                          peft_config=peft_config(cfg))
+    metrics = train_and_save(trainer, cfg, run_id, base, out_uri, "grpo")
+    rewards_logged = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    metrics["reward_mean"] = float(sum(rewards_logged) / len(rewards_logged)) if rewards_logged else 0.0
+    return metrics

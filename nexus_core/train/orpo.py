@@ -1,0 +1,74 @@
+"""ORPO: odds-ratio preference optimisation (SFT + preference in one loss, no reference model) with
+``trl.experimental.orpo.ORPOTrainer``.
+
+Inputs: ``model`` and ``data`` (``prompt``/``chosen``/``rejected``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.errors import InputError
+from nexus_core.train.common import (
+    StageBase,
+    TrainResult,
+    load_model,
+    load_tokenizer,
+    model_dir,
+    peft_config,
+    preflight,
+    trainer_kwargs,
+    work_dir,
+)
+from nexus_core.train.data import (
+    check_model_and_table,
+    load_rows,
+    preference_records,
+    to_dataset,
+)
+from nexus_core.train.launch import run_stage
+
+
+class ORPOConfig(StageBase):
+    """Odds-ratio preference optimisation."""
+
+    method: Literal["orpo"] = Field("orpo", description="Stage method")
+    beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term (lambda in the paper)")
+    chat: bool = Field(True, description="Format prompts/responses with the chat template")
+    learning_rate: float = Field(8e-5, gt=0, description="Peak learning rate")
+
+
+class ORPOResult(TrainResult):
+    """A preference-tuned model."""
+
+    method: str = "orpo"
+
+
+def run_orpo(cfg: ORPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> ORPOResult:
+    """Check inputs, train, save."""
+    df, where = check_model_and_table(inputs, "orpo", "preference")
+    if "prompt" not in df.columns and "input" not in df.columns:
+        raise InputError(f"{where}: method 'orpo' needs column prompt (or input) besides chosen/rejected")
+    preflight(cfg)
+    m = run_stage(_train, cfg, inputs, out_uri, "orpo")
+    return ORPOResult.from_metrics(m)
+
+
+def _train(cfg: ORPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:
+    from trl.experimental.orpo import ORPOConfig as TrlORPOConfig
+    from trl.experimental.orpo import ORPOTrainer
+
+    from nexus_core.train.control import train_and_save
+
+    base = model_dir(inputs["model"])
+    df, where = load_rows(inputs["data"])
+    dataset = to_dataset(preference_records(df, where, "orpo", cfg.chat))
+    # The experimental trainer tokenizes chosen and rejected itself; it needs remove_unused_columns off.
+    args = TrlORPOConfig(**trainer_kwargs(cfg, work_dir("orpo", cfg, inputs) / "checkpoints", beta=cfg.beta,
+                                          max_length=cfg.max_length, remove_unused_columns=False))
+    trainer = ORPOTrainer(model=load_model(cfg, base), args=args, train_dataset=dataset,
+                          processing_class=load_tokenizer(base), peft_config=peft_config(cfg))
+    return train_and_save(trainer, cfg, run_id, base, out_uri, "orpo")

@@ -1,0 +1,74 @@
+"""Reward model: a sequence-classification head trained on chosen/rejected pairs with trl.RewardTrainer.
+
+This is how the PPO use case is served (trl no longer ships PPO): train a reward model here, then run
+a GRPO stage with ``reward_model`` pointing at it (RL against the learned reward).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.train.common import (
+    StageBase,
+    TrainResult,
+    load_model,
+    load_tokenizer,
+    model_dir,
+    peft_config,
+    preflight,
+    trainer_kwargs,
+    work_dir,
+)
+from nexus_core.train.data import (
+    check_model_and_table,
+    load_rows,
+    preference_records,
+    to_dataset,
+)
+from nexus_core.train.launch import run_stage
+
+
+class RewardConfig(StageBase):
+    """Reward-model training."""
+
+    method: Literal["reward"] = Field("reward", description="Stage method")
+    chat: bool = Field(True, description="Format prompts/responses with the chat template")
+    center_rewards_coefficient: float | None = Field(None, description="Pull mean reward towards 0 (trl option)")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate")
+
+
+class RewardResult(TrainResult):
+    """A reward model (AutoModelForSequenceClassification, one label)."""
+
+    method: str = "reward"
+
+
+def run_reward(cfg: RewardConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> RewardResult:
+    """Check inputs, train, save."""
+    check_model_and_table(inputs, "reward", "preference")
+    preflight(cfg)
+    m = run_stage(_train, cfg, inputs, out_uri, "reward")
+    return RewardResult.from_metrics(m)
+
+
+def _train(cfg: RewardConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:
+    from trl import RewardConfig as TrlRewardConfig
+    from trl import RewardTrainer
+
+    from nexus_core.train.control import train_and_save
+
+    base = model_dir(inputs["model"])
+    tokenizer = load_tokenizer(base)
+    df, where = load_rows(inputs["data"])
+    dataset = to_dataset(preference_records(df, where, "reward", cfg.chat))
+    args = TrlRewardConfig(**trainer_kwargs(cfg, work_dir("reward", cfg, inputs) / "checkpoints",
+                                            max_length=cfg.max_length,
+                                            center_rewards_coefficient=cfg.center_rewards_coefficient))
+    model = load_model(cfg, base, kind="reward")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                            peft_config=peft_config(cfg, task_type="SEQ_CLS"))
+    return train_and_save(trainer, cfg, run_id, base, out_uri, "reward", kind="reward")

@@ -1,0 +1,85 @@
+"""SFT: supervised fine-tuning with trl.SFTTrainer — full, LoRA or QLoRA; chat template, packing,
+completion-only loss.
+
+Inputs: ``model`` (HF model dir artifact) and ``data`` (table with messages | input/output |
+prompt/completion | text). Output: the fine-tuned model artifact (see ``save_model_artifact``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.train.common import (
+    StageBase,
+    TrainResult,
+    load_model,
+    load_tokenizer,
+    model_dir,
+    peft_config,
+    preflight,
+    trainer_kwargs,
+    work_dir,
+)
+from nexus_core.train.data import check_model_and_table, load_rows, sft_records, to_dataset
+from nexus_core.train.launch import run_stage
+
+
+class SFTConfig(StageBase):
+    """Supervised fine-tuning."""
+
+    method: Literal["sft"] = Field("sft", description="Stage method")
+    chat: bool = Field(True, description="Format string prompt/response pairs with the model's chat template")
+    packing: bool = Field(False, description="Pack several samples per sequence (less padding). Samples are kept "
+                                             "apart only with flash-attention (GPU); with sdpa/eager they attend "
+                                             "to earlier samples in their pack")
+    packing_strategy: Literal["bfd", "bfd_split", "wrapped"] = Field(
+        "bfd", description="trl packing: best-fit decreasing (padding-free), bfd that splits long rows, or wrapped")
+    completion_only_loss: bool = Field(True, description="Loss on the response tokens only, not the prompt")
+    assistant_only_loss: bool = Field(False, description="messages data: loss on assistant turns only "
+                                                         "(needs {% generation %} in the chat template)")
+
+
+class SFTResult(TrainResult):
+    """A fine-tuned model."""
+
+    method: str = "sft"
+    trainable_params: int = 0
+    total_params: int = 0
+
+
+def run_sft(cfg: SFTConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> SFTResult:
+    """Check inputs, train (here or under accelerate), save the model artifact."""
+    check_model_and_table(inputs, "sft", "sft")
+    preflight(cfg)
+    m = run_stage(_train, cfg, inputs, out_uri, "sft")
+    return SFTResult.from_metrics(m, trainable_params=int(m["trainable_params"]), total_params=int(m["total_params"]))
+
+
+def build_trainer(cfg: SFTConfig, inputs: dict[str, ArtifactRef], output_dir: Path):  # noqa: ANN201
+    """The trl SFTTrainer for this stage (also used by bench/train_sft.py)."""
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
+
+    base = model_dir(inputs["model"])
+    df, where = load_rows(inputs["data"])
+    dataset = to_dataset(sft_records(df, where, "sft", cfg.chat))
+    tokenizer = load_tokenizer(base)
+    args = TrlSFTConfig(**trainer_kwargs(
+        cfg, output_dir, max_length=cfg.max_length, packing=cfg.packing, packing_strategy=cfg.packing_strategy,
+        completion_only_loss=cfg.completion_only_loss if "prompt" in dataset.column_names else None,
+        assistant_only_loss=cfg.assistant_only_loss, dataset_num_proc=None))
+    model = load_model(cfg, base)
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      peft_config=peft_config(cfg))
+
+
+def _train(cfg: SFTConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:
+    """One process's share of the stage; rank 0 saves the artifact."""
+    from nexus_core.train.control import train_and_save
+
+    trainer = build_trainer(cfg, inputs, work_dir("sft", cfg, inputs) / "checkpoints")
+    return train_and_save(trainer, cfg, run_id, model_dir(inputs["model"]), out_uri, "sft")
