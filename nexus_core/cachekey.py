@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import importlib.util
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -32,18 +31,27 @@ REPO_PACKAGES = ("nexus_core",)
 
 
 def _module_file(name: str) -> Path | None:
-    """Source file of an in-repo module (None for anything outside ``REPO_PACKAGES`` or not a module)."""
-    if name.split(".")[0] not in REPO_PACKAGES:
+    """Source file of an in-repo module, found on ``sys.path`` without importing anything (None for
+    modules outside ``REPO_PACKAGES`` and for names that are not modules, like ``pkg.SomeClass``)."""
+    parts = name.split(".")
+    if parts[0] not in REPO_PACKAGES:
         return None
-    module = sys.modules.get(name)
-    origin = getattr(module, "__file__", None) if module else None
-    if origin is None:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            return None
-        origin = spec.origin if spec else None
-    return Path(origin) if origin and origin.endswith(".py") else None
+    for root in _package_roots(parts[0]):
+        base = root.joinpath(*parts[1:]) if len(parts) > 1 else root
+        for candidate in (base / "__init__.py", base.with_suffix(".py")):
+            if len(parts) == 1 and candidate.suffix == ".py" and candidate.name != "__init__.py":
+                continue
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _package_roots(top: str) -> list[Path]:
+    """Directories of the top-level package ``top`` (where it is imported from)."""
+    module = sys.modules.get(top)
+    if module is not None and getattr(module, "__path__", None):
+        return [Path(p) for p in module.__path__]
+    return [Path(p) / top for p in sys.path if (Path(p or ".") / top / "__init__.py").is_file()]
 
 
 @lru_cache(maxsize=4096)
