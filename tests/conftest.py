@@ -46,3 +46,24 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+TINY_TEXTS = [
+    "What is two plus two? Four.", "Name a primary colour. Red.", "What gas do plants absorb? Carbon dioxide.",
+    "Which planet is largest? Jupiter.", "What is ice made of? Frozen water.", "How many legs has a spider? Eight.",
+    "What is the capital of France? Paris.", "Which metal is liquid at room temperature? Mercury.",
+    "Soil respiration rises after rewetting. We measure and compare samples.",
+    "I do not know. <think> </think> Answer: 0 1 2 3 4 5 6 7 8 9",
+] * 4
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory) -> Path:
+    """The shared tiny model of the test suite: a Llama with a BPE tokenizer trained on ``TINY_TEXTS``,
+    saved with ``save_pretrained`` so every consumer loads it through the real ``from_pretrained`` path.
+    Treat it as read-only (session-scoped)."""
+    from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm
+
+    out = tmp_path_factory.mktemp("tiny-llm") / "model"
+    return build_tiny_llm(out, TINY_TEXTS, TinyLLMConfig(vocab_size=320, hidden_size=32, intermediate_size=64,
+                                                         num_attention_heads=4, num_key_value_heads=2))

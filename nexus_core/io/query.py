@@ -105,3 +105,28 @@ def load_table(ref: ArtifactRef, table: str | None = None) -> pl.DataFrame:
     if len(files) != 1:
         raise InputError(f"{ref.uri}: {len(files)} table files; name one ({', '.join(p.name for p in files)})")
     return read_table(files[0])
+
+
+TABLE_SUFFIXES = {".jsonl", ".parquet", ".gz", ".zst", ".json", ".ndjson", ".csv"}
+
+
+def resolve_ref(spec: str, role: str = "input") -> ArtifactRef:
+    """The one artifact resolver every flow uses: ``spec`` is an artifact directory, any local file or
+    directory (a raw input, digest-keyed), or ``[area/]name[@vN]`` of an artifact under the data root.
+
+    ``role`` names the input in errors ("dataset sft", "model"). Models may also be hub ids: resolve
+    them with :func:`nexus_core.models.io.resolve_model`.
+    """
+    from nexus_core.artifacts import MANIFEST, raw_ref
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return read_manifest(path).ref()
+    if path.exists():
+        return raw_ref(path)
+    if spec.startswith(("/", ".", "~")) or Path(spec.split("@")[0]).suffix in TABLE_SUFFIXES:
+        raise InputError(f"{role} {spec}: no such file or directory")
+    try:
+        return DataQuery().ref(spec)
+    except InputError as exc:
+        raise InputError(f"{role} {spec!r}: not a path and not a known artifact ({exc})") from None
