@@ -10,7 +10,6 @@ so streaming and non-streaming requests share one code path.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import queue
 import threading
@@ -19,50 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nexus_core.errors import InputError
-
-WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
-
-
-def check_model_dir(path: str | Path) -> Path:
-    """Fail fast on a directory that cannot be served: missing, no config, or no weights."""
-    p = Path(path)
-    if not p.is_dir():
-        raise InputError(f"{p}: model directory does not exist")
-    if (p / "adapter_config.json").is_file():
-        if not any(p.glob("adapter_model.*")):
-            raise InputError(f"{p}: adapter directory without adapter weights (adapter_model.safetensors)")
-        return p
-    if not (p / "config.json").is_file():
-        raise InputError(f"{p}: not a model directory (no config.json)")
-    if not any(any(p.glob(g)) for g in WEIGHT_GLOBS):
-        raise InputError(f"{p}: model directory without weights (no *.safetensors or pytorch_model*.bin)")
-    return p
-
-
-def load_model(path: str | Path, dtype: str = "float32"):  # noqa: ANN201 - (model, tokenizer)
-    """Load an HF causal LM dir, an INT8 variant (``quantized/``), or a peft adapter dir (merged into its base)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = check_model_dir(path)
-    torch_dtype = getattr(torch, dtype)
-    if (p / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
-
-        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        model = AutoPeftModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype).merge_and_unload()
-        tok_src = p if (p / "tokenizer_config.json").is_file() else base
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
-    elif (p / "quantized" / "quantization.json").is_file():  # an INT8 variant from the quantize step
-        from nexus_core.models.compressed import load_compressed
-
-        model, tokenizer, _ = load_compressed(p, dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(p))
-    model.eval()
-    return model, tokenizer
+from nexus_core.models.io import load_causal_lm
 
 
 @dataclass
@@ -124,9 +80,9 @@ class Engine:
 
         self.name = name
         self.path = str(path)
-        self.model, self.tokenizer = load_model(path, dtype)
+        self.model, self.tokenizer = load_causal_lm(path, dtype)
         # Speculative decoding: a smaller model with the same tokenizer proposes tokens, this one verifies.
-        self.draft = load_model(draft_path, dtype)[0] if draft_path else None
+        self.draft = load_causal_lm(draft_path, dtype)[0] if draft_path else None
         int8 = any(".quantized" in type(m).__module__ for m in self.model.modules())
         # torch.ao int8 kernels are CPU-only; everything else goes to the GPU when there is one.
         self.device = device or ("cuda" if torch.cuda.is_available() and not int8 else "cpu")
