@@ -9,22 +9,23 @@ In the lifecycle it takes the trained model (and the SFT dataset for calibration
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 from pydantic import Field, model_validator
 
 from flows.common import flow_lineage, main
-from flows.report import FlowResult
+from flows.results import CompressResult
 from nexus_core.artifacts import ArtifactRef, raw_ref
-from nexus_core.compress.benchmark import BenchmarkConfig
-from nexus_core.compress.export import ExportConfig
-from nexus_core.compress.prune import PruneConfig
-from nexus_core.compress.quantize import QuantizeConfig
-from nexus_core.compress.release import ReleaseConfig
+from nexus_core.compress.benchmark import BenchmarkConfig, run_benchmark
+from nexus_core.compress.export import ExportConfig, run_export
+from nexus_core.compress.prune import PruneConfig, run_prune
+from nexus_core.compress.quantize import QuantizeConfig, run_quantize
+from nexus_core.compress.release import ReleaseConfig, run_release
 from nexus_core.config import FlowConfig, NexusModel
+from nexus_core.contract import check_plan
 from nexus_core.corpus.ingest import IngestConfig
 from nexus_core.errors import InputError
+from nexus_core.io import resolve_ref
+from nexus_core.models.io import resolve_model
 from nexus_core.train.base_model import BaseModelConfig
 from tasks.base_model import base_model
 from tasks.compress_benchmark import benchmark
@@ -82,37 +83,58 @@ class CompressConfig(FlowConfig):
         return self
 
 
-def _resolve(spec: str) -> ArtifactRef:
-    """A directory path (raw ref, digest-keyed) or a dataset/model spec known to DataQuery."""
-    from nexus_core.io import DataQuery
-
-    return raw_ref(spec) if Path(spec).exists() else DataQuery().ref(spec)
+def check_compress(cfg: CompressConfig, model: ArtifactRef | None, calibration: ArtifactRef | None,
+                   heldout: ArtifactRef | None) -> list[str]:
+    """Check the model, calibration and held-out data against every planned step before any runs; the plan."""
+    planned: list = []
+    for v in cfg.variants:
+        if v.prune:
+            planned.append((run_prune, v.prune, {"model": model, "calibration": calibration}, f"{v.name}.prune"))
+        if v.quantize:
+            src = None if v.prune else model
+            planned.append((run_quantize, v.quantize, {"model": src, "calibration": calibration},
+                            f"{v.name}.quantize"))
+    if cfg.export:
+        src = model if cfg.export.source == "base" else None
+        planned.append((run_export, ExportConfig(**cfg.export.model_dump(exclude={"source"})), {"model": src},
+                        "export"))
+    planned.append((run_benchmark, cfg.benchmark, {"base": model, "heldout": heldout}, "benchmark"))
+    if cfg.release:
+        planned.append((run_release, cfg.release, {}, "release"))
+    check_plan(planned)
+    return [label for _, _, _, label in planned]
 
 
 @flow(name="compress", log_prints=True)
 def compress(cfg: CompressConfig, model: ArtifactRef | None = None,
-             calibration: ArtifactRef | None = None) -> FlowResult:
+             calibration: ArtifactRef | None = None) -> CompressResult:
     """Compress ``model`` (or ``cfg.model``, or a tiny base) into benchmarked release variants."""
     with flow_lineage(cfg) as mlflow_run_id:
         steps: dict = {}
         corpus = None
-        needs_model = model is None and cfg.model is None
-        needs_calibration = calibration is None and cfg.calibration is None
+        if model is None and cfg.model:
+            model = resolve_model(cfg.model, "model")
+        if calibration is None and cfg.calibration:
+            calibration = resolve_ref(cfg.calibration, "calibration")
+        given_heldout = resolve_ref(cfg.heldout, "heldout") if cfg.heldout else None
+        plan = check_compress(cfg, model, calibration, given_heldout or calibration)
+        if cfg.dry_run:
+            print("compress plan: " + ", ".join(plan))
+            return CompressResult.planned("compress", plan, mlflow_run_id)
+        needs_model, needs_calibration = model is None, calibration is None
         if cfg.corpus is not None and (needs_model or needs_calibration):
             sources = {f"source_{i}": raw_ref(p) for i, p in enumerate(cfg.corpus.sources)}
             corpus = steps["ingest"] = ingest(cfg.corpus, sources, name=f"{cfg.name}_corpus")
         if model is None:
-            if cfg.model:
-                model = _resolve(cfg.model)
-            elif corpus is not None:
+            if corpus is not None:
                 steps["base_model"] = base_model(cfg.base_model, corpus.ref, name=f"{cfg.name}_base")
                 model = steps["base_model"].ref
             else:
                 raise InputError("compress: no model: pass one, set `model=PATH|NAME@vN`, or give a `corpus` "
                                  "to build a tiny base")
-        if calibration is None:
-            calibration = _resolve(cfg.calibration) if cfg.calibration else (corpus.ref if corpus else None)
-        heldout = _resolve(cfg.heldout) if cfg.heldout else calibration
+        if calibration is None and corpus is not None:
+            calibration = corpus.ref
+        heldout = given_heldout or calibration
 
         variants: dict[str, ArtifactRef] = {}
         for v in cfg.variants:
@@ -129,13 +151,15 @@ def compress(cfg: CompressConfig, model: ArtifactRef | None = None,
             export_cfg = ExportConfig(**cfg.export.model_dump(exclude={"source"}))
             steps["export"] = export(export_cfg, source, name=f"{cfg.name}_export")
         bench = steps["benchmark"] = benchmark(cfg.benchmark, model, variants, heldout, name=f"{cfg.name}_benchmark")
-        summary: dict = {r["model"]: {k: r[k] for k in ("size_ratio", "latency_ratio", "perplexity_ratio")}
-                         for r in bench.table}
+        released = None
         if cfg.release:
             rel = steps["release"] = release(cfg.release, bench.ref, {"base": model, **variants},
                                              name=f"{cfg.name}_release")
-            summary["released"] = {"variant": rel.chosen, "registry": f"{rel.registry_name}/{rel.registry_version}"}
-    return FlowResult.from_steps("compress", steps, mlflow_run_id, summary, extra={"model": model, **variants})
+            released = {"variant": rel.chosen, "registry": f"{rel.registry_name}/{rel.registry_version}"}
+    return CompressResult.from_steps(
+        "compress", steps, mlflow_run_id, extra={"model": model, **variants}, benchmark=bench.ref,
+        variants=list(variants), released=released,
+        ratios={r["model"]: {k: r[k] for k in ("size_ratio", "latency_ratio", "perplexity_ratio")} for r in bench.table})
 
 
 if __name__ == "__main__":

@@ -15,16 +15,17 @@ from prefect.runtime import deployment, flow_run
 from pydantic import Field
 
 from flows.common import flow_lineage, main
-from flows.report import FlowResult
+from flows.results import DistillResult
 from nexus_core.artifacts import ArtifactRef, raw_ref
 from nexus_core.config import FlowConfig
-from nexus_core.distill.collect import CollectConfig
-from nexus_core.distill.filters import FiltersConfig
-from nexus_core.distill.inputs import TeacherInputsConfig
-from nexus_core.distill.package import PackageConfig
+from nexus_core.contract import check_plan
+from nexus_core.distill.collect import CollectConfig, run_teacher_collect
+from nexus_core.distill.filters import FiltersConfig, run_distill_filters
+from nexus_core.distill.inputs import TeacherInputsConfig, run_teacher_inputs
+from nexus_core.distill.package import PackageConfig, run_sft_package
 from nexus_core.distill.prompts import TeacherConfig
 from nexus_core.distill.recheck import RecheckConfig
-from nexus_core.distill.regenerate import RegenerateConfig
+from nexus_core.distill.regenerate import RegenerateConfig, run_regenerate
 from nexus_core.distill.review import ReviewConfig, ReviewSubmission
 from nexus_core.distill.review_store import open_request
 from tasks.distill_collect import teacher_collect
@@ -78,19 +79,36 @@ def review_gate(cfg: ReviewConfig, filtered: ArtifactRef) -> ReviewConfig:
         reviewer=answer.reviewer, labels_digest=answer.labels_digest, labels=answer.labels)})
 
 
+def _regenerate_config(cfg: DistillConfig) -> RegenerateConfig:
+    return cfg.regenerate.model_copy(update={"teacher": cfg.teacher, "rules": cfg.filters.rules})
+
+
+def check_distill(cfg: DistillConfig, sources: dict[str, ArtifactRef]) -> list[str]:
+    """Check what every stage reads before the first one runs (sources, templates, rules); the plan."""
+    collect = CollectConfig(teacher=cfg.teacher, batch_size=cfg.batch_size)
+    planned = [(run_teacher_inputs, cfg.inputs, dict(sources), "teacher_inputs"),
+               (run_teacher_collect, collect, {}, "collect"), (run_distill_filters, cfg.filters, {}, "filters"),
+               (run_regenerate, _regenerate_config(cfg), {}, "regenerate"), (run_sft_package, cfg.package, {}, "package")]
+    check_plan(planned)
+    return [f"{label}: {fn.__name__.removeprefix('run_')}" for fn, _, _, label in planned]
+
+
 @flow(name="distill", log_prints=True)
-def distill(cfg: DistillConfig, sources: dict[str, ArtifactRef] | None = None) -> FlowResult:
+def distill(cfg: DistillConfig, sources: dict[str, ArtifactRef] | None = None) -> DistillResult:
     """Raw text to an SFT dataset; ``sources`` (refs from an upstream flow) replace ``cfg.sources``."""
     with flow_lineage(cfg) as mlflow_run_id:
         sources = sources or {f"source_{i}": raw_ref(p) for i, p in enumerate(cfg.sources)}
+        plan = check_distill(cfg, sources)
+        if cfg.dry_run:
+            print("distill plan:\n  " + "\n  ".join(plan))
+            return DistillResult.planned("distill", plan, mlflow_run_id)
         n = cfg.name
         inputs = teacher_inputs(cfg.inputs, sources, name=f"{n}_teacher_inputs")
         collected = teacher_collect(CollectConfig(teacher=cfg.teacher, batch_size=cfg.batch_size), inputs.ref,
                                     name=f"{n}_collected")
         filtered = distill_filters(cfg.filters, collected.ref, name=f"{n}_filtered")
         reviewed = review(review_gate(cfg.review, filtered.ref), filtered.ref, name=f"{n}_reviewed")
-        regen_cfg = cfg.regenerate.model_copy(update={"teacher": cfg.teacher, "rules": cfg.filters.rules})
-        regenerated = regenerate(regen_cfg, reviewed.ref, name=f"{n}_regenerated")
+        regenerated = regenerate(_regenerate_config(cfg), reviewed.ref, name=f"{n}_regenerated")
         recheck = {}
         if cfg.review.mode == "human" and cfg.review.recheck_regenerated and regenerated.rescued:
             # a second gate: nobody has read the rescued answers yet
@@ -101,12 +119,11 @@ def distill(cfg: DistillConfig, sources: dict[str, ArtifactRef] | None = None) -
                           name=f"{n}_sft")
         steps = {"teacher_inputs": inputs, "collected": collected, "filtered": filtered, "reviewed": reviewed,
                  "regenerated": regenerated, **recheck, "sft": sft}
-    summary = {"collected_ok": collected.ok, "collected_failed": collected.failed,
-               "offline_misses": len(collected.offline_misses), "filter_kept": filtered.kept,
-               "gates_passed": filtered.gates_passed, "review_accepted": reviewed.accepted,
-               "regenerated_rescued": regenerated.rescued, "sft_rows": sft.rows,
-               "teacher_usd": round(collected.cost.usd + regenerated.cost.usd, 6)}
-    return FlowResult.from_steps("distill", steps, mlflow_run_id, summary)
+    return DistillResult.from_steps(
+        "distill", steps, mlflow_run_id, sft=sft.ref, collected_ok=collected.ok, collected_failed=collected.failed,
+        offline_misses=len(collected.offline_misses), filter_kept=filtered.kept, gates_passed=filtered.gates_passed,
+        review_accepted=reviewed.accepted, regenerated_rescued=regenerated.rescued, sft_rows=sft.rows,
+        teacher_usd=round(collected.cost.usd + regenerated.cost.usd, 6))
 
 
 if __name__ == "__main__":

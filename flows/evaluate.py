@@ -13,18 +13,21 @@ from prefect import flow
 from pydantic import Field
 
 from flows.common import flow_lineage, main
-from flows.report import FlowResult
+from flows.results import EvaluateResult
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import FlowConfig, config_hash
+from nexus_core.contract import check_plan
 from nexus_core.corpus.ingest import IngestConfig
 from nexus_core.errors import ConfigError
-from nexus_core.evaluate.feedback import FeedbackConfig
-from nexus_core.evaluate.gates import GatesConfig
-from nexus_core.evaluate.judge import JudgeConfig
-from nexus_core.evaluate.predict import PredictConfig
-from nexus_core.evaluate.records import eval_run_id, resolve_ref
-from nexus_core.evaluate.report import ReportConfig
-from nexus_core.evaluate.score import ScoreConfig
+from nexus_core.evaluate.feedback import FeedbackConfig, run_feedback
+from nexus_core.evaluate.gates import GatesConfig, run_gates
+from nexus_core.evaluate.judge import JudgeConfig, run_judge
+from nexus_core.evaluate.predict import PredictConfig, run_predict
+from nexus_core.evaluate.records import eval_run_id
+from nexus_core.evaluate.report import ReportConfig, run_report
+from nexus_core.evaluate.score import ScoreConfig, run_score
+from nexus_core.io import resolve_ref
+from nexus_core.models.io import resolve_model
 from nexus_core.train.base_model import BaseModelConfig
 from tasks.base_model import base_model
 from tasks.evaluate_feedback import evaluate_feedback
@@ -56,47 +59,58 @@ class EvaluateConfig(FlowConfig):
                                             description="Failed samples → teacher inputs; null disables")
 
 
+def check_evaluate(cfg: EvaluateConfig, model: ArtifactRef | None, dataset: ArtifactRef) -> list[str]:
+    """Check the model, the validation set and the files every step reads before anything runs; the plan."""
+    planned = [(run_predict, cfg.predict, {"model": model, "dataset": dataset}, "predict"),
+               (run_score, cfg.score, {}, "score"), (run_judge, cfg.judge, {}, "judge"),
+               (run_gates, cfg.gates, {}, "gates"), (run_report, cfg.report, {}, "report"),
+               *([(run_feedback, cfg.feedback, {}, "feedback")] if cfg.feedback is not None else [])]
+    check_plan(planned)
+    return [label for _, _, _, label in planned]
+
+
 @flow(name="evaluate", log_prints=True)
-def evaluate(cfg: EvaluateConfig, model: ArtifactRef | None = None, dataset: ArtifactRef | None = None) -> FlowResult:
-    """Evaluate ``model`` on ``dataset``; the summary's ``gate_passed`` is the promote/reject verdict."""
+def evaluate(cfg: EvaluateConfig, model: ArtifactRef | None = None,
+             dataset: ArtifactRef | None = None) -> EvaluateResult:
+    """Evaluate ``model`` on ``dataset``; the result's ``gate_passed`` is the promote/reject verdict."""
     with flow_lineage(cfg) as mlflow_run_id:
         steps = {}
         if dataset is None:
             if not cfg.dataset:
                 raise ConfigError(["dataset: required when the flow is not given a dataset ref"])
             dataset = resolve_ref(cfg.dataset, "dataset")
-            if dataset.kind == "raw" and dataset.path.is_file():  # a plain table file: version it first
-                steps["dataset"] = ingest(
-                    IngestConfig(sources=[cfg.dataset], required_columns=["input", "output"], dedupe_on=None),
-                    {"validation": dataset}, name=f"{cfg.name}_validation")
-                dataset = steps["dataset"].ref
+        if model is None and cfg.model:
+            model = resolve_model(cfg.model, "model")
+        plan = check_evaluate(cfg, model, dataset)
+        if cfg.dry_run:
+            print("evaluate plan: " + " → ".join(plan))
+            return EvaluateResult.planned("evaluate", plan, mlflow_run_id)
+        if dataset.kind == "raw" and dataset.path.is_file():  # a plain table file: version it first
+            steps["dataset"] = ingest(
+                IngestConfig(sources=[cfg.dataset or dataset.uri], required_columns=["input", "output"],
+                             dedupe_on=None), {"validation": dataset}, name=f"{cfg.name}_validation")
+            dataset = steps["dataset"].ref
         if model is None:
-            if cfg.model:
-                model = resolve_ref(cfg.model, "model")
-            else:
-                steps["model"] = base_model(cfg.tiny_model, dataset, name=f"{cfg.name}_tiny_model")
-                model = steps["model"].ref
+            steps["model"] = base_model(cfg.tiny_model, dataset, name=f"{cfg.name}_tiny_model")
+            model = steps["model"].ref
         # Predictions are named by what makes them (so a gates-only change reuses them); the report by everything.
         pred_id = eval_run_id(model, dataset, config_hash(cfg.predict))
-        run_id = eval_run_id(model, dataset, config_hash(cfg, exclude={"model", "dataset", "extends", "overrides"}))
-
-        preds = steps["predict"] = evaluate_predict(cfg.predict.model_copy(update={"run_id": pred_id}), model, dataset,
-                                                name=cfg.name)
+        run_id = eval_run_id(model, dataset, config_hash(cfg, exclude={"model", "dataset", "extends", "overrides",
+                                                                         "dry_run"}))
+        preds = steps["predict"] = evaluate_predict(cfg.predict.model_copy(update={"run_id": pred_id}), model,
+                                                    dataset, name=cfg.name)
         scores = steps["score"] = evaluate_score(cfg.score, preds.ref, name=cfg.name)
         judged = steps["judge"] = evaluate_judge(cfg.judge, preds.ref, name=cfg.name)
         gates = steps["gates"] = evaluate_gates(cfg.gates, judged.ref, scores.ref, name=cfg.name)
         report = steps["report"] = evaluate_report(cfg.report.model_copy(update={"run_id": run_id}), preds.ref,
-                                               scores.ref, judged.ref, gates.ref, name=cfg.name)
+                                                   scores.ref, judged.ref, gates.ref, name=cfg.name)
         if cfg.feedback is not None:
             steps["feedback"] = evaluate_feedback(cfg.feedback, judged.ref, name=cfg.name)
-    summary = {
-        "gate_passed": gates.passed, "failed_gates": gates.failed_gates, "gate_values": gates.values,
-        "run_id": run_id, "judge": judged.label, "judge_kind": judged.judge_kind,
-        "score": report.score, "metrics": scores.values,
-        "report": f"{report.ref.uri}/{report.report_file}",
-        "feedback_samples": steps["feedback"].failed_samples if "feedback" in steps else 0,
-    }
-    return FlowResult.from_steps("evaluate", steps, mlflow_run_id, summary)
+    return EvaluateResult.from_steps(
+        "evaluate", steps, mlflow_run_id, gate_passed=gates.passed, failed_gates=gates.failed_gates,
+        gate_values=gates.values, run_id=run_id, judge=judged.label, judge_kind=judged.judge_kind,
+        score=report.score, metrics=scores.values, report=f"{report.ref.uri}/{report.report_file}",
+        feedback_samples=steps["feedback"].failed_samples if "feedback" in steps else 0)
 
 
 if __name__ == "__main__":

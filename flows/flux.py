@@ -13,13 +13,14 @@ from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from flows.common import flow_lineage, main
-from flows.report import FlowResult
-from nexus_core.artifacts import raw_ref
+from flows.results import FluxResult
+from nexus_core.artifacts import ArtifactRef, raw_ref
 from nexus_core.config import FlowConfig, NexusModel
-from nexus_core.flux.precompute import PrecomputeConfig
-from nexus_core.flux.prepare import PrepareConfig
+from nexus_core.contract import check_plan
+from nexus_core.flux.precompute import PrecomputeConfig, run_precompute
+from nexus_core.flux.prepare import PrepareConfig, run_prepare
 from nexus_core.flux.tiny_pipeline import TinyPipelineConfig
-from nexus_core.flux.train import TrainConfig
+from nexus_core.flux.train import TrainConfig, run_train
 from nexus_core.flux.training import export_outputs
 from nexus_core.models.flux_tiny import TinyFluxConfig
 from tasks.flux_precompute import flux_precompute
@@ -73,10 +74,32 @@ class FluxConfig(FlowConfig):
         return self
 
 
+def check_flux(cfg: FluxConfig, source: ArtifactRef | None, class_dir: ArtifactRef | None,
+               precomputed: ArtifactRef | None) -> list[str]:
+    """Check the images, captions and precomputed data every step will read before anything runs; the plan."""
+    path = cfg.pipeline.pretrained_model_name_or_path
+    planned: list = []
+    if precomputed is not None:
+        planned.append((run_train, cfg.train, {"precomputed": precomputed}, "train"))
+    else:
+        planned += [(run_prepare, cfg.prepare.model_copy(update={"pretrained_model_name_or_path": path}),
+                     {"source": source, "class_dir": class_dir}, "prepare"),
+                    (run_precompute, cfg.precompute, {}, "precompute"), (run_train, cfg.train, {}, "train")]
+    check_plan(planned)
+    return [label for _, _, _, label in planned]
+
+
 @flow(name="flux", log_prints=True)
-def flux(cfg: FluxConfig) -> FlowResult:
+def flux(cfg: FluxConfig) -> FluxResult:
     """Prepare, precompute and train a Flux.2 Klein transformer; every step a cached, traced artifact."""
     with flow_lineage(cfg) as mlflow_run_id:
+        precomputed = raw_ref(cfg.precomputed_data_dir) if cfg.precomputed_data_dir else None
+        source = raw_ref(cfg.data.source) if cfg.data.source and precomputed is None else None
+        class_dir = raw_ref(cfg.data.class_dir) if cfg.data.class_dir and precomputed is None else None
+        plan = check_flux(cfg, source, class_dir, precomputed)
+        if cfg.dry_run:
+            print("flux plan: " + " → ".join(plan))
+            return FluxResult.planned("flux", plan, mlflow_run_id)
         steps = {}
         pipe_ref, path = None, cfg.pipeline.pretrained_model_name_or_path
         if cfg.pipeline.tiny:
@@ -85,12 +108,11 @@ def flux(cfg: FluxConfig) -> FlowResult:
                 TinyPipelineConfig(tiny=cfg.pipeline.tiny, corpus=corpus + cfg.train.validation_prompts),
                 name=f"{cfg.name}_pipeline")
             pipe_ref, path = steps["pipeline"].ref, None
-        if cfg.precomputed_data_dir:
-            latents = raw_ref(cfg.precomputed_data_dir)
+        if precomputed is not None:
+            latents = precomputed
         else:
             steps["prepare"] = flux_prepare(
-                cfg.prepare.model_copy(update={"pretrained_model_name_or_path": path}), raw_ref(cfg.data.source),
-                raw_ref(cfg.data.class_dir) if cfg.data.class_dir else None, pipe_ref, name=f"{cfg.name}_images")
+                cfg.prepare.model_copy(update={"pretrained_model_name_or_path": path}), source, class_dir, pipe_ref, name=f"{cfg.name}_images")
             steps["precompute"] = flux_precompute(
                 cfg.precompute.model_copy(update={"pretrained_model_name_or_path": path}), steps["prepare"].ref,
                 pipe_ref, name=f"{cfg.name}_latents")
@@ -100,9 +122,9 @@ def flux(cfg: FluxConfig) -> FlowResult:
             latents, pipe_ref, name=f"{cfg.name}_transformer")
         exported = export_outputs(steps["train"].ref.uri, cfg.output_dir) if cfg.output_dir else []
     train = steps["train"]
-    summary = {"global_step": train.global_step, "final_loss": train.final_loss, "weights": train.weights,
-               "validation_images": len(train.validation_images), "exported": exported}
-    return FlowResult.from_steps("flux", steps, mlflow_run_id, summary)
+    return FluxResult.from_steps("flux", steps, mlflow_run_id, model=train.ref, global_step=train.global_step,
+                                 final_loss=train.final_loss, weights=train.weights,
+                                 validation_images=len(train.validation_images), exported=exported)
 
 
 if __name__ == "__main__":

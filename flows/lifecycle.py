@@ -14,14 +14,15 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.common import flow_lineage, main
-from flows.compress import CompressConfig, compress
-from flows.distill import DistillConfig, distill
-from flows.evaluate import EvaluateConfig, evaluate
-from flows.llm_train import LLMTrainConfig, llm_train
-from flows.report import FlowResult
-from nexus_core.artifacts import ArtifactRef, raw_ref
+from flows.compress import CompressConfig, check_compress, compress
+from flows.distill import DistillConfig, check_distill, distill
+from flows.evaluate import EvaluateConfig, check_evaluate, evaluate
+from flows.llm_train import LLMTrainConfig, check_stages, llm_train, queue
+from flows.results import FlowResult, LifecycleResult
+from nexus_core.artifacts import raw_ref
 from nexus_core.config import FlowConfig
 from nexus_core.corpus.ingest import IngestConfig
+from nexus_core.io import resolve_ref
 from nexus_core.train.base_model import BaseModelConfig
 from tasks.base_model import base_model
 from tasks.ingest import ingest
@@ -39,51 +40,71 @@ class LifecycleConfig(FlowConfig):
     compress: CompressConfig | None = Field(None, description="Compression; its release runs only if gates pass")
 
 
-def _last_model(result: FlowResult) -> ArtifactRef:
-    """The model the training queue ended with (its last non-reward stage)."""
-    final = result.summary["final_model"]
-    return next(ref for ref in result.artifacts.values() if ref.uri == final)
+def check_lifecycle(cfg: LifecycleConfig) -> list[str]:
+    """Each stage flow's own up-front checks, with what is known before anything runs (a stage's
+    inputs made by an earlier stage are checked when that stage has made them); the plan."""
+    plan = ["ingest", "base_model"]
+    if cfg.distill:
+        distill_sources = {f"source_{i}": raw_ref(s) for i, s in enumerate(cfg.distill.sources)}
+        plan += [f"distill.{s}" for s in check_distill(cfg.distill, distill_sources)]
+    if cfg.train:
+        data = {k: resolve_ref(v, f"train.datasets.{k}") for k, v in cfg.train.datasets.items()}
+        check_stages(cfg.train, None, data)
+        plan += [f"train.{q}" for q in queue(cfg.train)]
+    if cfg.evaluate:
+        dataset = resolve_ref(cfg.evaluate.dataset, "evaluate.dataset") if cfg.evaluate.dataset else None
+        plan += [f"evaluate.{s}" for s in check_evaluate(cfg.evaluate, None, dataset)]
+    if cfg.compress:
+        plan += [f"compress.{s}" for s in check_compress(cfg.compress, None, None, None)]
+    return plan
 
 
 @flow(name="lifecycle", log_prints=True)
-def lifecycle(cfg: LifecycleConfig) -> FlowResult:
-    """Raw text to an evaluated, compressed model, every step a cached, traced artifact."""
+def lifecycle(cfg: LifecycleConfig) -> LifecycleResult:
+    """Raw text to an evaluated, compressed model, every step a cached, traced artifact.
+
+    Every stage's up-front checks run before the first stage starts; a dry run stops there.
+    """
     with flow_lineage(cfg) as mlflow_run_id:
         sources = {f"source_{i}": raw_ref(path) for i, path in enumerate(cfg.corpus.sources)}
+        plan = check_lifecycle(cfg)
+        if cfg.dry_run:
+            print("lifecycle plan:\n  " + "\n  ".join(plan))
+            return LifecycleResult.planned("lifecycle", plan, mlflow_run_id)
         corpus = ingest(cfg.corpus, sources, name=f"{cfg.name}_corpus")
         base = base_model(cfg.base_model, corpus.ref, name=f"{cfg.name}_base")
         artifacts = {"ingest": corpus.ref, "base_model": base.ref}
         reused = [k for k, r in (("ingest", corpus), ("base_model", base)) if r.reused]
-        summary: dict = {"base_model_parameters": base.parameters}
+        stages: dict = {}
         model, sft = base.ref, None
 
         def collect(stage: str, result: FlowResult) -> None:
             artifacts.update({f"{stage}.{k}": v for k, v in result.artifacts.items()})
             reused.extend(f"{stage}.{k}" for k in result.reused)
-            summary[stage] = result.summary
+            stages[stage] = result.summary
 
         if cfg.distill:
             d = distill(cfg.distill)
             collect("distill", d)
-            sft = d.artifacts["sft"]
+            sft = d.sft
         if cfg.train:
             t = llm_train(cfg.train, base_model=base.ref, datasets={"sft": sft} if sft else None)
             collect("train", t)
-            model = _last_model(t)
+            model = t.final_model or model
         passed = None
         if cfg.evaluate:
             e = evaluate(cfg.evaluate, model=model)
             collect("evaluate", e)
-            passed = bool(e.summary["gate_passed"])
+            passed = bool(e.gate_passed)
         if cfg.compress:
             # promote (register a release) only a model that passed its gates; otherwise still build
             # and benchmark the variants, so the report shows what compression would give
             ccfg = cfg.compress if passed is not False else cfg.compress.model_copy(update={"release": None})
             collect("compress", compress(ccfg, model=model, calibration=corpus.ref))
-        summary["model"] = model.uri
-        summary["verdict"] = {None: "not evaluated", True: "promoted", False: "rejected by gates"}[passed]
-    return FlowResult(flow="lifecycle", artifacts=artifacts, reused=reused, flow_run_id=flow_run.get_id(),
-                      mlflow_run_id=mlflow_run_id, summary=summary)
+        verdict = {None: "not evaluated", True: "promoted", False: "rejected by gates"}[passed]
+    return LifecycleResult(flow="lifecycle", artifacts=artifacts, reused=reused, flow_run_id=flow_run.get_id(),
+                           mlflow_run_id=mlflow_run_id, model=model, verdict=verdict,
+                           base_model_parameters=base.parameters, stages=stages)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,16 @@ model and producing a registered model artifact.
 
     nexus run llm_train configs/train/tiny.yaml                    # tiny base + SFT(LoRA) → DPO → KD, offline
     nexus run llm_train configs/train/sft_lora.yaml base_model=models/my_base@v1 datasets.sft=distill/sft@v2
-    nexus run llm_train configs/train/tiny.yaml --dry-run          # modalities + stage queue, no training
+    nexus run llm_train configs/train/tiny.yaml --dry-run          # check every stage's data, print the queue
+
+Every stage's dataset (and any model named by path, spec or hub id) is checked against its step's
+contract before the first stage starts, so a bad DPO dataset stops the run before SFT trains.
 
 In the lifecycle it takes the base model and the distilled dataset(s) as refs.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 from prefect import flow
@@ -18,20 +20,22 @@ from prefect.runtime import flow_run
 from pydantic import Field, model_validator
 
 from flows.common import flow_lineage, main
-from flows.report import FlowResult
+from flows.results import LLMTrainResult
 from nexus_core.artifacts import ArtifactRef, raw_ref
 from nexus_core.config import FlowConfig, NexusModel
+from nexus_core.contract import check_plan
 from nexus_core.corpus.ingest import IngestConfig
 from nexus_core.errors import ConfigError
+from nexus_core.io import resolve_ref
+from nexus_core.models.io import describe_model, resolve_model
 from nexus_core.train.base_model import BaseModelConfig
-from nexus_core.train.cpt import CPTConfig
-from nexus_core.train.dpo import DPOConfig
-from nexus_core.train.grpo import GRPOConfig
-from nexus_core.train.kd import KDConfig
-from nexus_core.train.orpo import ORPOConfig
-from nexus_core.train.registry import describe_model
-from nexus_core.train.reward import RewardConfig
-from nexus_core.train.sft import SFTConfig
+from nexus_core.train.cpt import CPTConfig, run_cpt
+from nexus_core.train.dpo import DPOConfig, run_dpo
+from nexus_core.train.grpo import GRPOConfig, run_grpo
+from nexus_core.train.kd import KDConfig, run_kd
+from nexus_core.train.orpo import ORPOConfig, run_orpo
+from nexus_core.train.reward import RewardConfig, run_reward
+from nexus_core.train.sft import SFTConfig, run_sft
 from tasks.base_model import base_model as base_model_task
 from tasks.ingest import ingest
 from tasks.train_cpt import train_cpt
@@ -70,7 +74,6 @@ class LLMTrainConfig(FlowConfig):
     tiny_base: BaseModelConfig = Field(default_factory=BaseModelConfig, description="Tiny base built when no model")
     datasets: dict[str, str] = Field(default_factory=dict, description="Dataset key → file, dir or spec")
     stages: list[Stage] = Field(default_factory=list, description="The stage queue, run in order")
-    dry_run: bool = Field(False, description="Print the base model's modalities and the queue; train nothing")
     quick: bool = Field(False, description="Run every stage for `quick_steps` steps (smoke test of a recipe)")
     quick_steps: int = Field(3, ge=1, description="Steps per stage when quick")
     register_models: bool = Field(True, description="Register every stage's model in the MLflow model registry")
@@ -88,50 +91,61 @@ class LLMTrainConfig(FlowConfig):
         return self
 
 
-def _resolve(spec: str) -> ArtifactRef:
-    """A path (raw ref, digest-keyed) or a dataset/model spec known to DataQuery."""
-    from nexus_core.io import DataQuery
-
-    if Path(spec).exists():
-        p = Path(spec)
-        if (p / "manifest.json").is_file():
-            from nexus_core.artifacts import read_manifest
-
-            return read_manifest(p).ref()
-        return raw_ref(p)
-    return DataQuery().ref(spec)
-
-
 def _quick(stage: AnyStage, steps: int) -> AnyStage:
     return stage.model_copy(update={"max_steps": steps, "checkpoint": stage.checkpoint.model_copy(
         update={"save_steps": steps})})
 
 
-def plan(cfg: LLMTrainConfig, base: ArtifactRef | None) -> dict:
-    """What would run: base model description and the stage queue (for dry runs and the summary)."""
-    described = describe_model(base.uri) if base else {"modalities": ["text"], "architecture": "tiny (built at run)"}
-    queue = [f"{i + 1}. {s.name}: {s.train.method} ({s.train.finetune}) on {s.dataset}"
-             + (f", teacher={s.teacher}" if s.teacher else "") + (f", reward_model={s.reward_model}" if s.reward_model else "")
-             + f", max_steps={cfg.quick_steps if cfg.quick else s.train.max_steps}" for i, s in enumerate(cfg.stages)]
-    return {"base_model": described, "queue": queue}
+STEPS = {"sft": run_sft, "cpt": run_cpt, "dpo": run_dpo, "orpo": run_orpo, "grpo": run_grpo,
+         "reward": run_reward, "kd": run_kd}
+
+
+def queue(cfg: LLMTrainConfig) -> list[str]:
+    """The stage queue in words (dry runs print it)."""
+    return [f"{i + 1}. {s.name}: {s.train.method} ({s.train.finetune}) on {s.dataset}"
+            + (f", teacher={s.teacher}" if s.teacher else "") + (f", reward_model={s.reward_model}" if s.reward_model else "")
+            + f", max_steps={cfg.quick_steps if cfg.quick else s.train.max_steps}" for i, s in enumerate(cfg.stages)]
+
+
+def _model(spec: str | None, models: dict[str, ArtifactRef | None], role: str) -> ArtifactRef | None:
+    """A stage's model reference: an earlier stage or 'base' by name (None while not trained yet),
+    else a model reference resolved now (artifact, directory or hub id)."""
+    if spec is None:
+        return None
+    return models[spec] if spec in models else resolve_model(spec, role)
+
+
+def check_stages(cfg: LLMTrainConfig, base: ArtifactRef | None, data: dict[str, ArtifactRef]) -> None:
+    """Every stage's inputs known before training (its dataset, models named by reference) against its
+    step's contract, all problems in one error. Datasets missing from ``data`` come from an upstream flow
+    (the lifecycle's distill) and are checked when they exist."""
+    known: dict[str, ArtifactRef | None] = {"base": base, **{s.name: None for s in cfg.stages}}
+    planned = []
+    for s in cfg.stages:
+        inputs = {"data": data.get(s.dataset), "model": _model(s.model, known, f"stages.{s.name}.model"),
+                  "teacher": _model(s.teacher, known, f"stages.{s.name}.teacher"),
+                  "reward_model": _model(s.reward_model, known, f"stages.{s.name}.reward_model")}
+        planned.append((STEPS[s.train.method], s.train, inputs, f"stage {s.name}"))
+    check_plan(planned)
 
 
 @flow(name="llm_train", log_prints=True)
 def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
-              datasets: dict[str, ArtifactRef] | None = None) -> FlowResult:
+              datasets: dict[str, ArtifactRef] | None = None) -> LLMTrainResult:
     """Run the stage queue on ``base_model`` (or ``cfg.base_model``, or a tiny base), registering each model."""
     with flow_lineage(cfg) as mlflow_run_id:
         steps: dict = {}
-        data = {k: _resolve(v) for k, v in cfg.datasets.items()} | dict(datasets or {})
+        data = {k: resolve_ref(v, f"datasets.{k}") for k, v in cfg.datasets.items()} | dict(datasets or {})
         missing = sorted({s.dataset for s in cfg.stages} - set(data))
         if missing:
             raise ConfigError([f"stages: dataset(s) {', '.join(missing)} not in datasets ({', '.join(data)})"])
-        base = base_model or (_resolve(cfg.base_model) if cfg.base_model else None)
+        base = base_model or (resolve_model(cfg.base_model, "base_model") if cfg.base_model else None)
+        check_stages(cfg, base, data)
         if cfg.dry_run:
-            p = plan(cfg, base)
-            print(f"base model: {p['base_model']}\nstage queue:\n  " + "\n  ".join(p["queue"]))
-            return FlowResult(flow="llm_train", artifacts={}, flow_run_id=flow_run.get_id(),
-                              mlflow_run_id=mlflow_run_id, summary={"dry_run": True, **p})
+            described = describe_model(base.uri) if base else {"modalities": ["text"],
+                                                               "architecture": "tiny (built at run)"}
+            print(f"base model: {described}\nstage queue:\n  " + "\n  ".join(queue(cfg)))
+            return LLMTrainResult.planned("llm_train", queue(cfg), mlflow_run_id, base_model=described)
         if base is None:
             if cfg.corpus is None:
                 raise ConfigError(["base_model: no base model and no corpus to build a tiny one from"])
@@ -139,13 +153,13 @@ def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
             steps["ingest"] = ingest(cfg.corpus, sources, name=f"{cfg.name}_corpus")
             steps["base_model"] = base_model_task(cfg.tiny_base, steps["ingest"].ref, name=f"{cfg.name}_base")
             base = steps["base_model"].ref
-        models: dict[str, ArtifactRef] = {"base": base}
+        models: dict[str, ArtifactRef | None] = {"base": base}
         current, registered = base, {}
         for s in cfg.stages:
             t = _quick(s.train, cfg.quick_steps) if cfg.quick else s.train
-            model = (models.get(s.model) or _resolve(s.model)) if s.model else current
-            ref = (models.get(s.teacher) or _resolve(s.teacher)) if s.teacher else None
-            rm = (models.get(s.reward_model) or _resolve(s.reward_model)) if s.reward_model else None
+            model = _model(s.model, models, "model") or current
+            ref = _model(s.teacher, models, "teacher")
+            rm = _model(s.reward_model, models, "reward_model")
             args = (t, model, data[s.dataset])
             name = f"{cfg.name}_{s.name}"
             if t.method == "sft":
@@ -170,8 +184,8 @@ def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
                 registered[s.name] = f"{reg_name}/{train_register(r.ref, reg_name, s.name, flow_run.get_id())}"
     losses = {k: round(r.metrics.get("final_loss", float("nan")), 4)
               for k, r in steps.items() if k not in ("ingest", "base_model")}
-    summary = {"final_model": current.uri, "registered": registered, "losses": losses}
-    return FlowResult.from_steps("llm_train", steps, mlflow_run_id, summary)
+    return LLMTrainResult.from_steps("llm_train", steps, mlflow_run_id, final_model=current, registered=registered,
+                                     losses=losses)
 
 
 if __name__ == "__main__":

@@ -136,15 +136,19 @@ def columns_of(ref: ArtifactRef) -> list[str] | None:
     return None
 
 
-def input_problems(fn: Callable[..., Any], inputs: dict[str, ArtifactRef | None]) -> list[str]:
-    """Every way ``inputs`` break the step's contract (empty when they fit). Reads no more than schemas."""
+def input_problems(fn: Callable[..., Any], inputs: dict[str, ArtifactRef | None],
+                   partial: bool = False) -> list[str]:
+    """Every way ``inputs`` break the step's contract (empty when they fit). Reads no more than schemas.
+
+    ``partial``: only check the inputs given (a flow's plan, where earlier stages make the rest).
+    """
     contract = contract_of(fn)
     name = fn.__name__.removeprefix("run_")
     problems = []
     for key, spec in contract.inputs.items():
         ref = inputs.get(key)
         if ref is None:
-            if not spec.optional:
+            if not spec.optional and not partial:
                 problems.append(f"{name}: missing input {key!r} ({spec.describe()})")
             continue
         path = Path(ref.uri)
@@ -173,3 +177,24 @@ def check_inputs(fn: Callable[..., Any], inputs: dict[str, ArtifactRef | None]) 
     problems = input_problems(fn, inputs)
     if problems:
         raise InputError(problems[0] if len(problems) == 1 else "\n  - ".join(["inputs do not fit:", *problems]))
+
+
+def plan_problems(fn: Callable[..., Any], cfg: Any, inputs: dict[str, ArtifactRef | None],
+                  label: str | None = None) -> list[str]:
+    """What would stop a planned step: the inputs known now break its contract, or a file its config
+    names is missing. Flows call this for every stage before the first one starts."""
+    known = {k: v for k, v in inputs.items() if v is not None}
+    problems = input_problems(fn, known, partial=True)
+    try:
+        files = contract_of(fn).files_read(cfg, known)
+    except (OSError, ValueError, InputError) as exc:
+        files, problems = [], [*problems, f"{fn.__name__.removeprefix('run_')}: {exc}"]
+    problems += [f"{fn.__name__.removeprefix('run_')}: file not found: {p}" for p in files if not p.exists()]
+    return [f"{label}: {p}" for p in problems] if label else problems
+
+
+def check_plan(planned: Iterable[tuple[Callable[..., Any], Any, dict[str, ArtifactRef | None], str]]) -> None:
+    """Raise one InputError listing every problem of every planned ``(step, cfg, inputs, label)``."""
+    problems = [p for fn, cfg, inputs, label in planned for p in plan_problems(fn, cfg, inputs, label)]
+    if problems:
+        raise InputError("\n  - ".join(["the run cannot start:", *problems]))
