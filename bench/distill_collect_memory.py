@@ -42,6 +42,7 @@ def child(rows: int, url: str) -> None:
     import polars as pl
 
     from nexus_core.artifacts import raw_ref
+    from nexus_core.context import StepContext
     from nexus_core.distill.collect import CollectConfig, run_teacher_collect
     from nexus_core.distill.prompts import TeacherConfig
     from tests.support.distill_teacher import write_teacher_inputs
@@ -54,7 +55,8 @@ def child(rows: int, url: str) -> None:
     small = tmp / "small"
     small.mkdir()
     pl.read_parquet(inputs / "data.parquet").head(32).write_parquet(small / "data.parquet")
-    run_teacher_collect(cfg, inputs={"teacher_inputs": raw_ref(small)}, out_uri=str(warm))  # imports, pools
+    run_teacher_collect(cfg, inputs={"teacher_inputs": raw_ref(small)}, out_uri=str(warm),
+                        ctx=StepContext.detached())  # imports, pools
     base = _rss_mb()
     samples: list[float] = []
     done = threading.Event()
@@ -68,7 +70,8 @@ def child(rows: int, url: str) -> None:
     out = tmp / "out"
     out.mkdir()
     t0 = time.perf_counter()
-    res = run_teacher_collect(cfg, inputs={"teacher_inputs": raw_ref(inputs)}, out_uri=str(out))
+    res = run_teacher_collect(cfg, inputs={"teacher_inputs": raw_ref(inputs)}, out_uri=str(out),
+                              ctx=StepContext.detached())
     done.set()
     sampler.join()
     # rows go through at a steady rate, so quarters of the run's time are quarters of its rows

@@ -12,5 +12,5 @@ from tasks.common import nexus_task, run_context
 def sft_package(cfg: PackageConfig, regenerated: ArtifactRef, rereviewed: ArtifactRef | None = None,
                 name: str = "sft") -> PackageResult:
     """Write the SFT dataset ``distill/<name>_vN`` (``rereviewed``: the second review of regenerated rows)."""
-    inputs = {"regenerated": regenerated, **({"rereviewed": rereviewed} if rereviewed else {})}
-    return run_step(run_sft_package, cfg, name=name, inputs=inputs, context=run_context())
+    return run_step(run_sft_package, cfg, name=name, inputs={"regenerated": regenerated, "rereviewed": rereviewed},
+                    context=run_context())

@@ -10,7 +10,7 @@ from tasks.common import nexus_task, run_context
 
 @nexus_task(run_gates, name="evaluate-gates", tags=["evaluate"])
 def evaluate_gates(cfg: GatesConfig, judged: ArtifactRef, scores: ArtifactRef | None = None,
-               name: str = "eval") -> GatesResult:
+                   name: str = "eval") -> GatesResult:
     """Every gate's value and verdict → ``evaluate/<name>_gates_vN`` (gates.json)."""
-    inputs = {"judged": judged, **({"scores": scores} if scores else {})}
-    return run_step(run_gates, cfg, name=f"{name}_gates", inputs=inputs, context=run_context())
+    return run_step(run_gates, cfg, name=f"{name}_gates", inputs={"judged": judged, "scores": scores},
+                    context=run_context())

@@ -11,7 +11,7 @@ from tasks.common import nexus_task, run_context
 
 @nexus_task(run_report, name="evaluate-report", tags=["evaluate"])
 def evaluate_report(cfg: ReportConfig, predictions: ArtifactRef, scores: ArtifactRef, judged: ArtifactRef,
-                gates: ArtifactRef, name: str = "eval") -> ReportResult:
+                    gates: ArtifactRef, name: str = "eval") -> ReportResult:
     """``evaluate/<name>_report_vN`` with eval_report_<run_id>.json; a leaderboard row; MLflow tables."""
     ctx = run_context()
     result = run_step(run_report, cfg, name=f"{name}_report",

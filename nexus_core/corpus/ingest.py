@@ -9,6 +9,8 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import step
 from nexus_core.errors import InputError
 from nexus_core.io import read_table, schema_of, write_parquet
 from nexus_core.runner import StepResult
@@ -30,7 +32,10 @@ class IngestResult(StepResult):
     duplicates_dropped: int = 0
 
 
-def run_ingest(cfg: IngestConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> IngestResult:
+# Sources are named by the caller (source_0, source_1, ...): the step checks them itself.
+@step(area="corpus")
+def run_ingest(cfg: IngestConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+               ctx: StepContext) -> IngestResult:
     """Read each source named in ``inputs``, check columns, add ``source_file``, write data.parquet."""
     if not inputs:
         raise InputError("ingest: no source files given")

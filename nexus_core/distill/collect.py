@@ -22,6 +22,8 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import step, table
 from nexus_core.distill.prompts import TeacherConfig
 from nexus_core.errors import InputError
 from nexus_core.llm.client import LLMClient, check_model, run_async
@@ -69,13 +71,10 @@ def messages_for(row: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-async def _collect(cfg: CollectConfig, src: Path, out: Path, result: CollectResult) -> float:
+async def _collect(cfg: CollectConfig, src: Path, out: Path, result: CollectResult, ctx: StepContext) -> float:
     """Stream ``src`` through the teacher into ``out``; returns the USD paid."""
     pf = pq.ParquetFile(src)
-    missing = [c for c in REQUIRED if c not in pf.schema_arrow.names]
-    if missing:
-        raise InputError(f"{src}: missing column(s) {', '.join(missing)}")
-    limit = cfg.teacher.max_samples or pf.metadata.num_rows
+    limit = min(cfg.teacher.max_samples or pf.metadata.num_rows, pf.metadata.num_rows)
     seen = 0
     client = ClientPool(cfg.teacher, cfg.teacher.processes) if cfg.teacher.processes > 1 else LLMClient(cfg.teacher)
     writer = pq.ParquetWriter(out, SCHEMA, compression="zstd")
@@ -106,22 +105,25 @@ async def _collect(cfg: CollectConfig, src: Path, out: Path, result: CollectResu
                 })
             writer.write_table(pa.Table.from_pylist(records, schema=SCHEMA))
             result.rows = (result.rows or 0) + len(records)
+            ctx.progress(seen, limit, f"{seen}/{limit} rows asked ({result.ok} ok, {result.failed} failed)")
     finally:
         writer.close()
         client.close()
     return client.spent_usd
 
 
-def run_teacher_collect(cfg: CollectConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> CollectResult:
+# Recorded response caches decide what an offline (or partly recorded) run answers: their content is keyed.
+@step(area="distill", inputs={"teacher_inputs": table(*REQUIRED)},
+      reads=lambda cfg, inputs: cfg.teacher.recorded_cache)
+def run_teacher_collect(cfg: CollectConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                        ctx: StepContext) -> CollectResult:
     """Ask the teacher about every row of ``inputs["teacher_inputs"]``; write ``data.parquet``."""
-    if "teacher_inputs" not in inputs:
-        raise InputError("teacher collection: input 'teacher_inputs' missing")
     check_model(cfg.teacher)
     src = Path(inputs["teacher_inputs"].uri) / "data.parquet"
     if not src.is_file():
         raise InputError(f"{src}: file not found")
     result = CollectResult(rows=0)
-    spent = run_async(_collect(cfg, src, Path(out_uri) / "data.parquet", result))
+    spent = run_async(_collect(cfg, src, Path(out_uri) / "data.parquet", result, ctx))
     result.stopped_for_cost = result.skipped > 0  # only the cost cap skips a row
     if result.offline_misses:
         log.warning("offline: %d row(s) have no recorded response: %s", len(result.offline_misses),

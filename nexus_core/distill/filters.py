@@ -8,7 +8,6 @@ rejected rows stay in the table (they feed review and regeneration).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import polars as pl
@@ -16,12 +15,12 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import step, table
 from nexus_core.distill.rules import apply_rules, gate_metrics, load_rules
 from nexus_core.errors import InputError
 from nexus_core.io import read_table, schema_of, write_parquet
 from nexus_core.runner import StepResult
-
-log = logging.getLogger(__name__)
 
 REQUIRED = ("row_id", "template_name", "response", "status")
 
@@ -29,7 +28,7 @@ REQUIRED = ("row_id", "template_name", "response", "status")
 class FiltersConfig(NexusModel):
     """Where the rules are."""
 
-    rules: str = Field("configs/distill/filters.yaml", description="Filter rules YAML (its text joins the cache key)")
+    rules: str = Field("configs/distill/filters.yaml", description="Filter rules YAML (its content joins the cache key)")
 
 
 class FiltersResult(StepResult):
@@ -41,10 +40,10 @@ class FiltersResult(StepResult):
     gates_passed: bool = False
 
 
-def run_distill_filters(cfg: FiltersConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> FiltersResult:
+@step(area="distill", inputs={"collected": table(*REQUIRED)}, reads=lambda cfg, inputs: [cfg.rules])
+def run_distill_filters(cfg: FiltersConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                        ctx: StepContext) -> FiltersResult:
     """Apply the rules to ``inputs["collected"]``; write every row with keep/reasons to ``data.parquet``."""
-    if "collected" not in inputs:
-        raise InputError("filters: input 'collected' missing")
     rules, _ = load_rules(cfg.rules)
     df = read_table(Path(inputs["collected"].uri) / "data.parquet", columns=REQUIRED)
     if df.height == 0:
@@ -56,7 +55,7 @@ def run_distill_filters(cfg: FiltersConfig, *, inputs: dict[str, ArtifactRef], o
     passed = all(v == 1.0 for k, v in gates.items() if k.endswith("_pass"))
     for key, value in gates.items():
         if not key.endswith("_pass"):
-            log.info("quality gate %s = %.2f (%s)", key, value, "pass" if gates[key + "_pass"] else "FAIL")
+            ctx.info(f"quality gate {key} = {value:.2f} ({'pass' if gates[key + '_pass'] else 'FAIL'})")
     counts = (out.select(pl.col("reasons").explode().drop_nulls()).to_series().value_counts())
     reasons = {r: int(n) for r, n in counts.iter_rows()} if counts.height else {}
     write_parquet(out, Path(out_uri) / "data.parquet")

@@ -2,7 +2,8 @@
 
 Sources are JSONL records (``title``, ``abstract``, ``domain``, ``text``) and "enhanced prompt" JSON
 files (``{"texts": [...], "generated_at": ...}``, each text a string or ``{"text", "domain", "title"}``).
-Templates are YAML files in ``prompts_dir``; their hash is a column and part of the cache key.
+Templates are YAML files in ``prompts_dir``; their hash is a column, and the step's contract names
+the template files so their content joins the cache key.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
-from nexus_core.distill.prompts import load_template
+from nexus_core.context import StepContext
+from nexus_core.contract import step
+from nexus_core.distill.prompts import load_template, template_path
 from nexus_core.errors import InputError
 from nexus_core.io import iter_jsonl, row_id, schema_of, write_parquet
 from nexus_core.runner import StepResult
@@ -73,8 +76,10 @@ def _enhanced_records(path: Path, default_domain: str) -> list[dict[str, Any]]:
     return out
 
 
-def run_teacher_inputs(cfg: TeacherInputsConfig, *, inputs: dict[str, ArtifactRef],
-                       out_uri: str) -> TeacherInputsResult:
+# Sources are raw files named by the caller (source_0, ..., feedback): the step checks each itself.
+@step(area="distill", reads=lambda cfg, inputs: [template_path(cfg.prompts_dir, n) for n in cfg.templates])
+def run_teacher_inputs(cfg: TeacherInputsConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                       ctx: StepContext) -> TeacherInputsResult:
     """Read every source, render every template on every record, write ``data.parquet``."""
     if not inputs:
         raise InputError("teacher inputs: no source files given")

@@ -14,12 +14,15 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import step, table
 from nexus_core.errors import InputError
 from nexus_core.io import read_table, schema_of, write_jsonl, write_parquet
 from nexus_core.runner import StepResult
 
 REQUIRED = ("row_id", "domain", "template_name", "template_hash", "user_prompt", "final_output", "final_keep",
             "origin", "decision_source")
+RECHECK_REQUIRED = ("row_id", "decision", "decision_source", "reviewed_output")
 
 
 class PackageConfig(NexusModel):
@@ -38,7 +41,7 @@ class PackageResult(StepResult):
 
 def _apply_recheck(df: pl.DataFrame, path: Path) -> pl.DataFrame:
     """Apply the second review of regenerated rows: a reject drops the row, an edit replaces its output."""
-    second = read_table(path, columns=("row_id", "decision", "decision_source", "reviewed_output")).select(
+    second = read_table(path, columns=RECHECK_REQUIRED).select(
         "row_id", re_decision="decision", re_source="decision_source", re_output="reviewed_output")
     joined = df.join(second, on="row_id", how="left")
     labelled = pl.col("re_source") == "human"
@@ -49,10 +52,13 @@ def _apply_recheck(df: pl.DataFrame, path: Path) -> pl.DataFrame:
     ).drop("re_decision", "re_source", "re_output")
 
 
-def run_sft_package(cfg: PackageConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> PackageResult:
+@step(area="distill", inputs={
+    "regenerated": table(*REQUIRED),
+    "rereviewed": table(*RECHECK_REQUIRED, optional=True, description="The second review of regenerated rows"),
+})
+def run_sft_package(cfg: PackageConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                    ctx: StepContext) -> PackageResult:
     """Package the kept rows of ``inputs["regenerated"]`` (after ``inputs["rereviewed"]``, when given)."""
-    if "regenerated" not in inputs:
-        raise InputError("sft package: input 'regenerated' missing")
     src = Path(inputs["regenerated"].uri) / "data.parquet"
     df = read_table(src, columns=REQUIRED)
     if "rereviewed" in inputs:

@@ -34,7 +34,7 @@ class PromptTemplate(NexusModel):
     system: str = Field(description="System prompt")
     user: str = Field(description="User message template; placeholders: {text} {title} {domain} and, for "
                                   "regeneration, {previous} {reasons} {round}")
-    text: str = Field(description="The file's raw text (hashed into the cache key)")
+    text: str = Field(description="The file's raw text (its hash names the template version in every row)")
 
     @property
     def hash(self) -> str:
@@ -68,9 +68,3 @@ def load_template(prompts_dir: str | Path, name: str) -> PromptTemplate:
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping with system and user")
     return validate(PromptTemplate, {"name": name, "text": text, **data}, str(path))
-
-
-def template_texts(prompts_dir: str | Path, names: list[str]) -> list[str]:
-    """Raw texts of the named templates that exist (for cache keys; missing ones fail later, named)."""
-    return [template_path(prompts_dir, n).read_text(encoding="utf-8")
-            for n in names if template_path(prompts_dir, n).is_file()]

@@ -14,7 +14,8 @@ import polars as pl
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
-from nexus_core.errors import InputError
+from nexus_core.context import StepContext
+from nexus_core.contract import step, table
 from nexus_core.io import read_table, schema_of, write_parquet
 from nexus_core.runner import StepResult
 
@@ -26,10 +27,10 @@ class RecheckConfig(NexusModel):
     """No settings: the queue is every row that regeneration rescued."""
 
 
-def run_recheck_queue(cfg: RecheckConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> StepResult:
+@step(area="distill", inputs={"regenerated": table(*REQUIRED)})
+def run_recheck_queue(cfg: RecheckConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                      ctx: StepContext) -> StepResult:
     """Write the rescued rows of ``inputs["regenerated"]`` with the review columns (response, keep, reason)."""
-    if "regenerated" not in inputs:
-        raise InputError("recheck: input 'regenerated' missing")
     df = read_table(Path(inputs["regenerated"].uri) / "data.parquet", columns=REQUIRED)
     out = df.filter(pl.col("origin") == "regenerated").select(
         "row_id", "domain", "template_name", "system_prompt", "user_prompt",

@@ -15,9 +15,10 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
-from nexus_core.distill.prompts import TeacherConfig, load_template
+from nexus_core.context import StepContext
+from nexus_core.contract import step, table
+from nexus_core.distill.prompts import TeacherConfig, load_template, template_path
 from nexus_core.distill.rules import apply_rules, load_rules
-from nexus_core.errors import InputError
 from nexus_core.io import read_table, schema_of, write_parquet
 from nexus_core.llm.client import LLMClient, check_model
 from nexus_core.runner import Cost, StepResult
@@ -45,10 +46,12 @@ class RegenerateResult(StepResult):
     rounds_run: int = 0
 
 
-def run_regenerate(cfg: RegenerateConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> RegenerateResult:
+@step(area="distill", inputs={"reviewed": table(*REQUIRED)},
+      reads=lambda cfg, inputs: [template_path(cfg.prompts_dir, cfg.template), cfg.rules,
+                                 *cfg.teacher.recorded_cache])
+def run_regenerate(cfg: RegenerateConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                   ctx: StepContext) -> RegenerateResult:
     """Regenerate the rejected rows of ``inputs["reviewed"]``; write every row with its final state."""
-    if "reviewed" not in inputs:
-        raise InputError("regenerate: input 'reviewed' missing")
     df = read_table(Path(inputs["reviewed"].uri) / "data.parquet", columns=REQUIRED)
     rules, _ = load_rules(cfg.rules)
     tpl = load_template(cfg.prompts_dir, cfg.template)
@@ -67,6 +70,8 @@ def run_regenerate(cfg: RegenerateConfig, *, inputs: dict[str, ArtifactRef], out
         if not pending or client is None:
             break
         rounds = rnd
+        ctx.progress(rnd - 1, cfg.max_rounds, f"round {rnd}/{cfg.max_rounds}: asking about {len(pending)} row(s)",
+                     force=True)
         batch = []
         for rid in pending:
             row, st = by_id[rid], state[rid]

@@ -17,8 +17,9 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import step, table
 from nexus_core.distill.review_store import all_labels
-from nexus_core.errors import InputError
 from nexus_core.io import read_table, schema_of, write_jsonl, write_parquet
 from nexus_core.runner import StepResult
 
@@ -54,10 +55,11 @@ class ReviewResult(StepResult):
     human_labels: int = 0
 
 
-def run_review(cfg: ReviewConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> ReviewResult:
+# Human labels come from the catalog, not a file: ``cfg.submission`` (their digest) keys them.
+@step(area="distill", inputs={"filtered": table(*REQUIRED)})
+def run_review(cfg: ReviewConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+               ctx: StepContext) -> ReviewResult:
     """Decide every row of ``inputs["filtered"]``; write decisions and the label exports."""
-    if "filtered" not in inputs:
-        raise InputError("review: input 'filtered' missing")
     ref = inputs["filtered"]
     df = read_table(Path(ref.uri) / "data.parquet", columns=REQUIRED)
     labels = all_labels(ref.uri) if cfg.mode == "human" else []

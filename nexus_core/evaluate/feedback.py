@@ -17,9 +17,10 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
-from nexus_core.errors import InputError
+from nexus_core.context import StepContext
+from nexus_core.contract import step, table
 from nexus_core.evaluate.rubric import KNOWN_DIMENSIONS
-from nexus_core.io import load_table, require_columns, schema_of, write_jsonl, write_parquet
+from nexus_core.io import load_table, schema_of, write_jsonl, write_parquet
 from nexus_core.runner import StepResult
 
 
@@ -57,15 +58,14 @@ def _title_from(text: str) -> str:
     return " ".join(words[:12]).rstrip(".:") + ("…" if len(words) > 12 else "")
 
 
-def run_feedback(cfg: FeedbackConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> FeedbackResult:
+@step(area="evaluate", inputs={"judged": table("row_id", "input", "status")})
+def run_feedback(cfg: FeedbackConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                 ctx: StepContext) -> FeedbackResult:
     """Select failed rows of ``inputs['judged']`` and write them as teacher-input records."""
-    if "judged" not in inputs:
-        raise InputError("feedback: missing input 'judged'")
-    table = load_table(inputs["judged"])
-    require_columns(table, ["row_id", "input", "status"], f"{inputs['judged'].uri}/data.parquet")
-    dims = [d for d in KNOWN_DIMENSIONS if d in table.columns]
+    judged = load_table(inputs["judged"])
+    dims = [d for d in KNOWN_DIMENSIONS if d in judged.columns]
     records = []
-    for row in table.iter_rows(named=True):
+    for row in judged.iter_rows(named=True):
         scores = [row[d] for d in dims if row[d] is not None]
         reasons = []
         if row["status"] != "ok":
@@ -96,4 +96,4 @@ def run_feedback(cfg: FeedbackConfig, *, inputs: dict[str, ArtifactRef], out_uri
     write_parquet(df, out / "data.parquet")
     write_jsonl(records, out / "teacher_inputs.jsonl")
     return FeedbackResult(rows=df.height, columns=schema_of(df), failed_samples=df.height,
-                          metrics={"failed_samples": df.height, "failed_share": df.height / max(1, table.height)})
+                          metrics={"failed_samples": df.height, "failed_share": df.height / max(1, judged.height)})

@@ -18,6 +18,8 @@ from pydantic import Field, model_validator
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import directory, step, table
 from nexus_core.errors import InputError
 from nexus_core.io import load_table, schema_of, write_parquet
 from nexus_core.runner import StepResult
@@ -71,20 +73,20 @@ class GatesResult(StepResult):
     values: dict[str, float | None] = Field(default_factory=dict)
 
 
-def _stat(gate: Gate, table: pl.DataFrame, metrics: dict[str, float | None], where: str) -> tuple[float | None, int]:
+def _stat(gate: Gate, judged: pl.DataFrame, metrics: dict[str, float | None], where: str) -> tuple[float | None, int]:
     if gate.metric is not None:
         if gate.metric not in metrics:
             raise InputError(f"{where}: gate {gate.name!r} needs metric {gate.metric!r} "
                              f"(computed: {', '.join(metrics) or 'none'})")
         return metrics[gate.metric], 1
     for col in filter(None, (gate.column, gate.rank_by)):
-        if col not in table.columns:
-            raise InputError(f"{where}: gate {gate.name!r} needs column {col!r} (has: {', '.join(table.columns)})")
+        if col not in judged.columns:
+            raise InputError(f"{where}: gate {gate.name!r} needs column {col!r} (has: {', '.join(judged.columns)})")
     if gate.rank_by:
-        table = table.sort(gate.rank_by, descending=True, nulls_last=True, maintain_order=True)
+        judged = judged.sort(gate.rank_by, descending=True, nulls_last=True, maintain_order=True)
     if gate.top_n:
-        table = table.head(gate.top_n)
-    values = [v for v in table[gate.column].to_list() if v is not None]
+        judged = judged.head(gate.top_n)
+    values = [v for v in judged[gate.column].to_list() if v is not None]
     if not values:
         return None, 0
     if gate.stat == "median":
@@ -96,18 +98,21 @@ def _stat(gate: Gate, table: pl.DataFrame, metrics: dict[str, float | None], whe
     raise InputError(f"{where}: gate {gate.name!r}: stat 'value' needs a metric, not a column")
 
 
-def run_gates(cfg: GatesConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> GatesResult:
+# Each gate names its own column or metric; _stat checks them and names the gate.
+@step(area="evaluate", inputs={
+    "judged": table(description="the judge step's table"),
+    "scores": directory(optional=True, description="the score step's output (metrics.json), for metric gates"),
+})
+def run_gates(cfg: GatesConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> GatesResult:
     """Evaluate every gate on ``inputs['judged']`` (and ``inputs['scores']`` for metric gates)."""
-    if "judged" not in inputs:
-        raise InputError("gates: missing input 'judged'")
-    table = load_table(inputs["judged"])
+    judged = load_table(inputs["judged"])
     metrics: dict[str, float | None] = {}
     if "scores" in inputs:
         metrics = json.loads((inputs["scores"].path / "metrics.json").read_text())["values"]
     where = f"{inputs['judged'].uri}/data.parquet"
     rows = []
     for gate in cfg.gates:
-        value, n = _stat(gate, table, metrics, where)
+        value, n = _stat(gate, judged, metrics, where)
         ok = value is not None and (gate.min is None or value >= gate.min) and (gate.max is None or value <= gate.max)
         rows.append({"gate": gate.name, "value": value, "min": gate.min, "max": gate.max, "n": n, "passed": ok,
                      "detail": "no usable values" if value is None else None})

@@ -17,7 +17,8 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
-from nexus_core.errors import InputError
+from nexus_core.context import StepContext
+from nexus_core.contract import step, table
 from nexus_core.evaluate.rubric import (
     HEURISTIC_LABEL,
     JudgeSettings,
@@ -25,7 +26,7 @@ from nexus_core.evaluate.rubric import (
     judge_items,
     load_rubric,
 )
-from nexus_core.io import load_table, require_columns, schema_of, write_parquet
+from nexus_core.io import load_table, schema_of, write_parquet
 from nexus_core.runner import Cost, StepResult
 
 
@@ -50,26 +51,29 @@ class JudgeResult(StepResult):
     medians: dict[str, float] = Field(default_factory=dict)
 
 
-def run_judge(cfg: JudgeConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> JudgeResult:
+def _files_read(cfg: JudgeConfig, inputs: dict[str, ArtifactRef]) -> list[str]:
+    """The rubric (editing it re-judges) and, for an LLM judge, its recorded response caches."""
+    return [cfg.rubric, *(cfg.llm.recorded_cache if cfg.kind == "llm" else [])]
+
+
+@step(area="evaluate", inputs={"predictions": table("input", "prediction", "reference")}, reads=_files_read)
+def run_judge(cfg: JudgeConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> JudgeResult:
     """Judge ``inputs['predictions']`` (columns input, prediction, reference) on the rubric."""
-    if "predictions" not in inputs:
-        raise InputError("judge: missing input 'predictions'")
     rubric = load_rubric(cfg.rubric)
-    ref = inputs["predictions"]
-    table = load_table(ref)
-    require_columns(table, ["input", "prediction", "reference"], f"{ref.uri}/data.parquet")
-    answers = table["prediction"].to_list()
-    references = table["reference"].to_list()
+    preds = load_table(inputs["predictions"])
+    answers = preds["prediction"].to_list()
+    references = preds["reference"].to_list()
 
     items = [{"question": q, "answer": a or "", "reference": r}
-             for q, a, r in zip(table["input"].to_list(), answers, references, strict=True)]
-    results = judge_items(items, rubric, cfg.kind, cfg.llm)
+             for q, a, r in zip(preds["input"].to_list(), answers, references, strict=True)]
+    results = judge_items(items, rubric, cfg.kind, cfg.llm,
+                          progress=lambda done, total: ctx.progress(done, total, f"{done}/{total} rows judged"))
     judge_name = "heuristic" if cfg.kind == "heuristic" else cfg.llm.model
     label = HEURISTIC_LABEL if cfg.kind == "heuristic" else f"llm judge {cfg.llm.model}"
 
     cols: dict[str, list] = {
-        "judge": [judge_name] * table.height, "judge_kind": [cfg.kind] * table.height,
-        "rubric": [f"{rubric.name}@v{rubric.version}"] * table.height,
+        "judge": [judge_name] * preds.height, "judge_kind": [cfg.kind] * preds.height,
+        "rubric": [f"{rubric.name}@v{rubric.version}"] * preds.height,
         "status": [r["status"] for r in results], "reason": [r["reason"] for r in results],
     }
     for dim in rubric.names:
@@ -81,7 +85,7 @@ def run_judge(cfg: JudgeConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
     for key in ("attempts", "prompt_tokens", "completion_tokens", "cost_usd"):
         cols[f"judge_{key}"] = [r[key] for r in results]
     cols["judge_latency_s"] = [r["latency_s"] for r in results]
-    judged = table.with_columns([pl.Series(k, v, dtype=pl.Int64 if k in rubric.names else None)
+    judged = preds.with_columns([pl.Series(k, v, dtype=pl.Int64 if k in rubric.names else None)
                                  for k, v in cols.items()])
     write_parquet(judged, Path(out_uri) / "data.parquet")
 
@@ -91,7 +95,7 @@ def run_judge(cfg: JudgeConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
     metrics = {f"{prefix}.{d}.median": m for d, m in medians.items()}
     metrics.update({f"{prefix}.ok": counts["ok"], f"{prefix}.unparseable": counts["unparseable"],
                     f"{prefix}.failed": counts["failed"],
-                    "methodology_share": sum(cols["has_methodology"]) / max(1, table.height)})
+                    "methodology_share": sum(cols["has_methodology"]) / max(1, preds.height)})
     cost = Cost(usd=sum(cols["judge_cost_usd"]), tokens_in=sum(cols["judge_prompt_tokens"]),
                 tokens_out=sum(cols["judge_completion_tokens"]),
                 provider="litellm" if cfg.kind == "llm" else "local", model=judge_name)

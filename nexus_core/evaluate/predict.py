@@ -22,6 +22,9 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import model as model_dir
+from nexus_core.contract import step, table
 from nexus_core.errors import InputError
 from nexus_core.io import load_table, schema_of, write_parquet
 from nexus_core.runner import Cost, StepResult
@@ -102,15 +105,15 @@ def _first_number(text: str | None) -> float | None:
     return float(m.group(0)) if m else None
 
 
-def run_predict(cfg: PredictConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> PredictResult:
+@step(area="evaluate", inputs={"model": model_dir(),
+                               "dataset": table(one_of=[("input", "output"), ("prompt", "completion")])})
+def run_predict(cfg: PredictConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                ctx: StepContext) -> PredictResult:
     """Generate a prediction for every validation row with the model in ``inputs['model']``."""
     import torch
 
     from nexus_core.models.tiny import load_llm
 
-    for key in ("model", "dataset"):
-        if key not in inputs:
-            raise InputError(f"predict: missing input {key!r} (have: {', '.join(inputs) or 'none'})")
     df = _read_validation(inputs["dataset"])
     if cfg.max_rows:
         df = df.head(cfg.max_rows)
@@ -144,6 +147,7 @@ def run_predict(cfg: PredictConfig, *, inputs: dict[str, ArtifactRef], out_uri: 
             preds.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
             n_gen.append(len(ids))
             latency.append(per_row)
+        ctx.progress(len(preds), len(prompts), f"{len(preds)}/{len(prompts)} predictions")
 
     cols: dict[str, Any] = {
         "row_id": [str(x) for x in df["row_id"].to_list()] if "row_id" in df.columns else [str(i) for i in range(df.height)],

@@ -15,7 +15,8 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_json, now_iso, read_manifest
 from nexus_core.config import NexusModel
-from nexus_core.errors import InputError
+from nexus_core.context import StepContext
+from nexus_core.contract import directory, step, table
 from nexus_core.evaluate.rubric import HEURISTIC_LABEL, KNOWN_DIMENSIONS
 from nexus_core.io import load_table, schema_of, write_parquet
 from nexus_core.runner import StepResult
@@ -44,11 +45,14 @@ def _ref_info(ref: ArtifactRef | None) -> dict | None:
     return {"name": ref.name, "version": ref.version, "uri": ref.uri, "digest": ref.digest, "rows": ref.rows}
 
 
-def run_report(cfg: ReportConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> ReportResult:
+@step(area="evaluate", kind="report", inputs={
+    "predictions": directory(description="the predict step's artifact (its manifest names model and dataset)"),
+    "scores": directory(description="the score step's output (metrics.json)"),
+    "judged": table(description="the judge step's artifact"),
+    "gates": directory(description="the gates step's output (gates.json)"),
+})
+def run_report(cfg: ReportConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> ReportResult:
     """Assemble the report from the predictions, scores, judged and gates artifacts."""
-    missing = [k for k in ("predictions", "scores", "judged", "gates") if k not in inputs]
-    if missing:
-        raise InputError(f"report: missing input(s) {', '.join(missing)}")
     scores = json.loads((inputs["scores"].path / "metrics.json").read_text())
     gates = json.loads((inputs["gates"].path / "gates.json").read_text())
     judged = load_table(inputs["judged"])

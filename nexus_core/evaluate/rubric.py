@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -222,12 +223,14 @@ _UNREACHABLE = ("APIConnectionError", "Timeout", "InternalServerError", "Service
                 "BadGatewayError", "RateLimitError", "AuthenticationError", "NotFoundError", "PermissionDeniedError")
 
 
-def judge_llm(items: list[dict[str, Any]], rubric: Rubric, settings: JudgeSettings) -> list[dict[str, Any]]:
+def judge_llm(items: list[dict[str, Any]], rubric: Rubric, settings: JudgeSettings,
+              progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Judge ``items`` (dicts with question, answer, reference) with an LLM; one result dict per item.
 
     Each result: status (ok | unparseable | failed), reason, verdict (dict or None), raw text,
     attempts, latency_s, token counts and cost_usd. When no row got an answer and the failures say
     the endpoint is down, raises :class:`JudgeUnreachable` naming the model and endpoint.
+    ``progress(done, total)`` is called as each answer arrives.
     """
     from nexus_core.llm.client import LLMClient, check_model, run_async
 
@@ -235,7 +238,14 @@ def judge_llm(items: list[dict[str, Any]], rubric: Rubric, settings: JudgeSettin
     client = LLMClient(settings)
     try:
         batch = [judge_messages(rubric, it["question"], it["answer"], it.get("reference")) for it in items]
-        done = run_async(client.map(batch))
+        answered = [0]
+
+        def one_done(_i: int, _c: Any) -> None:
+            answered[0] += 1
+            if progress is not None:
+                progress(answered[0], len(batch))
+
+        done = run_async(client.map(batch, on_done=one_done))
     finally:
         client.close()
     out = []
@@ -257,15 +267,17 @@ def judge_llm(items: list[dict[str, Any]], rubric: Rubric, settings: JudgeSettin
 
 
 def judge_items(items: list[dict[str, Any]], rubric: Rubric, kind: str = "heuristic",
-                settings: JudgeSettings | None = None) -> list[dict[str, Any]]:
+                settings: JudgeSettings | None = None,
+                progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Judge items (question, answer, reference) with ``kind`` = ``llm`` or ``heuristic``; uniform result dicts.
 
     The entry point for other areas too: e.g. a distillation filter scoring teacher outputs calls
     ``judge_items([{"question": prompt, "answer": response, "reference": None}], load_rubric(path))``.
-    Heuristic results say so in their rationale (:data:`HEURISTIC_LABEL`).
+    Heuristic results say so in their rationale (:data:`HEURISTIC_LABEL`). ``progress(done, total)``
+    reports an LLM judge's answers as they arrive (the heuristic is instant).
     """
     if kind == "llm":
-        return judge_llm(items, rubric, settings or JudgeSettings())
+        return judge_llm(items, rubric, settings or JudgeSettings(), progress)
     if kind != "heuristic":
         raise ValueError(f"judge kind must be 'llm' or 'heuristic', got {kind!r}")
     out = []

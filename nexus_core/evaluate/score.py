@@ -10,6 +10,8 @@ from pydantic import Field, field_validator
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import step, table
 from nexus_core.errors import InputError
 from nexus_core.evaluate.metrics import METRICS, compute
 from nexus_core.io import load_table, schema_of, write_parquet
@@ -39,18 +41,18 @@ class ScoreResult(StepResult):
     skipped: dict[str, str] = Field(default_factory=dict)
 
 
-def run_score(cfg: ScoreConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> ScoreResult:
+# Each metric names the columns it needs (see nexus_core.evaluate.metrics); compute() checks them.
+@step(area="evaluate", inputs={"predictions": table(description="the predict step's table")})
+def run_score(cfg: ScoreConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> ScoreResult:
     """Compute each metric over ``inputs['predictions']``; write data.parquet (name, value, n) and metrics.json."""
-    if "predictions" not in inputs:
-        raise InputError("score: missing input 'predictions'")
     ref = inputs["predictions"]
-    table = load_table(ref)
+    preds = load_table(ref)
     where = f"{ref.uri}/data.parquet"
     values: dict[str, float | None] = {}
     skipped: dict[str, str] = {}
     for name in cfg.metrics:
         try:
-            value = compute(name, table, where)
+            value = compute(name, preds, where)
         except InputError as exc:
             if not cfg.skip_missing:
                 raise
@@ -58,9 +60,9 @@ def run_score(cfg: ScoreConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
             continue
         values[name] = None if math.isnan(value) else value
     rows = pl.DataFrame({"metric": list(values), "value": list(values.values()),
-                         "n": [table.height] * len(values)}, schema={"metric": pl.String, "value": pl.Float64,
+                         "n": [preds.height] * len(values)}, schema={"metric": pl.String, "value": pl.Float64,
                                                                      "n": pl.Int64})
     write_parquet(rows, Path(out_uri) / "data.parquet")
-    atomic_write_json(Path(out_uri) / "metrics.json", {"values": values, "skipped": skipped, "rows": table.height})
+    atomic_write_json(Path(out_uri) / "metrics.json", {"values": values, "skipped": skipped, "rows": preds.height})
     return ScoreResult(rows=rows.height, columns=schema_of(rows), values=values, skipped=skipped,
                        metrics={k: v for k, v in values.items() if v is not None})

@@ -20,6 +20,8 @@ from pydantic import Field
 from nexus_core import lineage
 from nexus_core.artifacts import ArtifactRef, atomic_write_json, raw_ref
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import step
 from nexus_core.distill import review_store
 from nexus_core.runner import Cost, RunContext, StepResult, run_step
 
@@ -50,7 +52,8 @@ class SpendResult(StepResult):
     """Nothing but the cost."""
 
 
-def run_spend(cfg: SpendConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> SpendResult:
+@step(area="dash")
+def run_spend(cfg: SpendConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> SpendResult:
     """Write a receipt; the runner puts ``cost`` in the ledger."""
     atomic_write_json(Path(out_uri) / "receipt.json", {"label": cfg.label})
     return SpendResult(cost=cfg.cost)
@@ -67,15 +70,15 @@ def _fill(tmp: Path) -> dict:
     raw.write_text("".join(json.dumps({**r, "output": r["response"] or "No answer."}) + "\n" for r in ROWS))
     collected = run_step(run_ingest, IngestConfig(sources=[str(raw)], required_columns=["row_id", "response"],
                                                   dedupe_on=None),
-                         area="dash", name="dash_collected", inputs={"source_0": raw_ref(raw)})
+                         name="dash_collected", inputs={"source_0": raw_ref(raw)})
     filtered = run_step(run_distill_filters, FiltersConfig(rules=str(REPO / "configs/distill/filters.yaml")),
-                        area="dash", name="dash_filtered", inputs={"collected": collected.ref})
+                        name="dash_filtered", inputs={"collected": collected.ref})
     for row_id, decision in [("r1", "accept"), ("r2", "reject"), ("r3", "edit"), ("r2", "accept")]:
         review_store.add_label(filtered.ref.uri, row_id, decision, reviewer="ana",
                              edited_output="Fixed answer." if decision == "edit" else None, note=f"{decision} it")
 
     corpus = run_step(run_ingest, IngestConfig(sources=[str(REPO / "data/raw/scientific/abstracts.jsonl")]),
-                      area="dash", name="dash_corpus", inputs={"source_0": raw_ref(REPO / "data/raw/scientific/abstracts.jsonl")})
+                      name="dash_corpus", inputs={"source_0": raw_ref(REPO / "data/raw/scientific/abstracts.jsonl")})
     base = run_step(run_base_model, BaseModelConfig.model_validate(
         {"source": "tiny", "text_column": "text",
          "tiny": {"vocab_size": 320, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -91,10 +94,10 @@ def _fill(tmp: Path) -> dict:
     ctx = RunContext(flow_name="distill", flow_run_id=flow_run_id)
     run_step(run_spend, SpendConfig(label="teacher", cost=Cost(usd=0.04, tokens_in=1200, tokens_out=800,
                                                                provider="openai", model="gpt-4o-mini")),
-             area="dash", name="dash_teacher_spend", context=ctx)
+             name="dash_teacher_spend", context=ctx)
     run_step(run_spend, SpendConfig(label="gpu", cost=Cost(usd=0.03, gpu_seconds=90.0, provider="lambda",
                                                            model="gpu_1x_a10")),
-             area="dash", name="dash_gpu_spend", context=ctx)
+             name="dash_gpu_spend", context=ctx)
     lineage.end_run(flow_mlflow)
 
     return {"collected": collected.ref, "filtered": filtered.ref, "corpus": corpus.ref, "base": base.ref,
@@ -123,21 +126,21 @@ def evaluated(filled_store) -> dict:
     preset = REPO / "configs/eval/tiny.yaml"
     raw = REPO / "data/raw/eval/tiny_validation.jsonl"
     dataset = run_step(run_ingest, IngestConfig(sources=[str(raw)], required_columns=["input", "output"],
-                                                dedupe_on=None), area="dash", name="dash_validation",
+                                                dedupe_on=None), name="dash_validation",
                        inputs={"validation": raw_ref(raw)}).ref
     predict_cfg = load_config(preset, PredictConfig, ["predict.max_new_tokens=4", "predict.run_id=dash"],
                               section="predict")
-    preds = run_step(run_predict, predict_cfg, area="dash", name="dash_predictions",
+    preds = run_step(run_predict, predict_cfg, name="dash_predictions",
                      inputs={"model": filled_store["sft"], "dataset": dataset}).ref
-    scores = run_step(run_score, load_config(preset, ScoreConfig, section="score"), area="dash",
+    scores = run_step(run_score, load_config(preset, ScoreConfig, section="score"),
                       name="dash_scores", inputs={"predictions": preds}).ref
     judge_cfg = load_config(preset, JudgeConfig, [f"judge.rubric={REPO / 'configs/eval/rubric.json'}"],
                             section="judge")
-    judged = run_step(run_judge, judge_cfg, area="dash", name="dash_judged", inputs={"predictions": preds}).ref
-    gates = run_step(run_gates, load_config(preset, GatesConfig, section="gates"), area="dash", name="dash_gates",
+    judged = run_step(run_judge, judge_cfg, name="dash_judged", inputs={"predictions": preds}).ref
+    gates = run_step(run_gates, load_config(preset, GatesConfig, section="gates"), name="dash_gates",
                      inputs={"judged": judged, "scores": scores}).ref
     report = run_step(run_report, load_config(preset, ReportConfig, ["report.run_id=dash-eval"], section="report"),
-                      area="dash", name="dash_report", kind="report",
+                      name="dash_report",
                       inputs={"predictions": preds, "scores": scores, "judged": judged, "gates": gates})
     record_report(report.ref)
     return {"run_id": "dash-eval", "gate_passed": report.gate_passed, "report": report.ref}

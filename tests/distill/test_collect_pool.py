@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from nexus_core.artifacts import raw_ref
+from nexus_core.context import StepContext
 from nexus_core.distill.collect import CollectConfig, run_teacher_collect
 from nexus_core.distill.prompts import TeacherConfig
 from nexus_core.llm.client import LLMClient, LLMConfig, ResponseCache
@@ -31,10 +32,12 @@ def test_two_processes_keep_order_and_share_the_response_cache(tmp_path):
         teacher = TeacherConfig(model="openai/stub", api_base=stub.url, max_concurrency=4, processes=2)
         cfg = CollectConfig(teacher=teacher, batch_size=25)
         (tmp_path / "a").mkdir()
-        first = run_teacher_collect(cfg, inputs={"teacher_inputs": ref}, out_uri=str(tmp_path / "a"))
+        first = run_teacher_collect(cfg, inputs={"teacher_inputs": ref}, out_uri=str(tmp_path / "a"),
+                                    ctx=StepContext.detached())
         asked = len(stub.requests)
         (tmp_path / "b").mkdir()
-        again = run_teacher_collect(cfg, inputs={"teacher_inputs": ref}, out_uri=str(tmp_path / "b"))
+        again = run_teacher_collect(cfg, inputs={"teacher_inputs": ref}, out_uri=str(tmp_path / "b"),
+                                    ctx=StepContext.detached())
         asked_again = len(stub.requests) - asked
     df = pl.read_parquet(tmp_path / "a" / "data.parquet")
     assert first.ok == 60 and asked == 60
@@ -69,7 +72,7 @@ def test_cost_cap_holds_for_the_whole_pool(tmp_path, processes):
                                 max_cost_usd=10 * each, cache=False)
         (tmp_path / "out").mkdir()
         res = run_teacher_collect(CollectConfig(teacher=teacher, batch_size=40), inputs={"teacher_inputs": ref},
-                                  out_uri=str(tmp_path / "out"))
+                                  out_uri=str(tmp_path / "out"), ctx=StepContext.detached())
     assert each > 0
     assert res.stopped_for_cost and res.skipped > 0 and res.ok + res.skipped == 120
     # the cap is shared: at most the requests already in flight (max_concurrency) run past it

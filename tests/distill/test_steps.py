@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import polars as pl
 import pytest
 
 from nexus_core.artifacts import raw_ref
+from nexus_core.cachekey import step_key
 from nexus_core.config import load_config
 from nexus_core.distill.collect import CollectConfig, run_teacher_collect
 from nexus_core.distill.inputs import TeacherInputsConfig, run_teacher_inputs
 from nexus_core.distill.prompts import TeacherConfig
+from nexus_core.distill.regenerate import RegenerateConfig, run_regenerate
 from nexus_core.distill.rules import apply_rules, load_rules
 from nexus_core.errors import ConfigError, InputError
 from nexus_core.runner import run_step
@@ -24,7 +27,7 @@ ENHANCED = "data/raw/scientific/enhanced_prompts.json"
 
 def _inputs(*paths, **kw):
     sources = {f"s{i}": raw_ref(p) for i, p in enumerate(paths)}
-    return run_step(run_teacher_inputs, TeacherInputsConfig(**kw), area="distill", name="ti", inputs=sources)
+    return run_step(run_teacher_inputs, TeacherInputsConfig(**kw), name="ti", inputs=sources)
 
 
 def test_teacher_inputs_from_jsonl_and_enhanced_json(data_root):
@@ -74,14 +77,14 @@ def test_collect_failed_rows_kept_then_rerun_asks_only_for_them(data_root):
 
     with StubServer(flaky) as stub:
         cfg = CollectConfig(teacher=TeacherConfig(model="openai/t", api_base=stub.url, max_retries=0), batch_size=5)
-        first = run_step(run_teacher_collect, cfg, area="distill", name="col", inputs={"teacher_inputs": ti.ref})
+        first = run_step(run_teacher_collect, cfg, name="col", inputs={"teacher_inputs": ti.ref})
         asked_first = len(stub.requests)
     df1 = pl.read_parquet(f"{first.ref.uri}/data.parquet")
     assert first.failed > 0 and first.ok > 0 and df1.height == 16  # failures are rows, not dropped
     assert set(df1.filter(pl.col("status") == "failed")["error"].str.slice(0, 20)) == {"InternalServerError:"}
     with StubServer(distill_teacher.handler) as stub:
         cfg2 = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"api_base": stub.url})})
-        second = run_step(run_teacher_collect, cfg2, area="distill", name="col", inputs={"teacher_inputs": ti.ref})
+        second = run_step(run_teacher_collect, cfg2, name="col", inputs={"teacher_inputs": ti.ref})
         asked_second = len(stub.requests)
     df2 = pl.read_parquet(f"{second.ref.uri}/data.parquet")
     assert asked_first == 16 and asked_second == first.failed  # only missing/failed rows asked again
@@ -94,7 +97,7 @@ def test_collect_failed_rows_kept_then_rerun_asks_only_for_them(data_root):
 def test_collect_offline_names_misses(data_root):
     ti = _inputs(ABSTRACTS, templates=["hypothesis"])
     cfg = CollectConfig(teacher=TeacherConfig(model="openai/never-recorded", offline=True, cache=False))
-    res = run_step(run_teacher_collect, cfg, area="distill", name="off", inputs={"teacher_inputs": ti.ref})
+    res = run_step(run_teacher_collect, cfg, name="off", inputs={"teacher_inputs": ti.ref})
     assert res.failed == 16 and len(res.offline_misses) == 16
     df = pl.read_parquet(f"{res.ref.uri}/data.parquet")
     assert df["error"].str.starts_with("offline: no cached response").all()
@@ -143,3 +146,33 @@ def test_every_distill_yaml_validates(repo):
         assert load_template(p.parent, p.stem).hash
     recorded = (repo / "configs/distill/recorded/tiny_teacher.jsonl").read_text().splitlines()
     assert recorded and all({"key", "response"} <= set(json.loads(line)) for line in recorded)
+
+
+def test_editing_a_template_the_step_uses_misses_the_cache(data_root, tmp_path, repo):
+    prompts = tmp_path / "prompts"
+    shutil.copytree(repo / "configs/distill/prompts", prompts)
+    first = _inputs(ABSTRACTS, templates=["hypothesis"], prompts_dir=str(prompts))
+    (prompts / "methodology.yaml").write_text((prompts / "methodology.yaml").read_text() + "\n# unused here\n")
+    again = _inputs(ABSTRACTS, templates=["hypothesis"], prompts_dir=str(prompts))
+    assert again.reused and again.ref == first.ref  # a template the config does not name is not read
+    hyp = prompts / "hypothesis.yaml"
+    hyp.write_text(hyp.read_text().replace("hypothesis", "falsifiable hypothesis", 1))
+    edited = _inputs(ABSTRACTS, templates=["hypothesis"], prompts_dir=str(prompts))
+    assert not edited.reused and edited.ref.version == first.ref.version + 1
+
+
+def test_regeneration_key_covers_its_template_rules_and_recorded_answers(tmp_path, repo):
+    prompts = tmp_path / "prompts"
+    shutil.copytree(repo / "configs/distill/prompts", prompts)
+    rules = tmp_path / "filters.yaml"
+    rules.write_text((repo / "configs/distill/filters.yaml").read_text())
+    recorded = tmp_path / "recorded.jsonl"
+    recorded.write_text((repo / "configs/distill/recorded/tiny_teacher.jsonl").read_text())
+    cfg = RegenerateConfig(prompts_dir=str(prompts), rules=str(rules),
+                           teacher=TeacherConfig(offline=True, recorded_cache=[str(recorded)]))
+    keys = [step_key(run_regenerate, cfg, {})]
+    for path in (prompts / "hypothesis.yaml", prompts / "strict.yaml", rules, recorded):
+        path.write_text(path.read_text() + "\n")
+        keys.append(step_key(run_regenerate, cfg, {}))
+    assert keys[1] == keys[0]  # regeneration reads only its own (strict) template
+    assert len(set(keys[1:])) == 4  # the strict template, the rules and the recorded answers each count

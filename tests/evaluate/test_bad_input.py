@@ -8,6 +8,8 @@ import polars as pl
 import pytest
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.context import StepContext
+from nexus_core.contract import check_inputs
 from nexus_core.errors import ConfigError, InputError
 from nexus_core.evaluate.feedback import FeedbackConfig, run_feedback
 from nexus_core.evaluate.predict import PredictConfig, run_predict
@@ -28,9 +30,10 @@ def test_predictions_without_metric_columns_are_named(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(InputError, match=r"preds/data.parquet: metric 'accuracy' needs column\(s\) label, pred_label"):
-        run_score(ScoreConfig(metrics=["exact_match", "accuracy"]), inputs={"predictions": preds}, out_uri=str(out))
+        run_score(ScoreConfig(metrics=["exact_match", "accuracy"]), inputs={"predictions": preds}, out_uri=str(out),
+                  ctx=StepContext.detached())
     result = run_score(ScoreConfig(metrics=["exact_match", "accuracy"], skip_missing=True),
-                       inputs={"predictions": preds}, out_uri=str(out))
+                       inputs={"predictions": preds}, out_uri=str(out), ctx=StepContext.detached())
     assert result.values == {"exact_match": 1.0} and "accuracy" in result.skipped
     with pytest.raises(ValueError, match="unknown metric"):
         ScoreConfig(metrics=["bleu"])
@@ -40,15 +43,30 @@ def test_validation_set_without_input_output_is_named(tmp_path):
     data = _table(tmp_path, "val", pl.DataFrame({"question": ["q"], "answer": ["a"]}))
     model = ArtifactRef(uri=str(tmp_path / "nomodel"), kind="model", name="m", version=1, digest="x")
     with pytest.raises(InputError, match=r"val: validation set missing column\(s\) input, output"):
-        run_predict(PredictConfig(), inputs={"model": model, "dataset": data}, out_uri=str(tmp_path))
-    with pytest.raises(InputError, match="missing input 'dataset'"):
-        run_predict(PredictConfig(), inputs={"model": model}, out_uri=str(tmp_path))
+        run_predict(PredictConfig(), inputs={"model": model, "dataset": data}, out_uri=str(tmp_path),
+                    ctx=StepContext.detached())
+    # through the runner, the contract refuses the same inputs before the model is loaded, naming each problem
+    with pytest.raises(InputError) as err:
+        check_inputs(run_predict, {"model": model, "dataset": data})
+    assert "input 'model'" in str(err.value) and "nomodel): does not exist" in str(err.value)
+    assert "needs a table with column(s) input/output or prompt/completion; has: question, answer" in str(err.value)
+    with pytest.raises(InputError, match="predict: missing input 'dataset'"):
+        check_inputs(run_predict, {"model": model})
 
 
 def test_feedback_needs_judged_columns(tmp_path):
     judged = _table(tmp_path, "judged", pl.DataFrame({"row_id": ["1"], "input": ["x"]}))
-    with pytest.raises(InputError, match=r"judged/data.parquet: missing column\(s\) status"):
-        run_feedback(FeedbackConfig(), inputs={"judged": judged}, out_uri=str(tmp_path))
+    with pytest.raises(InputError, match=r"feedback: input 'judged' \(.*judged\): needs a table with "
+                                         r"column\(s\) row_id/input/status; has: row_id, input"):
+        check_inputs(run_feedback, {"judged": judged})
+    ok = _table(tmp_path, "ok", pl.DataFrame({"row_id": ["1"], "input": ["x"], "status": ["failed"],
+                                              "reason": ["timeout"]}))
+    check_inputs(run_feedback, {"judged": ok})
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_feedback(FeedbackConfig(include_unjudged=True), inputs={"judged": ok}, out_uri=str(out),
+                          ctx=StepContext.detached())
+    assert result.failed_samples == 1  # an unjudged row is fed back when asked for
 
 
 def test_resolve_ref_paths_and_errors(tmp_path, data_root):

@@ -12,6 +12,7 @@ from flows.common import load_flow_config
 from flows.evaluate import EvaluateConfig, evaluate
 from nexus_core import catalog, lineage
 from nexus_core.artifacts import raw_ref, read_manifest
+from nexus_core.context import StepContext
 from nexus_core.evaluate.rubric import HEURISTIC_LABEL
 from nexus_core.io import iter_jsonl, read_table
 
@@ -89,7 +90,7 @@ def test_feedback_records_feed_the_distillation_teacher_inputs(first, tmp_path):
     out = tmp_path / "ti"
     out.mkdir()
     ti = run_teacher_inputs(TeacherInputsConfig(prompts_dir=str(REPO / "configs/distill/prompts")),
-                            inputs={"feedback": raw_ref(path)}, out_uri=str(out))
+                            inputs={"feedback": raw_ref(path)}, out_uri=str(out), ctx=StepContext.detached())
     assert ti.rows == len(records) * 2  # two templates per fed-back sample
 
 

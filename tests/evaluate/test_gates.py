@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
+from nexus_core.context import StepContext
 from nexus_core.errors import InputError
 from nexus_core.evaluate.gates import Gate, GatesConfig, run_gates
 from nexus_core.io import write_parquet
@@ -32,7 +33,7 @@ def _run(tmp_path: Path, judged: ArtifactRef, cfg: GatesConfig | None = None, sc
     out = tmp_path / f"out_{judged.name}"
     out.mkdir(exist_ok=True)
     inputs = {"judged": judged, **({"scores": scores} if scores else {})}
-    result = run_gates(cfg or GatesConfig(), inputs=inputs, out_uri=str(out))
+    result = run_gates(cfg or GatesConfig(), inputs=inputs, out_uri=str(out), ctx=StepContext.detached())
     return result, json.loads((out / "gates.json").read_text())
 
 

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.context import StepContext
 from nexus_core.errors import ConfigError
 from nexus_core.evaluate.judge import JudgeConfig, run_judge
 from nexus_core.evaluate.rubric import JudgeSettings, JudgeUnreachable
@@ -52,7 +53,8 @@ def scripted(body: dict, n: int) -> Reply:
 
 def test_malformed_verdicts_are_rows_with_reasons(tmp_path, predictions):
     with StubServer(scripted) as stub:
-        result = run_judge(_cfg(stub.url), inputs={"predictions": predictions}, out_uri=str(tmp_path))
+        result = run_judge(_cfg(stub.url), inputs={"predictions": predictions}, out_uri=str(tmp_path),
+                           ctx=StepContext.detached())
         assert len(stub.requests) == 3
         system = stub.requests[0]["messages"][0]["content"]
     assert all(d in system for d in DIMS)  # the rubric reaches the judge
@@ -71,7 +73,7 @@ def test_unreachable_judge_is_named_after_retries(tmp_path, predictions):
     with StubServer(lambda body, n: Reply(status=503, body={"error": {"message": "overloaded"}})) as stub:
         cfg = _cfg(stub.url)
         with pytest.raises(JudgeUnreachable) as err:
-            run_judge(cfg, inputs={"predictions": predictions}, out_uri=str(tmp_path))
+            run_judge(cfg, inputs={"predictions": predictions}, out_uri=str(tmp_path), ctx=StepContext.detached())
         assert len(stub.requests) == 3 * 3  # every row tried 1 + max_retries times
     assert "judge model 'openai/judge'" in str(err.value) and stub.url in str(err.value)
     assert "after 3 attempt(s)" in str(err.value)
@@ -80,13 +82,15 @@ def test_unreachable_judge_is_named_after_retries(tmp_path, predictions):
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
     with pytest.raises(JudgeUnreachable, match=r"judge model 'openai/judge' at http://127\.0\.0\.1:\d+/v1 unreachable"):
-        run_judge(_cfg(dead), inputs={"predictions": predictions}, out_uri=str(tmp_path / "b"))
+        run_judge(_cfg(dead), inputs={"predictions": predictions}, out_uri=str(tmp_path / "b"),
+                  ctx=StepContext.detached())
 
 
 def test_judge_cost_cap_on_an_unpriced_model_is_refused_before_any_call(tmp_path, predictions):
     with StubServer(scripted) as stub:
         with pytest.raises(ConfigError, match=r"judge\.max_cost_usd: litellm has no price for openai/judge"):
-            run_judge(_cfg(stub.url, max_cost_usd=0.5), inputs={"predictions": predictions}, out_uri=str(tmp_path))
+            run_judge(_cfg(stub.url, max_cost_usd=0.5), inputs={"predictions": predictions}, out_uri=str(tmp_path),
+                      ctx=StepContext.detached())
         assert stub.requests == []
 
 
@@ -102,7 +106,8 @@ def test_judge_against_the_projects_own_server(tmp_path, predictions):
     app = create_app({"judge": str(model)})
     try:
         with serve_in_thread(app) as url:
-            result = run_judge(_cfg(url), inputs={"predictions": predictions}, out_uri=str(tmp_path / "out"))
+            result = run_judge(_cfg(url), inputs={"predictions": predictions}, out_uri=str(tmp_path / "out"),
+                               ctx=StepContext.detached())
     finally:
         app.state.close()
     df = read_table(tmp_path / "out" / "data.parquet")
@@ -113,3 +118,21 @@ def test_judge_against_the_projects_own_server(tmp_path, predictions):
     for reason in df["reason"].to_list():
         assert reason.startswith(("no JSON object", "verdict", "empty verdict")) or "malformed response" in reason
     assert result.judge == "openai/judge" and set(df["judge_kind"]) == {"llm"}
+
+
+def test_judge_key_covers_the_rubric_and_an_llm_judges_recorded_answers(tmp_path):
+    from nexus_core.cachekey import step_key
+
+    rubric = tmp_path / "rubric.json"
+    rubric.write_text((REPO / "configs/eval/rubric.json").read_text())
+    recorded = tmp_path / "recorded.jsonl"
+    recorded.write_text("")
+    llm = JudgeConfig(kind="llm", rubric=str(rubric), llm=JudgeSettings(recorded_cache=[str(recorded)]))
+    heuristic = llm.model_copy(update={"kind": "heuristic"})
+    before = {c.kind: step_key(run_judge, c, {}) for c in (llm, heuristic)}
+    recorded.write_text('{"key": "k", "response": {}}\n')
+    after_recorded = {c.kind: step_key(run_judge, c, {}) for c in (llm, heuristic)}
+    assert after_recorded["llm"] != before["llm"]
+    assert after_recorded["heuristic"] == before["heuristic"]  # the heuristic never asks a model
+    rubric.write_text(rubric.read_text().replace("scientifically plausible", "credible"))
+    assert step_key(run_judge, heuristic, {}) != before["heuristic"]

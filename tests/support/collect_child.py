@@ -25,13 +25,15 @@ def main(argv: list[str] | None = None) -> None:
 
     configure_environment()  # before litellm is imported
     from nexus_core.artifacts import raw_ref
+    from nexus_core.context import StepContext
     from nexus_core.distill.collect import CollectConfig, run_teacher_collect
     from nexus_core.distill.prompts import TeacherConfig
 
     cfg = CollectConfig(batch_size=args.batch_size,
                         teacher=TeacherConfig(model="openai/stub", api_base=args.api_base,
                                               max_concurrency=args.concurrency, max_retries=0))
-    result = run_teacher_collect(cfg, inputs={"teacher_inputs": raw_ref(args.inputs)}, out_uri=args.out)
+    result = run_teacher_collect(cfg, inputs={"teacher_inputs": raw_ref(args.inputs)}, out_uri=args.out,
+                                 ctx=StepContext.detached())
     print(result.model_dump_json(), flush=True)
 
 
