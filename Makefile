@@ -1,12 +1,14 @@
 # Nexus: two commands on a fresh machine.
-#   make demo   create .venv, install, run the lifecycle flow on the tiny preset (offline)
-#   make test   same set-up plus dev tools, then the test suite
+#   make demo        create .venv, install, run the lifecycle flow on the tiny preset (offline)
+#   make test        same set-up plus dev tools, then the test suite: the fast tier first, then the rest
+#   make test-fast   unit and step-level tests only (a few minutes on 2 cores), while you work
+#   make lint        ruff on everything, pyright (basic) on nexus_core
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test lint bench up down clean install install-dev lock
+.PHONY: demo test test-fast lint bench up down clean install install-dev lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +27,18 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(BIN)/nexus run lifecycle configs/presets/tiny.yaml
 
-test: install-dev
+FAST := not integration and not slow
+
+test-fast: install-dev
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "$(FAST)"
+
+test: test-fast
+	$(BIN)/python -m pytest -q -m "not ($(FAST))"
 
 lint: install-dev
 	$(BIN)/ruff check .
+	$(BIN)/pyright
 
 bench: install
 	$(BIN)/python -m bench.orchestration
