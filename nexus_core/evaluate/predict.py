@@ -112,14 +112,13 @@ def run_predict(cfg: PredictConfig, *, inputs: dict[str, ArtifactRef], out_uri: 
     """Generate a prediction for every validation row with the model in ``inputs['model']``."""
     import torch
 
-    from nexus_core.models.tiny import load_llm
+    from nexus_core.models.io import load_causal_lm
 
     df = _read_validation(inputs["dataset"])
     if cfg.max_rows:
         df = df.head(cfg.max_rows)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_llm(inputs["model"].uri, dtype=cfg.dtype)
-    model.eval()
+    model, tokenizer = load_causal_lm(inputs["model"].uri, dtype=cfg.dtype)  # INT8 variants run as INT8
     tokenizer.padding_side = "left"  # decoder-only generation needs the prompt flush right
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

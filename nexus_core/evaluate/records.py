@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 from nexus_core import catalog, lineage
-from nexus_core.artifacts import MANIFEST, ArtifactRef, raw_ref, read_manifest
-from nexus_core.errors import InputError
+from nexus_core.artifacts import ArtifactRef, read_manifest
 
 
 def eval_run_id(model: ArtifactRef, dataset: ArtifactRef, config_hash: str) -> str:
@@ -20,26 +18,6 @@ def eval_run_id(model: ArtifactRef, dataset: ArtifactRef, config_hash: str) -> s
     h = hashlib.sha256(f"{model.digest}:{dataset.digest}:{config_hash}".encode()).hexdigest()[:10]
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in model.name)[:40]
     return f"{safe}-v{model.version}-{h}"
-
-
-def resolve_ref(spec: str, what: str) -> ArtifactRef:
-    """An ArtifactRef for ``spec``: an artifact directory, an HF model directory, a table file, or
-    ``[area/]name[@vN]`` of a dataset under the data root."""
-    from nexus_core.io import DataQuery
-
-    path = Path(spec).expanduser()
-    if path.is_dir() and (path / MANIFEST).is_file():
-        return read_manifest(path).ref()
-    if path.exists():
-        if what == "model" and path.is_dir() and not (path / "config.json").is_file():
-            raise InputError(f"{what} {spec}: not a model directory (no config.json)")
-        return raw_ref(path)
-    if Path(spec.split("@")[0]).suffix in {".jsonl", ".parquet", ".gz", ".zst", ".json", ".ndjson"}:
-        raise InputError(f"{what} {spec}: file not found")
-    try:
-        return DataQuery().ref(spec)
-    except InputError as exc:
-        raise InputError(f"{what} {spec!r}: not a path and not a known artifact ({exc})") from None
 
 
 def record_report(report: ArtifactRef, flow_run_id: str | None = None) -> catalog.EvalReportRow:

@@ -83,11 +83,11 @@ def _fill(tmp: Path) -> dict:
         {"source": "tiny", "text_column": "text",
          "tiny": {"vocab_size": 320, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}}),
-        area="dash", name="dash_base", kind="model", inputs={"corpus": corpus.ref})
+        name="dash_base", inputs={"corpus": corpus.ref})
     sft = run_step(run_sft, SFTConfig.model_validate(
         {"max_steps": 4, "batch_size": 2, "max_length": 64, "logging_steps": 1, "learning_rate": 1e-3,
          "precision": "fp32"}),
-        area="dash", name="dash_sft", kind="model", inputs={"model": base.ref, "data": filtered.ref})
+        name="dash_sft", inputs={"model": base.ref, "data": filtered.ref})
 
     flow_run_id = "00000000-0000-0000-0000-00000000da5b"
     flow_mlflow = lineage.start_flow_run("distill", flow_run_id, {"budget_usd": 0.05, "name": "dash"})

@@ -124,7 +124,7 @@ def test_data_page_renders_in_headless_chromium(served_app, tmp_path):
             if "Leaderboard" in browser.text():
                 break
             time.sleep(0.5)
-        browser.call("Page.navigate", url=f"{served_app}/data?dataset=dash/dash_collected")
+        browser.call("Page.navigate", url=f"{served_app}/data?dataset=corpus/dash_collected")
         text = ""
         for _ in range(240):
             text = browser.text()

@@ -17,8 +17,8 @@ def test_data_page_lists_versions_schema_reasons_and_row_history(filled_store):
     at = app_test("data.py")
     _ok(at)
     names = at.selectbox[0].options
-    assert "dash/dash_filtered" in names and "dash/dash_corpus" in names
-    at.selectbox[0].select("dash/dash_filtered").run()
+    assert "distill/dash_filtered" in names and "corpus/dash_corpus" in names
+    at.selectbox[0].select("distill/dash_filtered").run()
     _ok(at)
     page = texts(at)
     assert "dash_filtered@v1" in page

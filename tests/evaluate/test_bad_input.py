@@ -13,9 +13,9 @@ from nexus_core.contract import check_inputs
 from nexus_core.errors import ConfigError, InputError
 from nexus_core.evaluate.feedback import FeedbackConfig, run_feedback
 from nexus_core.evaluate.predict import PredictConfig, run_predict
-from nexus_core.evaluate.records import resolve_ref
 from nexus_core.evaluate.score import ScoreConfig, run_score
-from nexus_core.io import write_jsonl, write_parquet
+from nexus_core.io import resolve_ref, write_jsonl, write_parquet
+from nexus_core.models.io import resolve_model
 
 
 def _table(tmp_path: Path, name: str, df: pl.DataFrame) -> ArtifactRef:
@@ -69,14 +69,11 @@ def test_feedback_needs_judged_columns(tmp_path):
     assert result.failed_samples == 1  # an unjudged row is fed back when asked for
 
 
-def test_resolve_ref_paths_and_errors(tmp_path, data_root):
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text("{}")
-    assert resolve_ref(str(hf), "model").kind == "raw"
-    with pytest.raises(InputError, match="not a model directory"):
-        resolve_ref(str(tmp_path), "model")
-    with pytest.raises(InputError, match="missing.jsonl: file not found"):
+def test_resolve_ref_paths_and_errors(tmp_path, data_root, tiny_llm):
+    assert resolve_model(str(tiny_llm)).kind == "model"
+    with pytest.raises(InputError, match="not a Hugging Face model directory"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(InputError, match="missing.jsonl: no such file or directory"):
         resolve_ref(str(tmp_path / "missing.jsonl"), "dataset")
     with pytest.raises(InputError, match="not a path and not a known artifact"):
         resolve_ref("nosuch@v2", "dataset")
