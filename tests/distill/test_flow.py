@@ -26,8 +26,8 @@ def tiny_run(prefect_harness, repo):
 def test_six_stages_offline_with_manifests_and_mlflow_runs(tiny_run):
     _, result = tiny_run
     assert list(result.artifacts) == STAGES
-    assert result.summary["offline_misses"] == 0 and result.summary["collected_ok"] == 40
-    assert result.summary["teacher_usd"] == 0.0
+    assert result.offline_misses == 0 and result.collected_ok == 40
+    assert result.teacher_usd == 0.0
     for ref in result.artifacts.values():
         m = read_manifest(ref.uri)
         assert m.prefect["flow_run_id"] == result.flow_run_id
@@ -79,7 +79,7 @@ def test_rerun_pays_nothing_and_reuses_everything(tiny_run):
     cfg, result = tiny_run
     again = distill(cfg)
     assert again.artifacts == result.artifacts
-    assert again.summary["teacher_usd"] == 0.0
+    assert again.teacher_usd == 0.0
 
 
 def test_scientific_config_against_a_live_teacher(prefect_harness, repo, monkeypatch):

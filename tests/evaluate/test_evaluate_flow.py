@@ -82,7 +82,7 @@ def test_feedback_records_feed_the_distillation_teacher_inputs(first, tmp_path):
     _, result = first
     path = result.artifacts["feedback"].path / "teacher_inputs.jsonl"
     records = list(iter_jsonl(path))
-    assert len(records) == result.summary["feedback_samples"] > 0
+    assert len(records) == result.feedback_samples > 0
     first_rec = records[0]
     assert {"title", "abstract", "domain", "text", "fail_reason"} <= set(first_rec)
     src = {json.loads(line)["row_id"]: json.loads(line) for line in open(REPO / "data/raw/eval/tiny_validation.jsonl")}
@@ -100,7 +100,7 @@ def test_relaxed_gates_pass_reuse_upstream_and_rank_first_on_leaderboard(first):
         {"gates": [{"name": "any_plausibility", "column": "plausibility", "stat": "median", "min": 1},
                    {"name": "ppl_finite", "metric": "perplexity", "stat": "value", "max": 1e9}]})})
     again = evaluate(relaxed, model=result.artifacts["model"], dataset=result.artifacts["dataset"])
-    assert again.summary["gate_passed"] is True
+    assert again.gate_passed is True
     for step in ("predict", "score", "judge"):  # served from cache: only gates, report and feedback re-ran
         assert again.artifacts[step] == result.artifacts[step]
     assert again.artifacts["gates"].version == result.artifacts["gates"].version + 1
@@ -154,8 +154,8 @@ def test_llm_judge_as_a_subflow_of_a_parent_flow(first):
 
         ev = parent()
         assert len(stub.requests) == 8
-    assert ev.summary["judge_kind"] == "llm" and ev.summary["failed_gates"] == ["methodology_share"]
-    assert ev.summary["gate_passed"] is False  # the random model writes no ordered methodology steps
+    assert ev.judge_kind == "llm" and ev.failed_gates == ["methodology_share"]
+    assert ev.gate_passed is False  # the random model writes no ordered methodology steps
     assert ev.artifacts["predict"] == result.artifacts["predict"]
     row = next(r for r in catalog.leaderboard(judge_kind="llm") if r.report_uri == ev.artifacts["report"].uri)
     assert row.score == 4.0 and row.judge == "openai/judge"

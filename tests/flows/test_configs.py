@@ -1,8 +1,12 @@
-"""Every YAML/JSON file under configs/ loads and validates (DESIGN.md §6), and none is left unchecked."""
+"""Every YAML/JSON file under configs/ loads and validates, and none is left unchecked; so does every
+deployment's ``cfg`` parameter in prefect.yaml, through Prefect's own parameter validation. Both from
+a working directory other than the repository root: shipped configs must not depend on it."""
 
+import importlib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.common import load_flow_config
 from flows.compress import CompressConfig
@@ -40,8 +44,8 @@ def _data_loader(rel: str):
 
 
 @pytest.mark.parametrize("path", _all_files(), ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_config_file_validates(path, monkeypatch):
-    monkeypatch.chdir(REPO)  # nested `extends` in flow configs are relative to the repo root
+def test_config_file_validates(path, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
     rel = str(path.relative_to(CONFIGS))
     loader = _data_loader(rel)
     if loader:
@@ -51,3 +55,30 @@ def test_config_file_validates(path, monkeypatch):
     assert model is not None, f"configs/{rel}: not a known flow config or data file; add it to this test"
     cfg = load_flow_config(model, str(path), REQUIRED_OVERRIDES.get(rel, []))
     assert cfg.model_dump()
+
+
+DEPLOYMENTS = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+
+
+def _validated_cfg(deployment: dict):
+    file, name = deployment["entrypoint"].split(":")
+    flow = getattr(importlib.import_module(file.removesuffix(".py").replace("/", ".")), name)
+    return flow.validate_parameters(deployment["parameters"])["cfg"]
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d["name"])
+def test_deployment_parameters_validate(deployment, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a worker's directory need not be the repo: extends is from the repo root
+    cfg = _validated_cfg(deployment)
+    assert cfg.extends is None and cfg.name  # the preset was merged in
+
+
+def test_flux_run1_deployment_reads_its_list_from_the_environment(monkeypatch, tmp_path):
+    """``data.source: ${FLUX_RUN1_LIST:-data/raw/flux/run1/images.txt}`` in the preset the deployment
+    extends: the default when the variable is unset, the variable otherwise; never the literal text."""
+    deployment = next(d for d in DEPLOYMENTS if d["name"] == "flux-klein4b-run1")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FLUX_RUN1_LIST", raising=False)
+    assert _validated_cfg(deployment).data.source.endswith("data/raw/flux/run1/images.txt")
+    monkeypatch.setenv("FLUX_RUN1_LIST", "/mnt/lists/run1.txt")
+    assert _validated_cfg(deployment).data.source == "/mnt/lists/run1.txt"

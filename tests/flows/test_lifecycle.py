@@ -55,9 +55,10 @@ def test_model_traces_back_to_the_distilled_rows(first_run):
 
 def test_ends_with_a_report_and_a_verdict(first_run):
     _, result = first_run
-    assert result.summary["verdict"] in {"promoted", "rejected by gates"}
-    assert "gate_passed" in result.summary["evaluate"]
-    model, tokenizer = load_llm(result.summary["model"])
+    assert result.verdict in {"promoted", "rejected by gates"}
+    assert "gate_passed" in result.stages["evaluate"]
+    assert result.model in [ref for key, ref in result.artifacts.items() if key.startswith("train.")]
+    model, tokenizer = load_llm(result.model.uri)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Soil respiration"}],
                                         add_generation_prompt=True, return_tensors="pt")
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]

@@ -31,7 +31,7 @@ def test_stages_chain_and_register_with_lineage(tiny_run):
     assert sft.inputs["data"].name == "chat.jsonl"
     client = lineage.client()
     for stage in ("sft", "dpo", "kd"):
-        name, version = result.summary["registered"][stage].split("/")
+        name, version = result.registered[stage].split("/")
         mv = client.get_model_version(name, version)
         m = read_manifest(result.artifacts[stage].uri)
         assert mv.source.endswith(result.artifacts[stage].uri.rsplit("/", 1)[-1])
@@ -47,14 +47,34 @@ def test_rerun_is_cached_and_registry_idempotent(tiny_run):
     cfg, result = tiny_run
     again = llm_train(cfg)
     assert again.artifacts == result.artifacts
-    assert again.summary["registered"] == result.summary["registered"]
+    assert again.registered == result.registered
 
 
 def test_dry_run_plans_without_training(tiny_run):
     cfg, result = tiny_run
     base = result.artifacts["base_model"].uri
     dry = llm_train(cfg.model_copy(update={"dry_run": True, "base_model": base}))
-    assert dry.artifacts == {}
-    assert dry.summary["base_model"]["modalities"] == ["text"]
-    assert dry.summary["base_model"]["architecture"] == "LlamaForCausalLM"
-    assert [q.split(":")[0] for q in dry.summary["queue"]] == ["1. sft", "2. dpo", "3. kd"]
+    assert dry.dry_run and dry.artifacts == {}
+    assert dry.base_model["modalities"] == ["text"]
+    assert dry.base_model["architecture"] == "LlamaForCausalLM"
+    assert [q.split(":")[0] for q in dry.plan] == ["1. sft", "2. dpo", "3. kd"]
+
+
+def test_a_bad_later_dataset_stops_the_run_before_the_first_stage(tiny_run, tmp_path):
+    """The DPO stage's data has no chosen/rejected: the run fails up front, naming the stage and the
+    file, and SFT never trains (no new version of any stage)."""
+    from nexus_core.artifacts import list_versions
+    from nexus_core.errors import InputError
+
+    cfg, result = tiny_run
+    bad = tmp_path / "prefs_without_pairs.jsonl"
+    bad.write_text('{"prompt": "Hi?", "answer": "Hello."}\n')
+    before = {s: list_versions("train", f"bad_{s}") for s in ("sft", "dpo", "kd")}
+    broken = cfg.model_copy(update={"name": "bad", "datasets": {**cfg.datasets, "prefs": str(bad)},
+                                    "base_model": result.artifacts["base_model"].uri})
+    with pytest.raises(InputError) as err:
+        llm_train(broken)
+    assert "stage dpo" in str(err.value) and "prefs_without_pairs.jsonl" in str(err.value)
+    assert "chosen/rejected" in str(err.value)
+    assert {s: list_versions("train", f"bad_{s}") for s in ("sft", "dpo", "kd")} == before == {
+        "sft": [], "dpo": [], "kd": []}

@@ -14,6 +14,7 @@ from flows.flux import FluxConfig, flux
 from nexus_core import lineage
 from nexus_core.artifacts import ArtifactRef, raw_ref, read_manifest
 from nexus_core.config import load_config
+from nexus_core.context import StepContext
 from nexus_core.flux.mds import read_index, verify_shards
 from nexus_core.flux.precompute import PrecomputeConfig, run_precompute
 from nexus_core.flux.prepare import PrepareConfig, run_prepare
@@ -64,7 +65,7 @@ def test_validation_images_and_exported_outputs(flow_run):
 
     _, result, out = flow_run
     root = Path(result.artifacts["train"].uri)
-    assert result.summary["global_step"] == 4 and result.summary["validation_images"] == 2
+    assert result.global_step == 4 and result.validation_images == 2
     with Image.open(root / "validation" / "step_000004_0.png") as im:
         assert im.size == (32, 32)
     assert (out / "transformer_lora.safetensors").is_file() and (out / "train_config.json").is_file()
@@ -97,11 +98,11 @@ def test_resume_from_checkpoint_continues_the_step_count(flow_run, tmp_path):
     base = cfg.train.model_copy(update={"max_steps": 2, "checkpointing_steps": 1, "checkpoints_total_limit": 2,
                                         "validation_prompts": [], "checkpoint_dir": str(tmp_path / "ck"),
                                         "train_mode": "full", "gradient_accumulation_steps": 2})
-    first = run_train(base, inputs=inputs, out_uri=str(tmp_path / "a"))
+    first = run_train(base, inputs=inputs, out_uri=str(tmp_path / "a"), ctx=StepContext.detached())
     assert (first.start_step, first.global_step) == (0, 2)
     assert [s for s, _ in checkpoints(tmp_path / "ck")] == [1, 2]
     resumed = run_train(base.model_copy(update={"max_steps": 3, "resume_from_checkpoint": "latest"}),
-                        inputs=inputs, out_uri=str(tmp_path / "b"))
+                        inputs=inputs, out_uri=str(tmp_path / "b"), ctx=StepContext.detached())
     assert (resumed.start_step, resumed.global_step) == (2, 3)
     assert [s for s, _ in checkpoints(tmp_path / "ck")] == [2, 3]  # total limit 2: step 1 rotated out
     history = json.loads((tmp_path / "b" / "train_config.json").read_text())["loss_history"]
@@ -109,11 +110,39 @@ def test_resume_from_checkpoint_continues_the_step_count(flow_run, tmp_path):
     assert (tmp_path / "b" / "transformer" / "config.json").is_file() and (tmp_path / "b" / "transformer.safetensors").is_file()
 
 
+def test_a_killed_train_run_resumes_from_its_work_dir(flow_run, monkeypatch):
+    """Through the runner, without checkpoint_dir: checkpoints live in the step's work dir, which a
+    killed run leaves behind and the re-run (same cache key) finds; publishing removes it."""
+    import nexus_core.flux.train as train_step
+    from nexus_core.cachekey import step_key
+    from nexus_core.runner import run_step, work_dir_for
+
+    cfg, result, _ = flow_run
+    inputs = {"precomputed": result.artifacts["precompute"], "pipeline": result.artifacts["pipeline"]}
+    train_cfg = cfg.train.model_copy(update={"max_steps": 2, "checkpointing_steps": 1, "validation_prompts": [],
+                                             "resume_from_checkpoint": "latest", "checkpoint_dir": None})
+    rotate = train_step.rotate_checkpoints
+
+    def killed_after_first_checkpoint(root, limit):
+        rotate(root, limit)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(train_step, "rotate_checkpoints", killed_after_first_checkpoint)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_step(run_train, train_cfg, name="fe2e_killed", inputs=inputs)
+    work = work_dir_for("models", "fe2e_killed", step_key(run_train, train_cfg, inputs))
+    assert [s for s, _ in checkpoints(work / "checkpoints")] == [1]
+    monkeypatch.setattr(train_step, "rotate_checkpoints", rotate)
+    resumed = run_step(run_train, train_cfg, name="fe2e_killed", inputs=inputs)
+    assert (resumed.start_step, resumed.global_step, resumed.ref.version) == (1, 2, 1)
+    assert not work.exists()  # published: its checkpoints are no longer needed
+
+
 def test_sstk_list_prepare(tmp_path):
     listing = make_shape_images(tmp_path / "sstk", 3, size=24, layout="sstk")
     (tmp_path / "sstk" / "0001.png.json").unlink()  # missing caption: skipped with its reason
     res = run_prepare(PrepareConfig(source="sstk", size=16, min_size=20), inputs={"source": raw_ref(listing)},
-                      out_uri=str(tmp_path / "out"))
+                      out_uri=str(tmp_path / "out"), ctx=StepContext.detached())
     assert (res.kept, res.skipped, res.skipped_by_reason) == (2, 1, {"caption": 1})
     import polars as pl
 
@@ -128,17 +157,19 @@ def test_dreambooth_with_generated_class_images_and_prior_preservation(flow_run,
     prep = run_prepare(PrepareConfig(source="dreambooth", instance_prompt="a sks square", class_prompt="a square",
                                      num_class_images=2, generate_class_images=True, class_generation_steps=1,
                                      size=32), inputs={"source": raw_ref(inst), "pipeline": pipe},
-                       out_uri=str(tmp_path / "prep"))
+                       out_uri=str(tmp_path / "prep"), ctx=StepContext.detached())
     assert (prep.kept, prep.generated_class_images) == (4, 2)
     pre = run_precompute(PrecomputeConfig(resolution=32, batch_size=4, max_sequence_length=16, save_dtype="bfloat16",
                                           device="cpu"),
-                         inputs={"prepared": _ref(tmp_path / "prep"), "pipeline": pipe}, out_uri=str(tmp_path / "pre"))
+                         inputs={"prepared": _ref(tmp_path / "prep"), "pipeline": pipe}, out_uri=str(tmp_path / "pre"),
+                         ctx=StepContext.detached())
     assert pre.rows == 4 and pre.groups == 1
     res = run_train(TrainConfig(resolution=32, batch_size=2, max_steps=1, prior_preservation=True,
                                 distillation=True, loss={"base": "huber", "weighting": "cosmap"},
                                 gradient_checkpointing=True,
                                 lora={"rank": 2, "alpha": 2}, checkpoint_dir=str(tmp_path / "ck"), device="cpu"),
-                    inputs={"precomputed": _ref(tmp_path / "pre"), "pipeline": pipe}, out_uri=str(tmp_path / "t"))
+                    inputs={"precomputed": _ref(tmp_path / "pre"), "pipeline": pipe}, out_uri=str(tmp_path / "t"),
+                    ctx=StepContext.detached())
     assert res.global_step == 1 and np.isfinite(res.final_loss)
     assert (tmp_path / "t" / "transformer_lora.safetensors").is_file()
 
@@ -150,9 +181,10 @@ def test_precompute_resumes_by_shard_group(flow_run, tmp_path):
     inputs = {"prepared": result.artifacts["prepare"], "pipeline": result.artifacts["pipeline"]}
     cfg = PrecomputeConfig(resolution=32, batch_size=2, max_sequence_length=16, group_size=2, layout="nested",
                            device="cpu")
+    ctx = StepContext.detached(work_dir=tmp_path / "work")  # the runner hands a re-run the same work dir
     with pytest.raises(InputError, match="max_groups=1"):  # an interrupted run: one group finished
-        run_precompute(cfg.model_copy(update={"max_groups": 1}), inputs=inputs, out_uri=str(tmp_path / "a"))
-    res = run_precompute(cfg, inputs=inputs, out_uri=str(tmp_path / "b"))
+        run_precompute(cfg.model_copy(update={"max_groups": 1}), inputs=inputs, out_uri=str(tmp_path / "a"), ctx=ctx)
+    res = run_precompute(cfg, inputs=inputs, out_uri=str(tmp_path / "b"), ctx=ctx)
     assert (res.groups, res.resumed_groups, res.rows) == (3, 1, 6)
     names = [s["raw_data"]["basename"] for s in read_index(tmp_path / "b" / "mds")["shards"]]
     assert names[0].startswith("groups/00000/") and verify_shards(tmp_path / "b" / "mds") == len(names)
