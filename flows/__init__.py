@@ -1,5 +1,5 @@
-"""Prefect flows: composition only. Sets Nexus's environment before Prefect imports."""
+"""Prefect flows: composition only.
 
-from nexus_core.settings import configure_environment
-
-configure_environment()
+Importing this package changes nothing (no environment variables, no directories): entry points set
+Nexus's environment, see ``flows.common.prepare_process`` and ``flows.common.flow_lineage``.
+"""

@@ -7,6 +7,8 @@
     nexus serve MODEL [--port N] [--api-key-env VAR]   OpenAI-compatible server for local models
     nexus costs [--by flow_name,step,provider] [--flow NAME] [--run ID] [--json]   spend report
     nexus leaderboard [--dataset NAME] [--judge heuristic|llm] [--json]   evaluation reports ranked
+
+A failure prints one `error:` line and exits 1; add --debug (anywhere) for the traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import sys
 import typing
 from pathlib import Path
 
@@ -36,9 +37,11 @@ def _flow(name: str):  # noqa: ANN202 - (prefect Flow, config model)
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.common import load_flow_config
-    from flows.report import print_result
+    from flows.report import print_result, quiet_console_tracebacks
 
     flow_fn, model = _flow(args.flow)
+    if not args.debug:
+        quiet_console_tracebacks()
     overrides = [*args.overrides, *(["dry_run=true"] if args.dry_run else [])]  # flows with a dry_run field
     cfg = load_flow_config(model, args.config, overrides)
     print_result(flow_fn(cfg))
@@ -143,29 +146,35 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``nexus``."""
     parser = argparse.ArgumentParser(prog="nexus", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="print tracebacks (of a failure, and in the logs)")
+    # `--debug` after the subcommand too; SUPPRESS keeps a subcommand from resetting `nexus --debug run`
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a flow on a config")
+    run = sub.add_parser("run", help="run a flow on a config", parents=[common])
     run.add_argument("flow", help="flow name: a module in flows/ (lifecycle, ...)")
     run.add_argument("config", help="YAML config (configs/...)")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     run.add_argument("--dry-run", action="store_true", help="same as dry_run=true (e.g. llm_train: plan only)")
     run.set_defaults(func=cmd_run)
 
-    data = sub.add_parser("data", help="datasets and versions").add_subparsers(dest="data_command", required=True)
-    ls = data.add_parser("ls", help="list datasets")
+    data = sub.add_parser("data", help="datasets and versions", parents=[common]).add_subparsers(
+        dest="data_command", required=True)
+    ls = data.add_parser("ls", help="list datasets", parents=[common])
     ls.add_argument("area", nargs="?", help="only this area (corpus, models, distill, ...)")
     ls.set_defaults(func=cmd_data_ls)
-    show = data.add_parser("show", help="show one dataset")
+    show = data.add_parser("show", help="show one dataset", parents=[common])
     show.add_argument("spec", help="NAME or NAME@vN or AREA/NAME@vN")
     show.add_argument("--rows", type=int, default=5, help="sample rows to print")
     show.set_defaults(func=cmd_data_show)
 
-    doctor = sub.add_parser("doctor", help="check dependencies, accelerator, disk and configured models")
+    doctor = sub.add_parser("doctor", help="check dependencies, accelerator, disk and configured models",
+                            parents=[common])
     doctor.add_argument("config", nargs="?", help="a flux YAML whose models should resolve")
     doctor.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     doctor.add_argument("--min-free-gb", type=float, default=5.0, help="required free disk space")
     doctor.set_defaults(func=cmd_doctor)
-    serve = sub.add_parser("serve", help="OpenAI-compatible server for local models")
+    serve = sub.add_parser("serve", help="OpenAI-compatible server for local models", parents=[common])
     serve.add_argument("model", nargs="+", help="model dir, artifact spec (NAME@vN), or SERVED_NAME=dir")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind")
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
@@ -175,14 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--draft", action="append", metavar="NAME=DIR",
                        help="speculative decoding: a smaller draft model (same tokenizer) for served model NAME")
     serve.set_defaults(func=cmd_serve)
-    costs = sub.add_parser("costs", help="GPU and API spend by flow, step and provider")
+    costs = sub.add_parser("costs", help="GPU and API spend by flow, step and provider", parents=[common])
     costs.add_argument("--by", default="flow_name,step,provider",
                        help="comma-separated group keys: flow_name, flow_run_id, step, provider, kind, model")
     costs.add_argument("--flow", default=None, help="only this flow name")
     costs.add_argument("--run", default=None, help="only this Prefect flow run id")
     costs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     costs.set_defaults(func=cmd_costs)
-    board = sub.add_parser("leaderboard", help="evaluation reports ranked across models")
+    board = sub.add_parser("leaderboard", help="evaluation reports ranked across models", parents=[common])
     board.add_argument("--dataset", default=None, help="only reports on this validation dataset name")
     board.add_argument("--judge", default=None, choices=["heuristic", "llm"], help="only this judge kind")
     board.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -194,13 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nexus`` console script."""
     from nexus_core.settings import configure_environment
 
-    configure_environment()
+    configure_environment()  # before anything imports prefect, litellm or mlflow
     args = build_parser().parse_args(argv)
+    from flows.report import report_failure
+
     try:
         return args.func(args)
-    except NexusError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as exc:
+        return report_failure(exc, args.debug)
 
 
 if __name__ == "__main__":

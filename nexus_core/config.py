@@ -1,9 +1,22 @@
 """YAML configs: ``extends``, deep merge, ``a.b=c`` overrides, ``${ENV}`` interpolation, pydantic.
 
-A config file may name one or more parents with ``extends:`` (paths relative to the file). Parents
-are merged first, the child on top; mappings merge key by key, everything else is replaced.
-``${NAME}`` and ``${NAME:-default}`` in strings are read from the environment. Validation collects
-every problem and raises one :class:`ConfigError` naming the file and each dotted key.
+One loader serves every entry point: ``nexus run`` and ``python -m flows.X`` (:func:`load_config`),
+deployment parameters such as ``{"extends": "configs/presets/tiny.yaml", "overrides": [...]}``
+(:class:`FlowConfig`'s validator) and tests. The rules:
+
+- ``extends:`` names one or more parent files, at the top of a file or inside any section. Parents are
+  merged first, the mapping that names them on top; mappings merge key by key, everything else is
+  replaced. A relative ``extends`` is relative to the file that names it; one that no file names (a
+  deployment parameter) is relative to the repository root.
+- ``${NAME}`` and ``${NAME:-default}`` in strings are read from the environment, wherever the value
+  came from (file, override or parameter).
+- Fields typed :data:`ConfigPath` (or :data:`PathOrName`) are paths: a relative one is resolved against
+  the repository root, the directory holding the ``configs/`` directory the config file lies in (for a
+  file elsewhere, a parameter or an override: :func:`repo_root`). So a shipped config means the same
+  files whatever the working directory. In JSON (manifests, cache keys, Prefect parameters) a path under
+  the repository root is written relative to it again, so nothing machine-specific enters a cache key.
+- Validation collects every problem and raises one :class:`ConfigError` naming the file and each
+  dotted key.
 """
 
 from __future__ import annotations
@@ -13,10 +26,19 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from nexus_core.errors import ConfigError
 
@@ -24,6 +46,63 @@ M = TypeVar("M", bound=BaseModel)
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 SECRET_SUFFIXES = ("api_key", "apikey", "secret", "password", "auth_token", "access_token", "hf_token")
+# key of the validation context entry that carries the root relative config paths are resolved against
+_ROOT = "nexus_config_root"
+
+
+def repo_root() -> Path:
+    """The repository root for paths no config file places: ``NEXUS_REPO`` if set (``make up`` sets it
+    for deployments), else the checkout this code is imported from when it holds ``configs/``, else the
+    working directory."""
+    if os.environ.get("NEXUS_REPO"):
+        return Path(os.environ["NEXUS_REPO"]).expanduser().resolve()
+    checkout = Path(__file__).resolve().parents[1]
+    return checkout if (checkout / "configs").is_dir() else Path.cwd()
+
+
+def config_root(path: str | Path) -> Path:
+    """The root relative paths in config file ``path`` are resolved against: the directory holding the
+    ``configs/`` directory the file lies in, else :func:`repo_root` (a config file kept elsewhere)."""
+    for parent in Path(path).resolve().parents:
+        if parent.name == "configs":
+            return parent.parent
+    return repo_root()
+
+
+def _context_root(info: ValidationInfo | None) -> Path:
+    context = info.context if info is not None else None
+    return Path(context[_ROOT]) if isinstance(context, dict) and context.get(_ROOT) else repo_root()
+
+
+def _resolve_path(value: str, info: ValidationInfo) -> str:
+    text = os.path.expanduser(value)
+    if not text or "://" in text or os.path.isabs(text):  # unset, a URI (s3://, hf://), or absolute
+        return text
+    return os.path.normpath(_context_root(info) / text)
+
+
+def _resolve_existing_path(value: str, info: ValidationInfo) -> str:
+    resolved = _resolve_path(value, info)
+    return resolved if resolved == value or os.path.exists(resolved) else value
+
+
+def _path_json(value: str) -> str:
+    # relative to the repository root again, so manifests and cache keys are the same on every machine
+    root = str(repo_root())
+    return os.path.relpath(value, root) if value.startswith(root + os.sep) else value
+
+
+ConfigPath = Annotated[str, AfterValidator(_resolve_path), PlainSerializer(_path_json, when_used="json")]
+"""A config field that is a file or directory path. A relative value is resolved against the repository
+root (see the module docstring), so ``cfg.field`` is an absolute path whatever the working directory;
+its JSON form is relative to the root again. A relative *default* is resolved too only when the field
+says ``Field(..., validate_default=True)``."""
+
+PathOrName = Annotated[str, AfterValidator(_resolve_existing_path),
+                       PlainSerializer(_path_json, when_used="json")]
+"""A config field that is a path *or* a name (an artifact spec ``NAME@vN``, a hub id, a stage name): a
+relative value is resolved like :data:`ConfigPath` only when that file or directory exists; otherwise
+it is kept as written, for the name lookup."""
 
 
 class NexusModel(BaseModel):
@@ -40,6 +119,18 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
+    return out
+
+
+def interpolate(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """``data`` with ``${NAME}`` / ``${NAME:-default}`` in every string replaced from the environment.
+
+    Raises one ConfigError listing every variable that is unset and has no default.
+    """
+    problems: list[str] = []
+    out = _interpolate(data, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
     return out
 
 
@@ -64,8 +155,11 @@ def _interpolate(value: Any, where: str, problems: list[str]) -> Any:
 
 
 def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML mapping, resolving ``extends`` recursively (no interpolation yet)."""
-    path = Path(path).resolve()
+    """Read a YAML mapping with every ``extends`` in it merged (at any depth; relative to this file).
+
+    No interpolation yet: :func:`load_data` does that once overrides are in.
+    """
+    path = Path(path).expanduser().resolve()
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise ConfigError([f"extends: cycle {chain}"], str(path))
@@ -78,13 +172,26 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError([f"not valid YAML: {exc}"], str(path)) from exc
     if not isinstance(data, dict):
         raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], str(path))
-    parents = data.pop("extends", None) or []
+    return merge_extends(data, path.parent, str(path), (*_seen, path))
+
+
+def merge_extends(data: dict[str, Any], base: Path, source: str = "config",
+                  _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """``data`` with each ``extends`` in it, at any depth, replaced by the files it names merged underneath.
+
+    A relative ``extends`` is relative to ``base`` (the directory of the file that names it).
+    """
+    out = {key: merge_extends(value, base, source, _seen) if isinstance(value, dict) else value
+           for key, value in data.items() if key != "extends"}
+    parents = data.get("extends") or []
     if isinstance(parents, str):
         parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError([f"extends: expected a file or a list of files, got {parents!r}"], source)
     merged: dict[str, Any] = {}
     for parent in parents:
-        merged = deep_merge(merged, load_yaml(path.parent / parent, (*_seen, path)))
-    return deep_merge(merged, data)
+        merged = deep_merge(merged, load_yaml(base / Path(parent).expanduser(), _seen))
+    return deep_merge(merged, out)
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -121,16 +228,27 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
-    """Validate ``data`` into ``model``, raising one ConfigError listing every problem by dotted key."""
+def validate(model: type[M], data: dict[str, Any], source: str = "config", root: Path | None = None) -> M:
+    """Validate ``data`` into ``model``, raising one ConfigError listing every problem by dotted key.
+
+    ``root`` is what relative :data:`ConfigPath` values are resolved against (default :func:`repo_root`).
+    """
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context={_ROOT: str(root)} if root else None)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{_loc(err['loc'])}: {msg}")
         raise ConfigError(problems, source) from None
+
+
+def load_data(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The plain mapping a config file stands for: ``path`` with its extends, then ``key=value``
+    overrides, then ``${VAR}`` interpolation. ``path=None``: the overrides alone."""
+    data = load_yaml(path) if path else {}
+    data = deep_merge(data, parse_overrides(overrides))
+    return interpolate(data, str(path) if path else "command line")
 
 
 def load_config(
@@ -142,18 +260,13 @@ def load_config(
     """Load ``path`` (with extends), apply ``key=value`` overrides and env interpolation, validate.
 
     ``section`` picks one top-level key (e.g. a flow config that holds several steps) before
-    validation. ``path=None`` validates overrides alone against the model's defaults.
+    validation. ``path=None`` validates overrides alone against the model's defaults. Relative paths
+    are resolved against the root of ``path`` (:func:`config_root`).
     """
-    source = str(path) if path else "defaults"
-    data = load_yaml(path) if path else {}
-    data = deep_merge(data, parse_overrides(overrides))
-    problems: list[str] = []
-    data = _interpolate(data, "", problems)
-    if problems:
-        raise ConfigError(problems, source)
+    data = load_data(path, overrides)
     if section is not None:
         data = data.get(section, {})
-    return validate(model, data, source)
+    return validate(model, data, str(path) if path else "defaults", config_root(path) if path else None)
 
 
 def redact(value: Any) -> Any:
@@ -180,20 +293,22 @@ def runtime_field(default: Any, description: str, **kwargs: Any) -> Any:
     return Field(default, description=description, json_schema_extra={"nexus_runtime": True}, **kwargs)
 
 
-def _without_runtime(value: Any) -> Any:
-    if isinstance(value, BaseModel):
+def _without_runtime(value: Any, dumped: Any) -> Any:
+    """``dumped`` (the JSON dump of ``value``) less the fields declared with :func:`runtime_field`, at
+    any depth. Walking the dump keeps each field's JSON form (a :data:`ConfigPath` relative to the root)."""
+    if isinstance(value, BaseModel) and isinstance(dumped, dict):
         out = {}
         for name, info in type(value).model_fields.items():
             extra = info.json_schema_extra
-            if isinstance(extra, dict) and extra.get("nexus_runtime"):
+            if name not in dumped or (isinstance(extra, dict) and extra.get("nexus_runtime")):
                 continue
-            out[name] = _without_runtime(getattr(value, name))
+            out[name] = _without_runtime(getattr(value, name), dumped[name])
         return out
-    if isinstance(value, dict):
-        return {k: _without_runtime(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_without_runtime(v) for v in value]
-    return value
+    if isinstance(value, dict) and isinstance(dumped, dict) and len(value) == len(dumped):
+        return {key: _without_runtime(v, d) for v, (key, d) in zip(value.values(), dumped.items(), strict=True)}
+    if isinstance(value, list | tuple) and isinstance(dumped, list) and len(value) == len(dumped):
+        return [_without_runtime(v, d) for v, d in zip(value, dumped, strict=True)]
+    return dumped
 
 
 def config_hash(cfg: BaseModel | dict[str, Any], exclude: set[str] | frozenset[str] = frozenset(),
@@ -205,9 +320,7 @@ def config_hash(cfg: BaseModel | dict[str, Any], exclude: set[str] | frozenset[s
     if isinstance(cfg, BaseModel):
         data = cfg.model_dump(mode="json")
         if not runtime:
-            from pydantic_core import to_jsonable_python
-
-            data = to_jsonable_python(_without_runtime(cfg))
+            data = _without_runtime(cfg, data)
     else:
         data = dict(cfg)
     data = {k: v for k, v in data.items() if k not in exclude}
@@ -226,24 +339,27 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out[name] = value
     return out
 
-class FlowConfig(NexusModel):
-    """Flow config base: ``extends`` loads a YAML preset (with its own extends) under the given values."""
 
-    extends: str | None = Field(None, description="YAML preset this config starts from (path from repo root)")
+class FlowConfig(NexusModel):
+    """Flow config base. As a deployment parameter it can start from a preset and override fields:
+    ``{"extends": "configs/presets/tiny.yaml", "overrides": ["name=t2"], ...}`` goes through the same
+    loader as a config file (extends, overrides, ``${VAR}``; see the module docstring)."""
+
+    extends: str | None = Field(None, description="YAML preset this config starts from (relative to the repo root); "
+                                "merged in and cleared during validation")
     overrides: list[str] = Field(default_factory=list, description="key.sub=value overrides applied last")
     budget_usd: float | None = Field(None, ge=0, description="Spend limit for one run of this flow (API + GPU); "
                                      "steps refuse to start once it is used up")
+    dry_run: bool = Field(False, description="Check every stage's inputs and config files and print the plan; "
+                                             "run nothing")
 
     @model_validator(mode="before")
     @classmethod
-    def _resolve_extends(cls, data: Any) -> Any:
+    def _resolve_extends(cls, data: Any, info: ValidationInfo) -> Any:
         if not isinstance(data, dict):
             return data
-        data = dict(data)
-        if data.get("extends"):
-            base = load_yaml(data["extends"])
-            base.pop("overrides", None)
-            data = deep_merge(base, data)
+        source = f"{cls.__name__} parameters"
+        data = merge_extends(data, _context_root(info), source)
         if data.get("overrides"):
             data = deep_merge(data, parse_overrides(data["overrides"]))
-        return data
+        return interpolate(data, source)

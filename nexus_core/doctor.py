@@ -1,7 +1,7 @@
 """``nexus doctor``: is this machine ready to run Nexus (and a given flux config)?
 
 Checks installed dependencies (and that ``streaming`` really imports: a CPU-only torch wheel without a
-matching torchvision breaks it, DESIGN §10), the accelerator (CUDA, bf16), free disk space under the
+matching torchvision breaks it), the accelerator (CUDA, bf16), free disk space under the
 data root, and that the models a config names resolve: a local directory with the right marker file,
 or a hub id already in the local Hugging Face cache (no network is used).
 """

@@ -2,6 +2,10 @@
 
 Everything lives under ``NEXUS_HOME`` (default ``./.nexus``): Prefect's home and database, the
 MLflow store, the catalog. Data artifacts live under ``NEXUS_DATA`` (default ``./data``).
+
+Importing this module (or ``flows``, ``tasks``) changes nothing: the environment is set by
+:func:`configure_environment`, which entry points call (``nexus``, ``python -m flows.X``, and every flow
+function through ``flows.common.flow_lineage``, which covers deployment runs).
 """
 
 from __future__ import annotations
@@ -11,10 +15,16 @@ from pathlib import Path
 
 
 def nexus_home() -> Path:
-    """The project-local state directory (``NEXUS_HOME``, default ``./.nexus``), created on demand."""
-    home = Path(os.environ.get("NEXUS_HOME", ".nexus")).expanduser().resolve()
+    """The project-local state directory (``NEXUS_HOME``, default ``./.nexus``). Not created here:
+    :func:`configure_environment` creates it, and so do the store URLs below, before anything opens them."""
+    return Path(os.environ.get("NEXUS_HOME", ".nexus")).expanduser().resolve()
+
+
+def _state_file(name: str) -> Path:
+    """A SQLite file under ``NEXUS_HOME``, whose directory must exist before SQLite can create the file."""
+    home = nexus_home()
     home.mkdir(parents=True, exist_ok=True)
-    return home
+    return home / name
 
 
 def data_root() -> Path:
@@ -24,20 +34,23 @@ def data_root() -> Path:
 
 def mlflow_uri() -> str:
     """MLflow tracking URI: ``MLFLOW_TRACKING_URI`` if set, else SQLite under ``NEXUS_HOME``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{nexus_home() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{_state_file('mlflow.db')}"
 
 
 def catalog_url() -> str:
     """SQLAlchemy URL of the catalog: ``NEXUS_CATALOG_URL`` if set, else SQLite under ``NEXUS_HOME``."""
-    return os.environ.get("NEXUS_CATALOG_URL") or f"sqlite:///{nexus_home() / 'catalog.db'}"
+    return os.environ.get("NEXUS_CATALOG_URL") or f"sqlite:///{_state_file('catalog.db')}"
 
 
 def configure_environment() -> None:
-    """Set the offline, project-local defaults. Must run before prefect, litellm or mlflow import.
+    """Set the offline, project-local defaults and create ``NEXUS_HOME``. Entry points call it first:
+    ideally before prefect, litellm or mlflow is imported (litellm reads its variable at import; a
+    Prefect imported earlier must reload its settings, see ``flows.common.prepare_process``).
 
     Only fills variables the user has not set, so real deployments override any of them.
     """
     home = nexus_home()
+    home.mkdir(parents=True, exist_ok=True)
     defaults = {
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",

@@ -1,5 +1,4 @@
-"""Thin Prefect task wrappers, one file per step. Sets Nexus's environment before Prefect imports."""
+"""Thin Prefect task wrappers, one file per step.
 
-from nexus_core.settings import configure_environment
-
-configure_environment()
+Importing this package changes nothing; the environment is set by the entry point that runs the flow.
+"""

@@ -1,6 +1,6 @@
 """MDS shard I/O on top of mosaicml-streaming: write, record and verify sha256, merge groups, read.
 
-mosaicml-streaming never re-checks a shard already on local disk (DESIGN §10), so every writer here
+mosaicml-streaming never re-checks a shard already on local disk, so every writer here
 records the sha256 of each shard in ``shard_hashes.json`` at write time and :func:`verify_shards`
 checks them before anything reads the data.
 

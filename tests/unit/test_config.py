@@ -3,7 +3,18 @@ from pathlib import Path
 import pytest
 from pydantic import Field
 
-from nexus_core.config import NexusModel, config_hash, load_config, parse_overrides, redact
+from nexus_core.config import (
+    ConfigPath,
+    FlowConfig,
+    NexusModel,
+    PathOrName,
+    config_hash,
+    load_config,
+    parse_overrides,
+    redact,
+    repo_root,
+    runtime_field,
+)
 from nexus_core.errors import ConfigError
 
 
@@ -81,3 +92,71 @@ def test_hash_is_stable_and_sensitive():
 def test_redact_hides_secrets_but_not_token_counts():
     out = redact({"api_key": "sk-123", "max_tokens": 5, "nested": {"hf_token": "x", "tokenizer": "t"}})
     assert out == {"api_key": "***", "max_tokens": 5, "nested": {"hf_token": "***", "tokenizer": "t"}}
+
+
+# --- one loader for files and deployment parameters; paths relative to the repository root ---------------
+
+
+class Paths(NexusModel):
+    rules: ConfigPath = Field("rules.yaml", validate_default=True, description="a file")
+    sources: list[ConfigPath] = Field(default_factory=list, description="files")
+    model: PathOrName | None = Field(None, description="a directory or an artifact name")
+    workers: int = runtime_field(1, "runtime knob, not in cache keys")
+
+
+class Flow(FlowConfig):
+    lr: float = Field(0.1, description="learning rate")
+    inner: Inner = Field(default_factory=Inner, description="inner")
+    paths: Paths = Field(default_factory=Paths, description="paths")
+
+
+def test_nested_extends_are_relative_to_the_file_that_names_them(tmp_path):
+    write(tmp_path / "configs" / "parts" / "inner.yaml", "size: 5\nname: part\n")
+    write(tmp_path / "configs" / "base.yaml", "lr: 0.5\n")
+    run = write(tmp_path / "configs" / "runs" / "run.yaml",
+                "extends: ../base.yaml\ninner:\n  extends: ../parts/inner.yaml\n  size: 6\n")
+    cfg = load_config(run, Flow)
+    assert (cfg.lr, cfg.inner.size, cfg.inner.name) == (0.5, 6, "part")
+    assert cfg.extends is None  # merged in and cleared: nothing left to resolve again
+
+
+def test_config_paths_resolve_against_the_root_holding_configs_whatever_the_cwd(tmp_path, monkeypatch):
+    (tmp_path / "models" / "m1").mkdir(parents=True)
+    path = write(tmp_path / "configs" / "a" / "run.yaml",
+                 "paths:\n  sources: [data/x.jsonl, /abs/y.jsonl, s3://bucket/z.jsonl]\n  model: models/m1\n")
+    monkeypatch.chdir(write(tmp_path / "elsewhere" / "f", "").parent)
+    cfg = load_config(path, Flow)
+    assert cfg.paths.sources == [str(tmp_path / "data/x.jsonl"), "/abs/y.jsonl", "s3://bucket/z.jsonl"]
+    assert cfg.paths.rules == str(tmp_path / "rules.yaml")  # a relative default is resolved too
+    assert cfg.paths.model == str(tmp_path / "models/m1")  # PathOrName: it exists, so it is a path
+    assert load_config(path, Flow, ["paths.model=tiny_base@v2"]).paths.model == "tiny_base@v2"  # a name
+
+
+def test_config_paths_are_written_relative_to_the_repo_so_cache_keys_travel(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    rel = Paths(sources=["data/raw/x.jsonl"], workers=1)
+    absolute = Paths(sources=[str(repo_root() / "data/raw/x.jsonl")], workers=4)
+    assert rel.sources == absolute.sources == [str(repo_root() / "data/raw/x.jsonl")]
+    assert rel.model_dump(mode="json")["sources"] == ["data/raw/x.jsonl"]
+    assert config_hash(rel, runtime=False) == config_hash(absolute, runtime=False)
+    assert config_hash(rel) != config_hash(absolute)  # `workers` counts unless runtime=False
+
+
+def test_deployment_parameters_go_through_the_same_loader(tmp_path, monkeypatch):
+    """A ``cfg`` parameter like prefect.yaml's: extends (from the repo root), overrides, ${VAR:-default}."""
+    preset = write(tmp_path / "configs" / "presets" / "p.yaml",
+                   "extends: base.yaml\ninner: {name: '${NEXUS_TEST_UNSET_VAR:-from-default}'}\n")
+    write(tmp_path / "configs" / "presets" / "base.yaml", "lr: 0.25\n")
+    monkeypatch.setenv("NEXUS_REPO", str(tmp_path))
+    monkeypatch.chdir(write(tmp_path / "elsewhere" / "f", "").parent)
+    params = {"extends": str(preset.relative_to(tmp_path)), "overrides": ["inner.size=4"],
+              "paths": {"sources": ["${NEXUS_TEST_DIR:-data}/a.jsonl"]}}
+    cfg = Flow.model_validate(params)
+    assert (cfg.lr, cfg.inner.name, cfg.inner.size) == (0.25, "from-default", 4)
+    assert cfg.paths.sources == [str(tmp_path / "data" / "a.jsonl")]
+    monkeypatch.setenv("NEXUS_TEST_UNSET_VAR", "from-env")
+    assert Flow.model_validate(params).inner.name == "from-env"
+    with pytest.raises(ConfigError, match=r"inner.name: environment variable \$\{NEXUS_SURELY_UNSET_VAR\}"):
+        Flow.model_validate({"inner": {"name": "${NEXUS_SURELY_UNSET_VAR}"}})
+    with pytest.raises(ConfigError, match="file not found"):
+        Flow.model_validate({"extends": "configs/presets/missing.yaml"})
