@@ -148,6 +148,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-flux-"))
     os.environ.setdefault("NEXUS_DATA", str(work / "data"))
     from nexus_core.artifacts import raw_ref
+    from nexus_core.context import StepContext
     from nexus_core.flux.device import resolve_device
     from nexus_core.flux.precompute import PrecomputeConfig, run_precompute
     from nexus_core.flux.prepare import PrepareConfig, run_prepare
@@ -159,13 +160,14 @@ def main() -> None:
                           num_attention_heads=4, num_layers=2, num_single_layers=2)
     build_tiny_flux(work / "pipe", [], tiny)
     src = make_shape_images(work / "imgs", args.images, size=args.resolution + 16)
-    run_prepare(PrepareConfig(size=args.resolution), inputs={"source": raw_ref(src)}, out_uri=str(work / "prep"))
+    run_prepare(PrepareConfig(size=args.resolution), inputs={"source": raw_ref(src)}, out_uri=str(work / "prep"),
+                ctx=StepContext.detached(work_dir=work / "work-prep"))
     ips = {}
     for bs in (1, 8):
         cfg = PrecomputeConfig(resolution=args.resolution, batch_size=bs, max_sequence_length=args.max_sequence_length,
                                device=args.device, group_size=args.images)
         res = run_precompute(cfg, inputs={"prepared": _ref(work / "prep"), "pipeline": _ref(work / "pipe")},
-                             out_uri=str(work / f"pre{bs}"))
+                             out_uri=str(work / f"pre{bs}"), ctx=StepContext.detached(work_dir=work / f"work-pre{bs}"))
         ips[bs] = res.images_per_second
     pre_s, fly_s = _step_times(work / "pipe", work / "pre8", work / "prep", args)
     mem = _memory(work, tuple(int(x) for x in args.shard_counts.split(",")))

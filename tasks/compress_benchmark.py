@@ -14,6 +14,5 @@ def benchmark(cfg: BenchmarkConfig, base: ArtifactRef, variants: dict[str, Artif
     """Measure ``base`` and each of ``variants`` into the report ``compress/<name>_vN``."""
     if {"base", "heldout"} & set(variants):
         raise ValueError("variant names 'base' and 'heldout' are reserved")
-    inputs = {"base": base, **variants, **({"heldout": heldout} if heldout else {})}
-    return run_step(run_benchmark, cfg, name=name, inputs=inputs,
+    return run_step(run_benchmark, cfg, name=name, inputs={"base": base, **variants, "heldout": heldout},
                     context=run_context())

@@ -11,5 +11,4 @@ from tasks.common import nexus_task, run_context
 @nexus_task(run_export, name="compress-export")
 def export(cfg: ExportConfig, model: ArtifactRef, name: str = "export") -> ExportResult:
     """Export ``model`` into ``compress/<name>_vN``."""
-    return run_step(run_export, cfg, name=name, inputs={"model": model},
-                    context=run_context())
+    return run_step(run_export, cfg, name=name, inputs={"model": model}, context=run_context())

@@ -12,5 +12,5 @@ from tasks.common import nexus_task, run_context
 def prune(cfg: PruneConfig, model: ArtifactRef, calibration: ArtifactRef | None = None,
           name: str = "pruned") -> PruneResult:
     """Prune ``model`` into ``compress/<name>_vN`` (calibration drives layer importance and recovery)."""
-    inputs = {"model": model, **({"calibration": calibration} if calibration else {})}
-    return run_step(run_prune, cfg, name=name, inputs=inputs, context=run_context())
+    return run_step(run_prune, cfg, name=name, inputs={"model": model, "calibration": calibration},
+                    context=run_context())

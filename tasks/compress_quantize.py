@@ -12,6 +12,5 @@ from tasks.common import nexus_task, run_context
 def quantize(cfg: QuantizeConfig, model: ArtifactRef, calibration: ArtifactRef | None = None,
              name: str = "quantized") -> QuantizeResult:
     """Quantize ``model`` into ``compress/<name>_vN`` (calibration needed for int8_static and mixed)."""
-    inputs = {"model": model, **({"calibration": calibration} if calibration else {})}
-    return run_step(run_quantize, cfg, name=name, inputs=inputs,
+    return run_step(run_quantize, cfg, name=name, inputs={"model": model, "calibration": calibration},
                     context=run_context())

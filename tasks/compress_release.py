@@ -12,5 +12,4 @@ from tasks.common import nexus_task, run_context
 def release(cfg: ReleaseConfig, benchmark: ArtifactRef, models: dict[str, ArtifactRef],
             name: str = "release") -> ReleaseResult:
     """Release one of ``models`` (keys as in the benchmark table) per the policy in ``cfg``."""
-    return run_step(run_release, cfg, name=name,
-                    inputs={"benchmark": benchmark, **models}, context=run_context())
+    return run_step(run_release, cfg, name=name, inputs={"benchmark": benchmark, **models}, context=run_context())

@@ -12,7 +12,5 @@ from tasks.common import nexus_task, run_context
 def flux_precompute(cfg: PrecomputeConfig, prepared: ArtifactRef, pipeline: ArtifactRef | None = None,
                     name: str = "flux_latents") -> PrecomputeResult:
     """Run the VAE and text encoder once over ``prepared`` into ``flux/<name>_vN`` (resumable by group)."""
-    inputs = {"prepared": prepared}
-    if pipeline is not None:
-        inputs["pipeline"] = pipeline
-    return run_step(run_precompute, cfg, name=name, inputs=inputs, context=run_context())
+    return run_step(run_precompute, cfg, name=name, inputs={"prepared": prepared, "pipeline": pipeline},
+                    context=run_context())

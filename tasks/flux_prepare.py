@@ -12,9 +12,5 @@ from tasks.common import nexus_task, run_context
 def flux_prepare(cfg: PrepareConfig, source: ArtifactRef, class_dir: ArtifactRef | None = None,
                  pipeline: ArtifactRef | None = None, name: str = "flux_images") -> PrepareResult:
     """Filter and square-crop ``source`` images (and DreamBooth class images) into ``flux/<name>_vN``."""
-    inputs = {"source": source}
-    if class_dir is not None:
-        inputs["class_dir"] = class_dir
-    if pipeline is not None:
-        inputs["pipeline"] = pipeline
+    inputs = {"source": source, "class_dir": class_dir, "pipeline": pipeline}
     return run_step(run_prepare, cfg, name=name, inputs=inputs, context=run_context())

@@ -10,5 +10,4 @@ from tasks.common import nexus_task, run_context
 @nexus_task(run_tiny_pipeline, name="flux-tiny-pipeline")
 def flux_tiny_pipeline(cfg: TinyPipelineConfig, name: str = "flux_tiny") -> TinyPipelineResult:
     """Build a small Klein-compatible pipeline into ``models/<name>_vN``."""
-    return run_step(run_tiny_pipeline, cfg, name=name, inputs={},
-                    context=run_context())
+    return run_step(run_tiny_pipeline, cfg, name=name, context=run_context())

@@ -11,8 +11,6 @@ from tasks.common import nexus_task, run_context
 @nexus_task(run_train, name="flux-train")
 def flux_train(cfg: TrainConfig, precomputed: ArtifactRef, pipeline: ArtifactRef | None = None,
                name: str = "flux_transformer") -> TrainResult:
-    """Train on ``precomputed`` into ``models/<name>_vN`` (checkpoints persist for resumption)."""
-    inputs = {"precomputed": precomputed}
-    if pipeline is not None:
-        inputs["pipeline"] = pipeline
-    return run_step(run_train, cfg, name=name, inputs=inputs, context=run_context())
+    """Train on ``precomputed`` into ``models/<name>_vN``; a killed run resumes from its work dir."""
+    return run_step(run_train, cfg, name=name, inputs={"precomputed": precomputed, "pipeline": pipeline},
+                    context=run_context())

@@ -17,14 +17,16 @@ from typing import Any
 
 from pydantic import Field
 
+from nexus_core import contract  # contract.model/table: `model` and `table` are local names here
 from nexus_core.artifacts import ArtifactRef, atomic_write_text
 from nexus_core.compress.common import count_params, dir_bytes, load_texts, perplexity
 from nexus_core.config import NexusModel
-from nexus_core.errors import InputError
+from nexus_core.context import StepContext
+from nexus_core.contract import step
 from nexus_core.io import load_table, write_parquet
 from nexus_core.models.compressed import QUANT_DIR, QUANT_WEIGHTS, load_compressed
+from nexus_core.models.io import check_model_dir
 from nexus_core.runner import StepResult
-from nexus_core.serve.engine import check_model_dir
 
 PROMPT = "The results of the experiment show that"
 
@@ -153,20 +155,27 @@ def _report(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_benchmark(cfg: BenchmarkConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> BenchmarkResult:
+# Variants come under their own names (dynamic): _measure checks each model dir itself.
+@step(area="compress", kind="report",
+      inputs={"base": contract.model(description="The model the variants are compared against"),
+              "heldout": contract.table(optional=True,
+                                        description="Held-out texts for perplexity and accuracy")})
+def run_benchmark(cfg: BenchmarkConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                  ctx: StepContext) -> BenchmarkResult:
     """Measure ``base`` and every other model input; write the side-by-side table under ``out_uri``."""
     import polars as pl
     import torch
 
-    if "base" not in inputs:
-        raise InputError("benchmark: needs a 'base' model input to compare against")
     heldout = inputs.get("heldout")
     models = {"base": inputs["base"], **{k: v for k, v in inputs.items() if k not in {"base", "heldout"}}}
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    rows = []
     try:
-        rows = [_measure(name, ref.uri, cfg, heldout) for name, ref in models.items()]
+        for name, ref in models.items():
+            rows.append(_measure(name, ref.uri, cfg, heldout))
+            ctx.progress(len(rows), len(models), f"{len(rows)}/{len(models)} models measured ({name})")
     finally:
         torch.set_num_threads(threads)
     base = rows[0]

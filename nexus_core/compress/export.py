@@ -18,10 +18,12 @@ from pydantic import Field
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
 from nexus_core.compress.common import dir_bytes, save_model
 from nexus_core.config import NexusModel
-from nexus_core.errors import InputError, StepError
+from nexus_core.context import StepContext
+from nexus_core.contract import directory, step
+from nexus_core.errors import StepError
 from nexus_core.io import write_parquet
+from nexus_core.models.io import check_model_dir
 from nexus_core.runner import StepResult
-from nexus_core.serve.engine import check_model_dir
 
 Format = Literal["safetensors", "onnx", "tensorrt", "coreml"]
 PARITY_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Export parity check", "a"]
@@ -155,12 +157,12 @@ def _export_coreml(src: Path, out: Path) -> str:
     return str(target.relative_to(out))
 
 
-def run_export(cfg: ExportConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> ExportResult:
+# a directory, not model(): a peft adapter dir (no config.json) is accepted and merged
+@step(area="compress", kind="model", inputs={"model": directory(description="HF model dir or peft adapter dir")})
+def run_export(cfg: ExportConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> ExportResult:
     """Export ``inputs['model']`` to the configured formats under ``out_uri``."""
     import polars as pl
 
-    if "model" not in inputs:
-        raise InputError("export: needs a 'model' input")
     out = Path(out_uri)
     model, tokenizer, merged = _load_merged(inputs["model"].uri)
     save_model(model, tokenizer, out)  # merged safetensors at the root, always

@@ -14,12 +14,15 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from nexus_core import contract  # contract.model/table: `model` and `table` are local names here
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
 from nexus_core.compress.common import count_params, dir_bytes, load_texts, perplexity, save_model
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import step
 from nexus_core.errors import InputError, StepError
+from nexus_core.models.io import check_model_dir
 from nexus_core.runner import StepResult
-from nexus_core.serve.engine import check_model_dir
 
 
 class RecoveryConfig(NexusModel):
@@ -70,12 +73,14 @@ class PruneResult(StepResult):
     recovery_losses: list[float] = Field(default_factory=list)
 
 
-def run_prune(cfg: PruneConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> PruneResult:
+@step(area="compress", kind="model",
+      inputs={"model": contract.model(description="HF causal LM to prune"),
+              "calibration": contract.table(optional=True, description="Texts: calibration_column, text, "
+                                                              "input+output or prompt+completion")})
+def run_prune(cfg: PruneConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> PruneResult:
     """Prune ``inputs['model']`` and save the result as an HF model dir under ``out_uri``."""
     from nexus_core.models.tiny import load_llm
 
-    if "model" not in inputs:
-        raise InputError("prune: needs a 'model' input")
     check_model_dir(inputs["model"].uri)
     model, tokenizer = load_llm(inputs["model"].uri)
     texts: list[str] = []

@@ -14,9 +14,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from nexus_core import contract  # contract.model/table: `model` and `table` are local names here
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.compress.common import dir_bytes, load_texts, perplexity, save_model
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import step
 from nexus_core.errors import InputError, StepError
 from nexus_core.models.compressed import (
     dequantized_state,
@@ -25,8 +28,8 @@ from nexus_core.models.compressed import (
     quantize_static_int8,
     save_quantized,
 )
+from nexus_core.models.io import check_model_dir
 from nexus_core.runner import StepResult
-from nexus_core.serve.engine import check_model_dir
 
 
 class QuantizeConfig(NexusModel):
@@ -84,14 +87,17 @@ def _nf4(cfg: QuantizeConfig, src: str, out: Path) -> QuantizeResult:
                           metrics={"size_mb": dir_bytes(out, "*.safetensors") / 1e6})
 
 
-def run_quantize(cfg: QuantizeConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> QuantizeResult:
+@step(area="compress", kind="model",
+      inputs={"model": contract.model(description="HF causal LM to quantize"),
+              "calibration": contract.table(optional=True, description="Texts: calibration_column, text, "
+                                                              "input+output or prompt+completion")})
+def run_quantize(cfg: QuantizeConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                 ctx: StepContext) -> QuantizeResult:
     """Quantize ``inputs['model']`` (``calibration`` needed for int8_static and mixed)."""
     import torch
 
     from nexus_core.models.tiny import load_llm
 
-    if "model" not in inputs:
-        raise InputError("quantize: needs a 'model' input")
     src = str(check_model_dir(inputs["model"].uri))
     out = Path(out_uri)
     if cfg.method == "nf4":

@@ -15,8 +15,11 @@ from typing import Any
 
 from pydantic import Field
 
+from nexus_core import contract  # contract.table: `table` is a local name here
 from nexus_core.artifacts import ArtifactRef, atomic_write_json, read_manifest
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import step
 from nexus_core.errors import InputError, StepError
 from nexus_core.io import load_table
 from nexus_core.runner import StepResult
@@ -62,12 +65,14 @@ def choose_variant(table: list[dict[str, Any]], cfg: ReleaseConfig) -> tuple[str
                            f"perplexity ratio <= {cfg.max_perplexity_ratio}")
 
 
-def run_release(cfg: ReleaseConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> ReleaseResult:
+# The model inputs come under the benchmark's row names (dynamic): checked against the chosen row below.
+@step(area="compress", kind="release",
+      inputs={"benchmark": contract.table("model", description="The benchmark artifact")})
+def run_release(cfg: ReleaseConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                ctx: StepContext) -> ReleaseResult:
     """Pick the variant, register it with its lineage, write ``release.json`` under ``out_uri``."""
     from nexus_core import lineage
 
-    if "benchmark" not in inputs:
-        raise InputError("release: needs a 'benchmark' input")
     table = load_table(inputs["benchmark"]).to_dicts()
     chosen, reason = choose_variant(table, cfg)
     if chosen not in inputs:

@@ -2,17 +2,16 @@
 ``text_embeds`` and ``text_ids``, so training never runs the VAE or the text encoder.
 
 Batched, with ``model_dtype`` for the encoders and ``save_dtype`` for what is stored. Rows are
-processed in *shard groups* of ``group_size`` rows, each written to its own MDS directory in a work
-directory keyed by config and input digests; an interrupted run resumes at the first unfinished
-group. When all groups are done they are moved into the artifact and joined in a ``flat`` or
-``nested`` layout, with every shard's sha256 recorded. ``flux_meta.json`` holds the latent shape,
-text shape, dtypes, the VAE's batch-norm statistics and the per-channel latent statistics of this
-dataset (for normalisation at training time).
+processed in *shard groups* of ``group_size`` rows, each written to its own MDS directory in the
+step's work dir (``ctx.work_dir``, keyed by the cache key); an interrupted run resumes at the first
+unfinished group. When all groups are done they are moved into the artifact and joined in a
+``flat`` or ``nested`` layout, with every shard's sha256 recorded. ``flux_meta.json`` holds the
+latent shape, text shape, dtypes, the VAE's batch-norm statistics and the per-channel latent
+statistics of this dataset (for normalisation at training time).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -23,14 +22,15 @@ from typing import Literal
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
-from nexus_core.config import NexusModel
+from nexus_core.config import NexusModel, runtime_field
+from nexus_core.context import StepContext
+from nexus_core.contract import directory, step
 from nexus_core.errors import ConfigError, InputError
 from nexus_core.flux import encode
 from nexus_core.flux.device import check_dtype, resolve_device
-from nexus_core.flux.mds import iter_samples, merge_groups, verify_shards, write_mds
+from nexus_core.flux.mds import iter_samples, merge_groups, read_index, verify_shards, write_mds
 from nexus_core.io import write_parquet
 from nexus_core.runner import StepResult
-from nexus_core.settings import data_root
 
 META = "flux_meta.json"
 
@@ -50,7 +50,8 @@ class PrecomputeConfig(NexusModel):
     group_size: int = Field(256, ge=1, description="Rows per shard group (the unit of resumption)")
     shard_size_limit: int = Field(1 << 26, ge=1024, description="Bytes per MDS shard")
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
-    max_groups: int | None = Field(None, ge=1, description="Stop after this many groups (testing resumption)")
+    # runtime: a run stopped by it publishes nothing, and the re-run without it must find the same work dir
+    max_groups: int | None = runtime_field(None, "Stop after this many groups (testing resumption)", ge=1)
 
 
 class PrecomputeResult(StepResult):
@@ -64,26 +65,21 @@ class PrecomputeResult(StepResult):
     images_per_second: float
 
 
-def work_dir(cfg: PrecomputeConfig, inputs: dict[str, ArtifactRef]) -> Path:
-    """Where unfinished groups live between attempts: keyed by config and input digests."""
-    key = json.dumps([cfg.model_dump(mode="json", exclude={"max_groups"}),
-                      {k: v.digest for k, v in sorted(inputs.items())}], sort_keys=True)
-    return data_root() / "work" / "flux_precompute" / hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
 def _stats(lat: torch.Tensor) -> dict[str, list[float]]:  # noqa: F821
     x = lat.double().transpose(0, 1).reshape(lat.shape[1], -1)
     return {"sum": x.sum(1).tolist(), "sumsq": (x * x).sum(1).tolist(), "count": [x.shape[1]] * x.shape[0]}
 
 
-def run_precompute(cfg: PrecomputeConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> PrecomputeResult:
+@step(area="flux",
+      inputs={"prepared": directory(description="The prepare step's artifact (mds/ of image, caption, subset)"),
+              "pipeline": directory(optional=True, description="Pipeline holding the VAE and text encoder")})
+def run_precompute(cfg: PrecomputeConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                   ctx: StepContext) -> PrecomputeResult:
     """Encode every prepared row once; write shards by group (resumable) and the latent statistics."""
     import torch
 
     from nexus_core.models.flux_tiny import load_flux_pipeline
 
-    if "prepared" not in inputs:
-        raise InputError("flux precompute: needs a 'prepared' input (the prepare step's artifact)")
     path = inputs["pipeline"].uri if "pipeline" in inputs else cfg.pretrained_model_name_or_path
     if not path:
         raise ConfigError(["pipeline.pretrained_model_name_or_path: missing (VAE and text encoder come from it)"])
@@ -98,8 +94,8 @@ def run_precompute(cfg: PrecomputeConfig, *, inputs: dict[str, ArtifactRef], out
                            f"encoder's {pipe.text_encoder.config.num_hidden_layers} layers"])
 
     prepared = Path(inputs["prepared"].uri) / "mds"
-    work = work_dir(cfg, inputs)
-    work.mkdir(parents=True, exist_ok=True)
+    work = ctx.work_dir  # unfinished groups survive a killed run here; the runner removes it once published
+    total = sum(shard["samples"] for shard in read_index(prepared)["shards"])
     # a fresh cache per attempt: streaming refuses a local dir another live dataset still holds
     samples = iter_samples(prepared, tempfile.mkdtemp(prefix="cache-", dir=work))
     rcol = f"latents_{cfg.resolution}"
@@ -124,6 +120,7 @@ def run_precompute(cfg: PrecomputeConfig, *, inputs: dict[str, ArtifactRef], out
         if (gdir / "shard_hashes.json").is_file() and (gdir / "stats.json").is_file():
             resumed += 1  # finished by an earlier attempt
             groups.append(name)
+            ctx.progress(len(table), total, f"{len(table)}/{total} rows ({len(groups)} groups, {resumed} resumed)")
             continue
         if cfg.max_groups is not None and len(groups) >= cfg.max_groups:
             raise InputError(f"flux precompute: stopped after max_groups={cfg.max_groups}; re-run to resume")
@@ -148,6 +145,7 @@ def run_precompute(cfg: PrecomputeConfig, *, inputs: dict[str, ArtifactRef], out
         write_mds(gdir, columns, rows, size_limit=cfg.shard_size_limit)
         atomic_write_json(gdir / "stats.json", _stats(torch.cat(lats)))
         groups.append(name)
+        ctx.progress(len(table), total, f"{len(table)}/{total} rows ({len(groups)} groups, {resumed} resumed)")
 
     if not groups:
         raise InputError(f"{prepared}: prepared dataset is empty")
@@ -178,7 +176,6 @@ def run_precompute(cfg: PrecomputeConfig, *, inputs: dict[str, ArtifactRef], out
     import polars as pl
 
     write_parquet(pl.DataFrame(table), out / "data.parquet")
-    shutil.rmtree(work, ignore_errors=True)
     ips = encoded / seconds if seconds else 0.0
     return PrecomputeResult(rows=len(table), latent_shape=lat_shape, text_shape=txt_shape, groups=len(groups),
                             resumed_groups=resumed, shards=shards, images_per_second=ips,

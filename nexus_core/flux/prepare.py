@@ -3,7 +3,8 @@
 Three sources:
 
 * ``sstk``: a text file listing image paths (one per line, relative to the file); each caption is
-  in ``<image path>.json`` under ``caption_key``.
+  in ``<image path>.json`` under ``caption_key``. The listing's digest covers only the names, so the
+  contract's ``reads`` names every listed image and caption file: their content joins the cache key.
 * ``folder``: a folder of images, each with a caption file ``<stem><caption_ext>`` beside it.
 * ``dreambooth``: instance images (captioned with ``instance_prompt``) plus class images
   (``class_prompt``) from ``class_dir``; missing class images are generated with the pipeline when
@@ -12,6 +13,9 @@ Three sources:
 Images are center-cropped to a square and resized to ``size``. Unreadable images, and images outside
 ``min_size`` / the aspect-ratio bounds, are skipped: counted in the metrics and listed, with their
 reason, in ``data.parquet`` (one row per source image).
+
+A ``folder`` or ``dreambooth`` source (and ``class_dir``) is a directory input whose digest already
+covers every image and caption file in it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.config import NexusModel
+from nexus_core.config import NexusModel, runtime_field
+from nexus_core.context import StepContext
+from nexus_core.contract import anything, directory, step
 from nexus_core.errors import InputError
 from nexus_core.flux.mds import write_mds
 from nexus_core.io import write_parquet
@@ -52,7 +58,7 @@ class PrepareConfig(NexusModel):
     min_aspect_ratio: float = Field(0.0, ge=0, description="Skip images with width/height below this")
     max_aspect_ratio: float = Field(1e9, gt=0, description="Skip images with width/height above this")
     image_format: Literal["png", "jpeg"] = Field("png", description="MDS encoding of the stored image")
-    num_proc: int = Field(4, ge=1, description="Threads decoding and resizing images")
+    num_proc: int = runtime_field(4, "Threads decoding and resizing images", ge=1)
     shard_size_limit: int = Field(1 << 26, ge=1024, description="Bytes per MDS shard before a new one starts")
 
     @model_validator(mode="after")
@@ -73,20 +79,34 @@ class PrepareResult(StepResult):
     generated_class_images: int = 0
 
 
+def sstk_entries(listing: Path) -> list[tuple[Path, Path]]:
+    """(image, caption file) for every line of an sstk listing, resolved against the listing's folder."""
+    if not listing.is_file():
+        raise InputError(f"{listing}: sstk source must be a text file listing image paths")
+    entries = []
+    for line in listing.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            img = (listing.parent / line.strip()).resolve()
+            entries.append((img, Path(f"{img}.json")))
+    return entries
+
+
+def files_read(cfg: PrepareConfig, inputs: dict[str, ArtifactRef]) -> list[Path]:
+    """Files prepare reads that its inputs' digests miss: every image and caption file an sstk listing
+    names (a folder input's digest already covers its files). Empty when the listing is not a file:
+    the step then fails with the reason."""
+    src = inputs.get("source")
+    if cfg.source != "sstk" or src is None or not Path(src.uri).is_file():
+        return []
+    return [path for pair in sstk_entries(Path(src.uri)) for path in pair]
+
+
 def _items(cfg: PrepareConfig, inputs: dict[str, ArtifactRef]) -> list[tuple[Path, str | None, str, str]]:
     """(image path, caption or None + error, subset) for every source image."""
-    if "source" not in inputs:
-        raise InputError("flux prepare: needs a 'source' input (list file, image folder or instance folder)")
     src = Path(inputs["source"].uri)
     out: list[tuple[Path, str | None, str, str]] = []
     if cfg.source == "sstk":
-        if not src.is_file():
-            raise InputError(f"{src}: sstk source must be a text file listing image paths")
-        for line in src.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            img = (src.parent / line.strip()).resolve()
-            side = Path(f"{img}.json")
+        for img, side in sstk_entries(src):
             try:
                 caption = json.loads(side.read_text(encoding="utf-8"))[cfg.caption_key]
                 out.append((img, str(caption), "instance", ""))
@@ -111,7 +131,8 @@ def _items(cfg: PrepareConfig, inputs: dict[str, ArtifactRef]) -> list[tuple[Pat
     return out
 
 
-def _generate_class_images(cfg: PrepareConfig, inputs: dict[str, ArtifactRef], n: int, out: Path) -> list[Path]:
+def _generate_class_images(cfg: PrepareConfig, inputs: dict[str, ArtifactRef], n: int, out: Path,
+                           ctx: StepContext) -> list[Path]:
     """Generate ``n`` class images with the pipeline into ``out`` (DreamBooth prior preservation)."""
     import torch
 
@@ -129,6 +150,7 @@ def _generate_class_images(cfg: PrepareConfig, inputs: dict[str, ArtifactRef], n
                      generator=torch.Generator().manual_seed(i)).images[0]
         paths.append(out / f"class_{i:05d}.png")
         image.save(paths[-1])
+        ctx.progress(i + 1, n, f"{i + 1}/{n} class images generated")
     return paths
 
 
@@ -153,7 +175,13 @@ def _load(cfg: PrepareConfig, path: Path) -> tuple[bytes | None, int, int, str]:
     return buf.getvalue(), w, h, ""
 
 
-def run_prepare(cfg: PrepareConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> PrepareResult:
+@step(area="flux",
+      inputs={"source": anything(description="sstk list file, image folder or DreamBooth instance folder"),
+              "class_dir": directory(optional=True, description="DreamBooth class images"),
+              "pipeline": directory(optional=True, description="Pipeline generating missing class images")},
+      reads=files_read)
+def run_prepare(cfg: PrepareConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                ctx: StepContext) -> PrepareResult:
     """Read, filter and square-crop every source image into ``out_uri/mds``; list every image in data.parquet."""
     from PIL import Image
 
@@ -163,11 +191,14 @@ def run_prepare(cfg: PrepareConfig, *, inputs: dict[str, ArtifactRef], out_uri: 
     if cfg.source == "dreambooth" and cfg.num_class_images:
         have = sum(1 for *_, subset, _ in items if subset == "class")
         if have < cfg.num_class_images and cfg.generate_class_images:
-            made = _generate_class_images(cfg, inputs, cfg.num_class_images - have, out / "class_images")
+            made = _generate_class_images(cfg, inputs, cfg.num_class_images - have, out / "class_images", ctx)
             items += [(p, cfg.class_prompt, "class", "") for p in made]
             generated = len(made)
+    loaded = []
     with ThreadPoolExecutor(cfg.num_proc) as pool:
-        loaded = list(pool.map(lambda it: _load(cfg, it[0]) if it[1] is not None else (None, 0, 0, it[3]), items))
+        for res in pool.map(lambda it: _load(cfg, it[0]) if it[1] is not None else (None, 0, 0, it[3]), items):
+            loaded.append(res)
+            ctx.progress(len(loaded), len(items), f"{len(loaded)}/{len(items)} images read")
 
     table, kept = [], []
     for (path, caption, subset, _), (data, w, h, reason) in zip(items, loaded, strict=True):

@@ -12,6 +12,8 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import step
 from nexus_core.models.flux_tiny import TinyFluxConfig, build_tiny_flux, load_flux_pipeline
 from nexus_core.runner import StepResult
 
@@ -32,7 +34,9 @@ class TinyPipelineResult(StepResult):
     latent_channels: int
 
 
-def run_tiny_pipeline(cfg: TinyPipelineConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> TinyPipelineResult:
+@step(area="models", kind="model")
+def run_tiny_pipeline(cfg: TinyPipelineConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                      ctx: StepContext) -> TinyPipelineResult:
     """Write a diffusers pipeline directory (model_index.json + components) to ``out_uri``."""
     build_tiny_flux(Path(out_uri), cfg.corpus, cfg.tiny)
     pipe = load_flux_pipeline(out_uri)  # prove the from_pretrained path works before publishing

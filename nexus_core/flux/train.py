@@ -5,9 +5,13 @@ and text encoder are not loaded except to render validation images. Flow-matchin
 loss and weighting scheme (nexus_core.flux.losses), optional DreamBooth prior preservation (each
 batch: instance half + class half) and optional distillation from a frozen teacher DiT.
 
-Checkpoints (accelerate ``save_state``) go to a persistent directory outside the artifact, every
-``checkpointing_steps``, keeping ``checkpoints_total_limit``; ``resume_from_checkpoint: latest``
-continues from the newest one, including the step count, optimizer and batch order. Output:
+Checkpoints (accelerate ``save_state``) go to ``checkpoint_dir`` or, by default, the step's work dir
+(``ctx.work_dir``: outside the artifact, kept when a run is killed, removed once the artifact is
+published), every ``checkpointing_steps``, keeping ``checkpoints_total_limit``;
+``resume_from_checkpoint: latest`` continues from the newest one, including the step count,
+optimizer and batch order. The work dir is keyed by the cache key, so re-running a killed run with
+the same config resumes it; to continue a *finished* run with a larger ``max_steps``, set
+``checkpoint_dir`` (it is never deleted). Output:
 ``transformer_lora.safetensors`` (lora) or ``transformer.safetensors`` + ``transformer/`` (full),
 ``train_config.json``, and ``validation/step_<N>_<i>.png`` (also logged to MLflow).
 """
@@ -15,7 +19,6 @@ continues from the newest one, including the step count, optimizer and batch ord
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -28,14 +31,15 @@ from typing import Literal
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
-from nexus_core.config import NexusModel, config_hash
+from nexus_core.config import NexusModel, runtime_field
+from nexus_core.context import StepContext
+from nexus_core.contract import directory, step
 from nexus_core.errors import ConfigError, InputError
 from nexus_core.flux import losses
 from nexus_core.flux.device import check_dtype, resolve_device
 from nexus_core.flux.mds import open_dataset, verify_shards
-from nexus_core.flux.training import StepLogger, checkpoints, collate, rotate_checkpoints, stream_indices
+from nexus_core.flux.training import checkpoints, collate, rotate_checkpoints, stream_indices
 from nexus_core.runner import StepResult
-from nexus_core.settings import data_root
 
 
 class LoraSettings(NexusModel):
@@ -89,12 +93,13 @@ class TrainConfig(NexusModel):
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory")
     checkpointing_steps: int = Field(500, ge=1, description="Save a checkpoint every N optimizer steps")
     checkpoints_total_limit: int | None = Field(3, ge=1, description="Keep at most this many checkpoints")
-    checkpoint_dir: str | None = Field(None, description="Where checkpoints live (default: under data/work)")
+    checkpoint_dir: str | None = Field(None, description="Where checkpoints live (default: the step's work dir, "
+                                                         "removed once the artifact is published)")
     resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint directory")
     validation_steps: int = Field(500, ge=1, description="Render validation images every N steps (and at the end)")
     validation_prompts: list[str] = Field(default_factory=list, description="Prompts of the validation images")
     validation_inference_steps: int = Field(20, ge=1, description="Sampler steps per validation image")
-    log_every: int = Field(10, ge=1, description="Log the loss every N steps")
+    log_every: int = runtime_field(10, "Log the loss every N steps", ge=1)
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
 
 
@@ -110,18 +115,10 @@ class TrainResult(StepResult):
     seconds_per_step: float
 
 
-_RUN_KNOBS = {"max_steps", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit",
-              "validation_steps", "validation_prompts", "validation_inference_steps", "log_every", "device"}
-
-
-def checkpoint_root(cfg: TrainConfig, inputs: dict[str, ArtifactRef]) -> Path:
-    """Checkpoints persist outside the artifact (its staging dir is removed on failure) keyed by what
-    determines the trajectory, so a re-run with a larger ``max_steps`` finds them."""
-    if cfg.checkpoint_dir:
-        return Path(cfg.checkpoint_dir)
-    key = json.dumps([cfg.model_dump(mode="json", exclude=_RUN_KNOBS),
-                      {k: v.digest for k, v in sorted(inputs.items())}], sort_keys=True)
-    return data_root() / "work" / "flux_train" / hashlib.sha256(key.encode()).hexdigest()[:16]
+def checkpoint_root(cfg: TrainConfig, ctx: StepContext) -> Path:
+    """Where checkpoints live: outside the artifact (its staging dir is removed on failure), in
+    ``checkpoint_dir`` when set, else in the step's work dir, which a re-run of a killed run gets again."""
+    return Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else ctx.work_dir / "checkpoints"
 
 
 def _loadable(ref: str) -> bool:
@@ -135,8 +132,6 @@ def _loadable(ref: str) -> bool:
 
 def preflight(cfg: TrainConfig, inputs: dict[str, ArtifactRef]) -> tuple[dict, str, str]:
     """Every config/data mismatch as one clear error before any model loads: (meta, pipeline, device)."""
-    if "precomputed" not in inputs:
-        raise InputError("flux train: needs a 'precomputed' input (the precompute step's artifact)")
     root = Path(inputs["precomputed"].uri)
     meta_path = root / "flux_meta.json"
     if not meta_path.is_file():
@@ -191,7 +186,7 @@ def _subsets(root: Path, ds) -> list[str]:  # noqa: ANN001
     return [ds[i]["subset"] for i in range(ds.num_samples)]  # reads every shard once
 
 
-def _validate(cfg: TrainConfig, pipeline: str, transformer, step: int, out: Path, log: StepLogger,  # noqa: ANN001
+def _validate(cfg: TrainConfig, pipeline: str, transformer, step: int, out: Path, ctx: StepContext,  # noqa: ANN001
               cache: dict) -> list[str]:
     """Render the validation prompts with the current transformer; save and log the images."""
     import torch
@@ -216,13 +211,16 @@ def _validate(cfg: TrainConfig, pipeline: str, transformer, step: int, out: Path
         path = out / "validation" / f"step_{step:06d}_{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
-        log.file(path, f"validation/step_{step:06d}")
+        ctx.log_file(path, f"validation/step_{step:06d}")
         paths.append(str(path))
     transformer.train()
     return paths
 
 
-def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> TrainResult:
+@step(area="models", kind="model",
+      inputs={"precomputed": directory(description="The precompute step's artifact (mds/ + flux_meta.json)"),
+              "pipeline": directory(optional=True, description="Pipeline: VAE, scheduler, text encoder, DiT")})
+def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> TrainResult:
     """Train the transformer on precomputed shards; write the weights, config copy and validation images."""
     import torch
     from accelerate import Accelerator
@@ -231,7 +229,6 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
     mds = Path(inputs["precomputed"].uri) / "mds"
     verify_shards(mds)
     out = Path(out_uri)
-    log = StepLogger("nexus_core.flux.train.run_train", config_hash(cfg))
     torch.manual_seed(cfg.seed)
 
     transformer = _load_transformer(cfg.dit or pipeline)
@@ -268,7 +265,7 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
     if teacher is not None:
         teacher.to(acc.device)
 
-    ckpt_root = checkpoint_root(cfg, inputs)
+    ckpt_root = checkpoint_root(cfg, ctx)
     start = 0
     if cfg.resume_from_checkpoint:
         found = checkpoints(ckpt_root)
@@ -340,7 +337,8 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
                 raise InputError(f"flux train: loss became {loss_val} at step {step}; lower learning_rate")
             history[step] = loss_val
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                log.metrics({"train_loss": loss_val}, step)
+                ctx.log_metrics({"train_loss": loss_val}, step)  # one batched call per interval
+            ctx.progress(step, cfg.max_steps, f"step {step}/{cfg.max_steps}, loss {loss_val:.4f}")
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_steps:
                 ck = ckpt_root / f"checkpoint-{step}"
                 shutil.rmtree(ck, ignore_errors=True)
@@ -348,7 +346,7 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
                 atomic_write_json(ck / "trainer_state.json", {"global_step": step, "loss": loss_val})
                 rotate_checkpoints(ckpt_root, cfg.checkpoints_total_limit)
             if step % cfg.validation_steps == 0 and step != cfg.max_steps:
-                validation += _validate(cfg, pipeline, acc.unwrap_model(transformer), step, out, log, val_cache)
+                validation += _validate(cfg, pipeline, acc.unwrap_model(transformer), step, out, ctx, val_cache)
         seconds = (time.perf_counter() - t0) / max(1, step - start)
     finally:
         if loader is not None:
@@ -357,7 +355,7 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str)
         shutil.rmtree(cache, ignore_errors=True)
 
     model = acc.unwrap_model(transformer)
-    validation += _validate(cfg, pipeline, model, step, out, log, val_cache)
+    validation += _validate(cfg, pipeline, model, step, out, ctx, val_cache)
     if cfg.train_mode == "lora":
         from diffusers import Flux2KleinPipeline
         from peft.utils import get_peft_model_state_dict

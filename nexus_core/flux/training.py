@@ -1,5 +1,5 @@
-"""Training plumbing for the flux train step: deterministic batch order, MLflow logging from inside
-a step, checkpoint rotation. Kept out of the step module so the loop itself stays readable."""
+"""Training plumbing for the flux train step: deterministic batch order, checkpoint rotation, batch
+collation, exporting outputs. Kept out of the step module so the loop itself stays readable."""
 
 from __future__ import annotations
 
@@ -50,43 +50,6 @@ def rotate_checkpoints(root: str | Path, total_limit: int | None) -> list[Path]:
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     return removed
-
-
-class StepLogger:
-    """Logs metrics and images to the MLflow run the spine opened for this step, if there is one.
-
-    The runner does not hand its run id to the step, so it is found by the tags the runner sets
-    (``nexus.step`` + ``nexus.config_hash``) on a RUNNING run. Called directly (no spine), it is a no-op.
-    """
-
-    def __init__(self, step: str, config_hash: str):
-        self.run_id: str | None = None
-        try:
-            from nexus_core import lineage
-
-            runs = lineage.client().search_runs(
-                experiment_ids=[e.experiment_id for e in lineage.client().search_experiments()],
-                filter_string=(f"tags.`nexus.step` = '{step}' and tags.`nexus.config_hash` = '{config_hash}' "
-                               "and attributes.status = 'RUNNING'"),
-                order_by=["attributes.start_time DESC"], max_results=1,
-            )
-            self.run_id = runs[0].info.run_id if runs else None
-        except Exception:  # noqa: BLE001 - logging must never break training
-            self.run_id = None
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        """One batched call per logging interval (DESIGN §10: per-call logging costs ~2 ms)."""
-        if self.run_id:
-            from nexus_core import lineage
-
-            lineage._log_batch(self.run_id, metrics=values, step=step)
-
-    def file(self, path: str | Path, artifact_path: str) -> None:
-        """Upload a file (a validation image) under ``artifact_path``."""
-        if self.run_id:
-            from nexus_core import lineage
-
-            lineage.client().log_artifact(self.run_id, str(path), artifact_path)
 
 
 def collate(rows: list[dict[str, Any]], meta: dict[str, Any], latent_norm: str):  # noqa: ANN201 - tensors

@@ -39,7 +39,7 @@ def _generates(path: str) -> list[int]:
 
 def test_structured_pruning_really_shrinks_the_saved_model(assets: dict[str, ArtifactRef]) -> None:
     cfg = PruneConfig(method="structured", sparsity=0.5, recovery={"steps": 1, "batch_size": 2})
-    res = run_step(run_prune, cfg, area="compress", name="t_struct", kind="model", inputs=assets)
+    res = run_step(run_prune, cfg, name="t_struct", inputs=assets)
     model, _ = load_llm(res.ref.uri)  # the plain from_pretrained path
     assert res.params_after < 0.8 * res.params_before
     assert sum(p.numel() for p in model.parameters()) == res.params_after
@@ -51,15 +51,14 @@ def test_structured_pruning_really_shrinks_the_saved_model(assets: dict[str, Art
 
 def test_magnitude_pruning_reaches_target_sparsity_through_recovery(assets: dict[str, ArtifactRef]) -> None:
     cfg = PruneConfig(method="magnitude", sparsity=0.6, scope="layer", recovery={"steps": 2, "batch_size": 2})
-    res = run_step(run_prune, cfg, area="compress", name="t_mag", kind="model", inputs=assets)
+    res = run_step(run_prune, cfg, name="t_mag", inputs=assets)
     assert res.sparsity == pytest.approx(0.6, abs=0.01)  # masks re-applied after every recovery step
     assert res.params_after == res.params_before
     assert len(_generates(res.ref.uri)) == 4
 
 
 def test_layer_drop_removes_the_least_important_block(assets: dict[str, ArtifactRef]) -> None:
-    res = run_step(run_prune, PruneConfig(method="layer_drop", drop_layers=1), area="compress", name="t_drop",
-                   kind="model", inputs=assets)
+    res = run_step(run_prune, PruneConfig(method="layer_drop", drop_layers=1), name="t_drop", inputs=assets)
     scores = [res.metrics[f"importance_layer_{i}"] for i in range(3)]
     assert res.dropped_layers == [scores.index(min(scores))]
     model, _ = load_llm(res.ref.uri)
@@ -70,7 +69,7 @@ def test_layer_drop_removes_the_least_important_block(assets: dict[str, Artifact
 @pytest.mark.parametrize("method", ["int8_dynamic", "int8_static", "mixed"])
 def test_int8_variants_load_generate_and_are_smaller(assets: dict[str, ArtifactRef], method: str) -> None:
     cfg = QuantizeConfig(method=method, calibration_rows=4, keep_fraction=0.25)
-    res = run_step(run_quantize, cfg, area="compress", name=f"t_{method}", kind="model", inputs=assets)
+    res = run_step(run_quantize, cfg, name=f"t_{method}", inputs=assets)
     model, _, meta = load_compressed(res.ref.uri)
     assert meta["method"] == method
     assert [m for m in model.modules() if ".quantized" in type(m).__module__]  # a real int8 runtime
@@ -90,8 +89,8 @@ def test_server_serves_an_int8_variant(assets: dict[str, ArtifactRef]) -> None:
     from nexus_core.serve import serve_in_thread
     from nexus_core.serve.app import create_app
 
-    res = run_step(run_quantize, QuantizeConfig(method="int8_dynamic"), area="compress", name="t_int8_serve",
-                   kind="model", inputs={"model": assets["model"]})
+    res = run_step(run_quantize, QuantizeConfig(method="int8_dynamic"), name="t_int8_serve",
+                   inputs={"model": assets["model"]})
     app = create_app({"int8": res.ref.uri})
     eng = app.state.engines["int8"]
     assert any(".quantized" in type(m).__module__ for m in eng.model.modules())  # the int8 runtime
@@ -112,17 +111,22 @@ def test_sparsity_outside_open_interval_is_rejected(tmp_path: Path, sparsity: fl
 def test_missing_calibration_and_weights_are_clear_errors(assets: dict[str, ArtifactRef], tmp_path: Path) -> None:
     only_model = {"model": assets["model"]}
     with pytest.raises(InputError, match="calibration data missing"):
-        run_step(run_quantize, QuantizeConfig(method="int8_static"), area="compress", name="t_bad", kind="model",
-                 inputs=only_model)
+        run_step(run_quantize, QuantizeConfig(method="int8_static"), name="t_bad", inputs=only_model)
     with pytest.raises(InputError, match="calibration data missing"):
-        run_step(run_prune, PruneConfig(method="layer_drop"), area="compress", name="t_bad", kind="model",
-                 inputs=only_model)
+        run_step(run_prune, PruneConfig(method="layer_drop"), name="t_bad", inputs=only_model)
     empty = tmp_path / "noweights"
     empty.mkdir()
     (empty / "config.json").write_text(Path(assets["model"].uri, "config.json").read_text())
     with pytest.raises(InputError, match="without weights"):
-        run_step(run_prune, PruneConfig(method="magnitude"), area="compress", name="t_bad", kind="model",
-                 inputs={"model": raw_ref(empty)})
+        run_step(run_prune, PruneConfig(method="magnitude"), name="t_bad", inputs={"model": raw_ref(empty)})
+
+
+def test_contract_refuses_a_dir_that_is_no_model_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("not a model")
+    with pytest.raises(InputError, match=r"input 'model' .*no config.json"):
+        run_step(run_quantize, QuantizeConfig(method="int8_dynamic"), name="t_bad",
+                 inputs={"model": raw_ref(tmp_path / "notes")})
 
 
 def test_nf4_on_cpu_says_why(assets: dict[str, ArtifactRef]) -> None:
@@ -131,8 +135,7 @@ def test_nf4_on_cpu_says_why(assets: dict[str, ArtifactRef]) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: NF4 would run")
     with pytest.raises(StepError, match="nf4 needs a CUDA GPU"):
-        run_step(run_quantize, QuantizeConfig(method="nf4"), area="compress", name="t_nf4", kind="model",
-                 inputs={"model": assets["model"]})
+        run_step(run_quantize, QuantizeConfig(method="nf4"), name="t_nf4", inputs={"model": assets["model"]})
 
 
 def test_export_folds_a_lora_adapter_into_merged_safetensors(assets: dict[str, ArtifactRef], tmp_path: Path) -> None:
@@ -149,8 +152,7 @@ def test_export_folds_a_lora_adapter_into_merged_safetensors(assets: dict[str, A
     with torch.no_grad():
         want = peft_model(input_ids=ids).logits
     cfg = ExportConfig(formats=["safetensors", "coreml"])
-    res = run_step(run_export, cfg, area="compress", name="t_export_lora", kind="model",
-                   inputs={"model": raw_ref(tmp_path / "adapter")})
+    res = run_step(run_export, cfg, name="t_export_lora", inputs={"model": raw_ref(tmp_path / "adapter")})
     assert res.formats["safetensors"] == "ok" and res.formats["coreml"] == "unavailable"
     merged = AutoModelForCausalLM.from_pretrained(res.ref.uri)
     assert not (Path(res.ref.uri) / "adapter_config.json").exists()
