@@ -130,8 +130,9 @@ def step_key(fn: Callable[..., Any], cfg: Any, inputs: dict[str, ArtifactRef | N
         "config": config_hash(cfg, runtime=False),
         "inputs": {k: v.digest for k, v in sorted(refs.items())},
         "code": code_hash(fn),
-        # paths are machine-specific: only the files' order and contents count
-        "files": sorted(files_digest(reads).values()),
+        # paths are machine-specific: the files' contents count, in the order the contract lists them
+        # (so swapping two caption files' texts changes the key)
+        "files": list(files_digest(reads).values()),
         "cache_version": os.environ.get("NEXUS_CACHE_VERSION", ""),
         "extra": extra or {},
     }
