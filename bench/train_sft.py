@@ -58,13 +58,16 @@ def stage_cfg(steps: int, packing: bool, finetune: str = "full"):  # noqa: ANN20
 def run_ours(inputs: dict, steps: int, packing: bool, out: Path) -> tuple[float, float]:
     """Our stage's trainer and fit() (controller + MLflow logging to a real run). Returns (tok/s, pad share)."""
     from nexus_core import lineage
+    from nexus_core.context import StepContext
+    from nexus_core.train.common import checkpoint_dir
     from nexus_core.train.control import fit
     from nexus_core.train.sft import build_trainer
 
     cfg = stage_cfg(steps, packing)
     run_id = lineage.client().create_run(lineage.experiment_id("bench")).info.run_id
-    trainer = build_trainer(cfg, inputs, out)
-    m = fit(trainer, cfg, run_id)
+    ctx = StepContext(step="bench.train_sft", work_dir=out, run=lineage.StepRun(run_id))
+    trainer = build_trainer(cfg, inputs, checkpoint_dir(out))
+    m = fit(trainer, cfg, ctx)
     return m["tokens_seen"] / m["train_seconds"], _pad_share(trainer)
 
 

@@ -11,6 +11,4 @@ from tasks.common import nexus_task, run_context
 @nexus_task(run_base_model, name="base-model")
 def base_model(cfg: BaseModelConfig, corpus: ArtifactRef | None = None, name: str = "base") -> BaseModelResult:
     """Build the tiny preset model on ``corpus``, or copy a pretrained one, into ``models/<name>_vN``."""
-    inputs = {"corpus": corpus} if corpus else {}
-    return run_step(run_base_model, cfg, name=name, inputs=inputs,
-                    context=run_context())
+    return run_step(run_base_model, cfg, name=name, inputs={"corpus": corpus}, context=run_context())

@@ -12,5 +12,5 @@ from tasks.common import nexus_task, run_context
 def train_grpo(cfg: GRPOConfig, model: ArtifactRef, data: ArtifactRef, name: str = "grpo",
                reward_model: ArtifactRef | None = None) -> GRPOResult:
     """GRPO on ``data``'s prompts into ``train/<name>_vN`` (RL against ``reward_model`` when given)."""
-    inputs = {"model": model, "data": data, **({"reward_model": reward_model} if reward_model else {})}
-    return run_step(run_grpo, cfg, name=name, inputs=inputs, context=run_context())
+    return run_step(run_grpo, cfg, name=name, inputs={"model": model, "data": data, "reward_model": reward_model},
+                    context=run_context())

@@ -12,5 +12,5 @@ from tasks.common import nexus_task, run_context
 def train_kd(cfg: KDConfig, model: ArtifactRef, data: ArtifactRef, name: str = "kd",
              teacher: ArtifactRef | None = None) -> KDResult:
     """Distil ``teacher`` (or the teacher logprobs stored in ``data``) into ``model`` → ``train/<name>_vN``."""
-    inputs = {"model": model, "data": data, **({"teacher": teacher} if teacher else {})}
-    return run_step(run_kd, cfg, name=name, inputs=inputs, context=run_context())
+    return run_step(run_kd, cfg, name=name, inputs={"model": model, "data": data, "teacher": teacher},
+                    context=run_context())

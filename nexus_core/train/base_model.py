@@ -9,10 +9,12 @@ from pydantic import Field, model_validator
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import step, table
 from nexus_core.errors import InputError
-from nexus_core.io import load_table
 from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm, load_llm
 from nexus_core.runner import StepResult
+from nexus_core.train.data import load_rows
 
 
 class BaseModelConfig(NexusModel):
@@ -38,15 +40,26 @@ class BaseModelResult(StepResult):
     vocab_size: int
 
 
-def run_base_model(cfg: BaseModelConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> BaseModelResult:
+def _local_pretrained(cfg: BaseModelConfig, inputs: dict[str, ArtifactRef]) -> list[Path]:
+    """A pretrained model given as a local directory: its files join the cache key (a hub id does not)."""
+    if cfg.source == "pretrained" and cfg.pretrained and Path(cfg.pretrained).exists():
+        return [Path(cfg.pretrained)]
+    return []
+
+
+@step(area="models", kind="model",
+      inputs={"corpus": table(optional=True, description="text to train the tiny tokenizer on (source=tiny)")},
+      reads=_local_pretrained)
+def run_base_model(cfg: BaseModelConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                   ctx: StepContext) -> BaseModelResult:
     """Write an HF model directory (weights, config, tokenizer) to ``out_uri``."""
     out = Path(out_uri)
     if cfg.source == "tiny":
         if "corpus" not in inputs:
             raise InputError("base_model: source=tiny needs a 'corpus' input to train the tokenizer on")
-        texts = load_table(inputs["corpus"])
+        texts, where = load_rows(inputs["corpus"])  # an artifact or a raw table file
         if cfg.text_column not in texts.columns:
-            raise InputError(f"{inputs['corpus'].uri}: missing column {cfg.text_column!r}")
+            raise InputError(f"{where}: missing column {cfg.text_column!r}; has: {', '.join(texts.columns)}")
         build_tiny_llm(out, texts[cfg.text_column].drop_nulls().to_list(), cfg.tiny)
         model, tokenizer = load_llm(out)  # prove the from_pretrained path works before publishing
     else:

@@ -1,5 +1,5 @@
-"""What every training stage shares: the common config, pre-flight checks, the resumable work dir,
-TrainingArguments, model loading (full / LoRA / QLoRA) and saving the model artifact.
+"""What every training stage shares: the common config, pre-flight checks, checkpoints in the step's
+work dir, TrainingArguments, model loading (full / LoRA / QLoRA) and saving the model artifact.
 
 Stages use transformers / trl / peft directly; this module only holds the pieces that would
 otherwise be copied seven times.
@@ -7,8 +7,6 @@ otherwise be copied seven times.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -18,11 +16,10 @@ import yaml
 from pydantic import Field, model_validator
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_text
-from nexus_core.config import NexusModel, config_hash
+from nexus_core.config import NexusModel, runtime_field
 from nexus_core.costs import Cost
 from nexus_core.errors import InputError, StepError
 from nexus_core.runner import StepResult
-from nexus_core.settings import nexus_home
 
 COMPLETE_MARKER = ".nexus_complete"
 
@@ -73,12 +70,15 @@ class StageBase(NexusModel):
         "auto", description="auto: bf16 on a GPU that has it, else fp32")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory")
     seed: int = Field(0, description="Seed for weights init of new heads, shuffling and dropout")
-    logging_steps: int = Field(1, ge=1, description="Log loss/lr/grad-norm every N steps")
+    # Runtime fields (how a stage runs, not what it produces) stay out of the cache key, so changing
+    # them reuses a finished model and finds the same work dir's checkpoints.
+    logging_steps: int = runtime_field(1, "Log loss/lr/grad-norm every N steps", ge=1)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing")
-    control: ControlSpec = Field(default_factory=ControlSpec, description="Pause/cooldown/GPU guard")
+    control: ControlSpec = Field(default_factory=ControlSpec, description="Pause/cooldown/GPU guard",
+                                 json_schema_extra={"nexus_runtime": True})
     num_processes: int = Field(1, ge=1, description="Data-parallel processes (>1 launches accelerate)")
-    isolate: bool = Field(False, description="Train in a child process even with one process: signal control "
-                                             "under Prefect worker threads, memory returned when done")
+    isolate: bool = runtime_field(False, "Train in a child process even with one process: signal control "
+                                         "under Prefect worker threads, memory returned when done")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Strategy when num_processes > 1")
 
     @model_validator(mode="after")
@@ -139,18 +139,14 @@ def preflight(cfg: StageBase, problems: list[str] | None = None) -> None:
         raise StepError("cannot start training:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-# ---------------------------------------------------------------- work dir and checkpoints
+# ---------------------------------------------------------------- checkpoints
 
 
-def work_dir(method: str, cfg: StageBase, inputs: dict[str, ArtifactRef]) -> Path:
-    """Stable directory for checkpoints, outside the staging dir (which is discarded on failure).
-
-    Keyed by config hash and input digests, so re-running the same stage finds its checkpoints.
-    """
-    digests = hashlib.sha256(json.dumps({k: v.digest for k, v in sorted(inputs.items())}).encode()).hexdigest()
-    path = nexus_home() / "work" / "train" / f"{method}-{config_hash(cfg)}-{digests[:12]}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def checkpoint_dir(work: Path) -> Path:
+    """Where a stage's trainer writes ``checkpoint-N``: under the step's work dir (``ctx.work_dir``),
+    which the runner keys by the step's cache key and keeps until the artifact is published, so a
+    killed run finds its checkpoints again."""
+    return work / "checkpoints"
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:

@@ -7,7 +7,8 @@ Signals (sent to the training process, e.g. ``kill -USR1 <pid>``):
 
 Handlers can only be installed from a process's main thread. Under a Prefect worker thread the
 controller says so in the log and training runs uncontrolled; stages launched as separate
-processes (``num_processes > 1``) always have it.
+processes (``isolate`` or ``num_processes > 1``) always have it. The training process logs its pid
+(also written to ``<work dir>/train.pid``), its work dir and the step it resumes from.
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
 from nexus_core.train.common import COMPLETE_MARKER, StageBase, last_checkpoint, peak_memory_mb
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from nexus_core.context import StepContext
+    from nexus_core.lineage import StepRun
+
+# Under the "nexus" logger, so a launched child passes these lines on to the step's log (launch.py).
+log = logging.getLogger("nexus.train")
 
 # Fault injection for tests and drills: SIGKILL ourselves at this global step (after its optimizer step,
 # before its checkpoint), exactly what an OOM-killer or a pre-empted node does.
@@ -142,8 +148,8 @@ class MlflowLogger(TrainerCallback):
     recorded as artifacts (their trainer_state.json, small) plus a path tag.
     """
 
-    def __init__(self, run_id: str | None, flush_s: float = 10.0):
-        self.run_id = run_id
+    def __init__(self, run: StepRun | None, flush_s: float = 10.0):
+        self.run = run
         self.flush_s = flush_s
         self._t = self._flushed = time.monotonic()
         self._tokens = 0
@@ -152,17 +158,17 @@ class MlflowLogger(TrainerCallback):
 
     def flush(self) -> None:
         """Send buffered metrics in batches of 1000 (MLflow's limit)."""
-        if self.run_id and self._buffer:
+        if self.run and self._buffer:
             from nexus_core import lineage
 
-            for i in range(0, len(self._buffer), 1000):
-                lineage.client().log_batch(self.run_id, metrics=self._buffer[i:i + 1000])
+            for i in range(0, len(self._buffer), 1000):  # one call per batch: each metric has its own step
+                lineage.client().log_batch(self.run.run_id, metrics=self._buffer[i:i + 1000])
         self._buffer.clear()
         self._flushed = time.monotonic()
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
         """Buffer the trainer's numeric logs, plus throughput and memory."""
-        if not (self.run_id and state.is_world_process_zero):
+        if not (self.run and state.is_world_process_zero):
             return control
         from mlflow.entities import Metric
 
@@ -183,12 +189,10 @@ class MlflowLogger(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         """Record the checkpoint in MLflow."""
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self.run_id and state.is_world_process_zero and (ckpt / "trainer_state.json").is_file():
-            from nexus_core import lineage
-
+        if self.run and state.is_world_process_zero and (ckpt / "trainer_state.json").is_file():
             self.flush()
-            lineage.client().log_artifact(self.run_id, str(ckpt / "trainer_state.json"), f"checkpoints/{ckpt.name}")
-            lineage._log_batch(self.run_id, tags={"nexus.last_checkpoint": str(ckpt)})
+            self.run.log_file(ckpt / "trainer_state.json", f"checkpoints/{ckpt.name}")
+            self.run.set_tags({"nexus.last_checkpoint": str(ckpt)})
         return control
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
@@ -197,21 +201,34 @@ class MlflowLogger(TrainerCallback):
         return control
 
 
-def fit(trainer, cfg: StageBase, run_id: str | None = None) -> dict[str, float]:  # noqa: ANN001
-    """Train with the controller and MLflow logger, resuming from the newest complete checkpoint.
+def fit(trainer, cfg: StageBase, ctx: StepContext | None = None) -> dict[str, float]:  # noqa: ANN001
+    """Train with the controller and MLflow logger, resuming from the newest complete checkpoint in
+    the trainer's output dir (``<work dir>/checkpoints``). Logs through ``ctx`` (the step's log and
+    MLflow run) when given.
 
     Returns metrics: final loss, steps, the step resumed from, tokens/s, peak memory, pauses.
     """
-    controller, logger = TrainingController(cfg), MlflowLogger(run_id)
+    info = ctx.info if ctx is not None else log.info
+    controller, logger = TrainingController(cfg), MlflowLogger(ctx.run if ctx is not None else None)
     trainer.add_callback(controller)
     trainer.add_callback(logger)
-    resume = last_checkpoint(Path(trainer.args.output_dir))
+    ckpt_dir = Path(trainer.args.output_dir)
+    work = ckpt_dir.parent
+    resume = last_checkpoint(ckpt_dir)
     resumed_from = int(resume.name.rsplit("-", 1)[-1]) if resume else 0
-    if controller.install():  # where to send SIGUSR1/SIGUSR2: <work dir>/train.pid (rank 0 under DDP)
-        pid_file = Path(trainer.args.output_dir).parent / "train.pid"
-        if trainer.state.is_world_process_zero or int(os.environ.get("RANK", "0")) == 0:
-            pid_file.parent.mkdir(parents=True, exist_ok=True)
-            pid_file.write_text(str(os.getpid()))
+    who = f"pid {os.getpid()}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        who += f" (rank {os.environ.get('RANK', '0')})"
+    controlled = controller.install()  # off (and said so) outside the main thread
+    if controlled and trainer.is_world_process_zero():  # where to send SIGUSR1/SIGUSR2 (rank 0 under DDP)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "train.pid").write_text(str(os.getpid()))
+    info(f"training in {who}, work dir {work}"
+         + (" (SIGUSR1 pauses/resumes, SIGUSR2 writes a checkpoint)" if controlled else ""))
+    if resume:
+        info(f"resuming from step {resumed_from} ({resume})")
+    else:
+        info(f"no complete checkpoint in {ckpt_dir}: starting at step 0")
     t0 = time.monotonic()
     try:
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -239,13 +256,13 @@ def _on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def train_and_save(trainer, cfg: StageBase, run_id: str | None, base: Path, out_uri: str,  # noqa: ANN001
+def train_and_save(trainer, cfg: StageBase, ctx: StepContext, base: Path, out_uri: str,  # noqa: ANN001
                    method: str, kind: str = "causal") -> dict[str, float]:
     """fit() plus the bookkeeping every stage wants: parameter change, counts, and rank-0 save."""
     from nexus_core.train.common import is_main_process, param_delta, param_snapshot, save_model_artifact
 
     before = param_snapshot(trainer.model)
-    metrics = fit(trainer, cfg, run_id)
+    metrics = fit(trainer, cfg, ctx)
     metrics["param_delta"] = param_delta(before, trainer.model)
     metrics["trainable_params"] = float(sum(t.numel() for t in before.values()))
     metrics["total_params"] = float(sum(p.numel() for p in trainer.model.parameters()))

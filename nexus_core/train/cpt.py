@@ -1,7 +1,8 @@
 """CPT: continued pretraining on raw text — packed fixed-length blocks, streamed when the corpus is
 large, optional RoPE scaling for a longer context. Uses transformers.Trainer directly.
 
-Inputs: ``model`` and ``data`` (table or file with a ``text`` column). Files above
+Inputs: ``model`` and ``data`` (table or file with a ``text`` column, or the column named by
+``text_column``: the contract cannot name it, the stage checks it). Files above
 ``stream_threshold_mb`` are read with ``datasets`` streaming (never fully in memory); ``max_steps``
 must then be set, since a stream has no length.
 """
@@ -16,10 +17,14 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import model as model_input  # `model` names the trainer's model here
+from nexus_core.contract import step, table
 from nexus_core.errors import InputError
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
+    checkpoint_dir,
     is_main_process,
     load_model,
     load_tokenizer,
@@ -30,7 +35,6 @@ from nexus_core.train.common import (
     preflight,
     save_model_artifact,
     trainer_kwargs,
-    work_dir,
 )
 from nexus_core.train.data import layout, load_rows
 from nexus_core.train.launch import run_stage
@@ -66,11 +70,11 @@ def corpus_file(ref: ArtifactRef) -> Path:
     return path / "data.parquet" if path.is_dir() else path
 
 
-def run_cpt(cfg: CPTConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> CPTResult:
-    """Check inputs (without loading a large corpus), train, save."""
-    model_dir(inputs.get("model"))
-    if "data" not in inputs:
-        raise InputError("cpt: missing input 'data' (a table with a text column)")
+@step(area="train", kind="model", inputs={
+    "model": model_input(description="the model to continue pretraining"),
+    "data": table(description="raw text: a table with the text_column (default 'text')")})
+def run_cpt(cfg: CPTConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> CPTResult:
+    """Check the text column (without loading a large corpus), train, save."""
     path = corpus_file(inputs["data"])
     streamed = path.is_file() and path.stat().st_size > cfg.stream_threshold_mb * 2**20
     problems = []
@@ -87,7 +91,7 @@ def run_cpt(cfg: CPTConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> 
         elif cfg.text_column not in df.columns:
             raise InputError(f"{where}: method 'cpt' needs column {cfg.text_column!r}; has: {', '.join(df.columns)}")
     preflight(cfg, problems)
-    m = run_stage(_train, cfg, inputs, out_uri, "cpt")
+    m = run_stage(_train, cfg, inputs, out_uri, "cpt", ctx)
     return CPTResult.from_metrics(m, streamed=bool(m["streamed"]), context_length=int(m["context_length"]))
 
 
@@ -112,7 +116,7 @@ def pack(texts: Iterable[str], tokenizer, block: int) -> Iterator[dict[str, list
         yield {"input_ids": buf}
 
 
-def _train(cfg: CPTConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:
+def _train(cfg: CPTConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> dict[str, float]:
     from datasets import Dataset, IterableDataset
     from transformers import AutoConfig, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
@@ -141,12 +145,11 @@ def _train(cfg: CPTConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id:
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config(cfg))
-    work = work_dir("cpt", cfg, inputs)
-    args = TrainingArguments(**trainer_kwargs(cfg, work / "checkpoints"))
+    args = TrainingArguments(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir)))
     trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     before = param_snapshot(trainer.model)
-    metrics = fit(trainer, cfg, run_id)
+    metrics = fit(trainer, cfg, ctx)
     metrics.update(param_delta=param_delta(before, trainer.model), streamed=float(streamed),
                    context_length=float(context))
     if is_main_process():

@@ -7,6 +7,11 @@ Accepted layouts (checked before any compute; the missing columns are named):
 - GRPO: ``prompt`` or ``input`` (+ ``answer`` for exact-match rewards)
 - CPT: ``text``
 
+SFT also accepts capability data (tool calls, reasoning, ...: ``train.capabilities``). The step
+contracts declare these layouts (:func:`contract_layouts`), so the runner and dry runs check them
+before any work; the stages check them again on the loaded rows (formats whose columns the
+contract cannot read cheaply, steps called directly).
+
 String prompts become conversational (chat template) records when ``chat`` is on.
 """
 
@@ -21,8 +26,7 @@ import polars as pl
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.errors import InputError
 from nexus_core.io import load_table, read_table
-from nexus_core.train.capabilities import detect_capability, to_messages
-from nexus_core.train.common import model_dir
+from nexus_core.train.capabilities import CAPABILITY_KEYS, detect_capability, to_messages
 
 Use = Literal["sft", "preference", "prompt", "text"]
 
@@ -32,6 +36,14 @@ LAYOUTS: dict[Use, list[tuple[str, ...]]] = {
     "prompt": [("prompt",), ("input",)],
     "text": [("text",)],
 }
+
+
+def contract_layouts(use: Use) -> list[tuple[str, ...]]:
+    """The column sets a step contract accepts for ``use``: ``LAYOUTS[use]``, and for SFT also any
+    column that marks capability data (what :func:`layout` accepts, as a contract can say it)."""
+    if use == "sft":
+        return LAYOUTS["sft"] + [(marker,) for _, markers in CAPABILITY_KEYS for marker in markers]
+    return LAYOUTS[use]
 
 
 def need(inputs: dict[str, ArtifactRef], key: str, method: str) -> ArtifactRef:
@@ -63,14 +75,13 @@ def layout(df: pl.DataFrame, use: Use, where: str, method: str) -> tuple[str, ..
     raise InputError(f"{where}: method {method!r} needs column(s) {wanted}; has: {', '.join(df.columns)}")
 
 
-
-def check_model_and_table(inputs: dict[str, ArtifactRef], method: str, use: Use) -> tuple[pl.DataFrame, str]:
-    """The input checks of a stage trained on one table, before any training: the ``model`` input is a
-    model directory, and ``data`` exists and has a column layout for ``use``. Returns (rows, name)."""
-    model_dir(inputs.get("model"))
+def check_table(inputs: dict[str, ArtifactRef], method: str, use: Use) -> tuple[pl.DataFrame, str]:
+    """The row-level check of a stage trained on one table, before any training: ``data`` loads, is
+    not empty and has a column layout for ``use``. Returns (rows, name)."""
     df, where = load_rows(need(inputs, "data", method))
     layout(df, use, where, method)
     return df, where
+
 
 def _user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
@@ -139,3 +150,38 @@ def to_dataset(records: list[dict[str, Any]]):  # noqa: ANN201 - datasets.Datase
     from datasets import Dataset
 
     return Dataset.from_list(records)
+
+
+def _global_names(func: Any, recurse: bool = True) -> list[str]:
+    """``dill.detect.nestedglobals`` without printing: the global names a function's code (and, with
+    ``recurse``, its nested code) loads or stores, read from ``dis.get_instructions``."""
+    import dis
+
+    from dill.detect import code, iscode
+
+    co = code(func)
+    if co is None:
+        return []
+    names = {ins.argval for ins in dis.get_instructions(co) if "_GLOBAL" in ins.opname}
+    if recurse:
+        for const in co.co_consts:
+            if iscode(const):
+                names.update(_global_names(const))
+    return list(names)
+
+
+def hash_functions_quietly() -> None:
+    """Stop the Python bytecode that filled training logs (idempotent; call before trainers are built).
+
+    trl prepares datasets with ``Dataset.map(fn)``; datasets fingerprints ``fn`` by pickling it with
+    dill (``recurse=True``), and dill finds a function's globals by *printing* ``dis.dis(fn)`` while
+    ``sys.stdout`` is swapped for a StringIO. Under a Prefect flow with ``log_prints`` the builtin
+    ``print`` is patched and sends prints aimed at ``sys.stdout`` to the run log, whatever
+    ``sys.stdout`` is at the time, so every hashed function's disassembly became log lines (and dill,
+    reading back an empty capture, hashed functions without their globals). Reading the names from
+    ``dis.get_instructions`` gives dill the same names without printing, under any print patch and
+    without swapping ``sys.stdout`` under other threads.
+    """
+    import dill.detect
+
+    dill.detect.nestedglobals = _global_names

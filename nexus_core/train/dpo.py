@@ -11,19 +11,22 @@ from typing import Literal
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.context import StepContext
+from nexus_core.contract import model as model_input  # `model` names the trainers' models here
+from nexus_core.contract import step, table
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
+    checkpoint_dir,
     load_model,
     load_tokenizer,
     model_dir,
     peft_config,
     preflight,
     trainer_kwargs,
-    work_dir,
 )
 from nexus_core.train.data import (
-    check_model_and_table,
+    check_table,
     load_rows,
     preference_records,
     to_dataset,
@@ -47,15 +50,18 @@ class DPOResult(TrainResult):
     method: str = "dpo"
 
 
-def run_dpo(cfg: DPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> DPOResult:
+@step(area="train", kind="model", inputs={
+    "model": model_input(description="the policy to tune (and, with LoRA, its reference)"),
+    "data": table("chosen", "rejected")})
+def run_dpo(cfg: DPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> DPOResult:
     """Check inputs, train, save."""
-    check_model_and_table(inputs, "dpo", "preference")
+    check_table(inputs, "dpo", "preference")
     preflight(cfg)
-    m = run_stage(_train, cfg, inputs, out_uri, "dpo")
+    m = run_stage(_train, cfg, inputs, out_uri, "dpo", ctx)
     return DPOResult.from_metrics(m)
 
 
-def _train(cfg: DPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:
+def _train(cfg: DPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> dict[str, float]:
     from trl import DPOConfig as TrlDPOConfig
     from trl import DPOTrainer
 
@@ -64,8 +70,8 @@ def _train(cfg: DPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id:
     base = model_dir(inputs["model"])
     df, where = load_rows(inputs["data"])
     dataset = to_dataset(preference_records(df, where, "dpo", cfg.chat))
-    args = TrlDPOConfig(**trainer_kwargs(cfg, work_dir("dpo", cfg, inputs) / "checkpoints", beta=cfg.beta,
+    args = TrlDPOConfig(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), beta=cfg.beta,
                                          loss_type=[cfg.loss_type], max_length=cfg.max_length))
     trainer = DPOTrainer(model=load_model(cfg, base), args=args, train_dataset=dataset,
                          processing_class=load_tokenizer(base), peft_config=peft_config(cfg))
-    return train_and_save(trainer, cfg, run_id, base, out_uri, "dpo")
+    return train_and_save(trainer, cfg, ctx, base, out_uri, "dpo")

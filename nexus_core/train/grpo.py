@@ -13,19 +13,22 @@ from typing import Literal
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.context import StepContext
+from nexus_core.contract import model as model_input  # `model` names the trainer's model here
+from nexus_core.contract import step, table
 from nexus_core.errors import InputError
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
+    checkpoint_dir,
     load_model,
     load_tokenizer,
     model_dir,
     peft_config,
     preflight,
     trainer_kwargs,
-    work_dir,
 )
-from nexus_core.train.data import layout, load_rows, need, prompt_records, to_dataset
+from nexus_core.train.data import contract_layouts, layout, load_rows, need, prompt_records, to_dataset
 from nexus_core.train.launch import run_stage
 
 Rule = Literal["exact_match", "format", "length"]
@@ -54,11 +57,13 @@ class GRPOResult(TrainResult):
     reward_mean: float = 0.0
 
 
-def run_grpo(cfg: GRPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> GRPOResult:
-    """Check inputs, train, save."""
-    model_dir(inputs.get("model"))
-    if "reward_model" in inputs:
-        model_dir(inputs["reward_model"], "reward_model")
+@step(area="train", kind="model", inputs={
+    "model": model_input(description="the policy"),
+    "data": table(one_of=contract_layouts("prompt"), description="prompts (and 'answer' for exact_match)"),
+    "reward_model": model_input(optional=True, description="a reward model (from the reward stage) to score with"),
+})
+def run_grpo(cfg: GRPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> GRPOResult:
+    """Check the rows against the rewards, train, save."""
     df, where = load_rows(need(inputs, "data", "grpo"))
     layout(df, "prompt", where, "grpo")
     if "exact_match" in cfg.rewards and "answer" not in df.columns:
@@ -73,11 +78,11 @@ def run_grpo(cfg: GRPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -
         problems.append(f"batch_size*grad_accum ({cfg.batch_size * cfg.grad_accum}) must be a multiple of "
                         f"num_generations ({cfg.num_generations})")
     preflight(cfg, problems)
-    m = run_stage(_train, cfg, inputs, out_uri, "grpo")
+    m = run_stage(_train, cfg, inputs, out_uri, "grpo", ctx)
     return GRPOResult.from_metrics(m, reward_mean=m.get("reward_mean", 0.0))
 
 
-def _train(cfg: GRPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:
+def _train(cfg: GRPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> dict[str, float]:
     from trl import GRPOConfig as TrlGRPOConfig
     from trl import GRPOTrainer
 
@@ -98,13 +103,13 @@ def _train(cfg: GRPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id
         funcs.append(AutoModelForSequenceClassification.from_pretrained(str(rm_path), num_labels=1))
         reward_tokenizers.append(load_tokenizer(rm_path))
     args = TrlGRPOConfig(**trainer_kwargs(
-        cfg, work_dir("grpo", cfg, inputs) / "checkpoints", num_generations=cfg.num_generations,
+        cfg, checkpoint_dir(ctx.work_dir), num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, beta=cfg.beta,
         reward_weights=cfg.reward_weights, generation_batch_size=cfg.batch_size * cfg.grad_accum))
     trainer = GRPOTrainer(model=load_model(cfg, base), reward_funcs=funcs, args=args, train_dataset=dataset,
                           processing_class=load_tokenizer(base), reward_processing_classes=reward_tokenizers,
                           peft_config=peft_config(cfg))
-    metrics = train_and_save(trainer, cfg, run_id, base, out_uri, "grpo")
+    metrics = train_and_save(trainer, cfg, ctx, base, out_uri, "grpo")
     rewards_logged = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     metrics["reward_mean"] = float(sum(rewards_logged) / len(rewards_logged)) if rewards_logged else 0.0
     return metrics

@@ -21,17 +21,20 @@ from typing import Any, Literal
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.context import StepContext
+from nexus_core.contract import model as model_input  # `model` names the student and teacher here
+from nexus_core.contract import step, table
 from nexus_core.errors import InputError
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
+    checkpoint_dir,
     load_model,
     load_tokenizer,
     model_dir,
     peft_config,
     preflight,
     trainer_kwargs,
-    work_dir,
 )
 from nexus_core.train.data import load_rows, need
 from nexus_core.train.launch import run_stage
@@ -121,15 +124,20 @@ def _entries(value: Any) -> list[dict[str, Any]]:
     return json.loads(value) if isinstance(value, str) else list(value or [])
 
 
-def run_kd(cfg: KDConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> KDResult:
-    """Check inputs and tokenizers, train, save."""
-    model_dir(inputs.get("model"))
+@step(area="train", kind="model", inputs={
+    "model": model_input(description="the student"),
+    # a prompt and a response column: SFT data, or teacher collection rows (user_prompt/response)
+    "data": table(one_of=[(p, r) for p in PROMPT_COLS for r in RESPONSE_COLS]),
+    "teacher": model_input(optional=True, description="the teacher model (source=model)"),
+})
+def run_kd(cfg: KDConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> KDResult:
+    """Check rows and tokenizers, train, save."""
     if cfg.source == "model":
-        model_dir(need(inputs, "teacher", "kd"), "teacher")
+        need(inputs, "teacher", "kd")
     rows, where = _rows(cfg, inputs)
     check_tokenizers(cfg, inputs, rows, where)
     preflight(cfg)
-    m = run_stage(_train, cfg, inputs, out_uri, "kd")
+    m = run_stage(_train, cfg, inputs, out_uri, "kd", ctx)
     return KDResult.from_metrics(m)
 
 
@@ -206,7 +214,7 @@ def kd_loss(cfg: KDConfig, logits, labels, teacher_logits=None, topk_ids=None, t
     return cfg.alpha * t * t * kl + (1 - cfg.alpha) * ce
 
 
-def _train(cfg: KDConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:
+def _train(cfg: KDConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> dict[str, float]:
     import torch
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
@@ -240,8 +248,7 @@ def _train(cfg: KDConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: 
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config(cfg))
-    args = TrainingArguments(**trainer_kwargs(cfg, work_dir("kd", cfg, inputs) / "checkpoints",
-                                              remove_unused_columns=False))
+    args = TrainingArguments(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), remove_unused_columns=False))
     trainer = KDTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                         data_collator=collate(tokenizer.pad_token_id))
-    return train_and_save(trainer, cfg, run_id, base, out_uri, "kd")
+    return train_and_save(trainer, cfg, ctx, base, out_uri, "kd")

@@ -1,17 +1,23 @@
-"""Run a stage's training function in this process, or in N data-parallel processes via ``accelerate launch``.
+"""Run a stage's training function in this process, in one child process, or in N data-parallel
+processes via ``accelerate launch``.
 
     python -m nexus_core.train.launch SPEC.json      (what each launched process runs)
 
-A step calls :func:`run_stage` with its private ``_train(cfg, inputs, out_uri, run_id) -> dict`` function.
-With ``num_processes > 1`` the spec (config, input refs, output dir, MLflow run id) is written to
-the stage's work dir and ``accelerate launch`` starts the processes (gloo on CPU, NCCL on GPU; DDP
-or FSDP by config); rank 0 saves the model and writes the metrics back as JSON.
+A step calls :func:`run_stage` with its private ``_train(cfg, inputs, out_uri, ctx) -> dict`` function
+and the :class:`~nexus_core.context.StepContext` the runner gave it. For child processes
+(``isolate`` or ``num_processes > 1``) the spec (config, input refs, output dir, the step's name,
+work dir and MLflow run id) is written to the work dir; each child rebuilds an equivalent context
+from it (same work dir, so same checkpoints; same MLflow run). ``accelerate launch`` starts the
+processes (gloo on CPU, NCCL on GPU; DDP or FSDP by config); rank 0 saves the model and writes the
+metrics back as JSON. The children's log lines are passed on to this process's log.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -20,64 +26,48 @@ from pathlib import Path
 from typing import Any
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
-from nexus_core.config import config_hash
+from nexus_core.context import StepContext, log
 from nexus_core.errors import StepError
-from nexus_core.train.common import StageBase, work_dir
+from nexus_core.train.common import StageBase
+from nexus_core.train.data import hash_functions_quietly
 
-TrainFn = Callable[[Any, dict[str, ArtifactRef], str, str | None], dict[str, float]]
-RUN_ID_ENV = "NEXUS_TRAIN_MLFLOW_RUN_ID"
-
-
-def current_step_run_id(cfg: StageBase) -> str | None:
-    """MLflow run id of the step execution in progress for ``cfg`` (the runner opened it).
-
-    ``lineage.current_step_run()`` when the runner set it; else (a step called outside the runner's
-    context) the RUNNING step run tagged with this config hash.
-    """
-    if os.environ.get(RUN_ID_ENV):
-        return os.environ[RUN_ID_ENV]
-    try:
-        from nexus_core import lineage
-
-        current = lineage.current_step_run()
-        if current is not None:
-            return current.run_id
-        c = lineage.client()
-        runs = c.search_runs(
-            experiment_ids=[e.experiment_id for e in c.search_experiments()],
-            filter_string=f"tags.`nexus.config_hash` = '{config_hash(cfg)}' and attributes.status = 'RUNNING'",
-            order_by=["attributes.start_time DESC"], max_results=1)
-        return runs[0].info.run_id if runs else None
-    except Exception:  # tracking is best-effort; training must not fail because MLflow is unreachable
-        return None
+TrainFn = Callable[[Any, dict[str, ArtifactRef], str, StepContext], dict[str, float]]
+# Prefix of the children's log lines on their stderr, so the parent can tell them from other output.
+CHILD_LOG_MARK = "[nexus-train] "
 
 
 def run_stage(train_fn: TrainFn, cfg: StageBase, inputs: dict[str, ArtifactRef], out_uri: str,
-              method: str) -> dict[str, float]:
+              method: str, ctx: StepContext) -> dict[str, float]:
     """Run ``train_fn`` here, in one child process (``cfg.isolate``), or under ``accelerate launch``
     (``cfg.num_processes`` > 1). A child process gets the signal controller even when this call runs
     in a Prefect worker thread, and gives its memory back to the OS when training ends."""
-    run_id = current_step_run_id(cfg)
+    hash_functions_quietly()
     if cfg.num_processes == 1 and not cfg.isolate:
-        return train_fn(cfg, inputs, out_uri, run_id)
-    work = work_dir(method, cfg, inputs)
-    spec_path, result_path = work / "launch.json", work / "launch_result.json"
+        return train_fn(cfg, inputs, out_uri, ctx)
+    spec_path, result_path = ctx.work_dir / "launch.json", ctx.work_dir / "launch_result.json"
     result_path.unlink(missing_ok=True)
     atomic_write_json(spec_path, {
         "module": train_fn.__module__, "function": train_fn.__name__, "config_class": type(cfg).__name__,
         "config": cfg.model_dump(mode="json"), "inputs": {k: v.model_dump(mode="json") for k, v in inputs.items()},
-        "out_uri": out_uri, "run_id": run_id, "result": str(result_path)})
+        "out_uri": out_uri, "step": ctx.step, "work_dir": str(ctx.work_dir), "run_id": ctx.run_id,
+        "result": str(result_path)})
     cmd = [sys.executable, "-m", "nexus_core.train.launch", str(spec_path)]
     if cfg.num_processes > 1:
         cmd[1:1] = ["-m", "accelerate.commands.launch", "--num_processes", str(cfg.num_processes),
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
                     "--main_process_port", str(_free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    ctx.info(f"training in {cfg.num_processes} child process(es)")
+    tail: collections.deque[str] = collections.deque(maxlen=60)  # what a failure message shows
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line)
+            if CHILD_LOG_MARK in line:  # the child's own log (pid, resume step): into ours
+                log.info("%s", line.split(CHILD_LOG_MARK, 1)[1].rstrip())
     if proc.returncode != 0 or not result_path.is_file():
-        tail = (proc.stdout + proc.stderr)[-3000:]
         raise StepError(f"{method}: training in {cfg.num_processes} child process(es) failed "
-                        f"(exit {proc.returncode}):\n{tail}")
+                        f"(exit {proc.returncode}):\n{''.join(tail)[-3000:]}")
     return json.loads(result_path.read_text())
 
 
@@ -90,12 +80,22 @@ def _free_port() -> int:
 
 
 def main(spec_path: str) -> None:
-    """Entry point of each launched process: rebuild the config and call the stage's training function."""
+    """Entry point of each launched process: rebuild the config and the step context, then call the
+    stage's training function."""
+    from nexus_core.lineage import StepRun
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(CHILD_LOG_MARK + "%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    hash_functions_quietly()
     spec = json.loads(Path(spec_path).read_text())
     module = importlib.import_module(spec["module"])
     cfg = getattr(module, spec["config_class"]).model_validate(spec["config"])
     inputs = {k: ArtifactRef.model_validate(v) for k, v in spec["inputs"].items()}
-    metrics = getattr(module, spec["function"])(cfg, inputs, spec["out_uri"], spec["run_id"])
+    ctx = StepContext(step=spec["step"], work_dir=Path(spec["work_dir"]),
+                      run=StepRun(spec["run_id"]) if spec["run_id"] else None)
+    metrics = getattr(module, spec["function"])(cfg, inputs, spec["out_uri"], ctx)
     if int(os.environ.get("RANK", "0")) == 0:
         metrics["world_size"] = float(os.environ.get("WORLD_SIZE", "1"))
         atomic_write_json(spec["result"], metrics)

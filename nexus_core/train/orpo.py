@@ -11,20 +11,23 @@ from typing import Literal
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.context import StepContext
+from nexus_core.contract import model as model_input  # `model` names the trainers' models here
+from nexus_core.contract import step, table
 from nexus_core.errors import InputError
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
+    checkpoint_dir,
     load_model,
     load_tokenizer,
     model_dir,
     peft_config,
     preflight,
     trainer_kwargs,
-    work_dir,
 )
 from nexus_core.train.data import (
-    check_model_and_table,
+    check_table,
     load_rows,
     preference_records,
     to_dataset,
@@ -47,17 +50,21 @@ class ORPOResult(TrainResult):
     method: str = "orpo"
 
 
-def run_orpo(cfg: ORPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> ORPOResult:
+@step(area="train", kind="model", inputs={
+    "model": model_input(description="the policy to tune"),
+    "data": table(one_of=[("prompt", "chosen", "rejected"), ("input", "chosen", "rejected")])})
+def run_orpo(cfg: ORPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+             ctx: StepContext) -> ORPOResult:
     """Check inputs, train, save."""
-    df, where = check_model_and_table(inputs, "orpo", "preference")
+    df, where = check_table(inputs, "orpo", "preference")
     if "prompt" not in df.columns and "input" not in df.columns:
         raise InputError(f"{where}: method 'orpo' needs column prompt (or input) besides chosen/rejected")
     preflight(cfg)
-    m = run_stage(_train, cfg, inputs, out_uri, "orpo")
+    m = run_stage(_train, cfg, inputs, out_uri, "orpo", ctx)
     return ORPOResult.from_metrics(m)
 
 
-def _train(cfg: ORPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:
+def _train(cfg: ORPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> dict[str, float]:
     from trl.experimental.orpo import ORPOConfig as TrlORPOConfig
     from trl.experimental.orpo import ORPOTrainer
 
@@ -67,8 +74,8 @@ def _train(cfg: ORPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id
     df, where = load_rows(inputs["data"])
     dataset = to_dataset(preference_records(df, where, "orpo", cfg.chat))
     # The experimental trainer tokenizes chosen and rejected itself; it needs remove_unused_columns off.
-    args = TrlORPOConfig(**trainer_kwargs(cfg, work_dir("orpo", cfg, inputs) / "checkpoints", beta=cfg.beta,
+    args = TrlORPOConfig(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), beta=cfg.beta,
                                           max_length=cfg.max_length, remove_unused_columns=False))
     trainer = ORPOTrainer(model=load_model(cfg, base), args=args, train_dataset=dataset,
                           processing_class=load_tokenizer(base), peft_config=peft_config(cfg))
-    return train_and_save(trainer, cfg, run_id, base, out_uri, "orpo")
+    return train_and_save(trainer, cfg, ctx, base, out_uri, "orpo")

@@ -11,19 +11,22 @@ from typing import Literal
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.context import StepContext
+from nexus_core.contract import model as model_input  # `model` names the trainers' models here
+from nexus_core.contract import step, table
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
+    checkpoint_dir,
     load_model,
     load_tokenizer,
     model_dir,
     peft_config,
     preflight,
     trainer_kwargs,
-    work_dir,
 )
 from nexus_core.train.data import (
-    check_model_and_table,
+    check_table,
     load_rows,
     preference_records,
     to_dataset,
@@ -46,15 +49,19 @@ class RewardResult(TrainResult):
     method: str = "reward"
 
 
-def run_reward(cfg: RewardConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> RewardResult:
+@step(area="train", kind="model", inputs={
+    "model": model_input(description="the base of the reward model"),
+    "data": table("chosen", "rejected")})
+def run_reward(cfg: RewardConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+               ctx: StepContext) -> RewardResult:
     """Check inputs, train, save."""
-    check_model_and_table(inputs, "reward", "preference")
+    check_table(inputs, "reward", "preference")
     preflight(cfg)
-    m = run_stage(_train, cfg, inputs, out_uri, "reward")
+    m = run_stage(_train, cfg, inputs, out_uri, "reward", ctx)
     return RewardResult.from_metrics(m)
 
 
-def _train(cfg: RewardConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:
+def _train(cfg: RewardConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> dict[str, float]:
     from trl import RewardConfig as TrlRewardConfig
     from trl import RewardTrainer
 
@@ -64,11 +71,11 @@ def _train(cfg: RewardConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_
     tokenizer = load_tokenizer(base)
     df, where = load_rows(inputs["data"])
     dataset = to_dataset(preference_records(df, where, "reward", cfg.chat))
-    args = TrlRewardConfig(**trainer_kwargs(cfg, work_dir("reward", cfg, inputs) / "checkpoints",
+    args = TrlRewardConfig(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir),
                                             max_length=cfg.max_length,
                                             center_rewards_coefficient=cfg.center_rewards_coefficient))
     model = load_model(cfg, base, kind="reward")
     model.config.pad_token_id = tokenizer.pad_token_id
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                             peft_config=peft_config(cfg, task_type="SEQ_CLS"))
-    return train_and_save(trainer, cfg, run_id, base, out_uri, "reward", kind="reward")
+    return train_and_save(trainer, cfg, ctx, base, out_uri, "reward", kind="reward")

@@ -2,7 +2,8 @@
 completion-only loss.
 
 Inputs: ``model`` (HF model dir artifact) and ``data`` (table with messages | input/output |
-prompt/completion | text). Output: the fine-tuned model artifact (see ``save_model_artifact``).
+prompt/completion | text, or capability data such as tool calls or reasoning: ``train.capabilities``).
+Output: the fine-tuned model artifact (see ``save_model_artifact``).
 """
 
 from __future__ import annotations
@@ -13,18 +14,21 @@ from typing import Literal
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.context import StepContext
+from nexus_core.contract import model as model_input  # `model` names the trainers' models here
+from nexus_core.contract import step, table
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
+    checkpoint_dir,
     load_model,
     load_tokenizer,
     model_dir,
     peft_config,
     preflight,
     trainer_kwargs,
-    work_dir,
 )
-from nexus_core.train.data import check_model_and_table, load_rows, sft_records, to_dataset
+from nexus_core.train.data import check_table, contract_layouts, load_rows, sft_records, to_dataset
 from nexus_core.train.launch import run_stage
 
 
@@ -51,11 +55,14 @@ class SFTResult(TrainResult):
     total_params: int = 0
 
 
-def run_sft(cfg: SFTConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> SFTResult:
-    """Check inputs, train (here or under accelerate), save the model artifact."""
-    check_model_and_table(inputs, "sft", "sft")
+@step(area="train", kind="model", inputs={
+    "model": model_input(description="the model to fine-tune"),
+    "data": table(one_of=contract_layouts("sft"))})
+def run_sft(cfg: SFTConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> SFTResult:
+    """Check the data's rows, train (here or under accelerate), save the model artifact."""
+    check_table(inputs, "sft", "sft")
     preflight(cfg)
-    m = run_stage(_train, cfg, inputs, out_uri, "sft")
+    m = run_stage(_train, cfg, inputs, out_uri, "sft", ctx)
     return SFTResult.from_metrics(m, trainable_params=int(m["trainable_params"]), total_params=int(m["total_params"]))
 
 
@@ -77,9 +84,9 @@ def build_trainer(cfg: SFTConfig, inputs: dict[str, ArtifactRef], output_dir: Pa
                       peft_config=peft_config(cfg))
 
 
-def _train(cfg: SFTConfig, inputs: dict[str, ArtifactRef], out_uri: str, run_id: str | None) -> dict[str, float]:
+def _train(cfg: SFTConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> dict[str, float]:
     """One process's share of the stage; rank 0 saves the artifact."""
     from nexus_core.train.control import train_and_save
 
-    trainer = build_trainer(cfg, inputs, work_dir("sft", cfg, inputs) / "checkpoints")
-    return train_and_save(trainer, cfg, run_id, model_dir(inputs["model"]), out_uri, "sft")
+    trainer = build_trainer(cfg, inputs, checkpoint_dir(ctx.work_dir))
+    return train_and_save(trainer, cfg, ctx, model_dir(inputs["model"]), out_uri, "sft")

@@ -3,6 +3,7 @@ a 2-process data-parallel run on CPU (gloo) through accelerate launch."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -11,33 +12,43 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
+from nexus_core.cachekey import step_key
+from nexus_core.context import StepContext
 from nexus_core.errors import StepError
-from nexus_core.runner import run_step
-from nexus_core.train.common import COMPLETE_MARKER, last_checkpoint, work_dir
+from nexus_core.runner import run_step, work_dir_for
+from nexus_core.train.common import COMPLETE_MARKER, checkpoint_dir, last_checkpoint
 from nexus_core.train.control import KILL_AT_STEP_ENV, fit
 from nexus_core.train.sft import SFTConfig, build_trainer, run_sft
 
 
 @pytest.mark.slow  # a child process that imports torch/trl: ~20-50 s on a shared 2-core machine
-def test_killed_stage_resumes_from_its_checkpoint(tiny_model, refs, monkeypatch):
+def test_killed_stage_resumes_from_its_checkpoint(tiny_model, refs, monkeypatch, caplog):
     # isolate: the stage trains in a child process, which SIGKILLs itself after step 3 (before its
     # checkpoint), exactly what an OOM-killer or a pre-empted node does.
+    caplog.set_level(logging.INFO, logger="nexus")
     cfg = SFTConfig(finetune="lora", max_steps=5, batch_size=2, seed=11, isolate=True,
                     checkpoint={"save_steps": 2})
     inputs = {"model": tiny_model, "data": refs["sft"]}
     monkeypatch.setenv(KILL_AT_STEP_ENV, "3")
     with pytest.raises(StepError, match=r"exit -9"):
-        run_step(run_sft, cfg, area="train", name="t_resume", kind="model", inputs=inputs)
-    work = work_dir("sft", cfg, inputs)
-    assert int((work / "train.pid").read_text()) != os.getpid()  # where an operator sends SIGUSR1/2
-    ckpt = last_checkpoint(work / "checkpoints")
+        run_step(run_sft, cfg, name="t_resume", inputs=inputs)
+    # The runner's work dir for this step (keyed by its cache key) holds the child's checkpoints.
+    work = work_dir_for("train", "t_resume", step_key(run_sft, cfg, inputs))
+    child_pid = int((work / "train.pid").read_text())  # where an operator sends SIGUSR1/2
+    assert child_pid != os.getpid()
+    # The child's own log lines reach this process's log: its pid and work dir.
+    assert f"training in pid {child_pid}, work dir {work}" in caplog.text
+    ckpt = last_checkpoint(checkpoint_dir(work))
     assert ckpt is not None and ckpt.name == "checkpoint-2"
     # The re-run continues at step 2 (optimizer, scheduler, RNG restored by the trainer) instead of step 0.
+    caplog.clear()
     monkeypatch.delenv(KILL_AT_STEP_ENV)
-    r = run_step(run_sft, cfg, area="train", name="t_resume", kind="model", inputs=inputs)
+    r = run_step(run_sft, cfg, name="t_resume", inputs=inputs)
     assert r.resumed_from_step == 2
     assert r.steps == 5
     assert r.metrics["param_delta"] > 0
+    assert f"resuming from step 2 ({ckpt})" in caplog.text
+    assert not work.exists()  # published: the runner removed the checkpoints
 
 
 def test_partial_checkpoint_is_ignored(tmp_path):
@@ -65,10 +76,12 @@ class _Signaller(TrainerCallback):
 def test_sigusr1_pauses_and_resumes_sigusr2_checkpoints(tiny_model, refs):
     cfg = SFTConfig(finetune="lora", max_steps=4, batch_size=2, seed=12, checkpoint={"save_steps": 100})
     inputs = {"model": tiny_model, "data": refs["sft"]}
-    out = work_dir("sft", cfg, inputs) / "checkpoints"
+    ctx = StepContext.detached()
+    out = checkpoint_dir(ctx.work_dir)
     trainer = build_trainer(cfg, inputs, out)
     trainer.add_callback(_Signaller())  # runs before the controller's hook, so signals land this step
-    metrics = fit(trainer, cfg)
+    metrics = fit(trainer, cfg, ctx)
+    assert int((ctx.work_dir / "train.pid").read_text()) == os.getpid()
     assert metrics["pauses"] == 1
     assert metrics["emergency_saves"] == 1
     assert metrics["global_step"] == 4
@@ -79,8 +92,7 @@ def test_sigusr1_pauses_and_resumes_sigusr2_checkpoints(tiny_model, refs):
 @pytest.mark.slow
 def test_two_process_data_parallel_on_cpu(tiny_model, refs):
     cfg = SFTConfig(finetune="lora", max_steps=2, batch_size=2, seed=13, num_processes=2)
-    r = run_step(run_sft, cfg, area="train", name="t_ddp", kind="model",
-                 inputs={"model": tiny_model, "data": refs["sft"]})
+    r = run_step(run_sft, cfg, name="t_ddp", inputs={"model": tiny_model, "data": refs["sft"]})
     assert r.metrics["world_size"] == 2
     assert r.steps == 2
     assert (Path(r.ref.uri) / "adapter" / "adapter_model.safetensors").is_file()

@@ -56,8 +56,7 @@ def _check_model(result, base_uri: str, lora: bool) -> None:
 
 def test_sft_lora_logs_to_mlflow_and_adapter_loads_onto_base(tiny_model, refs):
     cfg = SFTConfig(finetune="lora", seed=1, **FAST)
-    r = run_step(run_sft, cfg, area="train", name="t_sft_lora", kind="model",
-                 inputs={"model": tiny_model, "data": refs["sft"]})
+    r = run_step(run_sft, cfg, name="t_sft_lora", inputs={"model": tiny_model, "data": refs["sft"]})
     _check_model(r, tiny_model.uri, lora=True)
     assert r.trainable_params < r.total_params
     run = lineage.client().get_run(read_manifest(r.ref.uri).mlflow_run_id)
@@ -69,16 +68,14 @@ def test_sft_lora_logs_to_mlflow_and_adapter_loads_onto_base(tiny_model, refs):
 
 def test_sft_full_with_packing(tiny_model, refs):
     cfg = SFTConfig(finetune="full", packing=True, seed=2, **FAST)
-    r = run_step(run_sft, cfg, area="train", name="t_sft_full", kind="model",
-                 inputs={"model": tiny_model, "data": refs["sft"]})
+    r = run_step(run_sft, cfg, name="t_sft_full", inputs={"model": tiny_model, "data": refs["sft"]})
     _check_model(r, tiny_model.uri, lora=False)
     assert r.trainable_params == r.total_params
 
 
 def test_cpt_streams_large_corpus_and_scales_rope(tiny_model, refs):
     cfg = CPTConfig(finetune="full", max_length=64, stream_threshold_mb=0, rope_scaling={"factor": 2.0}, **FAST)
-    r = run_step(run_cpt, cfg, area="train", name="t_cpt", kind="model",
-                 inputs={"model": tiny_model, "data": refs["text"]})
+    r = run_step(run_cpt, cfg, name="t_cpt", inputs={"model": tiny_model, "data": refs["text"]})
     _check_model(r, tiny_model.uri, lora=False)
     assert r.streamed
     conf = json.loads((Path(r.ref.uri) / "config.json").read_text())
@@ -92,32 +89,31 @@ def test_cpt_streams_large_corpus_and_scales_rope(tiny_model, refs):
     (run_orpo, ORPOConfig(finetune="full", **FAST), False),
 ])
 def test_preference_methods(tiny_model, refs, fn, cfg, lora):
-    r = run_step(fn, cfg, area="train", name=f"t_{cfg.method}", kind="model",
-                 inputs={"model": tiny_model, "data": refs["prefs"]})
+    r = run_step(fn, cfg, name=f"t_{cfg.method}", inputs={"model": tiny_model, "data": refs["prefs"]})
     _check_model(r, tiny_model.uri, lora=lora)
 
 
 def test_reward_model_then_grpo_against_it(tiny_model, refs):
     from transformers import AutoModelForSequenceClassification
 
-    rm = run_step(run_reward, RewardConfig(finetune="lora", **FAST), area="train", name="t_rm", kind="model",
+    rm = run_step(run_reward, RewardConfig(finetune="lora", **FAST), name="t_rm",
                   inputs={"model": tiny_model, "data": refs["prefs"]})
     assert rm.metrics["param_delta"] > 0
     scorer = AutoModelForSequenceClassification.from_pretrained(rm.ref.uri)
     assert scorer(torch.tensor([[1, 2, 3]])).logits.shape == (1, 1)
     cfg = GRPOConfig(finetune="lora", rewards=["exact_match", "format"], num_generations=2,
                      max_completion_length=6, **FAST)
-    r = run_step(run_grpo, cfg, area="train", name="t_grpo", kind="model",
+    r = run_step(run_grpo, cfg, name="t_grpo",
                  inputs={"model": tiny_model, "data": refs["math"], "reward_model": rm.ref})
     _check_model(r, tiny_model.uri, lora=True)
     assert read_manifest(r.ref.uri).inputs["reward_model"].digest == rm.ref.digest
 
 
 def test_kd_from_teacher_model_and_from_stored_logprobs(tiny_model, refs, tmp_path):
-    teacher = run_step(run_sft, SFTConfig(finetune="full", seed=3, **FAST), area="train", name="t_teacher",
-                       kind="model", inputs={"model": tiny_model, "data": refs["sft"]}).ref
-    r = run_step(run_kd, KDConfig(source="model", divergence="reverse", finetune="full", **FAST), area="train",
-                 name="t_kd_model", kind="model", inputs={"model": tiny_model, "data": refs["sft"], "teacher": teacher})
+    teacher = run_step(run_sft, SFTConfig(finetune="full", seed=3, **FAST), name="t_teacher",
+                       inputs={"model": tiny_model, "data": refs["sft"]}).ref
+    r = run_step(run_kd, KDConfig(source="model", divergence="reverse", finetune="full", **FAST),
+                 name="t_kd_model", inputs={"model": tiny_model, "data": refs["sft"], "teacher": teacher})
     _check_model(r, tiny_model.uri, lora=False)
     # Teacher collection rows as the distill flow writes them (contract 2), logprobs from the teacher.
     rows = [{"row_id": str(i), "user_prompt": q, "response": a, "status": "ok",
@@ -126,6 +122,6 @@ def test_kd_from_teacher_model_and_from_stored_logprobs(tiny_model, refs, tmp_pa
     from nexus_core.artifacts import raw_ref
 
     collected = raw_ref(_write_jsonl(tmp_path / "collected.jsonl", rows))
-    r = run_step(run_kd, KDConfig(source="logprobs", finetune="lora", **FAST), area="train", name="t_kd_lp",
-                 kind="model", inputs={"model": tiny_model, "data": collected})
+    r = run_step(run_kd, KDConfig(source="logprobs", finetune="lora", **FAST), name="t_kd_lp",
+                 inputs={"model": tiny_model, "data": collected})
     _check_model(r, tiny_model.uri, lora=True)
