@@ -45,7 +45,8 @@ def main() -> None:
         quantize_dynamic_int8,
         save_quantized,
     )
-    from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm, load_llm
+    from nexus_core.models.io import load_causal_lm
+    from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--hidden", type=int, default=512)
@@ -62,7 +63,7 @@ def main() -> None:
         cfg = TinyLLMConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                             num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4)
         build_tiny_llm(fp_dir, texts, cfg)
-        model, tok = load_llm(fp_dir)
+        model, tok = load_causal_lm(fp_dir, int8=False)
         names = linear_names(model)
         qmodel = quantize_dynamic_int8(copy.deepcopy(model), names)
         save_model(dequantized_state(qmodel, copy.deepcopy(model), names, "dynamic"), tok, q_dir)

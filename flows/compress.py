@@ -26,7 +26,7 @@ from nexus_core.corpus.ingest import IngestConfig
 from nexus_core.errors import InputError
 from nexus_core.io import resolve_ref
 from nexus_core.models.io import resolve_model
-from nexus_core.train.base_model import BaseModelConfig
+from nexus_core.train.base_model import BaseModelConfig, pretrained_ref
 from tasks.base_model import base_model
 from tasks.compress_benchmark import benchmark
 from tasks.compress_export import export
@@ -127,7 +127,8 @@ def compress(cfg: CompressConfig, model: ArtifactRef | None = None,
             corpus = steps["ingest"] = ingest(cfg.corpus, sources, name=f"{cfg.name}_corpus")
         if model is None:
             if corpus is not None:
-                steps["base_model"] = base_model(cfg.base_model, corpus.ref, name=f"{cfg.name}_base")
+                steps["base_model"] = base_model(cfg.base_model, corpus.ref, name=f"{cfg.name}_base",
+                                                pretrained=pretrained_ref(cfg.base_model))
                 model = steps["base_model"].ref
             else:
                 raise InputError("compress: no model: pass one, set `model=PATH|NAME@vN`, or give a `corpus` "

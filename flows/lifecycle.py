@@ -23,7 +23,7 @@ from nexus_core.artifacts import raw_ref
 from nexus_core.config import FlowConfig
 from nexus_core.corpus.ingest import IngestConfig
 from nexus_core.io import resolve_ref
-from nexus_core.train.base_model import BaseModelConfig
+from nexus_core.train.base_model import BaseModelConfig, pretrained_ref
 from tasks.base_model import base_model
 from tasks.ingest import ingest
 
@@ -44,6 +44,7 @@ def check_lifecycle(cfg: LifecycleConfig) -> list[str]:
     """Each stage flow's own up-front checks, with what is known before anything runs (a stage's
     inputs made by an earlier stage are checked when that stage has made them); the plan."""
     plan = ["ingest", "base_model"]
+    pretrained_ref(cfg.base_model)  # a pretrained base must resolve (hub cache, local dir or artifact)
     if cfg.distill:
         distill_sources = {f"source_{i}": raw_ref(s) for i, s in enumerate(cfg.distill.sources)}
         plan += [f"distill.{s}" for s in check_distill(cfg.distill, distill_sources)]
@@ -72,7 +73,8 @@ def lifecycle(cfg: LifecycleConfig) -> LifecycleResult:
             print("lifecycle plan:\n  " + "\n  ".join(plan))
             return LifecycleResult.planned("lifecycle", plan, mlflow_run_id)
         corpus = ingest(cfg.corpus, sources, name=f"{cfg.name}_corpus")
-        base = base_model(cfg.base_model, corpus.ref, name=f"{cfg.name}_base")
+        base = base_model(cfg.base_model, corpus.ref, name=f"{cfg.name}_base",
+                          pretrained=pretrained_ref(cfg.base_model))
         artifacts = {"ingest": corpus.ref, "base_model": base.ref}
         reused = [k for k, r in (("ingest", corpus), ("base_model", base)) if r.reused]
         stages: dict = {}

@@ -9,6 +9,9 @@ from tasks.common import nexus_task, run_context
 
 
 @nexus_task(run_base_model, name="base-model")
-def base_model(cfg: BaseModelConfig, corpus: ArtifactRef | None = None, name: str = "base") -> BaseModelResult:
-    """Build the tiny preset model on ``corpus``, or copy a pretrained one, into ``models/<name>_vN``."""
-    return run_step(run_base_model, cfg, name=name, inputs={"corpus": corpus}, context=run_context())
+def base_model(cfg: BaseModelConfig, corpus: ArtifactRef | None = None, name: str = "base",
+               pretrained: ArtifactRef | None = None) -> BaseModelResult:
+    """Build the tiny preset model on ``corpus``, or pin ``pretrained`` (``pretrained_ref(cfg)``), into
+    ``models/<name>_vN``."""
+    return run_step(run_base_model, cfg, name=name, inputs={"corpus": corpus, "pretrained": pretrained},
+                    context=run_context())

@@ -47,21 +47,12 @@ class ExportResult(StepResult):
 
 
 def _load_merged(uri: str) -> tuple[Any, Any, bool]:
-    """The model with any LoRA adapter folded in: an adapter dir, or a model dir with ``adapter/``."""
-    import json as _json
+    """The model with any LoRA adapter folded in (an adapter dir is merged into its base); training
+    stages already save merged weights at the root next to ``adapter/``. Returns (model, tokenizer, merged)."""
+    from nexus_core.models.io import load_causal_lm
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = check_model_dir(uri)
-    if (p / "adapter_config.json").is_file():
-        base = _json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(p)).merge_and_unload()
-        tok_src = p if (p / "tokenizer_config.json").is_file() else base
-        return model, AutoTokenizer.from_pretrained(str(tok_src)), True
-    # Training stages already save merged weights at the root next to adapter/ (contract 4).
-    model = AutoModelForCausalLM.from_pretrained(str(p))
-    return model, AutoTokenizer.from_pretrained(str(p)), False
+    model, tokenizer = load_causal_lm(uri, int8=False)
+    return model, tokenizer, (check_model_dir(uri) / "adapter_config.json").is_file()
 
 
 def _export_onnx(src: Path, out: Path, cfg: ExportConfig) -> float:

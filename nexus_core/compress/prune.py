@@ -21,7 +21,6 @@ from nexus_core.config import NexusModel
 from nexus_core.context import StepContext
 from nexus_core.contract import step
 from nexus_core.errors import InputError, StepError
-from nexus_core.models.io import check_model_dir
 from nexus_core.runner import StepResult
 
 
@@ -79,10 +78,9 @@ class PruneResult(StepResult):
                                                               "input+output or prompt+completion")})
 def run_prune(cfg: PruneConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> PruneResult:
     """Prune ``inputs['model']`` and save the result as an HF model dir under ``out_uri``."""
-    from nexus_core.models.tiny import load_llm
+    from nexus_core.models.io import load_causal_lm
 
-    check_model_dir(inputs["model"].uri)
-    model, tokenizer = load_llm(inputs["model"].uri)
+    model, tokenizer = load_causal_lm(inputs["model"].uri, int8=False)
     texts: list[str] = []
     if "calibration" in inputs:
         texts = load_texts(inputs["calibration"], cfg.calibration_column, cfg.calibration_rows)

@@ -96,7 +96,7 @@ def run_quantize(cfg: QuantizeConfig, *, inputs: dict[str, ArtifactRef], out_uri
     """Quantize ``inputs['model']`` (``calibration`` needed for int8_static and mixed)."""
     import torch
 
-    from nexus_core.models.tiny import load_llm
+    from nexus_core.models.io import load_causal_lm
 
     src = str(check_model_dir(inputs["model"].uri))
     out = Path(out_uri)
@@ -109,8 +109,7 @@ def run_quantize(cfg: QuantizeConfig, *, inputs: dict[str, ArtifactRef], out_uri
                              "dataset input")
         texts = load_texts(inputs["calibration"], cfg.calibration_column, cfg.calibration_rows)
 
-    model, tokenizer = load_llm(src)
-    model.eval()
+    model, tokenizer = load_causal_lm(src, int8=False)
     names = linear_names(model)
     kept: list[str] = []
     metrics: dict[str, float] = {}
@@ -135,7 +134,7 @@ def run_quantize(cfg: QuantizeConfig, *, inputs: dict[str, ArtifactRef], out_uri
     save_model(fp, tokenizer, out)
     int8_path = save_quantized(qmodel, out, cfg.method, names, {"kept_fp32": kept})
     if texts:
-        metrics["ppl_fp32"] = perplexity(load_llm(src)[0], tokenizer, texts[:8])
+        metrics["ppl_fp32"] = perplexity(load_causal_lm(src, int8=False)[0], tokenizer, texts[:8])
         metrics["ppl_int8"] = perplexity(qmodel, tokenizer, texts[:8])
     fp32_bytes = dir_bytes(src, "*.safetensors")
     int8_bytes = int8_path.stat().st_size

@@ -90,18 +90,3 @@ def build_tiny_llm(out_dir: str | Path, texts: Iterable[str], cfg: TinyLLMConfig
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
-
-
-def load_llm(path: str | Path, dtype: str = "float32"):  # noqa: ANN201 - (model, tokenizer)
-    """Load a causal LM and its tokenizer through ``from_pretrained`` (local dir or hub id)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from nexus_core.errors import InputError
-
-    p = Path(path)
-    if p.exists() and not (p / "config.json").is_file():
-        raise InputError(f"{p}: not a model directory (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
-    return model, tokenizer

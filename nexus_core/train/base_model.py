@@ -10,9 +10,10 @@ from pydantic import Field, model_validator
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
 from nexus_core.context import StepContext
-from nexus_core.contract import step, table
+from nexus_core.contract import model, step, table
 from nexus_core.errors import InputError
-from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm, load_llm
+from nexus_core.models.io import load_causal_lm, resolve_model
+from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm
 from nexus_core.runner import StepResult
 from nexus_core.train.data import load_rows
 
@@ -21,7 +22,8 @@ class BaseModelConfig(NexusModel):
     """Where the base model comes from."""
 
     source: Literal["tiny", "pretrained"] = Field("tiny", description="Build a tiny model, or copy a real one")
-    pretrained: str | None = Field(None, description="Hub id or local path (source=pretrained)")
+    pretrained: str | None = Field(None, description="Model reference (source=pretrained): hub id "
+                                                     "(ORG/NAME[@REV]), local directory or artifact NAME@vN")
     tiny: TinyLLMConfig = Field(default_factory=TinyLLMConfig, description="Shape of the tiny model")
     text_column: str = Field("text", description="Corpus column the tiny tokenizer is trained on")
 
@@ -40,16 +42,16 @@ class BaseModelResult(StepResult):
     vocab_size: int
 
 
-def _local_pretrained(cfg: BaseModelConfig, inputs: dict[str, ArtifactRef]) -> list[Path]:
-    """A pretrained model given as a local directory: its files join the cache key (a hub id does not)."""
-    if cfg.source == "pretrained" and cfg.pretrained and Path(cfg.pretrained).exists():
-        return [Path(cfg.pretrained)]
-    return []
+def pretrained_ref(cfg: BaseModelConfig) -> ArtifactRef | None:
+    """The ``pretrained`` input of a source=pretrained config, resolved by the flow before the step runs,
+    so the model's identity (hub revision or weights digest) joins the cache key."""
+    return resolve_model(cfg.pretrained, "base_model.pretrained") if cfg.source == "pretrained" and cfg.pretrained \
+        else None
 
 
 @step(area="models", kind="model",
-      inputs={"corpus": table(optional=True, description="text to train the tiny tokenizer on (source=tiny)")},
-      reads=_local_pretrained)
+      inputs={"corpus": table(optional=True, description="text to train the tiny tokenizer on (source=tiny)"),
+              "pretrained": model(optional=True, description="the model to pin (source=pretrained)")})
 def run_base_model(cfg: BaseModelConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
                    ctx: StepContext) -> BaseModelResult:
     """Write an HF model directory (weights, config, tokenizer) to ``out_uri``."""
@@ -61,11 +63,14 @@ def run_base_model(cfg: BaseModelConfig, *, inputs: dict[str, ArtifactRef], out_
         if cfg.text_column not in texts.columns:
             raise InputError(f"{where}: missing column {cfg.text_column!r}; has: {', '.join(texts.columns)}")
         build_tiny_llm(out, texts[cfg.text_column].drop_nulls().to_list(), cfg.tiny)
-        model, tokenizer = load_llm(out)  # prove the from_pretrained path works before publishing
+        lm, tokenizer = load_causal_lm(out)  # prove the from_pretrained path works before publishing
     else:
-        model, tokenizer = load_llm(cfg.pretrained)
-        model.save_pretrained(out, safe_serialization=True)
+        if "pretrained" not in inputs:
+            raise InputError("base_model: source=pretrained needs the 'pretrained' input (resolve "
+                             "base_model.pretrained with pretrained_ref)")
+        lm, tokenizer = load_causal_lm(inputs["pretrained"].uri, int8=False)
+        lm.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-    params = sum(p.numel() for p in model.parameters())
-    return BaseModelResult(architecture=model.config.architectures[0], parameters=params,
+    params = sum(p.numel() for p in lm.parameters())
+    return BaseModelResult(architecture=lm.config.architectures[0], parameters=params,
                            vocab_size=len(tokenizer), metrics={"parameters": params})

@@ -1,10 +1,9 @@
-"""MLflow model registry entries for trained models, and the dry-run description of a base model."""
+"""MLflow model registry entries for trained models."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from nexus_core import lineage
 from nexus_core.artifacts import ArtifactRef, read_manifest
@@ -38,17 +37,3 @@ def register_model(ref: ArtifactRef, registered_name: str, stage: str, extra_tag
                                           run_id=m.mlflow_run_id, tags={k: str(v)[:5000] for k, v in tags.items()},
                                           description=f"{stage} ({m.step.rsplit('.', 1)[-1]})")
     return str(version.version)
-
-
-def describe_model(path: str | Path) -> dict[str, Any]:
-    """Architecture, size and input modalities of an HF model dir (config.json only; no weights loaded)."""
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    modalities = ["text"]
-    for key, name in (("vision_config", "image"), ("audio_config", "audio"), ("video_config", "video")):
-        if key in cfg or key in cfg.get("text_config", {}):
-            modalities.append(name)
-    text = cfg.get("text_config", cfg)
-    return {"architecture": (cfg.get("architectures") or ["?"])[0], "model_type": cfg.get("model_type"),
-            "modalities": modalities, "hidden_size": text.get("hidden_size"),
-            "layers": text.get("num_hidden_layers"), "vocab_size": text.get("vocab_size"),
-            "context": text.get("max_position_embeddings")}

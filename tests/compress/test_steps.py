@@ -13,7 +13,8 @@ from nexus_core.compress.quantize import QuantizeConfig, run_quantize
 from nexus_core.config import load_config
 from nexus_core.errors import ConfigError, InputError, StepError
 from nexus_core.models.compressed import load_compressed
-from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm, load_llm
+from nexus_core.models.io import load_causal_lm
+from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm
 from nexus_core.runner import run_step
 
 TEXTS = [f"sample {i}: the cat sat on the mat while a dog ran in the park and models learn from data"
@@ -40,7 +41,7 @@ def _generates(path: str) -> list[int]:
 def test_structured_pruning_really_shrinks_the_saved_model(assets: dict[str, ArtifactRef]) -> None:
     cfg = PruneConfig(method="structured", sparsity=0.5, recovery={"steps": 1, "batch_size": 2})
     res = run_step(run_prune, cfg, name="t_struct", inputs=assets)
-    model, _ = load_llm(res.ref.uri)  # the plain from_pretrained path
+    model, _ = load_causal_lm(res.ref.uri, int8=False)  # the plain from_pretrained path
     assert res.params_after < 0.8 * res.params_before
     assert sum(p.numel() for p in model.parameters()) == res.params_after
     assert model.config.intermediate_size == 64 and model.config.num_key_value_heads == 1
@@ -61,7 +62,7 @@ def test_layer_drop_removes_the_least_important_block(assets: dict[str, Artifact
     res = run_step(run_prune, PruneConfig(method="layer_drop", drop_layers=1), name="t_drop", inputs=assets)
     scores = [res.metrics[f"importance_layer_{i}"] for i in range(3)]
     assert res.dropped_layers == [scores.index(min(scores))]
-    model, _ = load_llm(res.ref.uri)
+    model, _ = load_causal_lm(res.ref.uri, int8=False)
     assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
     assert len(_generates(res.ref.uri)) == 4
 
@@ -80,7 +81,7 @@ def test_int8_variants_load_generate_and_are_smaller(assets: dict[str, ArtifactR
         assert res.metrics["ppl_int8"] == pytest.approx(res.metrics["ppl_fp32"], rel=0.05)
     assert len(_generates(res.ref.uri)) == 4
     # and from_pretrained still works on the artifact root (int8-rounded fp32 weights)
-    assert load_llm(res.ref.uri)[0].config.num_hidden_layers == 3
+    assert load_causal_lm(res.ref.uri, int8=False)[0].config.num_hidden_layers == 3
 
 
 def test_server_serves_an_int8_variant(assets: dict[str, ArtifactRef]) -> None:

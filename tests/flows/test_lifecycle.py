@@ -8,7 +8,7 @@ from flows.common import load_flow_config
 from flows.lifecycle import LifecycleConfig, lifecycle
 from nexus_core import catalog, lineage
 from nexus_core.artifacts import read_manifest
-from nexus_core.models.tiny import load_llm
+from nexus_core.models.io import load_causal_lm
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -58,7 +58,7 @@ def test_ends_with_a_report_and_a_verdict(first_run):
     assert result.verdict in {"promoted", "rejected by gates"}
     assert "gate_passed" in result.stages["evaluate"]
     assert result.model in [ref for key, ref in result.artifacts.items() if key.startswith("train.")]
-    model, tokenizer = load_llm(result.model.uri)
+    model, tokenizer = load_causal_lm(result.model.uri, int8=False)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Soil respiration"}],
                                         add_generation_prompt=True, return_tensors="pt")
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]

@@ -73,9 +73,9 @@ def test_nexus_serve_subcommand_with_api_key_env(tiny_model: Path) -> None:
 def test_speculative_decoding_with_a_draft_model_matches_greedy(tmp_path: Path, tiny_model: Path) -> None:
     from nexus_core.compress.common import save_model
     from nexus_core.compress.prune import drop_layers
-    from nexus_core.models.tiny import load_llm
+    from nexus_core.models.io import load_causal_lm
 
-    model, tok = load_llm(tiny_model)
+    model, tok = load_causal_lm(tiny_model, int8=False)
     drop_layers(model, [1])  # a smaller draft with the same tokenizer
     save_model(model, tok, tmp_path / "draft")
     body = {"model": "tiny", "prompt": "one two three", "max_tokens": 6, "temperature": 0, "ignore_eos": True}

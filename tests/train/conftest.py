@@ -65,9 +65,9 @@ def teacher_logprobs(model_path: Path, prompt: str, response: str, k: int = 4) -
     """What an OpenAI-compatible server reports for ``response``: per token its text, logprob and top-k."""
     import torch
 
-    from nexus_core.models.tiny import load_llm
+    from nexus_core.models.io import load_causal_lm
 
-    model, tok = load_llm(model_path)
+    model, tok = load_causal_lm(model_path)
     prompt_ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     prompt_ids = list(prompt_ids["input_ids"] if isinstance(prompt_ids, dict) else prompt_ids)
     resp = tok(response, add_special_tokens=False)["input_ids"]
