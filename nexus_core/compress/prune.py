@@ -21,6 +21,7 @@ from nexus_core.config import NexusModel
 from nexus_core.context import StepContext
 from nexus_core.contract import step
 from nexus_core.errors import InputError, StepError
+from nexus_core.models.losses import distill_kl
 from nexus_core.runner import StepResult
 
 
@@ -348,8 +349,7 @@ def recover_by_distillation(student: Any, teacher: Any, tokenizer: Any, texts: l
             with torch.no_grad():
                 t_logits = teacher(**enc).logits / temperature
             s_logits = student(**enc).logits / temperature
-            kl = torch.nn.functional.kl_div(torch.log_softmax(s_logits, -1), torch.log_softmax(t_logits, -1),
-                                            log_target=True, reduction="none").sum(-1)
+            kl = distill_kl(torch.log_softmax(s_logits, -1), torch.log_softmax(t_logits, -1))
             mask = enc["attention_mask"].float()
             loss = (kl * mask).sum() / mask.sum() * temperature**2
             opt.zero_grad()

@@ -25,6 +25,7 @@ from nexus_core.context import StepContext
 from nexus_core.contract import model as model_input  # `model` names the student and teacher here
 from nexus_core.contract import step, table
 from nexus_core.errors import InputError
+from nexus_core.models.losses import distill_kl
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
@@ -207,10 +208,7 @@ def kd_loss(cfg: KDConfig, logits, labels, teacher_logits=None, topk_ids=None, t
         ids, t_raw = topk_ids[:, 1:][mask], topk_logprobs[:, 1:][mask].float()
         s_lp = F.log_softmax(s.gather(-1, ids) / t + (t_raw <= _PAD_LOGPROB) * _PAD_LOGPROB, -1)
         t_lp = F.log_softmax(t_raw / t, -1)
-    if cfg.divergence == "forward":
-        kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1).mean()
-    else:
-        kl = (s_lp.exp() * (s_lp - t_lp)).sum(-1).mean()
+    kl = distill_kl(s_lp, t_lp, cfg.divergence).mean()
     return cfg.alpha * t * t * kl + (1 - cfg.alpha) * ce
 
 
