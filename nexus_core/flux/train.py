@@ -30,6 +30,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from nexus_core import checkpoints
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
 from nexus_core.config import NexusModel, runtime_field
 from nexus_core.context import StepContext
@@ -38,7 +39,7 @@ from nexus_core.errors import ConfigError, InputError
 from nexus_core.flux import losses
 from nexus_core.flux.device import check_dtype, resolve_device
 from nexus_core.flux.mds import open_dataset, verify_shards
-from nexus_core.flux.training import checkpoints, collate, rotate_checkpoints, stream_indices
+from nexus_core.flux.training import collate, stream_indices
 from nexus_core.runner import StepResult
 
 
@@ -268,12 +269,11 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
     ckpt_root = checkpoint_root(cfg, ctx)
     start = 0
     if cfg.resume_from_checkpoint:
-        found = checkpoints(ckpt_root)
-        path = found[-1][1] if cfg.resume_from_checkpoint == "latest" and found else (
-            Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint != "latest" else None)
+        path = checkpoints.latest(ckpt_root) if cfg.resume_from_checkpoint == "latest" \
+            else Path(cfg.resume_from_checkpoint)
         if path is not None:
-            if not (path / "trainer_state.json").is_file():
-                raise InputError(f"{path}: not a finished checkpoint (no trainer_state.json)")
+            if not (path / checkpoints.COMPLETE_MARKER).is_file():
+                raise InputError(f"{path}: not a finished checkpoint (no {checkpoints.COMPLETE_MARKER})")
             acc.load_state(str(path))
             start = json.loads((path / "trainer_state.json").read_text())["global_step"]
 
@@ -340,11 +340,12 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
                 ctx.log_metrics({"train_loss": loss_val}, step)  # one batched call per interval
             ctx.progress(step, cfg.max_steps, f"step {step}/{cfg.max_steps}, loss {loss_val:.4f}")
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_steps:
-                ck = ckpt_root / f"checkpoint-{step}"
+                ck = checkpoints.checkpoint_path(ckpt_root, step)
                 shutil.rmtree(ck, ignore_errors=True)
                 acc.save_state(str(ck))
                 atomic_write_json(ck / "trainer_state.json", {"global_step": step, "loss": loss_val})
-                rotate_checkpoints(ckpt_root, cfg.checkpoints_total_limit)
+                checkpoints.mark_complete(ck, step)
+                checkpoints.rotate(ckpt_root, cfg.checkpoints_total_limit)
             if step % cfg.validation_steps == 0 and step != cfg.max_steps:
                 validation += _validate(cfg, pipeline, acc.unwrap_model(transformer), step, out, ctx, val_cache)
         seconds = (time.perf_counter() - t0) / max(1, step - start)

@@ -1,16 +1,13 @@
-"""Training plumbing for the flux train step: deterministic batch order, checkpoint rotation, batch
-collation, exporting outputs. Kept out of the step module so the loop itself stays readable."""
+"""Training plumbing for the flux train step: deterministic batch order, batch collation, exporting
+outputs. Kept out of the step module so the loop itself stays readable."""
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def stream_indices(pool: list[int], seed: int, start: int, count: int) -> list[int]:
@@ -26,30 +23,6 @@ def stream_indices(pool: list[int], seed: int, start: int, count: int) -> list[i
         perm = np.random.default_rng(seed + epoch).permutation(n)
         out.append(pool[int(perm[i])])
     return out
-
-
-def checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every finished checkpoint under ``root``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _CKPT.match(p.name)
-        if m and (p / "trainer_state.json").is_file():  # written last: a complete checkpoint
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def rotate_checkpoints(root: str | Path, total_limit: int | None) -> list[Path]:
-    """Delete the oldest checkpoints beyond ``total_limit``; return what was removed."""
-    if not total_limit:
-        return []
-    found = checkpoints(root)
-    removed = [p for _, p in found[: max(0, len(found) - total_limit)]]
-    for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
-    return removed
 
 
 def collate(rows: list[dict[str, Any]], meta: dict[str, Any], latent_norm: str):  # noqa: ANN201 - tensors

@@ -8,7 +8,6 @@ otherwise be copied seven times.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -20,8 +19,6 @@ from nexus_core.config import NexusModel, runtime_field
 from nexus_core.costs import Cost
 from nexus_core.errors import InputError, StepError
 from nexus_core.runner import StepResult
-
-COMPLETE_MARKER = ".nexus_complete"
 
 
 class LoraSpec(NexusModel):
@@ -150,23 +147,12 @@ def checkpoint_dir(work: Path) -> Path:
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:
-    """Newest checkpoint that finished writing (has our completion marker), else None.
+    """Newest checkpoint that finished writing (see :mod:`nexus_core.checkpoints`; transformers writes
+    ``checkpoint-N`` in place, and the controller marks it complete only after the save returns)."""
+    from nexus_core import checkpoints
 
-    transformers writes ``checkpoint-N`` in place; a kill mid-write leaves a partial directory. We
-    mark a checkpoint complete only after the trainer's save returns, and set partial ones aside.
-    """
-    if not ckpt_dir.is_dir():
-        return None
-    found = []
-    for child in ckpt_dir.glob("checkpoint-*"):
-        step = child.name.rsplit("-", 1)[-1]
-        if not step.isdigit():
-            continue
-        if (child / COMPLETE_MARKER).is_file() and (child / "trainer_state.json").is_file():
-            found.append((int(step), child))
-        else:
-            shutil.rmtree(child, ignore_errors=True)  # partial write from a killed run
-    return max(found)[1] if found else None
+    found = [(s, p) for s, p in checkpoints.complete(ckpt_dir) if (p / "trainer_state.json").is_file()]
+    return found[-1][1] if found else None
 
 
 # ---------------------------------------------------------------- trainer arguments

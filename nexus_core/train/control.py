@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from nexus_core.train.common import COMPLETE_MARKER, StageBase, last_checkpoint, peak_memory_mb
+from nexus_core import checkpoints
+from nexus_core.train.common import StageBase, last_checkpoint, peak_memory_mb
 
 if TYPE_CHECKING:
     from nexus_core.context import StepContext
@@ -136,7 +137,7 @@ class TrainingController(TrainerCallback):
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                (ckpt / COMPLETE_MARKER).write_text(str(state.global_step))
+                checkpoints.mark_complete(ckpt, state.global_step)
         return control
 
 

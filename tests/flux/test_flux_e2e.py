@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flows.flux import FluxConfig, flux
-from nexus_core import lineage
+from nexus_core import checkpoints, lineage
 from nexus_core.artifacts import ArtifactRef, raw_ref, read_manifest
 from nexus_core.config import load_config
 from nexus_core.context import StepContext
@@ -20,7 +20,6 @@ from nexus_core.flux.precompute import PrecomputeConfig, run_precompute
 from nexus_core.flux.prepare import PrepareConfig, run_prepare
 from nexus_core.flux.synthetic import make_shape_images
 from nexus_core.flux.train import TrainConfig, run_train
-from nexus_core.flux.training import checkpoints
 from nexus_core.models.flux_tiny import load_flux_pipeline
 
 pytestmark = pytest.mark.integration
@@ -100,11 +99,11 @@ def test_resume_from_checkpoint_continues_the_step_count(flow_run, tmp_path):
                                         "train_mode": "full", "gradient_accumulation_steps": 2})
     first = run_train(base, inputs=inputs, out_uri=str(tmp_path / "a"), ctx=StepContext.detached())
     assert (first.start_step, first.global_step) == (0, 2)
-    assert [s for s, _ in checkpoints(tmp_path / "ck")] == [1, 2]
+    assert [s for s, _ in checkpoints.complete(tmp_path / "ck")] == [1, 2]
     resumed = run_train(base.model_copy(update={"max_steps": 3, "resume_from_checkpoint": "latest"}),
                         inputs=inputs, out_uri=str(tmp_path / "b"), ctx=StepContext.detached())
     assert (resumed.start_step, resumed.global_step) == (2, 3)
-    assert [s for s, _ in checkpoints(tmp_path / "ck")] == [2, 3]  # total limit 2: step 1 rotated out
+    assert [s for s, _ in checkpoints.complete(tmp_path / "ck")] == [2, 3]  # total limit 2: step 1 rotated out
     history = json.loads((tmp_path / "b" / "train_config.json").read_text())["loss_history"]
     assert list(history) == ["3"]  # only the new step ran
     assert (tmp_path / "b" / "transformer" / "config.json").is_file() and (tmp_path / "b" / "transformer.safetensors").is_file()
@@ -121,18 +120,18 @@ def test_a_killed_train_run_resumes_from_its_work_dir(flow_run, monkeypatch):
     inputs = {"precomputed": result.artifacts["precompute"], "pipeline": result.artifacts["pipeline"]}
     train_cfg = cfg.train.model_copy(update={"max_steps": 2, "checkpointing_steps": 1, "validation_prompts": [],
                                              "resume_from_checkpoint": "latest", "checkpoint_dir": None})
-    rotate = train_step.rotate_checkpoints
+    rotate = checkpoints.rotate
 
     def killed_after_first_checkpoint(root, limit):
         rotate(root, limit)
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(train_step, "rotate_checkpoints", killed_after_first_checkpoint)
+    monkeypatch.setattr(train_step.checkpoints, "rotate", killed_after_first_checkpoint)
     with pytest.raises(RuntimeError, match="killed"):
         run_step(run_train, train_cfg, name="fe2e_killed", inputs=inputs)
     work = work_dir_for("models", "fe2e_killed", step_key(run_train, train_cfg, inputs))
-    assert [s for s, _ in checkpoints(work / "checkpoints")] == [1]
-    monkeypatch.setattr(train_step, "rotate_checkpoints", rotate)
+    assert [s for s, _ in checkpoints.complete(work / "checkpoints")] == [1]
+    monkeypatch.setattr(train_step.checkpoints, "rotate", rotate)
     resumed = run_step(run_train, train_cfg, name="fe2e_killed", inputs=inputs)
     assert (resumed.start_step, resumed.global_step, resumed.ref.version) == (1, 2, 1)
     assert not work.exists()  # published: its checkpoints are no longer needed

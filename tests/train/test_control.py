@@ -13,10 +13,11 @@ import pytest
 from transformers import TrainerCallback
 
 from nexus_core.cachekey import step_key
+from nexus_core.checkpoints import COMPLETE_MARKER
 from nexus_core.context import StepContext
 from nexus_core.errors import StepError
 from nexus_core.runner import run_step, work_dir_for
-from nexus_core.train.common import COMPLETE_MARKER, checkpoint_dir, last_checkpoint
+from nexus_core.train.common import checkpoint_dir, last_checkpoint
 from nexus_core.train.control import KILL_AT_STEP_ENV, fit
 from nexus_core.train.sft import SFTConfig, build_trainer, run_sft
 
