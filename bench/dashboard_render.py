@@ -28,6 +28,8 @@ from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import step
 from nexus_core.runner import StepResult
 
 PAGES = ["data.py", "training.py", "leaderboard.py", "costs.py", "lineage.py"]
@@ -57,12 +59,14 @@ class ReportConfig(NexusModel):
 
 
 class ReportResult(StepResult):
-    """Where the report file is (what eval_lib.record_report reads)."""
+    """Where the report file is (what records.record_report reads)."""
 
     report_file: str = "eval_report_bench.json"
 
 
-def run_bench_table(cfg: TableConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> StepResult:
+@step(area="bench")
+def run_bench_table(cfg: TableConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                    ctx: StepContext) -> StepResult:
     """Write the bench's filtered table: ``cfg.rows`` rows with keep / reasons like the filters step."""
     import polars as pl
 
@@ -84,13 +88,16 @@ def run_bench_table(cfg: TableConfig, *, inputs: dict[str, ArtifactRef], out_uri
     return StepResult(rows=n, columns=schema_of(df))
 
 
-def run_bench_model(cfg: TableConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> StepResult:
+@step(area="bench", kind="model")
+def run_bench_model(cfg: TableConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                    ctx: StepContext) -> StepResult:
     """A model-kind artifact 'trained' from the table (only its lineage matters here)."""
     atomic_write_json(Path(out_uri) / "config.json", {"model_type": "llama", "bench": True})
     return StepResult()
 
 
-def run_bench_report(cfg: ReportConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> ReportResult:
+@step(area="bench", kind="report")
+def run_bench_report(cfg: ReportConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> ReportResult:
     """An evaluation report JSON like the evaluate flow's."""
     atomic_write_json(Path(out_uri) / "eval_report_bench.json", cfg.report)
     return ReportResult(rows=1)
@@ -100,12 +107,13 @@ def fill(rows: int, runs: int) -> None:
     """Fill the current store (see module docstring)."""
     from sqlalchemy import insert
 
-    from nexus_core import catalog, eval_lib, lineage
+    from nexus_core import catalog, lineage
     from nexus_core.catalog import CostRow, ReviewLabelRow
+    from nexus_core.evaluate import records
     from nexus_core.runner import run_step
 
-    table = run_step(run_bench_table, TableConfig(rows=rows), area="bench", name="bench_filtered")
-    model = run_step(run_bench_model, TableConfig(rows=0), area="bench", name="bench_model", kind="model",
+    table = run_step(run_bench_table, TableConfig(rows=rows), name="bench_filtered")
+    model = run_step(run_bench_model, TableConfig(rows=0), name="bench_model",
                      inputs={"data": table.ref})
     rng = random.Random(1)
     with catalog.engine().begin() as conn:
@@ -130,10 +138,10 @@ def fill(rows: int, runs: int) -> None:
         run = client.create_run(exp, tags={"nexus.kind": "step", "mlflow.runName": "run_sft",
                                            "nexus.artifact": f"bench_sft_{r}@v1"})
         ms = []
-        for step in range(50):
-            ms += [Metric("train/loss", 5.0 * 0.97 ** step + rng.random() * 0.1, now, step),
-                   Metric("train/learning_rate", 2e-4 * (1 - step / 50), now, step),
-                   Metric("train/tokens_per_s", 900 + rng.random() * 200, now, step)]
+        for i in range(50):
+            ms += [Metric("train/loss", 5.0 * 0.97 ** i + rng.random() * 0.1, now, i),
+                   Metric("train/learning_rate", 2e-4 * (1 - i / 50), now, i),
+                   Metric("train/tokens_per_s", 900 + rng.random() * 200, now, i)]
         ms += [Metric("final_loss", 1.2, now, 0), Metric("global_step", 50, now, 0),
                Metric("tokens_per_s", 1000.0, now, 0)]
         for i in range(0, len(ms), 1000):
@@ -149,9 +157,9 @@ def fill(rows: int, runs: int) -> None:
                       d: {"median": rng.randint(1, 5)} for d in ("rigor", "clarity", "novelty")}},
                   "gates": [{"name": "rougeL_min", "passed": e % 2 == 0}], "gate_passed": e % 2 == 0,
                   "score": rng.random() * 5}
-        rep = run_step(run_bench_report, ReportConfig(report=report), area="bench", name="bench_report",
+        rep = run_step(run_bench_report, ReportConfig(report=report), name="bench_report",
                        kind="report", inputs={"model": model.ref})
-        eval_lib.record_report(rep.ref)
+        records.record_report(rep.ref)
 
 
 def render_times(repeat: int) -> dict[str, float]:

@@ -34,7 +34,7 @@ def main() -> None:
 
     @nexus_task(run_cheap, name="cheap")
     def cheap(cfg: CheapConfig) -> CheapResult:
-        return run_step(run_cheap, cfg, area="bench", name=f"cheap{cfg.index}", context=run_context())
+        return run_step(run_cheap, cfg, name=f"cheap{cfg.index}", context=run_context())
 
     @flow(name="bench-orchestration")
     def pipeline(seed: int) -> list[str]:
@@ -48,7 +48,7 @@ def main() -> None:
 
     def spine() -> None:
         for i in range(STEPS):
-            run_step(run_cheap, CheapConfig(index=i + 1000), area="bench", name=f"spine{i}")
+            run_step(run_cheap, CheapConfig(index=i + 1000), name=f"spine{i}")
 
     def timed(fn, *args) -> tuple[float, object]:
         t0 = time.perf_counter()

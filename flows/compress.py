@@ -20,7 +20,7 @@ from nexus_core.compress.export import ExportConfig, run_export
 from nexus_core.compress.prune import PruneConfig, run_prune
 from nexus_core.compress.quantize import QuantizeConfig, run_quantize
 from nexus_core.compress.release import ReleaseConfig, run_release
-from nexus_core.config import FlowConfig, NexusModel
+from nexus_core.config import FlowConfig, NexusModel, PathOrName
 from nexus_core.contract import check_plan
 from nexus_core.corpus.ingest import IngestConfig
 from nexus_core.errors import InputError
@@ -62,10 +62,10 @@ class CompressConfig(FlowConfig):
     """Config of the compress flow."""
 
     name: str = Field("compress", description="Run name; artifact names derive from it")
-    model: str | None = Field(None, description="Model dir or artifact spec (NAME@vN); unused when the flow "
+    model: PathOrName | None = Field(None, description="Model dir or artifact spec (NAME@vN); unused when the flow "
                                                 "gets a model ref; if both are absent a base is built from corpus")
-    calibration: str | None = Field(None, description="Calibration dataset dir or spec (default: the corpus)")
-    heldout: str | None = Field(None, description="Held-out dataset dir or spec (default: calibration)")
+    calibration: PathOrName | None = Field(None, description="Calibration dataset dir or spec (default: the corpus)")
+    heldout: PathOrName | None = Field(None, description="Held-out dataset dir or spec (default: calibration)")
     corpus: IngestConfig | None = Field(None, description="Raw corpus (tiny base and default calibration)")
     base_model: BaseModelConfig = Field(default_factory=BaseModelConfig, description="Base built when no model")
     variants: list[VariantSpec] = Field(default_factory=list, description="Compressed variants to make")

@@ -17,7 +17,7 @@ from pydantic import Field
 from flows.common import flow_lineage, main
 from flows.results import DistillResult
 from nexus_core.artifacts import ArtifactRef, raw_ref
-from nexus_core.config import FlowConfig
+from nexus_core.config import ConfigPath, FlowConfig
 from nexus_core.contract import check_plan
 from nexus_core.distill.collect import CollectConfig, run_teacher_collect
 from nexus_core.distill.filters import FiltersConfig, run_distill_filters
@@ -41,7 +41,7 @@ class DistillConfig(FlowConfig):
     """Config of the distill flow: one section per stage; ``teacher`` serves collection and regeneration."""
 
     name: str = Field("distill", description="Run name; artifact names derive from it")
-    sources: list[str] = Field(default_factory=list, description="Raw JSONL / enhanced-prompt JSON files")
+    sources: list[ConfigPath] = Field(default_factory=list, description="Raw JSONL / enhanced-prompt JSON files")
     inputs: TeacherInputsConfig = Field(default_factory=TeacherInputsConfig, description="Prompt templates")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher model through litellm")
     batch_size: int = Field(256, ge=1, description="Rows per collection batch")

@@ -15,7 +15,7 @@ from pydantic import Field
 from flows.common import flow_lineage, main
 from flows.results import EvaluateResult
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.config import FlowConfig, config_hash
+from nexus_core.config import FlowConfig, PathOrName, config_hash
 from nexus_core.contract import check_plan
 from nexus_core.corpus.ingest import IngestConfig
 from nexus_core.errors import ConfigError
@@ -43,9 +43,9 @@ class EvaluateConfig(FlowConfig):
     """Config of the evaluate flow: where the model and data come from, and one section per step."""
 
     name: str = Field("eval", description="Evaluation name; artifact names derive from it")
-    model: str | None = Field(None, description="Model: HF dir, artifact dir or name[@vN] (ignored when the "
+    model: PathOrName | None = Field(None, description="Model: HF dir, artifact dir or name[@vN] (ignored when the "
                                                 "flow is given a model ref); null builds `tiny_model`")
-    dataset: str | None = Field(None, description="Validation set with input/output: table file, artifact dir "
+    dataset: PathOrName | None = Field(None, description="Validation set with input/output: table file, artifact dir "
                                                   "or [area/]name[@vN] (ignored when given a dataset ref)")
     tiny_model: BaseModelConfig = Field(
         default_factory=lambda: BaseModelConfig(source="tiny", text_column="input"),

@@ -15,7 +15,7 @@ from pydantic_core import PydanticCustomError
 from flows.common import flow_lineage, main
 from flows.results import FluxResult
 from nexus_core.artifacts import ArtifactRef, raw_ref
-from nexus_core.config import FlowConfig, NexusModel
+from nexus_core.config import ConfigPath, FlowConfig, NexusModel, PathOrName
 from nexus_core.contract import check_plan
 from nexus_core.flux.precompute import PrecomputeConfig, run_precompute
 from nexus_core.flux.prepare import PrepareConfig, run_prepare
@@ -32,21 +32,21 @@ from tasks.flux_train import flux_train
 class PipelineSection(NexusModel):
     """The single source of VAE, scheduler and text encoder (and the DiT unless model.dit is set)."""
 
-    pretrained_model_name_or_path: str | None = Field(None, description="Hub id or local pipeline directory")
+    pretrained_model_name_or_path: PathOrName | None = Field(None, description="Hub id or local pipeline directory")
     tiny: TinyFluxConfig | None = Field(None, description="Build a tiny pipeline from this shape instead")
 
 
 class ModelSection(NexusModel):
     """The transformer to train."""
 
-    dit: str | None = Field(None, description="Transformer dir or hub id; default the pipeline's transformer")
+    dit: PathOrName | None = Field(None, description="Transformer dir or hub id; default the pipeline's transformer")
 
 
 class DataSection(NexusModel):
     """Raw inputs of prepare."""
 
-    source: str | None = Field(None, description="sstk list file, image folder, or DreamBooth instance folder")
-    class_dir: str | None = Field(None, description="DreamBooth class image folder (optional)")
+    source: ConfigPath | None = Field(None, description="sstk list file, image folder, or DreamBooth instance folder")
+    class_dir: ConfigPath | None = Field(None, description="DreamBooth class image folder (optional)")
 
 
 class FluxConfig(FlowConfig):
@@ -59,8 +59,8 @@ class FluxConfig(FlowConfig):
     prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="Prepare step")
     precompute: PrecomputeConfig = Field(default_factory=PrecomputeConfig, description="Precompute step")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Train step")
-    precomputed_data_dir: str | None = Field(None, description="Existing precompute artifact: skip prepare+precompute")
-    output_dir: str | None = Field(None, description="Also copy the trained weights and config here")
+    precomputed_data_dir: ConfigPath | None = Field(None, description="Existing precompute artifact: skip prepare+precompute")
+    output_dir: ConfigPath | None = Field(None, description="Also copy the trained weights and config here")
 
     @model_validator(mode="after")
     def _sources_named(self) -> FluxConfig:

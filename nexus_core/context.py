@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 ProgressFn = Callable[[float, str], None]
 log = logging.getLogger("nexus")
+if log.level == logging.NOTSET:  # a step's info lines are the point of this logger, whatever the root's level
+    log.setLevel(logging.INFO)
 
 
 @dataclass

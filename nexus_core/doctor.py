@@ -129,9 +129,9 @@ def run_doctor(config: str | None = None, overrides: list[str] | tuple[str, ...]
     checks = check_packages() + (check_imports() if imports else []) + check_accelerator()
     checks.append(check_disk(min_free_gb=min_free_gb))
     if config:
-        from nexus_core.config import deep_merge, load_yaml, parse_overrides
+        from nexus_core.config import load_data
 
-        checks += check_config_models(deep_merge(load_yaml(config), parse_overrides(list(overrides))))
+        checks += check_config_models(load_data(config, list(overrides)))  # the one loader: extends, ${VAR}
     return checks
 
 

@@ -65,6 +65,9 @@ def configure_environment() -> None:
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "GIT_PYTHON_REFRESH": "quiet",
+        # steps log through the "nexus" logger (StepContext.info): Prefect attaches its console and
+        # API handlers to it, so those lines show under the task run in the Prefect UI
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "nexus",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
@@ -77,7 +80,7 @@ def shell_exports() -> str:
     configure_environment()
     keys = ["NEXUS_HOME", "NEXUS_DATA", "PREFECT_HOME", "PREFECT_RESULTS_PERSIST_BY_DEFAULT",
             "PREFECT_LOCAL_STORAGE_PATH", "MLFLOW_TRACKING_URI", "LITELLM_LOCAL_MODEL_COST_MAP",
-            "HF_HUB_DISABLE_TELEMETRY", "TOKENIZERS_PARALLELISM", "DO_NOT_TRACK"]
+            "HF_HUB_DISABLE_TELEMETRY", "TOKENIZERS_PARALLELISM", "DO_NOT_TRACK", "PREFECT_LOGGING_EXTRA_LOGGERS"]
     values = {"NEXUS_HOME": str(nexus_home()), "NEXUS_DATA": str(data_root())}
     return "\n".join(f"export {k}={shlex.quote(values.get(k) or os.environ[k])}" for k in keys)
 

@@ -9,7 +9,7 @@ Never Prefect's DEFAULT, which includes the run id. Wrappers list nothing by han
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +28,15 @@ class StepKey(CachePolicy):
     """Cache key of a task that runs one step: the spine's key over the task's parameters."""
 
     step_fn: Callable[..., Any] | None = None
+    runtime: tuple[str, ...] = ()
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
         assert self.step_fn is not None
         refs, others = {}, {}
         for k, v in inputs.items():
+            if k in self.runtime:  # a knob of how the task runs (worker count), not of what it makes
+                continue
             if isinstance(v, ArtifactRef):
                 refs[k] = v
             elif isinstance(v, dict) and v and all(isinstance(r, ArtifactRef) for r in v.values()):
@@ -44,13 +47,16 @@ class StepKey(CachePolicy):
                         extra={"params": others, "data_root": data_root_id()})
 
 
-def nexus_task(step_fn: Callable[..., Any], **task_kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+def nexus_task(step_fn: Callable[..., Any], runtime: Iterable[str] = (),
+               **task_kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
     """``@task`` with the spine's cache key, persisted results and a ``nexus`` tag.
 
-    ``step_fn`` is the ``run_<step>`` function the wrapper calls.
+    ``step_fn`` is the ``run_<step>`` function the wrapper calls; parameters named in ``runtime``
+    (worker counts) stay out of the key.
     """
     tags = {"nexus", *task_kwargs.pop("tags", ())}
-    return task(cache_policy=StepKey(step_fn=step_fn), persist_result=True, tags=tags, **task_kwargs)
+    return task(cache_policy=StepKey(step_fn=step_fn, runtime=tuple(runtime)), persist_result=True, tags=tags,
+                **task_kwargs)
 
 
 def _progress_reporter() -> Callable[[float, str], None]:

@@ -8,7 +8,7 @@ import polars as pl
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.config import NexusModel
+from nexus_core.config import ConfigPath, NexusModel
 from nexus_core.context import StepContext
 from nexus_core.contract import step
 from nexus_core.errors import InputError
@@ -19,7 +19,7 @@ from nexus_core.runner import StepResult
 class IngestConfig(NexusModel):
     """Which raw files to read and what they must contain."""
 
-    sources: list[str] = Field(description="Raw files (JSONL, JSONL.gz/.zst or Parquet), relative to the repo")
+    sources: list[ConfigPath] = Field(description="Raw files (JSONL, JSONL.gz/.zst or Parquet), relative to the repo")
     required_columns: list[str] = Field(default_factory=lambda: ["text"],
                                         description="Columns every source must have")
     dedupe_on: str | None = Field("text", description="Drop exact duplicate rows on this column; null keeps all")

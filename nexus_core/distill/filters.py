@@ -14,7 +14,7 @@ import polars as pl
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.config import NexusModel
+from nexus_core.config import ConfigPath, NexusModel
 from nexus_core.context import StepContext
 from nexus_core.contract import step, table
 from nexus_core.distill.rules import apply_rules, gate_metrics, load_rules
@@ -28,7 +28,7 @@ REQUIRED = ("row_id", "template_name", "response", "status")
 class FiltersConfig(NexusModel):
     """Where the rules are."""
 
-    rules: str = Field("configs/distill/filters.yaml", description="Filter rules YAML (its content joins the cache key)")
+    rules: ConfigPath = Field("configs/distill/filters.yaml", validate_default=True, description="Filter rules YAML (its content joins the cache key)")
 
 
 class FiltersResult(StepResult):

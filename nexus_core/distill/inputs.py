@@ -16,7 +16,7 @@ import polars as pl
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.config import NexusModel
+from nexus_core.config import ConfigPath, NexusModel
 from nexus_core.context import StepContext
 from nexus_core.contract import step
 from nexus_core.distill.prompts import load_template, template_path
@@ -32,7 +32,7 @@ class TeacherInputsConfig(NexusModel):
 
     templates: list[str] = Field(default_factory=lambda: ["hypothesis", "methodology"],
                                  description="Template names (files <prompts_dir>/<name>.yaml)")
-    prompts_dir: str = Field("configs/distill/prompts", description="Directory of prompt templates")
+    prompts_dir: ConfigPath = Field("configs/distill/prompts", validate_default=True, description="Directory of prompt templates")
     default_domain: str = Field("general", description="Domain for enhanced-prompt texts that name none")
     min_text_chars: int = Field(20, ge=1, description="Source texts shorter than this are skipped (counted)")
 

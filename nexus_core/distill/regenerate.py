@@ -14,7 +14,7 @@ import polars as pl
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.config import NexusModel
+from nexus_core.config import ConfigPath, NexusModel
 from nexus_core.context import StepContext
 from nexus_core.contract import step, table
 from nexus_core.distill.prompts import TeacherConfig, load_template, template_path
@@ -32,7 +32,7 @@ class RegenerateConfig(NexusModel):
 
     max_rounds: int = Field(2, ge=0, description="Regeneration rounds for rejected rows (0: none)")
     template: str = Field("strict", description="Stricter prompt template name in prompts_dir")
-    prompts_dir: str = Field("configs/distill/prompts", description="Directory of prompt templates")
+    prompts_dir: ConfigPath = Field("configs/distill/prompts", validate_default=True, description="Directory of prompt templates")
     rules: str = Field("configs/distill/filters.yaml", description="Filter rules YAML used to re-filter")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher model and limits")
 

@@ -16,7 +16,7 @@ import polars as pl
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.config import NexusModel
+from nexus_core.config import ConfigPath, NexusModel
 from nexus_core.context import StepContext
 from nexus_core.contract import step, table
 from nexus_core.evaluate.rubric import (
@@ -34,7 +34,7 @@ class JudgeConfig(NexusModel):
     """Which judge, which rubric."""
 
     kind: Literal["heuristic", "llm"] = Field("heuristic", description="llm: litellm judge; heuristic: offline rules")
-    rubric: str = Field("configs/eval/rubric.json", description="Rubric JSON file (dimensions and scale)")
+    rubric: ConfigPath = Field("configs/eval/rubric.json", validate_default=True, description="Rubric JSON file (dimensions and scale)")
     llm: JudgeSettings = Field(default_factory=JudgeSettings, description="LLM judge endpoint (kind=llm)")
     methodology_min_steps: int = Field(3, ge=1, description="Ordered steps that make a methodology block")
 

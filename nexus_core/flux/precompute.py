@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
-from nexus_core.config import NexusModel, runtime_field
+from nexus_core.config import NexusModel, PathOrName, runtime_field
 from nexus_core.context import StepContext
 from nexus_core.contract import directory, step
 from nexus_core.errors import ConfigError, InputError
@@ -38,7 +38,7 @@ META = "flux_meta.json"
 class PrecomputeConfig(NexusModel):
     """How to encode the prepared images and captions."""
 
-    pretrained_model_name_or_path: str | None = Field(
+    pretrained_model_name_or_path: PathOrName | None = Field(
         None, description="Pipeline holding the VAE and text encoder (a 'pipeline' input overrides it)")
     resolution: int = Field(512, ge=8, description="Square image side fed to the VAE; latents_<resolution>")
     batch_size: int = Field(8, ge=1, description="Images/captions encoded per forward pass")

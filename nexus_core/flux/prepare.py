@@ -29,7 +29,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.config import NexusModel, runtime_field
+from nexus_core.config import NexusModel, PathOrName, runtime_field
 from nexus_core.context import StepContext
 from nexus_core.contract import anything, directory, step
 from nexus_core.errors import InputError
@@ -51,7 +51,7 @@ class PrepareConfig(NexusModel):
     num_class_images: int = Field(0, ge=0, description="dreambooth: class images wanted (generated if missing)")
     generate_class_images: bool = Field(False, description="dreambooth: generate missing class images")
     class_generation_steps: int = Field(20, ge=1, description="Inference steps per generated class image")
-    pretrained_model_name_or_path: str | None = Field(
+    pretrained_model_name_or_path: PathOrName | None = Field(
         None, description="Pipeline used to generate class images (a 'pipeline' input overrides it)")
     size: int = Field(512, ge=8, description="Side of the stored square image (center crop, then resize)")
     min_size: int = Field(0, ge=0, description="Skip images whose shorter side is below this")

@@ -32,7 +32,7 @@ from pydantic import Field
 
 from nexus_core import checkpoints
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
-from nexus_core.config import NexusModel, runtime_field
+from nexus_core.config import ConfigPath, NexusModel, PathOrName, runtime_field
 from nexus_core.context import StepContext
 from nexus_core.contract import directory, step
 from nexus_core.errors import ConfigError, InputError
@@ -67,9 +67,9 @@ class LossSettings(NexusModel):
 class TrainConfig(NexusModel):
     """Everything about one Flux.2 training run."""
 
-    pretrained_model_name_or_path: str | None = Field(
+    pretrained_model_name_or_path: PathOrName | None = Field(
         None, description="Pipeline (VAE, scheduler, text encoder) for validation; a 'pipeline' input overrides")
-    dit: str | None = Field(None, description="Transformer to train (dir with config.json or a pipeline); "
+    dit: PathOrName | None = Field(None, description="Transformer to train (dir with config.json or a pipeline); "
                                               "default: the pipeline's transformer/")
     train_mode: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter or every weight")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA shape (train_mode=lora)")
@@ -87,16 +87,16 @@ class TrainConfig(NexusModel):
     prior_preservation: bool = Field(False, description="DreamBooth: half of each batch from class images")
     prior_weight: float = Field(1.0, ge=0, description="Weight of the class-image loss")
     distillation: bool = Field(False, description="Also match a frozen teacher's prediction")
-    teacher_dit: str | None = Field(None, description="Teacher transformer; default: a frozen copy of the start")
+    teacher_dit: PathOrName | None = Field(None, description="Teacher transformer; default: a frozen copy of the start")
     flow_weight: float = Field(1.0, ge=0, description="Weight of the flow-matching loss when distilling")
     distillation_weight: float = Field(1.0, ge=0, description="Weight of the teacher-matching loss")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast dtype")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory")
     checkpointing_steps: int = Field(500, ge=1, description="Save a checkpoint every N optimizer steps")
     checkpoints_total_limit: int | None = Field(3, ge=1, description="Keep at most this many checkpoints")
-    checkpoint_dir: str | None = Field(None, description="Where checkpoints live (default: the step's work dir, "
+    checkpoint_dir: ConfigPath | None = Field(None, description="Where checkpoints live (default: the step's work dir, "
                                                          "removed once the artifact is published)")
-    resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint directory")
+    resume_from_checkpoint: PathOrName | None = Field(None, description="'latest' or a checkpoint directory")
     validation_steps: int = Field(500, ge=1, description="Render validation images every N steps (and at the end)")
     validation_prompts: list[str] = Field(default_factory=list, description="Prompts of the validation images")
     validation_inference_steps: int = Field(20, ge=1, description="Sampler steps per validation image")

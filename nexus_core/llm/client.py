@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import Field
 
-from nexus_core.config import NexusModel
+from nexus_core.config import ConfigPath, NexusModel
 from nexus_core.errors import ConfigError, InputError
 from nexus_core.settings import nexus_home
 
@@ -57,7 +57,7 @@ class LLMConfig(NexusModel):
     top_logprobs: int = Field(0, ge=0, le=20, description="Top-k logprobs to request per token (0: none)")
     offline: bool = Field(False, description="Serve only from the response caches; a miss is a failed row naming its key")
     cache: bool = Field(True, description="Use the SQLite response cache under NEXUS_HOME")
-    recorded_cache: list[str] = Field(default_factory=list, description="Read-only JSONL response caches (key, response) behind the SQLite one")
+    recorded_cache: list[ConfigPath] = Field(default_factory=list, description="Read-only JSONL response caches (key, response) behind the SQLite one")
 
     def sampling(self) -> dict[str, Any]:
         """The sampling parameters that join the cache key."""

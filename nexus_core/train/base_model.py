@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.config import NexusModel
+from nexus_core.config import NexusModel, PathOrName
 from nexus_core.context import StepContext
 from nexus_core.contract import model, step, table
 from nexus_core.errors import InputError
@@ -22,7 +22,7 @@ class BaseModelConfig(NexusModel):
     """Where the base model comes from."""
 
     source: Literal["tiny", "pretrained"] = Field("tiny", description="Build a tiny model, or copy a real one")
-    pretrained: str | None = Field(None, description="Model reference (source=pretrained): hub id "
+    pretrained: PathOrName | None = Field(None, description="Model reference (source=pretrained): hub id "
                                                      "(ORG/NAME[@REV]), local directory or artifact NAME@vN")
     tiny: TinyLLMConfig = Field(default_factory=TinyLLMConfig, description="Shape of the tiny model")
     text_column: str = Field("text", description="Corpus column the tiny tokenizer is trained on")

@@ -11,6 +11,8 @@ from pydantic import Field
 from dashboards import lib
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import step
 from nexus_core.io import schema_of, write_parquet
 from nexus_core.runner import StepResult, run_step
 
@@ -21,7 +23,8 @@ class TableConfig(NexusModel):
     rows: list[dict] = Field(description="Table rows")
 
 
-def run_table(cfg: TableConfig, *, inputs: dict[str, ArtifactRef], out_uri: str) -> StepResult:
+@step(area="lib")
+def run_table(cfg: TableConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> StepResult:
     """Publish ``cfg.rows`` as data.parquet (stands in for the regenerate step's output shape)."""
     df = pl.DataFrame(cfg.rows)
     write_parquet(df, Path(out_uri) / "data.parquet")
@@ -35,7 +38,7 @@ def test_row_history_lists_every_regeneration_round(data_root):
              "history_json": json.dumps(history)},
             {"row_id": "x2", "final_output": "No.", "final_keep": False, "final_reasons": "too_short; citation",
              "history_json": "[]"}]
-    ref = run_step(run_table, TableConfig(rows=rows), area="lib", name="regenerated").ref
+    ref = run_step(run_table, TableConfig(rows=rows), name="regenerated").ref
     hist = lib.row_history("x1")
     assert hist["round"].to_list() == [None, 1, 2]
     assert hist["verdict"].to_list() == ["keep", "reject", "keep"]

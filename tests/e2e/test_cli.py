@@ -110,7 +110,6 @@ def test_python_m_flow_failures_nexus_and_unexpected(repo, tmp_path):
     assert len(_error_lines(out.stderr)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="until the distill path fields are typed ConfigPath (see nexus_core/config.py)")
 def test_shipped_config_runs_from_another_directory(repo, tmp_path):
     """Relative paths in a shipped config (sources, prompt templates, filter rules, the recorded teacher) are
     relative to the repository root, not to the working directory."""

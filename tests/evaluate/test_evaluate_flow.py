@@ -25,7 +25,7 @@ def test_every_eval_yaml_validates():
     assert {f.name for f in files} >= {"base.yaml", "tiny.yaml"}
     for f in files:
         cfg = load_flow_config(EvaluateConfig, str(f))
-        assert cfg.gates.gates and cfg.judge.rubric == "configs/eval/rubric.json"
+        assert cfg.gates.gates and cfg.judge.rubric == str(REPO / "configs/eval/rubric.json")
     assert load_flow_config(EvaluateConfig, str(REPO / "configs/eval/tiny.yaml")).judge.kind == "heuristic"
 
 

@@ -11,6 +11,8 @@ from pydantic import Field
 
 from nexus_core import catalog, costs
 from nexus_core.config import NexusModel, load_config
+from nexus_core.context import StepContext
+from nexus_core.contract import step
 from nexus_core.errors import ConfigError
 from nexus_core.runner import Cost, StepResult, run_step
 
@@ -81,7 +83,8 @@ class GpuStepResult(StepResult):
     """Result of the fake GPU step."""
 
 
-def run_gpu_step(cfg: GpuStepConfig, *, inputs, out_uri: str) -> GpuStepResult:
+@step(area="train")
+def run_gpu_step(cfg: GpuStepConfig, *, inputs, out_uri: str, ctx: StepContext) -> GpuStepResult:
     """Writes one file and reports GPU time priced from the table."""
     (Path(out_uri) / "note.txt").write_text("trained")
     return GpuStepResult(cost=costs.gpu_step_cost("lambda", "gpu_1x_h100_pcie", cfg.seconds, table=TABLE,
@@ -101,7 +104,7 @@ def test_budget_stops_a_step_before_it_runs(data_root):
     # A smaller step fits, runs through the spine, and lands in the ledger.
     left = costs.check_budget(budget, estimate_usd=1.245, step="train", flow_run_id=run_id)
     assert left == pytest.approx(0.755)
-    run_step(run_gpu_step, GpuStepConfig(seconds=1800), area="train", name="budgeted", context=ctx)
+    run_step(run_gpu_step, GpuStepConfig(seconds=1800), name="budgeted", context=ctx)
     assert costs.spent(flow_run_id=run_id) == pytest.approx(1.245)
     rows = [r for r in catalog.costs() if r.flow_run_id == run_id]
     assert len(rows) == 1 and rows[0].kind == "gpu" and rows[0].gpu_seconds == 1800
@@ -116,11 +119,11 @@ def test_report_groups_by_flow_step_provider_and_cli_prints_it(capsys):
 
     flow = f"report-{uuid.uuid4().hex[:6]}"
     catalog.add(
-        catalog.CostRow(flow_name=flow, step="teacher", provider="openai", kind="api", tokens_in=1000,
+        catalog.CostRow(flow_name=flow, step="teacher", provider="openai", tokens_in=1000,
                         tokens_out=200, usd=0.50),
-        catalog.CostRow(flow_name=flow, step="teacher", provider="openai", kind="api", tokens_in=500,
+        catalog.CostRow(flow_name=flow, step="teacher", provider="openai", tokens_in=500,
                         tokens_out=100, usd=0.25),
-        catalog.CostRow(flow_name=flow, step="sft", provider="lambda", kind="gpu", gpu_seconds=7200, usd=4.98),
+        catalog.CostRow(flow_name=flow, step="sft", provider="lambda", gpu_seconds=7200, usd=4.98),
     )
     lines = costs.cost_report(flow_name=flow)
     assert [(line["step"], line["provider"]) for line in lines] == [("sft", "lambda"), ("teacher", "openai")]

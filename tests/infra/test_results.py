@@ -8,6 +8,8 @@ import pytest
 from pydantic import Field
 
 from nexus_core.config import NexusModel
+from nexus_core.context import StepContext
+from nexus_core.contract import step
 from nexus_core.errors import InputError
 from nexus_core.runner import StepResult, run_step
 
@@ -22,7 +24,8 @@ class NoteResult(StepResult):
     """Result of the note step."""
 
 
-def run_note(cfg: NoteConfig, *, inputs, out_uri: str) -> NoteResult:
+@step(area="notes")
+def run_note(cfg: NoteConfig, *, inputs, out_uri: str, ctx: StepContext) -> NoteResult:
     """Write two files, one in a sub-folder (like adapter/ in model artifacts)."""
     (Path(out_uri) / "note.txt").write_text(cfg.text)
     (Path(out_uri) / "sub").mkdir()
@@ -33,7 +36,7 @@ def run_note(cfg: NoteConfig, *, inputs, out_uri: str) -> NoteResult:
 def test_artifacts_mirror_to_fsspec_and_come_back_verified(data_root, tmp_path):
     from infra.results import fetch_artifact, mirror_artifacts
 
-    ref = run_step(run_note, NoteConfig(text="hello"), area="notes", name="note")
+    ref = run_step(run_note, NoteConfig(text="hello"), name="note")
     remote = f"file://{tmp_path}/bucket/nexus-data"
     first = mirror_artifacts(remote)
     assert first == [f"{remote}/processed/notes/note_v{ref.ref.version}"]

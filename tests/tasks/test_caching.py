@@ -1,4 +1,5 @@
-"""Our cache policy: a second run is Cached; editing the *step module* (not the wrapper) misses."""
+"""Our cache policy: a second run is Cached; editing the *step module* or a module it imports (not the
+wrapper) misses."""
 
 import importlib
 import shutil
@@ -7,10 +8,16 @@ import textwrap
 
 import pytest
 
+HELPER = '''
+SUFFIX = ""
+'''
+
 STEP = '''
 from pathlib import Path
 from nexus_core.config import NexusModel
+from nexus_core.contract import step
 from nexus_core.runner import StepResult
+from cachepkg import helper
 
 
 class EchoConfig(NexusModel):
@@ -21,8 +28,9 @@ class EchoResult(StepResult):
     pass
 
 
-def run_echo(cfg: EchoConfig, *, inputs, out_uri: str) -> EchoResult:
-    Path(out_uri, "echo.txt").write_text(cfg.text)
+@step(area="test")
+def run_echo(cfg: EchoConfig, *, inputs, out_uri: str, ctx) -> EchoResult:
+    Path(out_uri, "echo.txt").write_text(cfg.text + helper.SUFFIX)
     return EchoResult(rows=1)
 '''
 
@@ -35,7 +43,7 @@ from {step} import EchoConfig, EchoResult, run_echo
 
 @nexus_task(run_echo, name="echo", runtime=["workers"])
 def echo(cfg: EchoConfig, workers: int = 1) -> EchoResult:
-    return run_step(run_echo, cfg, area="test", name="echo", context=run_context())
+    return run_step(run_echo, cfg, name="echo", context=run_context())
 
 
 @flow
@@ -50,9 +58,13 @@ def modules(tmp_path, monkeypatch, data_root):
     pkg = tmp_path / "cachepkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
+    (pkg / "helper.py").write_text(HELPER)
     (pkg / "step_echo.py").write_text(STEP)
     (pkg / "wrap_echo.py").write_text(WRAPPER.format(step="cachepkg.step_echo"))
     monkeypatch.syspath_prepend(str(tmp_path))
+    from nexus_core import cachekey
+
+    monkeypatch.setattr(cachekey, "REPO_PACKAGES", ("nexus_core", "cachepkg"))  # as if it were in the repo
     yield pkg
     for name in [m for m in sys.modules if m.startswith("cachepkg")]:
         del sys.modules[name]
@@ -74,6 +86,11 @@ def test_second_run_cached_then_step_edit_misses(prefect_harness, modules, data_
     """))
     assert wrap.echo_flow("a") == ("Completed", 3)
     assert wrap.echo_flow("a") == ("Cached", 3)
+
+    # edit a helper the step imports (the wrapper never names it): the cache misses too
+    (modules / "helper.py").write_text("SUFFIX = ''  # reformatted\n")
+    assert wrap.echo_flow("a") == ("Completed", 4)
+    assert wrap.echo_flow("a") == ("Cached", 4)
 
     # the data root deleted (Prefect's result store kept): run again rather than return a ref to nothing
     shutil.rmtree(data_root)
