@@ -40,8 +40,8 @@ class VariantSpec(NexusModel):
     """One compressed variant: prune, quantize, or prune then quantize."""
 
     name: str = Field(pattern=r"^[a-z0-9_]+$", description="Variant name (artifact suffix, benchmark row)")
-    prune: PruneConfig | None = Field(None, description="Pruning, applied first")
-    quantize: QuantizeConfig | None = Field(None, description="Quantization, applied to the (pruned) model")
+    prune: PruneConfig | None = Field(default=None, description="Pruning, applied first")
+    quantize: QuantizeConfig | None = Field(default=None, description="Quantization, applied to the (pruned) model")
 
     @model_validator(mode="after")
     def _something(self) -> VariantSpec:
@@ -55,23 +55,23 @@ class VariantSpec(NexusModel):
 class ExportSection(ExportConfig):
     """Export settings plus which model to export."""
 
-    source: str = Field("base", description="'base' or a variant name (quantized variants export as fp32)")
+    source: str = Field(default="base", description="'base' or a variant name (quantized variants export as fp32)")
 
 
 class CompressConfig(FlowConfig):
     """Config of the compress flow."""
 
-    name: str = Field("compress", description="Run name; artifact names derive from it")
-    model: PathOrName | None = Field(None, description="Model dir or artifact spec (NAME@vN); unused when the flow "
+    name: str = Field(default="compress", description="Run name; artifact names derive from it")
+    model: PathOrName | None = Field(default=None, description="Model dir or artifact spec (NAME@vN); unused when the flow "
                                                 "gets a model ref; if both are absent a base is built from corpus")
-    calibration: PathOrName | None = Field(None, description="Calibration dataset dir or spec (default: the corpus)")
-    heldout: PathOrName | None = Field(None, description="Held-out dataset dir or spec (default: calibration)")
-    corpus: IngestConfig | None = Field(None, description="Raw corpus (tiny base and default calibration)")
+    calibration: PathOrName | None = Field(default=None, description="Calibration dataset dir or spec (default: the corpus)")
+    heldout: PathOrName | None = Field(default=None, description="Held-out dataset dir or spec (default: calibration)")
+    corpus: IngestConfig | None = Field(default=None, description="Raw corpus (tiny base and default calibration)")
     base_model: BaseModelConfig = Field(default_factory=BaseModelConfig, description="Base built when no model")
     variants: list[VariantSpec] = Field(default_factory=list, description="Compressed variants to make")
-    export: ExportSection | None = Field(None, description="Export settings (None: no export)")
+    export: ExportSection | None = Field(default=None, description="Export settings (None: no export)")
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="Benchmark settings")
-    release: ReleaseConfig | None = Field(None, description="Register the chosen variant (None: no release)")
+    release: ReleaseConfig | None = Field(default=None, description="Register the chosen variant (None: no release)")
 
     @model_validator(mode="after")
     def _sources(self) -> CompressConfig:

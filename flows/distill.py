@@ -40,11 +40,11 @@ from tasks.distill_review import review
 class DistillConfig(FlowConfig):
     """Config of the distill flow: one section per stage; ``teacher`` serves collection and regeneration."""
 
-    name: str = Field("distill", description="Run name; artifact names derive from it")
+    name: str = Field(default="distill", description="Run name; artifact names derive from it")
     sources: list[ConfigPath] = Field(default_factory=list, description="Raw JSONL / enhanced-prompt JSON files")
     inputs: TeacherInputsConfig = Field(default_factory=TeacherInputsConfig, description="Prompt templates")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher model through litellm")
-    batch_size: int = Field(256, ge=1, description="Rows per collection batch")
+    batch_size: int = Field(default=256, ge=1, description="Rows per collection batch")
     filters: FiltersConfig = Field(default_factory=FiltersConfig, description="Filter rules")
     review: ReviewConfig = Field(default_factory=ReviewConfig, description="Review gate")
     regenerate: RegenerateConfig = Field(default_factory=RegenerateConfig, description="Regeneration of rejects")

@@ -42,10 +42,10 @@ from tasks.ingest import ingest
 class EvaluateConfig(FlowConfig):
     """Config of the evaluate flow: where the model and data come from, and one section per step."""
 
-    name: str = Field("eval", description="Evaluation name; artifact names derive from it")
-    model: PathOrName | None = Field(None, description="Model: HF dir, artifact dir or name[@vN] (ignored when the "
+    name: str = Field(default="eval", description="Evaluation name; artifact names derive from it")
+    model: PathOrName | None = Field(default=None, description="Model: HF dir, artifact dir or name[@vN] (ignored when the "
                                                 "flow is given a model ref); null builds `tiny_model`")
-    dataset: PathOrName | None = Field(None, description="Validation set with input/output: table file, artifact dir "
+    dataset: PathOrName | None = Field(default=None, description="Validation set with input/output: table file, artifact dir "
                                                   "or [area/]name[@vN] (ignored when given a dataset ref)")
     tiny_model: BaseModelConfig = Field(
         default_factory=lambda: BaseModelConfig(source="tiny", text_column="input"),

@@ -32,35 +32,35 @@ from tasks.flux_train import flux_train
 class PipelineSection(NexusModel):
     """The single source of VAE, scheduler and text encoder (and the DiT unless model.dit is set)."""
 
-    pretrained_model_name_or_path: PathOrName | None = Field(None, description="Hub id or local pipeline directory")
-    tiny: TinyFluxConfig | None = Field(None, description="Build a tiny pipeline from this shape instead")
+    pretrained_model_name_or_path: PathOrName | None = Field(default=None, description="Hub id or local pipeline directory")
+    tiny: TinyFluxConfig | None = Field(default=None, description="Build a tiny pipeline from this shape instead")
 
 
 class ModelSection(NexusModel):
     """The transformer to train."""
 
-    dit: PathOrName | None = Field(None, description="Transformer dir or hub id; default the pipeline's transformer")
+    dit: PathOrName | None = Field(default=None, description="Transformer dir or hub id; default the pipeline's transformer")
 
 
 class DataSection(NexusModel):
     """Raw inputs of prepare."""
 
-    source: ConfigPath | None = Field(None, description="sstk list file, image folder, or DreamBooth instance folder")
-    class_dir: ConfigPath | None = Field(None, description="DreamBooth class image folder (optional)")
+    source: ConfigPath | None = Field(default=None, description="sstk list file, image folder, or DreamBooth instance folder")
+    class_dir: ConfigPath | None = Field(default=None, description="DreamBooth class image folder (optional)")
 
 
 class FluxConfig(FlowConfig):
     """Config of the flux flow (configs/flux/...)."""
 
-    name: str = Field("flux", description="Run name; artifact names derive from it")
+    name: str = Field(default="flux", description="Run name; artifact names derive from it")
     pipeline: PipelineSection = Field(default_factory=PipelineSection, description="Where the pipeline comes from")
     model: ModelSection = Field(default_factory=ModelSection, description="Which DiT to train")
     data: DataSection = Field(default_factory=DataSection, description="Raw images and captions")
     prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="Prepare step")
     precompute: PrecomputeConfig = Field(default_factory=PrecomputeConfig, description="Precompute step")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Train step")
-    precomputed_data_dir: ConfigPath | None = Field(None, description="Existing precompute artifact: skip prepare+precompute")
-    output_dir: ConfigPath | None = Field(None, description="Also copy the trained weights and config here")
+    precomputed_data_dir: ConfigPath | None = Field(default=None, description="Existing precompute artifact: skip prepare+precompute")
+    output_dir: ConfigPath | None = Field(default=None, description="Also copy the trained weights and config here")
 
     @model_validator(mode="after")
     def _sources_named(self) -> FluxConfig:

@@ -31,13 +31,13 @@ from tasks.ingest import ingest
 class LifecycleConfig(FlowConfig):
     """Config of the lifecycle flow: one section per stage; a missing section skips that stage."""
 
-    name: str = Field("tiny", description="Run name; artifact names derive from it")
+    name: str = Field(default="tiny", description="Run name; artifact names derive from it")
     corpus: IngestConfig = Field(description="Raw corpus to ingest")
     base_model: BaseModelConfig = Field(default_factory=BaseModelConfig, description="Base model to start from")
-    distill: DistillConfig | None = Field(None, description="Distillation data pipeline → SFT dataset")
-    train: LLMTrainConfig | None = Field(None, description="Training stages; the SFT dataset is dataset `sft`")
-    evaluate: EvaluateConfig | None = Field(None, description="Evaluation of the trained model, with gates")
-    compress: CompressConfig | None = Field(None, description="Compression; its release runs only if gates pass")
+    distill: DistillConfig | None = Field(default=None, description="Distillation data pipeline → SFT dataset")
+    train: LLMTrainConfig | None = Field(default=None, description="Training stages; the SFT dataset is dataset `sft`")
+    evaluate: EvaluateConfig | None = Field(default=None, description="Evaluation of the trained model, with gates")
+    compress: CompressConfig | None = Field(default=None, description="Compression; its release runs only if gates pass")
 
 
 def check_lifecycle(cfg: LifecycleConfig) -> list[str]:

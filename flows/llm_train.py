@@ -56,10 +56,10 @@ class Stage(NexusModel):
 
     name: str = Field(pattern=r"^[a-z0-9_]+$", description="Stage name (artifact train/<run>_<name>_vN)")
     dataset: str = Field(description="Key in `datasets` (or the flow's datasets parameter) to train on")
-    model: PathOrName | None = Field(None, description="Input model: an earlier stage's name or a path/spec "
+    model: PathOrName | None = Field(default=None, description="Input model: an earlier stage's name or a path/spec "
                                                 "(default: the previous causal-LM stage, else the base)")
-    teacher: PathOrName | None = Field(None, description="kd source=model: an earlier stage, 'base', or a path/spec")
-    reward_model: PathOrName | None = Field(None, description="grpo: an earlier reward stage, or a path/spec")
+    teacher: PathOrName | None = Field(default=None, description="kd source=model: an earlier stage, 'base', or a path/spec")
+    reward_model: PathOrName | None = Field(default=None, description="grpo: an earlier reward stage, or a path/spec")
     train: AnyStage = Field(description="The method and its hyper-parameters (method: sft|cpt|dpo|orpo|grpo|"
                                         "reward|kd)")
 
@@ -67,17 +67,17 @@ class Stage(NexusModel):
 class LLMTrainConfig(FlowConfig):
     """Config of the llm_train flow."""
 
-    name: str = Field("train", pattern=r"^[a-z0-9_]+$", description="Run name; artifact names derive from it")
-    base_model: PathOrName | None = Field(None, description="Base model dir or artifact spec (NAME@vN); unused when the "
+    name: str = Field(default="train", pattern=r"^[a-z0-9_]+$", description="Run name; artifact names derive from it")
+    base_model: PathOrName | None = Field(default=None, description="Base model dir or artifact spec (NAME@vN); unused when the "
                                                      "flow gets a base_model ref; else a tiny base is built")
-    corpus: IngestConfig | None = Field(None, description="Raw corpus the tiny base's tokenizer is trained on")
+    corpus: IngestConfig | None = Field(default=None, description="Raw corpus the tiny base's tokenizer is trained on")
     tiny_base: BaseModelConfig = Field(default_factory=BaseModelConfig, description="Tiny base built when no model")
     datasets: dict[str, PathOrName] = Field(default_factory=dict, description="Dataset key → file, dir or spec")
     stages: list[Stage] = Field(default_factory=list, description="The stage queue, run in order")
-    quick: bool = Field(False, description="Run every stage for `quick_steps` steps (smoke test of a recipe)")
-    quick_steps: int = Field(3, ge=1, description="Steps per stage when quick")
-    register_models: bool = Field(True, description="Register every stage's model in the MLflow model registry")
-    registry_prefix: str = Field("nexus", description="Registered model name = <prefix>-<run name>-<stage>")
+    quick: bool = Field(default=False, description="Run every stage for `quick_steps` steps (smoke test of a recipe)")
+    quick_steps: int = Field(default=3, ge=1, description="Steps per stage when quick")
+    register_models: bool = Field(default=True, description="Register every stage's model in the MLflow model registry")
+    registry_prefix: str = Field(default="nexus", description="Registered model name = <prefix>-<run name>-<stage>")
 
     @model_validator(mode="after")
     def _queue(self) -> LLMTrainConfig:

@@ -22,7 +22,7 @@ class FlowResult(BaseModel):
     reused: list[str] = Field(default_factory=list)
     flow_run_id: str | None = None
     mlflow_run_id: str | None = None
-    dry_run: bool = Field(False, description="True when the flow only checked and planned its stages")
+    dry_run: bool = Field(default=False, description="True when the flow only checked and planned its stages")
     plan: list[str] = Field(default_factory=list, description="The stages a dry run would run, in order")
 
     @property
@@ -57,7 +57,7 @@ class FlowResult(BaseModel):
 class DistillResult(FlowResult):
     """The distill flow: the SFT dataset and what each stage kept."""
 
-    sft: ArtifactRef | None = Field(None, description="The SFT dataset")
+    sft: ArtifactRef | None = Field(default=None, description="The SFT dataset")
     collected_ok: int = 0
     collected_failed: int = 0
     offline_misses: int = 0
@@ -72,16 +72,16 @@ class DistillResult(FlowResult):
 class LLMTrainResult(FlowResult):
     """The llm_train flow: the model the queue ended with, each stage's registry entry and final loss."""
 
-    final_model: ArtifactRef | None = Field(None, description="The last causal-LM stage's model")
+    final_model: ArtifactRef | None = Field(default=None, description="The last causal-LM stage's model")
     registered: dict[str, str] = Field(default_factory=dict, description="stage → registered name/version")
     losses: dict[str, float] = Field(default_factory=dict, description="stage → final training loss")
-    base_model: dict[str, Any] | None = Field(None, description="Dry run: the base model's description")
+    base_model: dict[str, Any] | None = Field(default=None, description="Dry run: the base model's description")
 
 
 class EvaluateResult(FlowResult):
     """The evaluate flow: the gate verdict and the numbers behind it."""
 
-    gate_passed: bool | None = Field(None, description="The promote/reject verdict (None: dry run)")
+    gate_passed: bool | None = Field(default=None, description="The promote/reject verdict (None: dry run)")
     failed_gates: list[str] = Field(default_factory=list)
     gate_values: dict[str, Any] = Field(default_factory=dict)
     run_id: str | None = None
@@ -89,7 +89,7 @@ class EvaluateResult(FlowResult):
     judge_kind: str | None = None
     score: float | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
-    report: str | None = Field(None, description="Path of the report JSON")
+    report: str | None = Field(default=None, description="Path of the report JSON")
     feedback_samples: int = 0
 
 
@@ -100,7 +100,7 @@ class CompressResult(FlowResult):
     variants: list[str] = Field(default_factory=list)
     ratios: dict[str, dict[str, Any]] = Field(default_factory=dict, description="model → size/latency/perplexity "
                                                                                 "ratios against the base")
-    released: dict[str, Any] | None = Field(None, description="variant and registry entry of the release")
+    released: dict[str, Any] | None = Field(default=None, description="variant and registry entry of the release")
 
 
 class FluxResult(FlowResult):
@@ -110,7 +110,7 @@ class FluxResult(FlowResult):
     global_step: int = 0
     validation_images: int = 0
     final_loss: float | None = None
-    weights: str | None = Field(None, description="What was trained and saved: lora or full")
+    weights: str | None = Field(default=None, description="What was trained and saved: lora or full")
     exported: list[str] = Field(default_factory=list, description="Files copied to output_dir")
 
 

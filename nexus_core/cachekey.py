@@ -19,7 +19,7 @@ import ast
 import hashlib
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -115,7 +115,7 @@ def files_digest(paths: Iterable[str | Path]) -> dict[str, str]:
     return out
 
 
-def step_key(fn: Callable[..., Any], cfg: Any, inputs: dict[str, ArtifactRef | None],
+def step_key(fn: Callable[..., Any], cfg: Any, inputs: Mapping[str, ArtifactRef | None],
              extra: dict[str, Any] | None = None) -> str:
     """The cache key of running step ``fn`` on ``cfg`` and ``inputs`` (see the module docstring).
 

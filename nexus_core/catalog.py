@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from functools import cache
 
 from sqlalchemy import Engine, event
-from sqlmodel import Field, Session, SQLModel, create_engine, select
+from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 from nexus_core.settings import catalog_url
 
@@ -22,7 +22,7 @@ def _now() -> datetime:
 class ArtifactRow(SQLModel, table=True):
     """One finished artifact version."""
 
-    __tablename__ = "artifacts"
+    __tablename__ = "artifacts"  # pyright: ignore[reportAssignmentType] - sqlmodel types it declared_attr
     id: int | None = Field(default=None, primary_key=True)
     kind: str
     area: str = Field(index=True)
@@ -42,7 +42,7 @@ class ArtifactRow(SQLModel, table=True):
 class StepRunRow(SQLModel, table=True):
     """One call of a step: executed, returned from an existing manifest, or failed."""
 
-    __tablename__ = "step_runs"
+    __tablename__ = "step_runs"  # pyright: ignore[reportAssignmentType] - sqlmodel types it declared_attr
     id: int | None = Field(default=None, primary_key=True)
     step: str = Field(index=True)
     status: str  # completed | reused | failed
@@ -60,7 +60,7 @@ class StepRunRow(SQLModel, table=True):
 class CostRow(SQLModel, table=True):
     """Spend of one step execution: API tokens and dollars, or GPU seconds and dollars."""
 
-    __tablename__ = "costs"
+    __tablename__ = "costs"  # pyright: ignore[reportAssignmentType] - sqlmodel types it declared_attr
     id: int | None = Field(default=None, primary_key=True)
     flow_name: str | None = Field(default=None, index=True)
     flow_run_id: str | None = None
@@ -78,7 +78,7 @@ class CostRow(SQLModel, table=True):
 class ReviewLabelRow(SQLModel, table=True):
     """A reviewer's decision on one row of a dataset (append-only: the latest label wins)."""
 
-    __tablename__ = "review_labels"
+    __tablename__ = "review_labels"  # pyright: ignore[reportAssignmentType] - sqlmodel types it declared_attr
     id: int | None = Field(default=None, primary_key=True)
     dataset_uri: str = Field(index=True)
     row_id: str = Field(index=True)
@@ -92,7 +92,7 @@ class ReviewLabelRow(SQLModel, table=True):
 class EvalReportRow(SQLModel, table=True):
     """One evaluation report (issue 7): the leaderboard is a query over these rows."""
 
-    __tablename__ = "eval_reports"
+    __tablename__ = "eval_reports"  # pyright: ignore[reportAssignmentType] - sqlmodel types it declared_attr
     id: int | None = Field(default=None, primary_key=True)
     run_id: str = Field(index=True)
     model_name: str | None = Field(default=None, index=True)
@@ -154,7 +154,7 @@ def artifacts(name: str | None = None, area: str | None = None) -> list[Artifact
             query = query.where(ArtifactRow.name == name)
         if area:
             query = query.where(ArtifactRow.area == area)
-        return list(session.exec(query.order_by(ArtifactRow.id.desc())))
+        return list(session.exec(query.order_by(col(ArtifactRow.id).desc())))
 
 
 def step_runs(flow_run_id: str | None = None) -> list[StepRunRow]:
@@ -163,13 +163,13 @@ def step_runs(flow_run_id: str | None = None) -> list[StepRunRow]:
         query = select(StepRunRow)
         if flow_run_id:
             query = query.where(StepRunRow.flow_run_id == flow_run_id)
-        return list(session.exec(query.order_by(StepRunRow.id)))
+        return list(session.exec(query.order_by(col(StepRunRow.id))))
 
 
 def costs() -> list[CostRow]:
     """Every cost row, oldest first."""
     with Session(engine()) as session:
-        return list(session.exec(select(CostRow).order_by(CostRow.id)))
+        return list(session.exec(select(CostRow).order_by(col(CostRow.id))))
 
 
 def add_eval_report(row: EvalReportRow) -> None:

@@ -290,7 +290,7 @@ def config_dict(cfg: BaseModel | dict[str, Any]) -> dict[str, Any]:
 def runtime_field(default: Any, description: str, **kwargs: Any) -> Any:
     """A config field that tunes how a step runs, not what it produces (worker counts, log intervals):
     left out of cache keys, so changing it reuses finished results."""
-    return Field(default, description=description, json_schema_extra={"nexus_runtime": True}, **kwargs)
+    return Field(default=default, description=description, json_schema_extra={"nexus_runtime": True}, **kwargs)
 
 
 def _without_runtime(value: Any, dumped: Any) -> Any:
@@ -345,12 +345,12 @@ class FlowConfig(NexusModel):
     ``{"extends": "configs/presets/tiny.yaml", "overrides": ["name=t2"], ...}`` goes through the same
     loader as a config file (extends, overrides, ``${VAR}``; see the module docstring)."""
 
-    extends: str | None = Field(None, description="YAML preset this config starts from (relative to the repo root); "
+    extends: str | None = Field(default=None, description="YAML preset this config starts from (relative to the repo root); "
                                 "merged in and cleared during validation")
     overrides: list[str] = Field(default_factory=list, description="key.sub=value overrides applied last")
-    budget_usd: float | None = Field(None, ge=0, description="Spend limit for one run of this flow (API + GPU); "
+    budget_usd: float | None = Field(default=None, ge=0, description="Spend limit for one run of this flow (API + GPU); "
                                      "steps refuse to start once it is used up")
-    dry_run: bool = Field(False, description="Check every stage's inputs and config files and print the plan; "
+    dry_run: bool = Field(default=False, description="Check every stage's inputs and config files and print the plan; "
                                              "run nothing")
 
     @model_validator(mode="before")

@@ -15,7 +15,7 @@ A dry run calls :func:`check_inputs` for every stage of a flow before the first 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -136,7 +136,7 @@ def columns_of(ref: ArtifactRef) -> list[str] | None:
     return None
 
 
-def input_problems(fn: Callable[..., Any], inputs: dict[str, ArtifactRef | None],
+def input_problems(fn: Callable[..., Any], inputs: Mapping[str, ArtifactRef | None],
                    partial: bool = False) -> list[str]:
     """Every way ``inputs`` break the step's contract (empty when they fit). Reads no more than schemas.
 
@@ -172,21 +172,21 @@ def input_problems(fn: Callable[..., Any], inputs: dict[str, ArtifactRef | None]
     return problems
 
 
-def check_inputs(fn: Callable[..., Any], inputs: dict[str, ArtifactRef | None]) -> None:
+def check_inputs(fn: Callable[..., Any], inputs: Mapping[str, ArtifactRef | None]) -> None:
     """Raise one InputError listing every contract problem of ``inputs`` (nothing when they fit)."""
     problems = input_problems(fn, inputs)
     if problems:
         raise InputError(problems[0] if len(problems) == 1 else "\n  - ".join(["inputs do not fit:", *problems]))
 
 
-def plan_problems(fn: Callable[..., Any], cfg: Any, inputs: dict[str, ArtifactRef | None],
+def plan_problems(fn: Callable[..., Any], cfg: Any, inputs: Mapping[str, ArtifactRef | None],
                   label: str | None = None) -> list[str]:
     """What would stop a planned step: the inputs known now break its contract, or a file its config
     names is missing. Flows call this for every stage before the first one starts."""
-    known = {k: v for k, v in inputs.items() if v is not None}
+    known: dict[str, ArtifactRef | None] = {k: v for k, v in inputs.items() if v is not None}
     problems = input_problems(fn, known, partial=True)
     try:
-        files = contract_of(fn).files_read(cfg, known)
+        files = contract_of(fn).files_read(cfg, {k: v for k, v in known.items() if v is not None})
     except (OSError, ValueError, InputError) as exc:
         files, problems = [], [*problems, f"{fn.__name__.removeprefix('run_')}: {exc}"]
     problems += [f"{fn.__name__.removeprefix('run_')}: file not found: {p}" for p in files if not p.exists()]

@@ -29,12 +29,12 @@ from nexus_core.errors import ConfigError, StepError
 class Cost(NexusModel):
     """What one step execution spent (a step result's ``cost``; the runner writes it to the ledger)."""
 
-    usd: float = Field(0.0, description="Dollars spent")
-    tokens_in: int = Field(0, description="API prompt tokens")
-    tokens_out: int = Field(0, description="API completion tokens")
-    gpu_seconds: float = Field(0.0, description="GPU time, seconds × GPUs")
-    provider: str = Field("local", description="Who was paid: openai, lambda, runpod, local, ...")
-    model: str | None = Field(None, description="API model or GPU type")
+    usd: float = Field(default=0.0, description="Dollars spent")
+    tokens_in: int = Field(default=0, description="API prompt tokens")
+    tokens_out: int = Field(default=0, description="API completion tokens")
+    gpu_seconds: float = Field(default=0.0, description="GPU time, seconds × GPUs")
+    provider: str = Field(default="local", description="Who was paid: openai, lambda, runpod, local, ...")
+    model: str | None = Field(default=None, description="API model or GPU type")
 
 
 _flow_budgets: dict[str, float] = {}  # prefect flow run id -> budget in USD, set by the flow
@@ -62,15 +62,15 @@ class Price(NexusModel):
     provider: str = Field(description="Provider name as used in work pools and the ledger (lambda, runpod, ...)")
     gpu: str = Field(description="GPU type or instance type id exactly as the provider API names it")
     usd_per_hour: float = Field(ge=0, description="On-demand price in USD per hour for one unit")
-    unit: str = Field("gpu", description="What one unit is: 'gpu' (price per GPU) or 'instance' (whole machine)")
+    unit: str = Field(default="gpu", description="What one unit is: 'gpu' (price per GPU) or 'instance' (whole machine)")
     date: dt.date = Field(description="Day the price was read from the provider's pricing page")
-    source: str | None = Field(None, description="Where the price was read (URL)")
+    source: str | None = Field(default=None, description="Where the price was read (URL)")
 
 
 class PriceTable(NexusModel):
     """The whole ``prices.yaml``."""
 
-    currency: str = Field("USD", description="Currency of every price (only USD is supported)")
+    currency: str = Field(default="USD", description="Currency of every price (only USD is supported)")
     prices: list[Price] = Field(description="Price rows")
 
 

@@ -108,14 +108,14 @@ def run_step(
     """
     contract = contract_of(fn)
     area, kind = contract.area, contract.kind
-    inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
+    refs: dict[str, ArtifactRef] = {k: v for k, v in (inputs or {}).items() if v is not None}
     context = context or RunContext()
     step = step_name(fn)
     result_cls: type[R] = typing.get_type_hints(fn)["return"]
-    check_inputs(fn, inputs)
+    check_inputs(fn, refs)
     chash = config_hash(cfg)
     code = code_hash(fn)
-    key = step_key(fn, cfg, inputs)
+    key = step_key(fn, cfg, refs)
 
     existing = find_reusable(area, name, key)
     if existing is not None:
@@ -140,19 +140,19 @@ def run_step(
     try:
         with lineage.step_run(step, cfg_dict, tags, context.flow_name, context.flow_run_id) as run:
             mlflow_run_id = run.run_id
-            run.log_inputs(inputs)
+            run.log_inputs(refs)
             work = work_dir_for(area, name, key)
             work.mkdir(parents=True, exist_ok=True)
             ctx = StepContext(step=step, work_dir=work, run=run, on_progress=context.progress)
             ctx.info(f"pid {os.getpid()}, work dir {work}")
-            result = fn(cfg, inputs=inputs, out_uri=str(staging), ctx=ctx)
+            result = fn(cfg, inputs=refs, out_uri=str(staging), ctx=ctx)
             digest, nbytes = dir_digest(staging)
 
             def make_manifest(version: int, target: Path) -> Manifest:
                 return Manifest(
                     kind=kind, name=name, version=version, uri=str(target), digest=digest,
                     step=step, rows=result.rows, bytes=nbytes, schema=result.columns, config=cfg_dict,
-                    config_hash=chash, code_hash=code, cache_key=key, inputs=inputs, code_version=version_info,
+                    config_hash=chash, code_hash=code, cache_key=key, inputs=refs, code_version=version_info,
                     metrics=result.metrics, cost=result.cost.model_dump(exclude={"provider", "model"}),
                     result=result.model_dump(mode="json", exclude={"ref", "reused"}),
                     prefect={"flow_run_id": context.flow_run_id, "task_run_id": context.task_run_id,
@@ -162,7 +162,7 @@ def run_step(
 
             manifest = publish(staging, area, name, make_manifest)
             result.ref = manifest.ref()
-            run.log({**result.metrics, "rows": result.rows, "cost_usd": result.cost.usd,
+            run.log({**result.metrics, "rows": float(result.rows or 0), "cost_usd": result.cost.usd,
                      "seconds": time.perf_counter() - t0},
                     {"nexus.output_uri": manifest.uri, "nexus.output_digest": digest,
                      "nexus.artifact": f"{name}@v{manifest.version}"})

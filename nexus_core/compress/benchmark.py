@@ -34,12 +34,12 @@ PROMPT = "The results of the experiment show that"
 class BenchmarkConfig(NexusModel):
     """What to measure, and how much."""
 
-    new_tokens: int = Field(16, ge=1, description="Tokens generated per timed request")
-    repeats: int = Field(5, ge=1, description="Timed repetitions per measurement (after one warm-up)")
+    new_tokens: int = Field(default=16, ge=1, description="Tokens generated per timed request")
+    repeats: int = Field(default=5, ge=1, description="Timed repetitions per measurement (after one warm-up)")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 4], description="Batch sizes for tokens/s")
-    heldout_rows: int = Field(16, ge=1, description="Held-out texts for perplexity and accuracy")
-    heldout_column: str | None = Field(None, description="Text column of the held-out set (default: auto)")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads while timing (default: unchanged)")
+    heldout_rows: int = Field(default=16, ge=1, description="Held-out texts for perplexity and accuracy")
+    heldout_column: str | None = Field(default=None, description="Text column of the held-out set (default: auto)")
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads while timing (default: unchanged)")
 
 
 class BenchmarkResult(StepResult):

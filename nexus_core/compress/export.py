@@ -33,9 +33,9 @@ class ExportConfig(NexusModel):
     """Which formats to write."""
 
     formats: list[Format] = Field(default_factory=lambda: ["safetensors", "onnx"], description="Formats to export")
-    opset: int = Field(18, ge=13, description="ONNX opset")
-    parity_atol: float = Field(1e-3, gt=0, description="Max |logit difference| ONNX vs PyTorch")
-    on_unavailable: Literal["skip", "error"] = Field("skip", description="A format whose converter is not "
+    opset: int = Field(default=18, ge=13, description="ONNX opset")
+    parity_atol: float = Field(default=1e-3, gt=0, description="Max |logit difference| ONNX vs PyTorch")
+    on_unavailable: Literal["skip", "error"] = Field(default="skip", description="A format whose converter is not "
                                                                          "installed: record why, or fail")
 
 
@@ -109,7 +109,7 @@ def _unavailable(fmt: str) -> str | None:
 
 def _export_tensorrt(out: Path) -> str:
     """Build a TensorRT engine from the ONNX graph (GPU machines with tensorrt installed)."""
-    import tensorrt as trt
+    import tensorrt as trt  # pyright: ignore[reportMissingImports] - optional package
 
     onnx_path = out / "onnx" / "model.onnx"
     if not onnx_path.is_file():
@@ -134,7 +134,7 @@ def _export_tensorrt(out: Path) -> str:
 
 def _export_coreml(src: Path, out: Path) -> str:
     """Convert a traced no-cache graph with coremltools (where installed)."""
-    import coremltools as ct
+    import coremltools as ct  # pyright: ignore[reportMissingImports] - optional package
     import torch
     from transformers import AutoModelForCausalLM
 

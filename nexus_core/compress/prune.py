@@ -28,29 +28,29 @@ from nexus_core.runner import StepResult
 class RecoveryConfig(NexusModel):
     """Short fine-tuning of the pruned model by distillation from the unpruned one."""
 
-    steps: int = Field(0, ge=0, description="Optimiser steps (0 = no recovery)")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
-    batch_size: int = Field(4, ge=1, description="Texts per step")
-    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the KL loss")
-    max_length: int = Field(128, ge=8, description="Tokens per text")
+    steps: int = Field(default=0, ge=0, description="Optimiser steps (0 = no recovery)")
+    lr: float = Field(default=1e-4, gt=0, description="AdamW learning rate")
+    batch_size: int = Field(default=4, ge=1, description="Texts per step")
+    temperature: float = Field(default=2.0, gt=0, description="Softmax temperature of the KL loss")
+    max_length: int = Field(default=128, ge=8, description="Tokens per text")
 
 
 class PruneConfig(NexusModel):
     """How to prune."""
 
     method: Literal["magnitude", "structured", "layer_drop"] = Field(description="Pruning family")
-    sparsity: float = Field(0.5, description="Target fraction removed, strictly between 0 and 1 (magnitude: "
+    sparsity: float = Field(default=0.5, description="Target fraction removed, strictly between 0 and 1 (magnitude: "
                                              "weights; structured: heads and channels unless set below)")
-    scope: Literal["global", "layer"] = Field("global", description="Magnitude: rank weights globally or per layer")
-    head_sparsity: float | None = Field(None, description="Structured: fraction of KV groups removed "
+    scope: Literal["global", "layer"] = Field(default="global", description="Magnitude: rank weights globally or per layer")
+    head_sparsity: float | None = Field(default=None, description="Structured: fraction of KV groups removed "
                                                           "(default: sparsity)")
-    mlp_sparsity: float | None = Field(None, description="Structured: fraction of MLP channels removed "
+    mlp_sparsity: float | None = Field(default=None, description="Structured: fraction of MLP channels removed "
                                                          "(default: sparsity)")
-    drop_layers: int | None = Field(None, ge=1, description="Layer drop: number of blocks removed "
+    drop_layers: int | None = Field(default=None, ge=1, description="Layer drop: number of blocks removed "
                                                             "(default: round(sparsity * layers))")
-    calibration_column: str | None = Field(None, description="Text column of the calibration dataset")
-    calibration_rows: int = Field(32, ge=1, description="Calibration texts used")
-    eval_rows: int = Field(8, ge=1, description="Calibration texts used for the before/after perplexity")
+    calibration_column: str | None = Field(default=None, description="Text column of the calibration dataset")
+    calibration_rows: int = Field(default=32, ge=1, description="Calibration texts used")
+    eval_rows: int = Field(default=8, ge=1, description="Calibration texts used for the before/after perplexity")
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig, description="Optional recovery distillation")
 
     @model_validator(mode="after")
@@ -319,7 +319,7 @@ def drop_layers(model: Any, drop: list[int]) -> None:
         raise StepError("layer dropping would remove every layer")
     model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
     for new_idx, layer in enumerate(model.model.layers):  # KV-cache slots are indexed by layer_idx
-        layer.self_attn.layer_idx = new_idx
+        layer.self_attn.layer_idx = new_idx  # pyright: ignore[reportArgumentType] - a plain int attribute
     model.config.num_hidden_layers = len(keep)
     if isinstance(getattr(model.config, "layer_types", None), list):
         model.config.layer_types = [model.config.layer_types[i] for i in keep]

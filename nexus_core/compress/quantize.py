@@ -36,11 +36,11 @@ class QuantizeConfig(NexusModel):
     """How to quantize."""
 
     method: Literal["int8_dynamic", "int8_static", "mixed", "nf4"] = Field(description="Quantization scheme")
-    keep_fraction: float = Field(0.25, ge=0, lt=1, description="Mixed: fraction of Linears kept in fp32, "
+    keep_fraction: float = Field(default=0.25, ge=0, lt=1, description="Mixed: fraction of Linears kept in fp32, "
                                                                "the most sensitive first")
-    calibration_column: str | None = Field(None, description="Text column of the calibration dataset")
-    calibration_rows: int = Field(16, ge=1, description="Calibration texts (static observers, sensitivity)")
-    max_length: int = Field(128, ge=8, description="Tokens per calibration text")
+    calibration_column: str | None = Field(default=None, description="Text column of the calibration dataset")
+    calibration_rows: int = Field(default=16, ge=1, description="Calibration texts (static observers, sensitivity)")
+    max_length: int = Field(default=128, ge=8, description="Tokens per calibration text")
 
 
 class QuantizeResult(StepResult):
@@ -49,8 +49,8 @@ class QuantizeResult(StepResult):
     method: str
     quantized_modules: int
     kept_fp32: list[str] = Field(default_factory=list, description="Mixed: modules left in fp32")
-    int8_bytes: int = Field(0, description="Bytes of the int8 runtime weights")
-    fp32_bytes: int = Field(0, description="Bytes of the input model's safetensors")
+    int8_bytes: int = Field(default=0, description="Bytes of the int8 runtime weights")
+    fp32_bytes: int = Field(default=0, description="Bytes of the input model's safetensors")
 
 
 def _sensitivity(model: Any, tokenizer: Any, texts: list[str], names: list[str], max_length: int) -> dict[str, float]:
@@ -116,7 +116,7 @@ def run_quantize(cfg: QuantizeConfig, *, inputs: dict[str, ArtifactRef], out_uri
     if cfg.method == "mixed":
         scores = _sensitivity(model, tokenizer, texts, names, cfg.max_length)
         n_keep = int(round(cfg.keep_fraction * len(names)))
-        kept = sorted(scores, key=scores.get, reverse=True)[:n_keep]
+        kept = sorted(scores, key=lambda n: scores[n], reverse=True)[:n_keep]
         names = [n for n in names if n not in set(kept)]
         metrics["max_sensitivity"] = max(scores.values())
 

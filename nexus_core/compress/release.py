@@ -28,11 +28,11 @@ from nexus_core.runner import StepResult
 class ReleaseConfig(NexusModel):
     """How to choose and where to register."""
 
-    registry_name: str = Field("nexus-compressed", description="Registered model name in MLflow")
-    choose: str | None = Field(None, description="Release this model by name instead of applying the policy")
-    max_perplexity_ratio: float = Field(1.05, gt=0, description="Candidates must keep ppl <= base * this")
-    max_latency_ratio: float | None = Field(None, gt=0, description="Candidates must keep p50 latency <= base * this")
-    alias: str | None = Field("champion", description="Registry alias set on the new version (None: no alias)")
+    registry_name: str = Field(default="nexus-compressed", description="Registered model name in MLflow")
+    choose: str | None = Field(default=None, description="Release this model by name instead of applying the policy")
+    max_perplexity_ratio: float = Field(default=1.05, gt=0, description="Candidates must keep ppl <= base * this")
+    max_latency_ratio: float | None = Field(default=None, gt=0, description="Candidates must keep p50 latency <= base * this")
+    alias: str | None = Field(default="champion", description="Registry alias set on the new version (None: no alias)")
 
 
 class ReleaseResult(StepResult):

@@ -22,7 +22,7 @@ class IngestConfig(NexusModel):
     sources: list[ConfigPath] = Field(description="Raw files (JSONL, JSONL.gz/.zst or Parquet), relative to the repo")
     required_columns: list[str] = Field(default_factory=lambda: ["text"],
                                         description="Columns every source must have")
-    dedupe_on: str | None = Field("text", description="Drop exact duplicate rows on this column; null keeps all")
+    dedupe_on: str | None = Field(default="text", description="Drop exact duplicate rows on this column; null keeps all")
 
 
 class IngestResult(StepResult):

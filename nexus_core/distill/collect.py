@@ -48,7 +48,7 @@ class CollectConfig(NexusModel):
     """Teacher and batching."""
 
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher model and limits")
-    batch_size: int = Field(256, ge=1, description="Rows read, asked and written per batch")
+    batch_size: int = Field(default=256, ge=1, description="Rows read, asked and written per batch")
 
 
 class CollectResult(StepResult):

@@ -28,7 +28,7 @@ REQUIRED = ("row_id", "template_name", "response", "status")
 class FiltersConfig(NexusModel):
     """Where the rules are."""
 
-    rules: ConfigPath = Field("configs/distill/filters.yaml", validate_default=True, description="Filter rules YAML (its content joins the cache key)")
+    rules: ConfigPath = Field(default="configs/distill/filters.yaml", validate_default=True, description="Filter rules YAML (its content joins the cache key)")
 
 
 class FiltersResult(StepResult):

@@ -32,9 +32,9 @@ class TeacherInputsConfig(NexusModel):
 
     templates: list[str] = Field(default_factory=lambda: ["hypothesis", "methodology"],
                                  description="Template names (files <prompts_dir>/<name>.yaml)")
-    prompts_dir: ConfigPath = Field("configs/distill/prompts", validate_default=True, description="Directory of prompt templates")
-    default_domain: str = Field("general", description="Domain for enhanced-prompt texts that name none")
-    min_text_chars: int = Field(20, ge=1, description="Source texts shorter than this are skipped (counted)")
+    prompts_dir: ConfigPath = Field(default="configs/distill/prompts", validate_default=True, description="Directory of prompt templates")
+    default_domain: str = Field(default="general", description="Domain for enhanced-prompt texts that name none")
+    min_text_chars: int = Field(default=20, ge=1, description="Source texts shorter than this are skipped (counted)")
 
 
 class TeacherInputsResult(StepResult):

@@ -28,8 +28,8 @@ RECHECK_REQUIRED = ("row_id", "decision", "decision_source", "reviewed_output")
 class PackageConfig(NexusModel):
     """What goes into the SFT dataset."""
 
-    include_system_prompt: bool = Field(False, description="Prefix input with the system prompt")
-    min_rows: int = Field(1, ge=0, description="Fail if fewer rows survive (an empty SFT set is a bug upstream)")
+    include_system_prompt: bool = Field(default=False, description="Prefix input with the system prompt")
+    min_rows: int = Field(default=1, ge=0, description="Fail if fewer rows survive (an empty SFT set is a bug upstream)")
 
 
 class PackageResult(StepResult):

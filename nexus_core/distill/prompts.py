@@ -19,8 +19,8 @@ from nexus_core.llm.client import LLMConfig
 class TeacherConfig(LLMConfig):
     """The teacher model (any litellm provider) plus how many rows to ask it about."""
 
-    max_samples: int | None = Field(None, ge=1, description="Ask the teacher about at most this many rows (null: all)")
-    processes: int = Field(1, ge=1, le=64, description="Worker processes for collection, each with its own "
+    max_samples: int | None = Field(default=None, ge=1, description="Ask the teacher about at most this many rows (null: all)")
+    processes: int = Field(default=1, ge=1, le=64, description="Worker processes for collection, each with its own "
                            "litellm client (one process tops out near 100 requests/s of CPU); 1: in-process")
 
 

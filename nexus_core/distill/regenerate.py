@@ -30,10 +30,10 @@ REQUIRED = ("row_id", "template_name", "system_prompt", "user_prompt", "response
 class RegenerateConfig(NexusModel):
     """Rounds, the stricter template, and the teacher and rules (the flow fills these from its own)."""
 
-    max_rounds: int = Field(2, ge=0, description="Regeneration rounds for rejected rows (0: none)")
-    template: str = Field("strict", description="Stricter prompt template name in prompts_dir")
-    prompts_dir: ConfigPath = Field("configs/distill/prompts", validate_default=True, description="Directory of prompt templates")
-    rules: str = Field("configs/distill/filters.yaml", description="Filter rules YAML used to re-filter")
+    max_rounds: int = Field(default=2, ge=0, description="Regeneration rounds for rejected rows (0: none)")
+    template: str = Field(default="strict", description="Stricter prompt template name in prompts_dir")
+    prompts_dir: ConfigPath = Field(default="configs/distill/prompts", validate_default=True, description="Directory of prompt templates")
+    rules: str = Field(default="configs/distill/filters.yaml", description="Filter rules YAML used to re-filter")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher model and limits")
 
 

@@ -31,19 +31,19 @@ class ReviewSubmission(NexusModel):
 
     reviewer: str = Field(description="Who submitted the batch")
     labels_digest: str = Field(description="Digest of the dataset's labels at submit time")
-    labels: int = Field(0, description="Number of labels at submit time")
+    labels: int = Field(default=0, description="Number of labels at submit time")
 
 
 class ReviewConfig(NexusModel):
     """Review mode and how to treat unlabelled rows."""
 
-    mode: Literal["auto", "human"] = Field("auto", description="auto: accept what passed the filters; human: wait for labels")
-    unlabeled: Literal["filter", "reject"] = Field("filter", description="Human mode: unlabelled rows follow the filter verdict, or are rejected")
-    timeout_s: int = Field(86400, ge=1, description="How long the flow waits at the gate (human mode)")
-    poll_interval_s: int = Field(5, ge=1, description="How often a paused in-process flow checks for resumption")
-    recheck_regenerated: bool = Field(True, description="Human mode: send the rows regeneration rescued back "
+    mode: Literal["auto", "human"] = Field(default="auto", description="auto: accept what passed the filters; human: wait for labels")
+    unlabeled: Literal["filter", "reject"] = Field(default="filter", description="Human mode: unlabelled rows follow the filter verdict, or are rejected")
+    timeout_s: int = Field(default=86400, ge=1, description="How long the flow waits at the gate (human mode)")
+    poll_interval_s: int = Field(default=5, ge=1, description="How often a paused in-process flow checks for resumption")
+    recheck_regenerated: bool = Field(default=True, description="Human mode: send the rows regeneration rescued back "
                                       "to the review app (a second gate) before packaging")
-    submission: ReviewSubmission | None = Field(None, description="Filled by the flow from the gate's input; not set by hand")
+    submission: ReviewSubmission | None = Field(default=None, description="Filled by the flow from the gate's input; not set by hand")
 
 
 class ReviewResult(StepResult):

@@ -12,7 +12,7 @@ import json
 from datetime import UTC, datetime
 from functools import cache
 
-from sqlmodel import Field, Session, SQLModel, select
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from nexus_core import catalog
 from nexus_core.catalog import ReviewLabelRow
@@ -23,7 +23,7 @@ DECISIONS = ("accept", "reject", "edit")
 class ReviewRequestRow(SQLModel, table=True):
     """A flow run paused at the review gate for one filtered dataset."""
 
-    __tablename__ = "review_requests"
+    __tablename__ = "review_requests"  # pyright: ignore[reportAssignmentType] - sqlmodel types it declared_attr
     id: int | None = Field(default=None, primary_key=True)
     dataset_uri: str = Field(index=True)
     flow_run_id: str | None = Field(default=None, index=True)
@@ -73,7 +73,7 @@ def requests(status: str | None = None) -> list[ReviewRequestRow]:
         query = select(ReviewRequestRow)
         if status:
             query = query.where(ReviewRequestRow.status == status)
-        return list(session.exec(query.order_by(ReviewRequestRow.id.desc())))
+        return list(session.exec(query.order_by(col(ReviewRequestRow.id).desc())))
 
 
 def mark_submitted(request_id: int, reviewer: str) -> None:
@@ -100,7 +100,7 @@ def all_labels(dataset_uri: str) -> list[ReviewLabelRow]:
     """Every label of a dataset, oldest first (the full audit trail)."""
     with Session(catalog.engine()) as session:
         query = select(ReviewLabelRow).where(ReviewLabelRow.dataset_uri == dataset_uri)
-        return list(session.exec(query.order_by(ReviewLabelRow.id)))
+        return list(session.exec(query.order_by(col(ReviewLabelRow.id))))
 
 
 def latest_labels(dataset_uri: str) -> dict[str, ReviewLabelRow]:

@@ -21,15 +21,15 @@ from nexus_core.errors import ConfigError, InputError
 class Gates(NexusModel):
     """Dataset-level quality gates: minimum fractions."""
 
-    falsifiable_hypothesis: float = Field(0.6, ge=0, le=1, description="Share of hypothesis rows that are falsifiable")
-    methodology_present: float = Field(0.5, ge=0, le=1, description="Share of methodology rows that describe a method")
-    length_format_valid: float = Field(0.9, ge=0, le=1, description="Share of answered rows with valid length and format")
+    falsifiable_hypothesis: float = Field(default=0.6, ge=0, le=1, description="Share of hypothesis rows that are falsifiable")
+    methodology_present: float = Field(default=0.5, ge=0, le=1, description="Share of methodology rows that describe a method")
+    length_format_valid: float = Field(default=0.9, ge=0, le=1, description="Share of answered rows with valid length and format")
 
 
 class FilterRules(NexusModel):
     """The rules file (``configs/distill/filters.yaml``)."""
 
-    min_chars: int = Field(120, ge=0, description="A response must be longer than this")
+    min_chars: int = Field(default=120, ge=0, description="A response must be longer than this")
     action_verbs: list[str] = Field(description="At least one of these verb stems must occur")
     citation_patterns: list[str] = Field(description="Regexes of hallucinated citations or bracketed references")
     format_patterns: list[str] = Field(description="Regexes of broken formatting")
@@ -39,14 +39,14 @@ class FilterRules(NexusModel):
                                              description="Templates whose rows must be falsifiable")
     methodology_templates: list[str] = Field(default_factory=lambda: ["methodology"],
                                              description="Templates whose rows must describe a method")
-    dedupe: bool = Field(True, description="Remove exact and near duplicates (first occurrence kept)")
-    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of word shingles "
+    dedupe: bool = Field(default=True, description="Remove exact and near duplicates (first occurrence kept)")
+    near_duplicate_threshold: float = Field(default=0.8, gt=0, le=1, description="Jaccard similarity of word shingles "
                                             "at or above which a later answer is a near duplicate")
-    shingle_words: int = Field(5, ge=1, le=32, description="Words per shingle (shorter texts: one shingle of "
+    shingle_words: int = Field(default=5, ge=1, le=32, description="Words per shingle (shorter texts: one shingle of "
                                                           "all their words)")
-    minhash_permutations: int = Field(64, ge=8, le=1024, description="MinHash signature length: more is a "
+    minhash_permutations: int = Field(default=64, ge=8, le=1024, description="MinHash signature length: more is a "
                                                                      "finer Jaccard estimate, and slower")
-    lsh_bands: int = Field(16, ge=1, le=512, description="LSH bands (divides minhash_permutations); more bands "
+    lsh_bands: int = Field(default=16, ge=1, le=512, description="LSH bands (divides minhash_permutations); more bands "
                                                         "propose candidates at lower similarity")
     gates: Gates = Field(default_factory=Gates, description="Quality gates")
 

@@ -27,11 +27,11 @@ from nexus_core.runner import StepResult
 class FeedbackConfig(NexusModel):
     """What counts as a failed sample."""
 
-    below: float = Field(3.0, description="A sample fails when any rubric score is below this")
-    require_methodology: bool = Field(True, description="A sample without a methodology block fails too")
-    include_unjudged: bool = Field(False, description="Also feed back rows the judge could not score")
-    max_records: int | None = Field(None, ge=1, description="Keep at most N failed samples (lowest scores first)")
-    default_domain: str = Field("unknown", description="Domain when the row carries none")
+    below: float = Field(default=3.0, description="A sample fails when any rubric score is below this")
+    require_methodology: bool = Field(default=True, description="A sample without a methodology block fails too")
+    include_unjudged: bool = Field(default=False, description="Also feed back rows the judge could not score")
+    max_records: int | None = Field(default=None, ge=1, description="Keep at most N failed samples (lowest scores first)")
+    default_domain: str = Field(default="unknown", description="Domain when the row carries none")
 
 
 class FeedbackResult(StepResult):

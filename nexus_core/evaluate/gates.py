@@ -29,14 +29,14 @@ class Gate(NexusModel):
     """One threshold: a statistic of a judged-table column, or a metric value, must reach ``min``."""
 
     name: str = Field(description="Gate name shown in reports")
-    column: str | None = Field(None, description="Judged-table column (a rubric dimension, has_methodology, ...)")
-    metric: str | None = Field(None, description="Metric name from the score step (instead of a column)")
+    column: str | None = Field(default=None, description="Judged-table column (a rubric dimension, has_methodology, ...)")
+    metric: str | None = Field(default=None, description="Metric name from the score step (instead of a column)")
     stat: Literal["median", "mean", "share_true", "value"] = Field(
-        "median", description="median/mean of the column, share of true values, or the metric's value")
-    min: float | None = Field(None, description="Pass when the statistic is >= min")
-    max: float | None = Field(None, description="Pass when the statistic is <= max (e.g. perplexity)")
-    top_n: int | None = Field(None, ge=1, description="Only the first N rows (after rank_by ordering)")
-    rank_by: str | None = Field(None, description="Column ranking rows for top_n, highest first (None: table order)")
+        default="median", description="median/mean of the column, share of true values, or the metric's value")
+    min: float | None = Field(default=None, description="Pass when the statistic is >= min")
+    max: float | None = Field(default=None, description="Pass when the statistic is <= max (e.g. perplexity)")
+    top_n: int | None = Field(default=None, ge=1, description="Only the first N rows (after rank_by ordering)")
+    rank_by: str | None = Field(default=None, description="Column ranking rows for top_n, highest first (None: table order)")
 
     @model_validator(mode="after")
     def _one_source(self) -> Gate:
@@ -86,6 +86,7 @@ def _stat(gate: Gate, judged: pl.DataFrame, metrics: dict[str, float | None], wh
         judged = judged.sort(gate.rank_by, descending=True, nulls_last=True, maintain_order=True)
     if gate.top_n:
         judged = judged.head(gate.top_n)
+    assert gate.column is not None  # the gate's validator requires it for judged gates
     values = [v for v in judged[gate.column].to_list() if v is not None]
     if not values:
         return None, 0

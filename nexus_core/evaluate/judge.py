@@ -33,10 +33,10 @@ from nexus_core.runner import Cost, StepResult
 class JudgeConfig(NexusModel):
     """Which judge, which rubric."""
 
-    kind: Literal["heuristic", "llm"] = Field("heuristic", description="llm: litellm judge; heuristic: offline rules")
-    rubric: ConfigPath = Field("configs/eval/rubric.json", validate_default=True, description="Rubric JSON file (dimensions and scale)")
+    kind: Literal["heuristic", "llm"] = Field(default="heuristic", description="llm: litellm judge; heuristic: offline rules")
+    rubric: ConfigPath = Field(default="configs/eval/rubric.json", validate_default=True, description="Rubric JSON file (dimensions and scale)")
     llm: JudgeSettings = Field(default_factory=JudgeSettings, description="LLM judge endpoint (kind=llm)")
-    methodology_min_steps: int = Field(3, ge=1, description="Ordered steps that make a methodology block")
+    methodology_min_steps: int = Field(default=3, ge=1, description="Ordered steps that make a methodology block")
 
 
 class JudgeResult(StepResult):
@@ -100,4 +100,5 @@ def run_judge(cfg: JudgeConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
                 tokens_out=sum(cols["judge_completion_tokens"]),
                 provider="litellm" if cfg.kind == "llm" else "local", model=judge_name)
     return JudgeResult(rows=judged.height, columns=schema_of(judged), judge=judge_name, judge_kind=cfg.kind,
-                       label=label, medians=medians, metrics=metrics, cost=cost, **counts)
+                       label=label, medians=medians, metrics=metrics, cost=cost, ok=counts["ok"],
+                       unparseable=counts["unparseable"], failed=counts["failed"])

@@ -35,18 +35,18 @@ PASS_THROUGH = ("label", "target", "meta", "domain", "title", "abstract", "quali
 class PredictConfig(NexusModel):
     """How to generate predictions."""
 
-    run_id: str = Field("adhoc", description="Evaluation run id; names predictions_<run_id>.parquet")
-    max_rows: int | None = Field(None, ge=1, description="Evaluate only the first N rows (None: all)")
-    batch_size: int = Field(8, ge=1, description="Prompts generated together (left-padded)")
-    max_new_tokens: int = Field(64, ge=1, description="Longest generated answer")
-    max_input_tokens: int = Field(384, ge=8, description="Prompts are truncated from the left to this length")
-    system_prompt: str | None = Field(None, description="System message prepended to every prompt")
-    use_chat_template: bool = Field(True, description="Format prompts with the tokenizer's chat template if it has one")
-    perplexity: bool = Field(True, description="Score the reference under the model (ref_nll, ref_tokens)")
-    labels: list[str] | None = Field(None, description="Classification: candidate labels scored by likelihood; "
+    run_id: str = Field(default="adhoc", description="Evaluation run id; names predictions_<run_id>.parquet")
+    max_rows: int | None = Field(default=None, ge=1, description="Evaluate only the first N rows (None: all)")
+    batch_size: int = Field(default=8, ge=1, description="Prompts generated together (left-padded)")
+    max_new_tokens: int = Field(default=64, ge=1, description="Longest generated answer")
+    max_input_tokens: int = Field(default=384, ge=8, description="Prompts are truncated from the left to this length")
+    system_prompt: str | None = Field(default=None, description="System message prepended to every prompt")
+    use_chat_template: bool = Field(default=True, description="Format prompts with the tokenizer's chat template if it has one")
+    perplexity: bool = Field(default=True, description="Score the reference under the model (ref_nll, ref_tokens)")
+    labels: list[str] | None = Field(default=None, description="Classification: candidate labels scored by likelihood; "
                                                        "the second is the positive class for AUROC")
-    dtype: str = Field("float32", description="torch dtype to load the model in")
-    seed: int = Field(0, description="Torch seed (generation is greedy; this pins any randomness)")
+    dtype: str = Field(default="float32", description="torch dtype to load the model in")
+    seed: int = Field(default=0, description="Torch seed (generation is greedy; this pins any randomness)")
 
 
 class PredictResult(StepResult):

@@ -25,8 +25,8 @@ from nexus_core.runner import StepResult
 class ReportConfig(NexusModel):
     """What goes into the report."""
 
-    run_id: str = Field("adhoc", description="Evaluation run id; names eval_report_<run_id>.json")
-    worst_samples: int = Field(5, ge=0, description="Lowest-scored samples quoted in the report")
+    run_id: str = Field(default="adhoc", description="Evaluation run id; names eval_report_<run_id>.json")
+    worst_samples: int = Field(default=5, ge=0, description="Lowest-scored samples quoted in the report")
 
 
 class ReportResult(StepResult):
@@ -36,7 +36,7 @@ class ReportResult(StepResult):
     report_file: str
     gate_passed: bool
     judge_kind: str
-    score: float | None = Field(None, description="Mean of the rubric medians (the leaderboard's sort key)")
+    score: float | None = Field(default=None, description="Mean of the rubric medians (the leaderboard's sort key)")
 
 
 def _ref_info(ref: ArtifactRef | None) -> dict | None:
@@ -86,7 +86,7 @@ def run_report(cfg: ReportConfig, *, inputs: dict[str, ArtifactRef], out_uri: st
                   "label": HEURISTIC_LABEL if kind == "heuristic" else judge_result.get("label"),
                   "ok": judge_result.get("ok"), "unparseable": judge_result.get("unparseable"),
                   "failed": judge_result.get("failed"), "dimensions": summary},
-        "methodology_share": float(judged["has_methodology"].mean()) if "has_methodology" in judged.columns else None,
+        "methodology_share": float(judged["has_methodology"].mean() or 0.0) if "has_methodology" in judged.columns else None,  # pyright: ignore[reportArgumentType] - polars' mean() is typed as any literal
         "gates": gates["gates"],
         "gate_passed": bool(gates["passed"]),
         "score": score,

@@ -42,8 +42,8 @@ class Rubric(NexusModel):
     """A judging rubric (configs/eval/rubric.json)."""
 
     name: str = Field(description="Rubric name, recorded with every verdict")
-    version: int = Field(1, description="Bump when wording changes (it joins the cache key anyway)")
-    scale: str = Field("1-5", description=f"Integer scale, one of {', '.join(KNOWN_SCALES)}")
+    version: int = Field(default=1, description="Bump when wording changes (it joins the cache key anyway)")
+    scale: str = Field(default="1-5", description=f"Integer scale, one of {', '.join(KNOWN_SCALES)}")
     instructions: str = Field(description="System instructions for an LLM judge")
     dimensions: list[Dimension] = Field(description="Dimensions scored on the scale")
 
@@ -195,12 +195,12 @@ def heuristic_verdict(answer: str | None, reference: str | None, rubric: Rubric)
 class JudgeSettings(LLMConfig):
     """How to reach an LLM judge: an llm_client config (litellm) with a judge's defaults."""
 
-    model: str = Field("openai/judge", description="litellm model name, e.g. openai/<served name>")
-    max_retries: int = Field(3, ge=0, description="Retries per request on connection errors, 429, 5xx, bad bodies")
-    backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each retry (Retry-After wins)")
-    max_backoff_s: float = Field(30.0, ge=0, description="Longest single wait between retries")
-    temperature: float = Field(0.0, ge=0, description="Sampling temperature of the judge")
-    max_tokens: int = Field(256, ge=16, description="Longest verdict the judge may write")
+    model: str = Field(default="openai/judge", description="litellm model name, e.g. openai/<served name>")
+    max_retries: int = Field(default=3, ge=0, description="Retries per request on connection errors, 429, 5xx, bad bodies")
+    backoff_s: float = Field(default=0.5, ge=0, description="First retry delay; doubles each retry (Retry-After wins)")
+    max_backoff_s: float = Field(default=30.0, ge=0, description="Longest single wait between retries")
+    temperature: float = Field(default=0.0, ge=0, description="Sampling temperature of the judge")
+    max_tokens: int = Field(default=256, ge=16, description="Longest verdict the judge may write")
 
 
 class JudgeUnreachable(StepError):

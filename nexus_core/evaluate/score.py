@@ -23,7 +23,7 @@ class ScoreConfig(NexusModel):
 
     metrics: list[str] = Field(default_factory=lambda: ["exact_match", "perplexity"],
                                description=f"Metric names from nexus_core.evaluate.metrics ({', '.join(sorted(METRICS))})")
-    skip_missing: bool = Field(False, description="Skip metrics whose columns are absent instead of failing")
+    skip_missing: bool = Field(default=False, description="Skip metrics whose columns are absent instead of failing")
 
     @field_validator("metrics")
     @classmethod

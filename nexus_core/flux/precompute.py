@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -39,17 +39,17 @@ class PrecomputeConfig(NexusModel):
     """How to encode the prepared images and captions."""
 
     pretrained_model_name_or_path: PathOrName | None = Field(
-        None, description="Pipeline holding the VAE and text encoder (a 'pipeline' input overrides it)")
-    resolution: int = Field(512, ge=8, description="Square image side fed to the VAE; latents_<resolution>")
-    batch_size: int = Field(8, ge=1, description="Images/captions encoded per forward pass")
-    model_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Encoder compute dtype")
-    save_dtype: Literal["float32", "bfloat16", "float16"] = Field("float16", description="Dtype stored in shards")
-    max_sequence_length: int = Field(512, ge=4, description="Tokens per caption (padded/truncated)")
-    text_encoder_out_layers: list[int] = Field([9, 18, 27], description="Text encoder hidden states stacked")
-    layout: Literal["flat", "nested"] = Field("nested", description="Shards in one folder or one per group")
-    group_size: int = Field(256, ge=1, description="Rows per shard group (the unit of resumption)")
-    shard_size_limit: int = Field(1 << 26, ge=1024, description="Bytes per MDS shard")
-    device: str = Field("auto", description="auto | cpu | cuda[:N]")
+        default=None, description="Pipeline holding the VAE and text encoder (a 'pipeline' input overrides it)")
+    resolution: int = Field(default=512, ge=8, description="Square image side fed to the VAE; latents_<resolution>")
+    batch_size: int = Field(default=8, ge=1, description="Images/captions encoded per forward pass")
+    model_dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Encoder compute dtype")
+    save_dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float16", description="Dtype stored in shards")
+    max_sequence_length: int = Field(default=512, ge=4, description="Tokens per caption (padded/truncated)")
+    text_encoder_out_layers: list[int] = Field(default=[9, 18, 27], description="Text encoder hidden states stacked")
+    layout: Literal["flat", "nested"] = Field(default="nested", description="Shards in one folder or one per group")
+    group_size: int = Field(default=256, ge=1, description="Rows per shard group (the unit of resumption)")
+    shard_size_limit: int = Field(default=1 << 26, ge=1024, description="Bytes per MDS shard")
+    device: str = Field(default="auto", description="auto | cpu | cuda[:N]")
     # runtime: a run stopped by it publishes nothing, and the re-run without it must find the same work dir
     max_groups: int | None = runtime_field(None, "Stop after this many groups (testing resumption)", ge=1)
 
@@ -65,7 +65,7 @@ class PrecomputeResult(StepResult):
     images_per_second: float
 
 
-def _stats(lat: torch.Tensor) -> dict[str, list[float]]:  # noqa: F821
+def _stats(lat: Any) -> dict[str, list[float]]:  # a torch.Tensor (torch is imported lazily)
     x = lat.double().transpose(0, 1).reshape(lat.shape[1], -1)
     return {"sum": x.sum(1).tolist(), "sumsq": (x * x).sum(1).tolist(), "count": [x.shape[1]] * x.shape[0]}
 

@@ -43,23 +43,23 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 class PrepareConfig(NexusModel):
     """Where the images and captions come from, and which images to keep."""
 
-    source: Literal["sstk", "folder", "dreambooth"] = Field("folder", description="Layout of the input")
-    caption_key: str = Field("caption", description="sstk: key of the caption in <image>.json")
-    caption_ext: str = Field(".txt", description="folder: caption file suffix beside each image")
-    instance_prompt: str | None = Field(None, description="dreambooth: caption of every instance image")
-    class_prompt: str | None = Field(None, description="dreambooth: caption of every class image")
-    num_class_images: int = Field(0, ge=0, description="dreambooth: class images wanted (generated if missing)")
-    generate_class_images: bool = Field(False, description="dreambooth: generate missing class images")
-    class_generation_steps: int = Field(20, ge=1, description="Inference steps per generated class image")
+    source: Literal["sstk", "folder", "dreambooth"] = Field(default="folder", description="Layout of the input")
+    caption_key: str = Field(default="caption", description="sstk: key of the caption in <image>.json")
+    caption_ext: str = Field(default=".txt", description="folder: caption file suffix beside each image")
+    instance_prompt: str | None = Field(default=None, description="dreambooth: caption of every instance image")
+    class_prompt: str | None = Field(default=None, description="dreambooth: caption of every class image")
+    num_class_images: int = Field(default=0, ge=0, description="dreambooth: class images wanted (generated if missing)")
+    generate_class_images: bool = Field(default=False, description="dreambooth: generate missing class images")
+    class_generation_steps: int = Field(default=20, ge=1, description="Inference steps per generated class image")
     pretrained_model_name_or_path: PathOrName | None = Field(
-        None, description="Pipeline used to generate class images (a 'pipeline' input overrides it)")
-    size: int = Field(512, ge=8, description="Side of the stored square image (center crop, then resize)")
-    min_size: int = Field(0, ge=0, description="Skip images whose shorter side is below this")
-    min_aspect_ratio: float = Field(0.0, ge=0, description="Skip images with width/height below this")
-    max_aspect_ratio: float = Field(1e9, gt=0, description="Skip images with width/height above this")
-    image_format: Literal["png", "jpeg"] = Field("png", description="MDS encoding of the stored image")
+        default=None, description="Pipeline used to generate class images (a 'pipeline' input overrides it)")
+    size: int = Field(default=512, ge=8, description="Side of the stored square image (center crop, then resize)")
+    min_size: int = Field(default=0, ge=0, description="Skip images whose shorter side is below this")
+    min_aspect_ratio: float = Field(default=0.0, ge=0, description="Skip images with width/height below this")
+    max_aspect_ratio: float = Field(default=1e9, gt=0, description="Skip images with width/height above this")
+    image_format: Literal["png", "jpeg"] = Field(default="png", description="MDS encoding of the stored image")
     num_proc: int = runtime_field(4, "Threads decoding and resizing images", ge=1)
-    shard_size_limit: int = Field(1 << 26, ge=1024, description="Bytes per MDS shard before a new one starts")
+    shard_size_limit: int = Field(default=1 << 26, ge=1024, description="Bytes per MDS shard before a new one starts")
 
     @model_validator(mode="after")
     def _dreambooth_prompts(self) -> PrepareConfig:
@@ -145,7 +145,7 @@ def _generate_class_images(cfg: PrepareConfig, inputs: dict[str, ArtifactRef], n
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
-        image = pipe(prompt=cfg.class_prompt, height=cfg.size, width=cfg.size,
+        image = pipe(prompt=cfg.class_prompt or "", height=cfg.size, width=cfg.size,
                      num_inference_steps=cfg.class_generation_steps, max_sequence_length=64,
                      generator=torch.Generator().manual_seed(i)).images[0]
         paths.append(out / f"class_{i:05d}.png")

@@ -46,62 +46,62 @@ from nexus_core.runner import StepResult
 class LoraSettings(NexusModel):
     """LoRA adapter shape."""
 
-    rank: int = Field(16, ge=1, description="LoRA rank r")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / rank)")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch")
-    target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], description="Module names to adapt")
+    rank: int = Field(default=16, ge=1, description="LoRA rank r")
+    alpha: float = Field(default=16.0, gt=0, description="LoRA alpha (scale = alpha / rank)")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA branch")
+    target_modules: list[str] = Field(default=["to_q", "to_k", "to_v", "to_out.0"], description="Module names to adapt")
 
 
 class LossSettings(NexusModel):
     """Flow-matching objective."""
 
-    base: losses.BaseLoss = Field("mse", description="Element loss: mse | l1 | huber | logcosh")
-    weighting: losses.Weighting = Field("none", description="none | sigma_sqrt | logit_normal | mode | cosmap")
-    huber_c: float = Field(0.1, gt=0, description="Pseudo-Huber c")
-    logit_mean: float = Field(0.0, description="logit_normal sampling mean")
-    logit_std: float = Field(1.0, gt=0, description="logit_normal sampling std")
-    mode_scale: float = Field(1.29, description="mode sampling scale")
-    shift: float = Field(1.0, gt=0, description="Time shift of sampled sigmas (>1: more noise)")
+    base: losses.BaseLoss = Field(default="mse", description="Element loss: mse | l1 | huber | logcosh")
+    weighting: losses.Weighting = Field(default="none", description="none | sigma_sqrt | logit_normal | mode | cosmap")
+    huber_c: float = Field(default=0.1, gt=0, description="Pseudo-Huber c")
+    logit_mean: float = Field(default=0.0, description="logit_normal sampling mean")
+    logit_std: float = Field(default=1.0, gt=0, description="logit_normal sampling std")
+    mode_scale: float = Field(default=1.29, description="mode sampling scale")
+    shift: float = Field(default=1.0, gt=0, description="Time shift of sampled sigmas (>1: more noise)")
 
 
 class TrainConfig(NexusModel):
     """Everything about one Flux.2 training run."""
 
     pretrained_model_name_or_path: PathOrName | None = Field(
-        None, description="Pipeline (VAE, scheduler, text encoder) for validation; a 'pipeline' input overrides")
-    dit: PathOrName | None = Field(None, description="Transformer to train (dir with config.json or a pipeline); "
+        default=None, description="Pipeline (VAE, scheduler, text encoder) for validation; a 'pipeline' input overrides")
+    dit: PathOrName | None = Field(default=None, description="Transformer to train (dir with config.json or a pipeline); "
                                               "default: the pipeline's transformer/")
-    train_mode: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter or every weight")
+    train_mode: Literal["lora", "full"] = Field(default="lora", description="Train a LoRA adapter or every weight")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA shape (train_mode=lora)")
     loss: LossSettings = Field(default_factory=LossSettings, description="Loss and weighting")
-    resolution: int = Field(512, ge=8, description="Must match the precomputed latents_<resolution>")
-    latent_channels: int | None = Field(None, description="Expected patchified latent channels (checked)")
-    latent_norm: Literal["vae", "dataset"] = Field("vae", description="Normalise latents with VAE bn or data stats")
-    batch_size: int = Field(1, ge=1, description="Samples per micro-batch")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step")
-    max_steps: int = Field(1000, ge=1, description="Optimizer steps in total (including resumed ones)")
-    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm")
-    seed: int = Field(0, description="Seed for init, noise, sigmas and batch order")
-    prior_preservation: bool = Field(False, description="DreamBooth: half of each batch from class images")
-    prior_weight: float = Field(1.0, ge=0, description="Weight of the class-image loss")
-    distillation: bool = Field(False, description="Also match a frozen teacher's prediction")
-    teacher_dit: PathOrName | None = Field(None, description="Teacher transformer; default: a frozen copy of the start")
-    flow_weight: float = Field(1.0, ge=0, description="Weight of the flow-matching loss when distilling")
-    distillation_weight: float = Field(1.0, ge=0, description="Weight of the teacher-matching loss")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast dtype")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory")
-    checkpointing_steps: int = Field(500, ge=1, description="Save a checkpoint every N optimizer steps")
-    checkpoints_total_limit: int | None = Field(3, ge=1, description="Keep at most this many checkpoints")
-    checkpoint_dir: ConfigPath | None = Field(None, description="Where checkpoints live (default: the step's work dir, "
+    resolution: int = Field(default=512, ge=8, description="Must match the precomputed latents_<resolution>")
+    latent_channels: int | None = Field(default=None, description="Expected patchified latent channels (checked)")
+    latent_norm: Literal["vae", "dataset"] = Field(default="vae", description="Normalise latents with VAE bn or data stats")
+    batch_size: int = Field(default=1, ge=1, description="Samples per micro-batch")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step")
+    max_steps: int = Field(default=1000, ge=1, description="Optimizer steps in total (including resumed ones)")
+    learning_rate: float = Field(default=1e-4, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm")
+    seed: int = Field(default=0, description="Seed for init, noise, sigmas and batch order")
+    prior_preservation: bool = Field(default=False, description="DreamBooth: half of each batch from class images")
+    prior_weight: float = Field(default=1.0, ge=0, description="Weight of the class-image loss")
+    distillation: bool = Field(default=False, description="Also match a frozen teacher's prediction")
+    teacher_dit: PathOrName | None = Field(default=None, description="Teacher transformer; default: a frozen copy of the start")
+    flow_weight: float = Field(default=1.0, ge=0, description="Weight of the flow-matching loss when distilling")
+    distillation_weight: float = Field(default=1.0, ge=0, description="Weight of the teacher-matching loss")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(default="no", description="Autocast dtype")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory")
+    checkpointing_steps: int = Field(default=500, ge=1, description="Save a checkpoint every N optimizer steps")
+    checkpoints_total_limit: int | None = Field(default=3, ge=1, description="Keep at most this many checkpoints")
+    checkpoint_dir: ConfigPath | None = Field(default=None, description="Where checkpoints live (default: the step's work dir, "
                                                          "removed once the artifact is published)")
-    resume_from_checkpoint: PathOrName | None = Field(None, description="'latest' or a checkpoint directory")
-    validation_steps: int = Field(500, ge=1, description="Render validation images every N steps (and at the end)")
+    resume_from_checkpoint: PathOrName | None = Field(default=None, description="'latest' or a checkpoint directory")
+    validation_steps: int = Field(default=500, ge=1, description="Render validation images every N steps (and at the end)")
     validation_prompts: list[str] = Field(default_factory=list, description="Prompts of the validation images")
-    validation_inference_steps: int = Field(20, ge=1, description="Sampler steps per validation image")
+    validation_inference_steps: int = Field(default=20, ge=1, description="Sampler steps per validation image")
     log_every: int = runtime_field(10, "Log the loss every N steps", ge=1)
-    device: str = Field("auto", description="auto | cpu | cuda[:N]")
+    device: str = Field(default="auto", description="auto | cpu | cuda[:N]")
 
 
 class TrainResult(StepResult):
@@ -165,7 +165,7 @@ def preflight(cfg: TrainConfig, inputs: dict[str, ArtifactRef]) -> tuple[dict, s
         problems += exc.problems
     if problems:
         raise ConfigError(problems, "flux train")
-    return meta, pipeline, device
+    return meta, pipeline, device  # pyright: ignore[reportReturnType] - pipeline is set whenever a problem is not raised
 
 
 def _load_transformer(path: str):  # noqa: ANN202 - Flux2Transformer2DModel
@@ -248,8 +248,8 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
 
         transformer.requires_grad_(False)
         if cfg.mixed_precision != "no":  # frozen base weights in the autocast dtype: half the memory
-            transformer.to(dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16)
-        transformer.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+            transformer.to(dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16)  # pyright: ignore[reportCallIssue] - diffusers' add_adapter is typed on the class
+        transformer.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,  # pyright: ignore[reportArgumentType] - peft accepts a float alpha
                                            lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules,
                                            init_lora_weights="gaussian"))
     if cfg.gradient_checkpointing:
@@ -295,7 +295,7 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
 
         def fetch(pos: int) -> tuple:
             idx = [i for k, pool in enumerate(pools) for i in stream_indices(pool, cfg.seed + 7919 * k, pos, per_pool)]
-            return len(idx), collate([ds[i] for i in idx], meta, cfg.latent_norm)
+            return len(idx), collate([ds[i] for i in idx], meta, cfg.latent_norm)  # pyright: ignore[reportOptionalSubscript] - the dataset is open here
 
         # one batch read ahead on a thread, so shard reads and decoding overlap the forward/backward pass
         loader = ThreadPoolExecutor(1)
@@ -361,7 +361,7 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
         from diffusers import Flux2KleinPipeline
         from peft.utils import get_peft_model_state_dict
 
-        Flux2KleinPipeline.save_lora_weights(str(out), transformer_lora_layers=get_peft_model_state_dict(model),
+        Flux2KleinPipeline.save_lora_weights(str(out), transformer_lora_layers=get_peft_model_state_dict(model),  # pyright: ignore[reportArgumentType] - a state dict of tensors is what diffusers takes
                                              weight_name="transformer_lora.safetensors")
         weights = out / "transformer_lora.safetensors"
     else:

@@ -38,25 +38,25 @@ from nexus_core.settings import nexus_home
 class LLMConfig(NexusModel):
     """How to reach a model through litellm and how hard to push it."""
 
-    model: str = Field("openai/nexus-teacher", description="litellm provider string, e.g. openrouter/openai/gpt-4o-mini")
-    api_base: str | None = Field(None, description="Base URL of an OpenAI-compatible server (ends in /v1); null for the provider default")
-    api_key_env: str | None = Field(None, description="Environment variable holding the API key (never the key itself)")
-    max_concurrency: int = Field(8, ge=1, description="Requests in flight at once")
-    rpm: float | None = Field(None, gt=0, description="Requests per minute limit; null for none")
-    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds")
-    max_retries: int = Field(4, ge=0, description="Retries of a transient failure (429, 5xx, timeout, bad body)")
-    backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles each retry (Retry-After wins when given)")
-    max_backoff_s: float = Field(60.0, ge=0, description="Longest single wait between retries")
-    max_cost_usd: float | None = Field(None, ge=0, description="Stop sending new requests once this much is spent")
-    input_usd_per_mtok: float | None = Field(None, ge=0, description="Price per million prompt tokens; overrides "
+    model: str = Field(default="openai/nexus-teacher", description="litellm provider string, e.g. openrouter/openai/gpt-4o-mini")
+    api_base: str | None = Field(default=None, description="Base URL of an OpenAI-compatible server (ends in /v1); null for the provider default")
+    api_key_env: str | None = Field(default=None, description="Environment variable holding the API key (never the key itself)")
+    max_concurrency: int = Field(default=8, ge=1, description="Requests in flight at once")
+    rpm: float | None = Field(default=None, gt=0, description="Requests per minute limit; null for none")
+    timeout_s: float = Field(default=60.0, gt=0, description="Per-request timeout in seconds")
+    max_retries: int = Field(default=4, ge=0, description="Retries of a transient failure (429, 5xx, timeout, bad body)")
+    backoff_s: float = Field(default=1.0, ge=0, description="First retry delay; doubles each retry (Retry-After wins when given)")
+    max_backoff_s: float = Field(default=60.0, ge=0, description="Longest single wait between retries")
+    max_cost_usd: float | None = Field(default=None, ge=0, description="Stop sending new requests once this much is spent")
+    input_usd_per_mtok: float | None = Field(default=None, ge=0, description="Price per million prompt tokens; overrides "
                                              "litellm's price map (needed where it has no price for the model)")
-    output_usd_per_mtok: float | None = Field(None, ge=0, description="Price per million completion tokens; "
+    output_usd_per_mtok: float | None = Field(default=None, ge=0, description="Price per million completion tokens; "
                                               "set together with input_usd_per_mtok")
-    temperature: float = Field(0.7, ge=0, description="Sampling temperature")
-    max_tokens: int = Field(512, ge=1, description="Maximum completion tokens")
-    top_logprobs: int = Field(0, ge=0, le=20, description="Top-k logprobs to request per token (0: none)")
-    offline: bool = Field(False, description="Serve only from the response caches; a miss is a failed row naming its key")
-    cache: bool = Field(True, description="Use the SQLite response cache under NEXUS_HOME")
+    temperature: float = Field(default=0.7, ge=0, description="Sampling temperature")
+    max_tokens: int = Field(default=512, ge=1, description="Maximum completion tokens")
+    top_logprobs: int = Field(default=0, ge=0, le=20, description="Top-k logprobs to request per token (0: none)")
+    offline: bool = Field(default=False, description="Serve only from the response caches; a miss is a failed row naming its key")
+    cache: bool = Field(default=True, description="Use the SQLite response cache under NEXUS_HOME")
     recorded_cache: list[ConfigPath] = Field(default_factory=list, description="Read-only JSONL response caches (key, response) behind the SQLite one")
 
     def sampling(self) -> dict[str, Any]:
@@ -348,7 +348,7 @@ class LLMClient:
                         model=cfg.model, messages=messages, api_base=cfg.api_base, api_key=self._api_key(),
                         timeout=cfg.timeout_s, num_retries=0, max_retries=0, **sampling)
                     latency = time.perf_counter() - t0
-                    response = raw.model_dump(mode="json") if hasattr(raw, "model_dump") else dict(raw)
+                    response: dict[str, Any] = raw.model_dump(mode="json")  # pyright: ignore[reportAttributeAccessIssue] - a ModelResponse without stream=True
                     _content_of(response)  # malformed bodies are retried like transient errors
                     cost = self._cost(raw)
                     response["_nexus_cost_usd"] = cost

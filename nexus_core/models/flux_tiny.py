@@ -32,17 +32,17 @@ BASE_CORPUS = [
 class TinyFluxConfig(NexusModel):
     """Shape of a tiny Klein-compatible pipeline built from scratch (random weights)."""
 
-    vocab_size: int = Field(384, ge=300, description="BPE vocabulary size of the tiny Qwen2 tokenizer")
-    text_hidden_size: int = Field(16, ge=8, description="Width of the tiny Qwen3 text encoder")
-    text_layers: int = Field(28, ge=28, description="Text encoder layers (>= 28 so layers 9/18/27 exist)")
-    latent_channels: int = Field(4, ge=1, description="VAE latent channels (transformer sees 4x after 2x2 patchify)")
-    vae_block_out_channels: list[int] = Field([16, 16], description="VAE encoder widths; 2**(n-1) is the scale")
-    vae_norm_groups: int = Field(8, ge=1, description="GroupNorm groups in the VAE (must divide the widths)")
-    attention_head_dim: int = Field(16, ge=8, description="Transformer head width (= sum of the 4 rope axes)")
-    num_attention_heads: int = Field(2, ge=1, description="Transformer heads")
-    num_layers: int = Field(1, ge=1, description="Double-stream transformer blocks")
-    num_single_layers: int = Field(1, ge=0, description="Single-stream transformer blocks")
-    seed: int = Field(0, description="Seed for weight initialisation")
+    vocab_size: int = Field(default=384, ge=300, description="BPE vocabulary size of the tiny Qwen2 tokenizer")
+    text_hidden_size: int = Field(default=16, ge=8, description="Width of the tiny Qwen3 text encoder")
+    text_layers: int = Field(default=28, ge=28, description="Text encoder layers (>= 28 so layers 9/18/27 exist)")
+    latent_channels: int = Field(default=4, ge=1, description="VAE latent channels (transformer sees 4x after 2x2 patchify)")
+    vae_block_out_channels: list[int] = Field(default=[16, 16], description="VAE encoder widths; 2**(n-1) is the scale")
+    vae_norm_groups: int = Field(default=8, ge=1, description="GroupNorm groups in the VAE (must divide the widths)")
+    attention_head_dim: int = Field(default=16, ge=8, description="Transformer head width (= sum of the 4 rope axes)")
+    num_attention_heads: int = Field(default=2, ge=1, description="Transformer heads")
+    num_layers: int = Field(default=1, ge=1, description="Double-stream transformer blocks")
+    num_single_layers: int = Field(default=1, ge=0, description="Single-stream transformer blocks")
+    seed: int = Field(default=0, description="Seed for weight initialisation")
 
 
 def train_qwen_tokenizer(texts: Iterable[str], vocab_size: int):  # noqa: ANN201 - transformers type
@@ -56,7 +56,7 @@ def train_qwen_tokenizer(texts: Iterable[str], vocab_size: int):  # noqa: ANN201
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([*BASE_CORPUS, *texts], trainer=trainer)
-    fast = Qwen2TokenizerFast(tokenizer_object=tok, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+    fast = Qwen2TokenizerFast(tokenizer_object=tok, unk_token=None, bos_token=None, eos_token="<|im_end|>",  # pyright: ignore[reportArgumentType] - Qwen2's tokenizer has no unk token
                               pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
     fast.chat_template = CHAT_TEMPLATE
     return fast

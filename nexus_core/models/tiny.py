@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -29,15 +29,15 @@ CHAT_TEMPLATE = (
 class TinyLLMConfig(NexusModel):
     """Shape of a tiny causal LM built from scratch (random weights)."""
 
-    architecture: Literal["llama", "qwen2"] = Field("llama", description="Model family to instantiate")
-    vocab_size: int = Field(512, ge=64, description="BPE vocabulary size (specials included)")
-    hidden_size: int = Field(64, ge=8, description="Width of the residual stream")
-    intermediate_size: int = Field(128, ge=8, description="MLP inner width")
-    num_hidden_layers: int = Field(2, ge=1, description="Transformer blocks")
-    num_attention_heads: int = Field(4, ge=1, description="Query heads")
-    num_key_value_heads: int = Field(2, ge=1, description="Key/value heads (grouped-query attention)")
-    max_position_embeddings: int = Field(512, ge=16, description="Longest sequence the model accepts")
-    seed: int = Field(0, description="Seed for weight initialisation")
+    architecture: Literal["llama", "qwen2"] = Field(default="llama", description="Model family to instantiate")
+    vocab_size: int = Field(default=512, ge=64, description="BPE vocabulary size (specials included)")
+    hidden_size: int = Field(default=64, ge=8, description="Width of the residual stream")
+    intermediate_size: int = Field(default=128, ge=8, description="MLP inner width")
+    num_hidden_layers: int = Field(default=2, ge=1, description="Transformer blocks")
+    num_attention_heads: int = Field(default=4, ge=1, description="Query heads")
+    num_key_value_heads: int = Field(default=2, ge=1, description="Key/value heads (grouped-query attention)")
+    max_position_embeddings: int = Field(default=512, ge=16, description="Longest sequence the model accepts")
+    seed: int = Field(default=0, description="Seed for weight initialisation")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):  # noqa: ANN201 - transformers type
@@ -71,7 +71,7 @@ def build_tiny_llm(out_dir: str | Path, texts: Iterable[str], cfg: TinyLLMConfig
     cfg = cfg or TinyLLMConfig()
     out = Path(out_dir)
     tokenizer = train_tokenizer(texts, cfg.vocab_size)
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,

@@ -51,32 +51,32 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(description="Served model name")
-    max_tokens: int | None = Field(None, ge=1, description="Most new tokens per choice")
-    temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature; 0 is greedy")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass")
-    n: int = Field(1, ge=1, le=16, description="Choices per prompt")
-    stop: str | list[str] | None = Field(None, description="Stop strings (not included in the output)")
-    seed: int | None = Field(None, description="Seed for reproducible sampling")
-    stream: bool = Field(False, description="Answer as server-sent events")
-    stream_options: dict[str, Any] | None = Field(None, description="include_usage: send a final usage chunk")
-    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS up to max_tokens")
+    max_tokens: int | None = Field(default=None, ge=1, description="Most new tokens per choice")
+    temperature: float = Field(default=1.0, ge=0, le=2, description="Sampling temperature; 0 is greedy")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass")
+    n: int = Field(default=1, ge=1, le=16, description="Choices per prompt")
+    stop: str | list[str] | None = Field(default=None, description="Stop strings (not included in the output)")
+    seed: int | None = Field(default=None, description="Seed for reproducible sampling")
+    stream: bool = Field(default=False, description="Answer as server-sent events")
+    stream_options: dict[str, Any] | None = Field(default=None, description="include_usage: send a final usage chunk")
+    ignore_eos: bool = Field(default=False, description="vLLM extension: keep generating past EOS up to max_tokens")
 
 
 class ChatRequest(_Common):
     """Body of ``POST /v1/chat/completions``."""
 
     messages: list[dict[str, Any]] = Field(min_length=1, description="Chat messages (role, content)")
-    logprobs: bool = Field(False, description="Return log-probabilities of the chosen tokens")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token (needs logprobs)")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens")
+    logprobs: bool = Field(default=False, description="Return log-probabilities of the chosen tokens")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="Alternatives per token (needs logprobs)")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Newer name of max_tokens")
 
 
 class CompletionRequest(_Common):
     """Body of ``POST /v1/completions``."""
 
     prompt: str | list[str] | list[int] = Field(description="Prompt text, texts, or token ids")
-    logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token (legacy API)")
-    echo: bool = Field(False, description="Not supported; must be false")
+    logprobs: int | None = Field(default=None, ge=0, le=20, description="Alternatives per token (legacy API)")
+    echo: bool = Field(default=False, description="Not supported; must be false")
 
 
 class Metrics:
@@ -281,7 +281,7 @@ async def _respond(request: Request, kind: str, body: _Common, eng: Engine, prom
                     for i in range(total):
                         yield _sse(_chat_chunk(rid, created, eng.name, i, {"role": "assistant", "content": ""}))
                 while remaining:
-                    ev = await req.events.get()
+                    ev = await req.events.get()  # pyright: ignore[reportOptionalMemberAccess] - the engine sets events on submit
                     if ev[0] == "error":
                         yield _sse(APIError(500, ev[1], "server_error").body())
                         break
@@ -323,7 +323,7 @@ async def _respond(request: Request, kind: str, body: _Common, eng: Engine, prom
     usage: dict[int, tuple[int, int]] = {}
     try:
         while len(finish) < total:
-            ev = await req.events.get()
+            ev = await req.events.get()  # pyright: ignore[reportOptionalMemberAccess] - the engine sets events on submit
             if ev[0] == "error":
                 metrics.requests.labels(endpoint, eng.name, "500").inc()
                 raise APIError(500, ev[1], "server_error")

@@ -21,11 +21,11 @@ from nexus_core.train.data import load_rows
 class BaseModelConfig(NexusModel):
     """Where the base model comes from."""
 
-    source: Literal["tiny", "pretrained"] = Field("tiny", description="Build a tiny model, or copy a real one")
-    pretrained: PathOrName | None = Field(None, description="Model reference (source=pretrained): hub id "
+    source: Literal["tiny", "pretrained"] = Field(default="tiny", description="Build a tiny model, or copy a real one")
+    pretrained: PathOrName | None = Field(default=None, description="Model reference (source=pretrained): hub id "
                                                      "(ORG/NAME[@REV]), local directory or artifact NAME@vN")
     tiny: TinyLLMConfig = Field(default_factory=TinyLLMConfig, description="Shape of the tiny model")
-    text_column: str = Field("text", description="Corpus column the tiny tokenizer is trained on")
+    text_column: str = Field(default="text", description="Corpus column the tiny tokenizer is trained on")
 
     @model_validator(mode="after")
     def _pretrained_named(self) -> BaseModelConfig:

@@ -24,59 +24,59 @@ from nexus_core.runner import StepResult
 class LoraSpec(NexusModel):
     """LoRA adapter shape (peft.LoraConfig)."""
 
-    r: int = Field(8, ge=1, description="Adapter rank")
-    alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r)")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input")
-    target_modules: list[str] | str = Field("all-linear", description="Modules to adapt, or 'all-linear'")
+    r: int = Field(default=8, ge=1, description="Adapter rank")
+    alpha: int = Field(default=16, ge=1, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the adapter input")
+    target_modules: list[str] | str = Field(default="all-linear", description="Modules to adapt, or 'all-linear'")
 
 
 class CheckpointSpec(NexusModel):
     """How often to checkpoint and how many checkpoints to keep."""
 
-    save_steps: int = Field(50, ge=1, description="Write a checkpoint every N optimizer steps")
-    save_total_limit: int = Field(2, ge=1, description="Keep at most this many checkpoints")
+    save_steps: int = Field(default=50, ge=1, description="Write a checkpoint every N optimizer steps")
+    save_total_limit: int = Field(default=2, ge=1, description="Keep at most this many checkpoints")
 
 
 class ControlSpec(NexusModel):
     """Training controller knobs (signals are always on; see nexus_core.train.control)."""
 
-    cooldown_every: int = Field(0, ge=0, description="Sleep every N steps (0 = never), e.g. for shared hosts")
-    cooldown_seconds: float = Field(0.0, ge=0, description="How long each cooldown sleeps")
-    gpu_max_temp_c: int = Field(85, description="Pause when any GPU is hotter than this (NVML)")
-    gpu_resume_temp_c: int = Field(75, description="Resume once every GPU is at or below this")
-    gpu_check_every: int = Field(10, ge=1, description="Read GPU temperatures every N steps")
+    cooldown_every: int = Field(default=0, ge=0, description="Sleep every N steps (0 = never), e.g. for shared hosts")
+    cooldown_seconds: float = Field(default=0.0, ge=0, description="How long each cooldown sleeps")
+    gpu_max_temp_c: int = Field(default=85, description="Pause when any GPU is hotter than this (NVML)")
+    gpu_resume_temp_c: int = Field(default=75, description="Resume once every GPU is at or below this")
+    gpu_check_every: int = Field(default=10, ge=1, description="Read GPU temperatures every N steps")
 
 
 class StageBase(NexusModel):
     """Hyper-parameters every method shares. Method configs add their own fields."""
 
     finetune: Literal["full", "lora", "qlora"] = Field(
-        "lora", description="full: all weights; lora: adapters; qlora: adapters on a 4-bit base (GPU)")
-    load_in_4bit: bool = Field(False, description="Load the base in 4-bit (bitsandbytes); implied by qlora")
+        default="lora", description="full: all weights; lora: adapters; qlora: adapters on a 4-bit base (GPU)")
+    load_in_4bit: bool = Field(default=False, description="Load the base in 4-bit (bitsandbytes); implied by qlora")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape for lora/qlora")
-    max_steps: int = Field(-1, description="Optimizer steps; -1 trains for `epochs` instead")
-    epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is -1")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate")
-    lr_scheduler: str = Field("linear", description="transformers scheduler name")
-    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Share of steps spent warming up")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    batch_size: int = Field(4, ge=1, description="Per-device batch size")
-    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps")
-    max_length: int = Field(512, ge=8, description="Longest tokenized sequence (longer ones are truncated)")
+    max_steps: int = Field(default=-1, description="Optimizer steps; -1 trains for `epochs` instead")
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the data when max_steps is -1")
+    learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate")
+    lr_scheduler: str = Field(default="linear", description="transformers scheduler name")
+    warmup_ratio: float = Field(default=0.0, ge=0, le=1, description="Share of steps spent warming up")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay")
+    batch_size: int = Field(default=4, ge=1, description="Per-device batch size")
+    grad_accum: int = Field(default=1, ge=1, description="Gradient accumulation steps")
+    max_length: int = Field(default=512, ge=8, description="Longest tokenized sequence (longer ones are truncated)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on a GPU that has it, else fp32")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory")
-    seed: int = Field(0, description="Seed for weights init of new heads, shuffling and dropout")
+        default="auto", description="auto: bf16 on a GPU that has it, else fp32")
+    gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory")
+    seed: int = Field(default=0, description="Seed for weights init of new heads, shuffling and dropout")
     # Runtime fields (how a stage runs, not what it produces) stay out of the cache key, so changing
     # them reuses a finished model and finds the same work dir's checkpoints.
     logging_steps: int = runtime_field(1, "Log loss/lr/grad-norm every N steps", ge=1)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing")
     control: ControlSpec = Field(default_factory=ControlSpec, description="Pause/cooldown/GPU guard",
                                  json_schema_extra={"nexus_runtime": True})
-    num_processes: int = Field(1, ge=1, description="Data-parallel processes (>1 launches accelerate)")
+    num_processes: int = Field(default=1, ge=1, description="Data-parallel processes (>1 launches accelerate)")
     isolate: bool = runtime_field(False, "Train in a child process even with one process: signal control "
                                          "under Prefect worker threads, memory returned when done")
-    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Strategy when num_processes > 1")
+    distributed: Literal["ddp", "fsdp"] = Field(default="ddp", description="Strategy when num_processes > 1")
 
     @model_validator(mode="after")
     def _compatible(self) -> StageBase:
@@ -127,7 +127,7 @@ def preflight(cfg: StageBase, problems: list[str] | None = None) -> None:
                         "none. Use finetune=lora on CPU.")
     if cfg.quantized and gpu:
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401  # pyright: ignore[reportMissingImports]
         except ImportError:
             problems.append("finetune=qlora needs the bitsandbytes package (pip install bitsandbytes)")
     if cfg.precision == "fp16" and not gpu:
@@ -304,8 +304,8 @@ class TrainResult(StepResult):
     """What every training stage returns: steps run, where it resumed, metrics, GPU time."""
 
     method: str = Field(description="Stage method (sft, cpt, dpo, ...)")
-    steps: int = Field(0, description="Optimizer steps at the end (global_step)")
-    resumed_from_step: int = Field(0, description="Checkpoint step resumed from (0: a fresh start)")
+    steps: int = Field(default=0, description="Optimizer steps at the end (global_step)")
+    resumed_from_step: int = Field(default=0, description="Checkpoint step resumed from (0: a fresh start)")
 
     @classmethod
     def from_metrics(cls, metrics: dict[str, float], **extra: Any) -> Self:

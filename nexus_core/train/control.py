@@ -42,7 +42,7 @@ KILL_AT_STEP_ENV = "NEXUS_TRAIN_KILL_AT_STEP"
 def gpu_temperatures() -> list[int]:
     """Temperatures (°C) of every NVIDIA GPU via NVML; empty without a GPU or NVML."""
     try:
-        import pynvml
+        import pynvml  # pyright: ignore[reportMissingImports] - optional package
     except ImportError:
         return []
     try:
@@ -135,7 +135,7 @@ class TrainingController(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         """The trainer finished writing checkpoint-N: mark it complete (resume only trusts marked ones)."""
         if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            ckpt = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 checkpoints.mark_complete(ckpt, state.global_step)
         return control
@@ -189,7 +189,7 @@ class MlflowLogger(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         """Record the checkpoint in MLflow."""
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        ckpt = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
         if self.run and state.is_world_process_zero and (ckpt / "trainer_state.json").is_file():
             self.flush()
             self.run.log_file(ckpt / "trainer_state.json", f"checkpoints/{ckpt.name}")

@@ -43,17 +43,17 @@ from nexus_core.train.launch import run_stage
 class RopeScaling(NexusModel):
     """Extend the context window by scaling rotary position embeddings."""
 
-    type: Literal["linear", "dynamic", "yarn"] = Field("linear", description="RoPE scaling method")
-    factor: float = Field(2.0, gt=1, description="Context multiplier (max_position_embeddings is scaled too)")
+    type: Literal["linear", "dynamic", "yarn"] = Field(default="linear", description="RoPE scaling method")
+    factor: float = Field(default=2.0, gt=1, description="Context multiplier (max_position_embeddings is scaled too)")
 
 
 class CPTConfig(StageBase):
     """Continued pretraining."""
 
-    method: Literal["cpt"] = Field("cpt", description="Stage method")
-    text_column: str = Field("text", description="Column holding the raw text")
-    stream_threshold_mb: float = Field(512.0, ge=0, description="Stream the corpus when its file is larger")
-    rope_scaling: RopeScaling | None = Field(None, description="RoPE scaling for long context, or none")
+    method: Literal["cpt"] = Field(default="cpt", description="Stage method")
+    text_column: str = Field(default="text", description="Column holding the raw text")
+    stream_threshold_mb: float = Field(default=512.0, ge=0, description="Stream the corpus when its file is larger")
+    rope_scaling: RopeScaling | None = Field(default=None, description="RoPE scaling for long context, or none")
 
 
 class CPTResult(TrainResult):
@@ -144,9 +144,11 @@ def _train(cfg: CPTConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: St
     if cfg.adapters:
         from peft import get_peft_model
 
-        model = get_peft_model(model, peft_config(cfg))
+        lora = peft_config(cfg)
+        assert lora is not None  # cfg.adapters
+        model = get_peft_model(model, lora)
     args = TrainingArguments(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir)))
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,  # pyright: ignore[reportArgumentType] - datasets' IterableDataset is what Trainer streams
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     before = param_snapshot(trainer.model)
     metrics = fit(trainer, cfg, ctx)

@@ -37,11 +37,11 @@ from nexus_core.train.launch import run_stage
 class DPOConfig(StageBase):
     """Direct preference optimisation."""
 
-    method: Literal["dpo"] = Field("dpo", description="Stage method")
-    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference model")
-    loss_type: str = Field("sigmoid", description="trl DPO loss: sigmoid, ipo, hinge, robust, ...")
-    chat: bool = Field(True, description="Format prompts/responses with the chat template")
-    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate")
+    method: Literal["dpo"] = Field(default="dpo", description="Stage method")
+    beta: float = Field(default=0.1, gt=0, description="Strength of the KL penalty towards the reference model")
+    loss_type: str = Field(default="sigmoid", description="trl DPO loss: sigmoid, ipo, hinge, robust, ...")
+    chat: bool = Field(default=True, description="Format prompts/responses with the chat template")
+    learning_rate: float = Field(default=5e-5, gt=0, description="Peak learning rate")
 
 
 class DPOResult(TrainResult):

@@ -37,17 +37,17 @@ Rule = Literal["exact_match", "format", "length"]
 class GRPOConfig(StageBase):
     """GRPO with rule rewards and an optional reward model."""
 
-    method: Literal["grpo"] = Field("grpo", description="Stage method")
+    method: Literal["grpo"] = Field(default="grpo", description="Stage method")
     rewards: list[Rule] = Field(default_factory=lambda: ["exact_match"], description="Rule rewards to sum")
-    reward_weights: list[float] | None = Field(None, description="Weight per reward (rules, then reward model)")
-    format_pattern: str = Field(r"<think>.*</think>", description="Regex the format reward checks for")
-    max_chars: int = Field(400, ge=1, description="Length reward: penalty starts beyond this many characters")
-    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group)")
-    max_completion_length: int = Field(64, ge=1, description="Tokens generated per completion")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature")
-    beta: float = Field(0.0, ge=0, description="KL penalty towards the reference model (0 = none)")
-    chat: bool = Field(True, description="Format prompts with the chat template")
-    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate")
+    reward_weights: list[float] | None = Field(default=None, description="Weight per reward (rules, then reward model)")
+    format_pattern: str = Field(default=r"<think>.*</think>", description="Regex the format reward checks for")
+    max_chars: int = Field(default=400, ge=1, description="Length reward: penalty starts beyond this many characters")
+    num_generations: int = Field(default=4, ge=2, description="Completions sampled per prompt (the group)")
+    max_completion_length: int = Field(default=64, ge=1, description="Tokens generated per completion")
+    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature")
+    beta: float = Field(default=0.0, ge=0, description="KL penalty towards the reference model (0 = none)")
+    chat: bool = Field(default=True, description="Format prompts with the chat template")
+    learning_rate: float = Field(default=1e-5, gt=0, description="Peak learning rate")
 
 
 class GRPOResult(TrainResult):

@@ -47,13 +47,13 @@ _PAD_LOGPROB = -1e4  # stands for "no entry" in a top-k row; exp() is 0 and log_
 class KDConfig(StageBase):
     """Knowledge distillation."""
 
-    method: Literal["kd"] = Field("kd", description="Stage method")
-    source: Literal["model", "logprobs"] = Field("model", description="Teacher model, or stored teacher logprobs")
-    divergence: Literal["forward", "reverse"] = Field("forward", description="KL(teacher‖student) or reverse")
-    temperature: float = Field(2.0, gt=0, description="Softening temperature for both distributions")
-    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KD term (1 - alpha for the hard labels)")
-    logprobs_column: str = Field("logprobs_json", description="Column with the teacher's per-token top-k logprobs")
-    chat: bool = Field(True, description="Render prompts with the chat template")
+    method: Literal["kd"] = Field(default="kd", description="Stage method")
+    source: Literal["model", "logprobs"] = Field(default="model", description="Teacher model, or stored teacher logprobs")
+    divergence: Literal["forward", "reverse"] = Field(default="forward", description="KL(teacher‖student) or reverse")
+    temperature: float = Field(default=2.0, gt=0, description="Softening temperature for both distributions")
+    alpha: float = Field(default=0.5, ge=0, le=1, description="Weight of the KD term (1 - alpha for the hard labels)")
+    logprobs_column: str = Field(default="logprobs_json", description="Column with the teacher's per-token top-k logprobs")
+    chat: bool = Field(default=True, description="Render prompts with the chat template")
 
 
 class KDResult(TrainResult):
@@ -205,6 +205,7 @@ def kd_loss(cfg: KDConfig, logits, labels, teacher_logits=None, topk_ids=None, t
     if teacher_logits is not None:
         s_lp, t_lp = F.log_softmax(s / t, -1), F.log_softmax(teacher_logits[:, :-1][mask].float() / t, -1)
     else:  # stored top-k: compare both distributions restricted to the teacher's top-k tokens
+        assert topk_ids is not None and topk_logprobs is not None
         ids, t_raw = topk_ids[:, 1:][mask], topk_logprobs[:, 1:][mask].float()
         s_lp = F.log_softmax(s.gather(-1, ids) / t + (t_raw <= _PAD_LOGPROB) * _PAD_LOGPROB, -1)
         t_lp = F.log_softmax(t_raw / t, -1)
@@ -245,7 +246,9 @@ def _train(cfg: KDConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: Ste
     if cfg.adapters:
         from peft import get_peft_model
 
-        model = get_peft_model(model, peft_config(cfg))
+        lora = peft_config(cfg)
+        assert lora is not None  # cfg.adapters
+        model = get_peft_model(model, lora)
     args = TrainingArguments(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), remove_unused_columns=False))
     trainer = KDTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                         data_collator=collate(tokenizer.pad_token_id))

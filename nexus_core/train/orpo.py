@@ -38,10 +38,10 @@ from nexus_core.train.launch import run_stage
 class ORPOConfig(StageBase):
     """Odds-ratio preference optimisation."""
 
-    method: Literal["orpo"] = Field("orpo", description="Stage method")
-    beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term (lambda in the paper)")
-    chat: bool = Field(True, description="Format prompts/responses with the chat template")
-    learning_rate: float = Field(8e-5, gt=0, description="Peak learning rate")
+    method: Literal["orpo"] = Field(default="orpo", description="Stage method")
+    beta: float = Field(default=0.1, gt=0, description="Weight of the odds-ratio term (lambda in the paper)")
+    chat: bool = Field(default=True, description="Format prompts/responses with the chat template")
+    learning_rate: float = Field(default=8e-5, gt=0, description="Peak learning rate")
 
 
 class ORPOResult(TrainResult):

@@ -37,10 +37,10 @@ from nexus_core.train.launch import run_stage
 class RewardConfig(StageBase):
     """Reward-model training."""
 
-    method: Literal["reward"] = Field("reward", description="Stage method")
-    chat: bool = Field(True, description="Format prompts/responses with the chat template")
-    center_rewards_coefficient: float | None = Field(None, description="Pull mean reward towards 0 (trl option)")
-    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate")
+    method: Literal["reward"] = Field(default="reward", description="Stage method")
+    chat: bool = Field(default=True, description="Format prompts/responses with the chat template")
+    center_rewards_coefficient: float | None = Field(default=None, description="Pull mean reward towards 0 (trl option)")
+    learning_rate: float = Field(default=5e-5, gt=0, description="Peak learning rate")
 
 
 class RewardResult(TrainResult):

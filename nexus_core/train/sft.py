@@ -35,15 +35,15 @@ from nexus_core.train.launch import run_stage
 class SFTConfig(StageBase):
     """Supervised fine-tuning."""
 
-    method: Literal["sft"] = Field("sft", description="Stage method")
-    chat: bool = Field(True, description="Format string prompt/response pairs with the model's chat template")
-    packing: bool = Field(False, description="Pack several samples per sequence (less padding). Samples are kept "
+    method: Literal["sft"] = Field(default="sft", description="Stage method")
+    chat: bool = Field(default=True, description="Format string prompt/response pairs with the model's chat template")
+    packing: bool = Field(default=False, description="Pack several samples per sequence (less padding). Samples are kept "
                                              "apart only with flash-attention (GPU); with sdpa/eager they attend "
                                              "to earlier samples in their pack")
     packing_strategy: Literal["bfd", "bfd_split", "wrapped"] = Field(
-        "bfd", description="trl packing: best-fit decreasing (padding-free), bfd that splits long rows, or wrapped")
-    completion_only_loss: bool = Field(True, description="Loss on the response tokens only, not the prompt")
-    assistant_only_loss: bool = Field(False, description="messages data: loss on assistant turns only "
+        default="bfd", description="trl packing: best-fit decreasing (padding-free), bfd that splits long rows, or wrapped")
+    completion_only_loss: bool = Field(default=True, description="Loss on the response tokens only, not the prompt")
+    assistant_only_loss: bool = Field(default=False, description="messages data: loss on assistant turns only "
                                                          "(needs {% generation %} in the chat template)")
 
 

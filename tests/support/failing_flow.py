@@ -18,7 +18,7 @@ from nexus_core.errors import InputError
 class FailingConfig(FlowConfig):
     """Which kind of failure the task raises."""
 
-    error: Literal["nexus", "unexpected"] = Field("nexus", description="an InputError, or a plain bug")
+    error: Literal["nexus", "unexpected"] = Field(default="nexus", description="an InputError, or a plain bug")
 
 
 @task

@@ -18,9 +18,9 @@ from nexus_core.config import NexusModel, runtime_field
 
 
 class _Cfg(NexusModel):
-    factor: int = Field(2, description="multiplier")
+    factor: int = Field(default=2, description="multiplier")
     workers: int = runtime_field(1, "how many threads (does not change the output)")
-    rules: str = Field("", description="a file the step reads")
+    rules: str = Field(default="", description="a file the step reads")
 
 
 @pytest.fixture

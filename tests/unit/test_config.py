@@ -19,12 +19,12 @@ from nexus_core.errors import ConfigError
 
 
 class Inner(NexusModel):
-    size: int = Field(1, description="a size")
-    name: str = Field("x", description="a name")
+    size: int = Field(default=1, description="a size")
+    name: str = Field(default="x", description="a name")
 
 
 class Outer(NexusModel):
-    lr: float = Field(0.1, description="learning rate")
+    lr: float = Field(default=0.1, description="learning rate")
     inner: Inner = Field(default_factory=Inner, description="inner")
     tags: list[str] = Field(default_factory=list, description="tags")
 
@@ -98,14 +98,14 @@ def test_redact_hides_secrets_but_not_token_counts():
 
 
 class Paths(NexusModel):
-    rules: ConfigPath = Field("rules.yaml", validate_default=True, description="a file")
+    rules: ConfigPath = Field(default="rules.yaml", validate_default=True, description="a file")
     sources: list[ConfigPath] = Field(default_factory=list, description="files")
-    model: PathOrName | None = Field(None, description="a directory or an artifact name")
+    model: PathOrName | None = Field(default=None, description="a directory or an artifact name")
     workers: int = runtime_field(1, "runtime knob, not in cache keys")
 
 
 class Flow(FlowConfig):
-    lr: float = Field(0.1, description="learning rate")
+    lr: float = Field(default=0.1, description="learning rate")
     inner: Inner = Field(default_factory=Inner, description="inner")
     paths: Paths = Field(default_factory=Paths, description="paths")
 
