@@ -221,20 +221,6 @@ def load_model(cfg: StageBase, path: Path, kind: Literal["causal", "reward"] = "
     return AutoModelForCausalLM.from_pretrained(str(path), config=config, **kw)
 
 
-def load_tokenizer(path: Path):  # noqa: ANN201 - PreTrainedTokenizerBase
-    """The model's tokenizer, with a pad token guaranteed (trainers pad batches)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if "token_type_ids" in tok.model_input_names:
-        # Decoder-only LMs take no token types; a generic fast tokenizer still emits them, and
-        # generate() (GRPO rollouts) rejects the unknown kwarg.
-        tok.model_input_names = [n for n in tok.model_input_names if n != "token_type_ids"]
-    return tok
-
-
 # ---------------------------------------------------------------- saving
 
 

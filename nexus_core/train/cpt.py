@@ -21,13 +21,13 @@ from nexus_core.context import StepContext
 from nexus_core.contract import model as model_input  # `model` names the trainer's model here
 from nexus_core.contract import step, table
 from nexus_core.errors import InputError
+from nexus_core.models.io import load_tokenizer
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
     checkpoint_dir,
     is_main_process,
     load_model,
-    load_tokenizer,
     model_dir,
     param_delta,
     param_snapshot,

@@ -17,12 +17,12 @@ from nexus_core.artifacts import ArtifactRef
 from nexus_core.context import StepContext
 from nexus_core.contract import model as model_input  # `model` names the trainers' models here
 from nexus_core.contract import step, table
+from nexus_core.models.io import load_tokenizer
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
     checkpoint_dir,
     load_model,
-    load_tokenizer,
     model_dir,
     peft_config,
     preflight,

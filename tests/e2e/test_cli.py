@@ -117,3 +117,23 @@ def test_shipped_config_runs_from_another_directory(repo, tmp_path):
     out = nexus("run", "distill", str(repo / "configs/distill/tiny.yaml"), env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "manifest.json" in out.stdout
+
+
+def test_dry_run_checks_every_stage_of_the_lifecycle_and_writes_nothing(repo, tmp_path):
+    """``--dry-run`` on the main job: the plan of every stage, nothing produced; a later stage's bad
+    dataset (evaluate's, after distill and training) is found up front, naming the file and columns."""
+    env = {"NEXUS_DATA": str(tmp_path / "data"), "NEXUS_HOME": str(tmp_path / "home")}
+    out = nexus("run", "lifecycle", str(repo / "configs/presets/tiny.yaml"), "--dry-run", env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "dry run, nothing produced" in out.stdout
+    for stage in ("distill.teacher_inputs", "train.1.", "evaluate.predict", "compress."):
+        assert stage in out.stdout, out.stdout
+    assert not (tmp_path / "data" / "processed").exists()
+
+    bad = tmp_path / "val.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n')
+    out = nexus("run", "lifecycle", str(repo / "configs/presets/tiny.yaml"), f"evaluate.dataset={bad}",
+                env=env, cwd=tmp_path)
+    assert out.returncode == 1 and len(_error_lines(out.stderr)) == 1, out.stderr[-3000:]
+    assert "val.jsonl" in out.stderr and "input/output" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "data" / "processed").exists()  # nothing ran, not even the corpus ingest
