@@ -19,6 +19,17 @@ from nexus_core.errors import NexusError
 from nexus_core.settings import mlflow_uri, nexus_home
 
 
+def _short(value: Any) -> Any:
+    """An artifact as ``name@vN``, recursively inside mappings and lists; anything else as it is."""
+    if isinstance(value, dict):
+        if {"uri", "name", "version", "digest"} <= set(value):
+            return f"{value['name']}@v{value['version']}"
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items() if v not in (None, [], {})) + "}"
+    if isinstance(value, list):
+        return [_short(v) for v in value]
+    return value
+
+
 def print_result(result: Any) -> None:
     """Print the manifests a flow produced and how to open the UIs."""
     if not isinstance(result, FlowResult):
@@ -30,7 +41,7 @@ def print_result(result: Any) -> None:
             print(f"  {line}")
         for key, value in result.summary.items():
             if value not in (None, [], {}):
-                print(f"  {key}: {value}")
+                print(f"  {key}: {_short(value)}")
         return
     print(f"\n{result.flow}: {len(result.artifacts)} artifact(s)")
     for step, ref in result.artifacts.items():
@@ -38,7 +49,12 @@ def print_result(result: Any) -> None:
         rows = f", {ref.rows} rows" if ref.rows is not None else ""
         print(f"  {step:<16} {ref.name}@v{ref.version}{rows}{note}\n  {'':<16} {ref.uri}/manifest.json")
     for key, value in result.summary.items():
-        print(f"  {key}: {value}")
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            print(f"  {key}:")  # a stage → summary mapping (the lifecycle's stages): one line each
+            for sub, fields in value.items():
+                print(f"    {sub}: {_short(fields)}")
+        else:
+            print(f"  {key}: {_short(value)}")
     print(f"\nMLflow run {result.mlflow_run_id} in {mlflow_uri()}")
     print(f"Prefect flow run {result.flow_run_id}")
     print("Look at it:")

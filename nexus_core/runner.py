@@ -48,6 +48,7 @@ from nexus_core.config import config_dict, config_hash
 from nexus_core.context import ProgressFn, StepContext
 from nexus_core.contract import check_inputs, contract_of
 from nexus_core.costs import Cost, check_budget, flow_budget
+from nexus_core.logs import hash_functions_quietly
 from nexus_core.settings import nexus_home
 
 R = TypeVar("R", bound="StepResult")
@@ -145,6 +146,7 @@ def run_step(
             work.mkdir(parents=True, exist_ok=True)
             ctx = StepContext(step=step, work_dir=work, run=run, on_progress=context.progress)
             ctx.info(f"pid {os.getpid()}, work dir {work}")
+            hash_functions_quietly()  # no bytecode from dill in the step's log
             result = fn(cfg, inputs=refs, out_uri=str(staging), ctx=ctx)
             digest, nbytes = dir_digest(staging)
 

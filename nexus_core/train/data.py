@@ -150,38 +150,3 @@ def to_dataset(records: list[dict[str, Any]]):  # noqa: ANN201 - datasets.Datase
     from datasets import Dataset
 
     return Dataset.from_list(records)
-
-
-def _global_names(func: Any, recurse: bool = True) -> list[str]:
-    """``dill.detect.nestedglobals`` without printing: the global names a function's code (and, with
-    ``recurse``, its nested code) loads or stores, read from ``dis.get_instructions``."""
-    import dis
-
-    from dill.detect import code, iscode
-
-    co = code(func)
-    if co is None:
-        return []
-    names = {ins.argval for ins in dis.get_instructions(co) if "_GLOBAL" in ins.opname}
-    if recurse:
-        for const in co.co_consts:
-            if iscode(const):
-                names.update(_global_names(const))
-    return list(names)
-
-
-def hash_functions_quietly() -> None:
-    """Stop the Python bytecode that filled training logs (idempotent; call before trainers are built).
-
-    trl prepares datasets with ``Dataset.map(fn)``; datasets fingerprints ``fn`` by pickling it with
-    dill (``recurse=True``), and dill finds a function's globals by *printing* ``dis.dis(fn)`` while
-    ``sys.stdout`` is swapped for a StringIO. Under a Prefect flow with ``log_prints`` the builtin
-    ``print`` is patched and sends prints aimed at ``sys.stdout`` to the run log, whatever
-    ``sys.stdout`` is at the time, so every hashed function's disassembly became log lines (and dill,
-    reading back an empty capture, hashed functions without their globals). Reading the names from
-    ``dis.get_instructions`` gives dill the same names without printing, under any print patch and
-    without swapping ``sys.stdout`` under other threads.
-    """
-    import dill.detect
-
-    dill.detect.nestedglobals = _global_names

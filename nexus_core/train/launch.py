@@ -28,8 +28,8 @@ from typing import Any
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
 from nexus_core.context import StepContext, log
 from nexus_core.errors import StepError
+from nexus_core.logs import hash_functions_quietly
 from nexus_core.train.common import StageBase
-from nexus_core.train.data import hash_functions_quietly
 
 TrainFn = Callable[[Any, dict[str, ArtifactRef], str, StepContext], dict[str, float]]
 # Prefix of the children's log lines on their stderr, so the parent can tell them from other output.

@@ -10,7 +10,7 @@ import re
 import pytest
 from prefect import flow
 
-from nexus_core.train.data import _global_names
+from nexus_core.logs import global_names
 from nexus_core.train.sft import SFTConfig
 from tasks.train_sft import train_sft
 
@@ -44,8 +44,8 @@ def test_global_names_are_dills_without_printing(capsys):
 
     dill_nestedglobals = _dill_nestedglobals()
     for fn in (_uses_globals, _dill.dumps, sft_trainer.SFTTrainer._prepare_dataset, BYTECODE.search):
-        assert sorted(_global_names(fn)) == sorted(dill_nestedglobals(fn)), fn
-    assert set(_global_names(_uses_globals)) == {"GLOBAL_CONSTANT", "len", "re", "sorted", "str"}
+        assert sorted(global_names(fn)) == sorted(dill_nestedglobals(fn)), fn
+    assert set(global_names(_uses_globals)) == {"GLOBAL_CONSTANT", "len", "re", "sorted", "str"}
     assert capsys.readouterr().out == ""  # ours printed nothing (dill's went into its own capture)
 
 
