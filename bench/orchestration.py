@@ -29,6 +29,7 @@ def main() -> None:
     from prefect import flow
 
     from bench.cheap_step import CheapConfig, CheapResult, run_cheap
+    from nexus_core.context import StepContext
     from nexus_core.runner import run_step
     from tasks.common import nexus_task, run_context
 
@@ -44,7 +45,7 @@ def main() -> None:
         for i in range(STEPS):
             out = tmp / "plain" / str(i)
             out.mkdir(parents=True, exist_ok=True)
-            run_cheap(CheapConfig(index=i), inputs={}, out_uri=str(out))
+            run_cheap(CheapConfig(index=i), inputs={}, out_uri=str(out), ctx=StepContext.detached(work_dir=out))
 
     def spine() -> None:
         for i in range(STEPS):
