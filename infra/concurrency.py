@@ -26,7 +26,7 @@ class PoolLimit(NexusModel):
 
     type: str = Field(description="Worker type: process, nexus-lambda, nexus-runpod, kubernetes")
     limit: int = Field(ge=1, description="Most flow runs (machines) at once")
-    base_job_template: str | None = Field(None, description="JSON template file (repo-relative) for new pools")
+    base_job_template: str | None = Field(default=None, description="JSON template file (repo-relative) for new pools")
 
 
 class LimitsConfig(NexusModel):

@@ -49,27 +49,27 @@ class GPUJobConfiguration(BaseJobConfiguration):
     image: str = Field(description="Container image with Nexus installed (infra/docker/Dockerfile.gpu)")
     gpu_types: list[str] = Field(min_length=1, description="GPU/instance types to try, in order")
     regions: list[str] = Field(default_factory=list, description="Regions / data centres to try, in order")
-    gpu_count: int = Field(1, ge=1, description="GPUs per machine")
-    disk_gb: int = Field(200, ge=10, description="Container/root disk in GB")
-    launch_timeout_s: float = Field(900, gt=0, description="Give up on a machine not running after this")
-    poll_interval_s: float = Field(15, gt=0, description="Seconds between state polls")
-    max_runtime_s: float | None = Field(None, gt=0, description="Terminate a machine running longer than this")
-    api_url: str | None = Field(None, description="Provider API base URL (default: the public API)")
+    gpu_count: int = Field(default=1, ge=1, description="GPUs per machine")
+    disk_gb: int = Field(default=200, ge=10, description="Container/root disk in GB")
+    launch_timeout_s: float = Field(default=900, gt=0, description="Give up on a machine not running after this")
+    poll_interval_s: float = Field(default=15, gt=0, description="Seconds between state polls")
+    max_runtime_s: float | None = Field(default=None, gt=0, description="Terminate a machine running longer than this")
+    api_url: str | None = Field(default=None, description="Provider API base URL (default: the public API)")
     api_key_env: str = Field(description="Name of the worker env variable holding the provider API key")
 
 
 class GPUVariables(BaseVariables):
     """Variables of the GPU work pools' base job template (what deployments may override)."""
 
-    image: str = Field("ghcr.io/nexus/nexus-gpu:latest", description="Container image to run the flow in")
+    image: str = Field(default="ghcr.io/nexus/nexus-gpu:latest", description="Container image to run the flow in")
     gpu_types: list[str] = Field(min_length=1, description="GPU/instance types to try, in order of preference")
     regions: list[str] = Field(default_factory=list, description="Regions / data centres to try, in order")
-    gpu_count: int = Field(1, ge=1, description="GPUs per machine")
-    disk_gb: int = Field(200, ge=10, description="Container/root disk in GB")
-    launch_timeout_s: float = Field(900, gt=0, description="Seconds a machine may take to start running")
-    poll_interval_s: float = Field(15, gt=0, description="Seconds between state polls")
-    max_runtime_s: float | None = Field(None, gt=0, description="Hard cap on a machine's lifetime, seconds")
-    api_url: str | None = Field(None, description="Provider API base URL (tests point it at a local server)")
+    gpu_count: int = Field(default=1, ge=1, description="GPUs per machine")
+    disk_gb: int = Field(default=200, ge=10, description="Container/root disk in GB")
+    launch_timeout_s: float = Field(default=900, gt=0, description="Seconds a machine may take to start running")
+    poll_interval_s: float = Field(default=15, gt=0, description="Seconds between state polls")
+    max_runtime_s: float | None = Field(default=None, gt=0, description="Hard cap on a machine's lifetime, seconds")
+    api_url: str | None = Field(default=None, description="Provider API base URL (tests point it at a local server)")
     api_key_env: str = Field(description="Name of the worker's environment variable holding the API key")
 
 

@@ -17,19 +17,19 @@ from infra.workers.gpu import GPUCloudWorker, GPUJobConfiguration, GPUVariables,
 class LambdaJobConfiguration(GPUJobConfiguration):
     """Lambda job configuration: instance types, regions, SSH key and file systems."""
 
-    ssh_key_name: str | None = Field(None, description="SSH key (already in the Lambda account) for debugging")
+    ssh_key_name: str | None = Field(default=None, description="SSH key (already in the Lambda account) for debugging")
     file_system_names: list[str] = Field(default_factory=list, description="Lambda file systems to attach")
 
 
 class LambdaVariables(GPUVariables):
     """Base job template variables of a ``nexus-lambda`` work pool."""
 
-    gpu_types: list[str] = Field(["gpu_1x_h100_pcie", "gpu_1x_a100_sxm4"], min_length=1,
+    gpu_types: list[str] = Field(default=["gpu_1x_h100_pcie", "gpu_1x_a100_sxm4"], min_length=1,
                                  description="Lambda instance types to try, in order (e.g. gpu_1x_h100_pcie)")
-    regions: list[str] = Field(["us-east-1", "us-west-1", "us-south-1"],
+    regions: list[str] = Field(default=["us-east-1", "us-west-1", "us-south-1"],
                                description="Lambda regions to try, in order")
-    api_key_env: str = Field("LAMBDA_API_KEY", description="Worker env variable holding the Lambda API key")
-    ssh_key_name: str | None = Field(None, description="SSH key (already in the Lambda account) for debugging")
+    api_key_env: str = Field(default="LAMBDA_API_KEY", description="Worker env variable holding the Lambda API key")
+    ssh_key_name: str | None = Field(default=None, description="SSH key (already in the Lambda account) for debugging")
     file_system_names: list[str] = Field(default_factory=list,
                                          description="Lambda file systems to attach (shared data, caches)")
 

@@ -17,22 +17,22 @@ from infra.workers.gpu import GPUCloudWorker, GPUJobConfiguration, GPUVariables,
 class RunPodJobConfiguration(GPUJobConfiguration):
     """RunPod job configuration: GPU type ids, data centres, cloud type, volume."""
 
-    cloud_type: str = Field("SECURE", pattern="^(SECURE|COMMUNITY)$", description="SECURE or COMMUNITY cloud")
-    volume_gb: int = Field(0, ge=0, description="Pod volume (persists across restarts) in GB")
-    graphql_url: str | None = Field(None, description="RunPod GraphQL URL (GPU type list)")
+    cloud_type: str = Field(default="SECURE", pattern="^(SECURE|COMMUNITY)$", description="SECURE or COMMUNITY cloud")
+    volume_gb: int = Field(default=0, ge=0, description="Pod volume (persists across restarts) in GB")
+    graphql_url: str | None = Field(default=None, description="RunPod GraphQL URL (GPU type list)")
 
 
 class RunPodVariables(GPUVariables):
     """Base job template variables of a ``nexus-runpod`` work pool."""
 
-    gpu_types: list[str] = Field(["NVIDIA H100 80GB HBM3", "NVIDIA A100 80GB PCIe"], min_length=1,
+    gpu_types: list[str] = Field(default=["NVIDIA H100 80GB HBM3", "NVIDIA A100 80GB PCIe"], min_length=1,
                                  description="RunPod GPU type ids to try, in order")
     regions: list[str] = Field(default_factory=list,
                                description="RunPod data centre ids to try, in order (empty: any)")
-    api_key_env: str = Field("RUNPOD_API_KEY", description="Worker env variable holding the RunPod API key")
-    cloud_type: str = Field("SECURE", pattern="^(SECURE|COMMUNITY)$", description="SECURE or COMMUNITY cloud")
-    volume_gb: int = Field(0, ge=0, description="Pod volume (persists across restarts) in GB")
-    graphql_url: str | None = Field(None, description="RunPod GraphQL URL (tests point it at a local server)")
+    api_key_env: str = Field(default="RUNPOD_API_KEY", description="Worker env variable holding the RunPod API key")
+    cloud_type: str = Field(default="SECURE", pattern="^(SECURE|COMMUNITY)$", description="SECURE or COMMUNITY cloud")
+    volume_gb: int = Field(default=0, ge=0, description="Pod volume (persists across restarts) in GB")
+    graphql_url: str | None = Field(default=None, description="RunPod GraphQL URL (tests point it at a local server)")
 
 
 class RunPodWorker(GPUCloudWorker):
