@@ -41,11 +41,11 @@ from pydantic import (
 )
 
 from nexus_core.errors import ConfigError
+from nexus_core.secrets import is_secret_name, redact_value
 
 M = TypeVar("M", bound=BaseModel)
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-SECRET_SUFFIXES = ("api_key", "apikey", "secret", "password", "auth_token", "access_token", "hf_token")
 # key of the validation context entry that carries the root relative config paths are resolved against
 _ROOT = "nexus_config_root"
 
@@ -232,7 +232,9 @@ def validate(model: type[M], data: dict[str, Any], source: str = "config", root:
     """Validate ``data`` into ``model``, raising one ConfigError listing every problem by dotted key.
 
     ``root`` is what relative :data:`ConfigPath` values are resolved against (default :func:`repo_root`).
+    A secret-named key given a value (``api_key: sk-...``) is an error (:func:`reject_secrets`).
     """
+    reject_secrets(data, source)
     try:
         return model.model_validate(data, context={_ROOT: str(root)} if root else None)
     except ValidationError as exc:
@@ -270,15 +272,45 @@ def load_config(
 
 
 def redact(value: Any) -> Any:
-    """Copy of a plain config mapping with secret-looking keys replaced by ``***``."""
+    """Copy of a plain config mapping with secrets replaced by ``***``: the value of every key that looks
+    like a secret (:func:`nexus_core.secrets.is_secret_name`: ``api_key``, ``aws_secret_access_key``,
+    ``authorization``, ``passwd``, ``api-key``, ... any case, ``-`` and ``_`` alike), and any string holding
+    the value of a secret-looking environment variable."""
     if isinstance(value, dict):
-        return {
-            k: ("***" if str(k).lower().endswith(SECRET_SUFFIXES) and v else redact(v))
-            for k, v in value.items()
-        }
+        return {k: ("***" if is_secret_name(str(k)) and v else redact(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
+    if isinstance(value, str):
+        return redact_value(value)
     return value
+
+
+def secret_problems(data: Any, where: str = "") -> list[str]:
+    """One problem per secret-named key of ``data`` (at any depth) given a literal value. Keys belong in
+    environment variables; a config names the variable (``api_key_env``). The value is never quoted."""
+    problems: list[str] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            name = f"{where}.{key}" if where else str(key)
+            if is_secret_name(str(key)) and value not in (None, "", {}, []) and not isinstance(value, dict | bool):
+                problems.append(f"{name}: looks like a secret; configs must not hold keys (they end up in "
+                                f"manifests, logs and Prefect's flow-run parameters). Put the key in an "
+                                f"environment variable and name it with api_key_env (e.g. api_key_env: "
+                                f"OPENAI_API_KEY)")
+            else:
+                problems.extend(secret_problems(value, name))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            problems.extend(secret_problems(value, f"{where}[{i}]"))
+    return problems
+
+
+def reject_secrets(data: Any, source: str = "config") -> None:
+    """Raise one ConfigError naming every secret-named key of ``data`` given a literal value
+    (:func:`secret_problems`)."""
+    problems = secret_problems(data)
+    if problems:
+        raise ConfigError(problems, source)
 
 
 def config_dict(cfg: BaseModel | dict[str, Any]) -> dict[str, Any]:
@@ -362,4 +394,6 @@ class FlowConfig(NexusModel):
         data = merge_extends(data, _context_root(info), source)
         if data.get("overrides"):
             data = deep_merge(data, parse_overrides(data["overrides"]))
-        return interpolate(data, source)
+        data = interpolate(data, source)
+        reject_secrets(data, source)  # a deployment parameter or its preset: no key reaches the flow run
+        return data

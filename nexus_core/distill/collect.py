@@ -29,6 +29,7 @@ from nexus_core.errors import InputError
 from nexus_core.llm.client import LLMClient, check_model, run_async
 from nexus_core.llm.pool import ClientPool
 from nexus_core.runner import Cost, StepResult
+from nexus_core.secrets import scrub
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ async def _collect(cfg: CollectConfig, src: Path, out: Path, result: CollectResu
                 records.append({
                     **{k: row.get(k) for k in ("row_id", "domain", "title", "source_file", "template_name",
                                                "template_hash", "system_prompt", "user_prompt")},
-                    "response": c.content, "status": c.status, "error": c.error, "model": c.model,
+                    "response": c.content, "status": c.status, "error": scrub(c.error), "model": c.model,
                     "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                     "cost_usd": c.cost_usd, "latency_s": c.latency_s, "attempts": c.attempts, "cached": c.cached,
                     "cache_key": c.key, "request_json": json.dumps({"messages": req, **cfg.teacher.sampling()}),

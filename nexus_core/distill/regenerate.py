@@ -22,6 +22,7 @@ from nexus_core.distill.rules import apply_rules, load_rules
 from nexus_core.io import read_table, schema_of, write_parquet
 from nexus_core.llm.client import LLMClient, check_model
 from nexus_core.runner import Cost, StepResult
+from nexus_core.secrets import scrub
 
 REQUIRED = ("row_id", "template_name", "system_prompt", "user_prompt", "response", "decision",
             "reviewed_output", "review_reason")
@@ -86,7 +87,7 @@ def run_regenerate(cfg: RegenerateConfig, *, inputs: dict[str, ArtifactRef], out
         verdicts = apply_rules(frame, rules)
         still = []
         for rid, c, v in zip(pending, done, verdicts.iter_rows(named=True), strict=True):
-            reasons = v["reason"] if c.status == "ok" else f"teacher {c.status}: {c.error}"
+            reasons = v["reason"] if c.status == "ok" else f"teacher {c.status}: {scrub(c.error)}"
             st = state[rid]
             st["history"].append({"round": rnd, "response": c.content, "keep": bool(v["keep"]), "reasons": reasons,
                                   "status": c.status, "cache_key": c.key, "cost_usd": c.cost_usd})

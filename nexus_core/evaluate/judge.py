@@ -28,6 +28,7 @@ from nexus_core.evaluate.rubric import (
 )
 from nexus_core.io import load_table, schema_of, write_parquet
 from nexus_core.runner import Cost, StepResult
+from nexus_core.secrets import scrub
 
 
 class JudgeConfig(NexusModel):
@@ -74,12 +75,12 @@ def run_judge(cfg: JudgeConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
     cols: dict[str, list] = {
         "judge": [judge_name] * preds.height, "judge_kind": [cfg.kind] * preds.height,
         "rubric": [f"{rubric.name}@v{rubric.version}"] * preds.height,
-        "status": [r["status"] for r in results], "reason": [r["reason"] for r in results],
+        "status": [r["status"] for r in results], "reason": [scrub(r["reason"]) for r in results],
     }
     for dim in rubric.names:
         cols[dim] = [r["verdict"][dim] if r["verdict"] else None for r in results]
     cols["rationale"] = [str(r["verdict"].get("rationale", "")) if r["verdict"] else None for r in results]
-    cols["raw_verdict"] = [r["raw"] for r in results]
+    cols["raw_verdict"] = [scrub(r["raw"]) for r in results]
     cols["steps_count"] = [count_ordered_steps(a) for a in answers]
     cols["has_methodology"] = [n >= cfg.methodology_min_steps for n in cols["steps_count"]]
     for key in ("attempts", "prompt_tokens", "completion_tokens", "cost_usd"):

@@ -25,6 +25,7 @@ from pydantic import Field, ValidationError
 from nexus_core.config import NexusModel
 from nexus_core.errors import ConfigError, StepError
 from nexus_core.llm.client import LLMConfig
+from nexus_core.secrets import scrub
 
 KNOWN_DIMENSIONS = ("plausibility", "falsifiability", "method_rigour", "reproducibility", "teacher_agreement")
 KNOWN_SCALES: dict[str, tuple[int, int]] = {"1-5": (1, 5), "1-10": (1, 10)}
@@ -253,16 +254,16 @@ def judge_llm(items: list[dict[str, Any]], rubric: Rubric, settings: JudgeSettin
         row = {"attempts": c.attempts, "latency_s": c.latency_s, "prompt_tokens": c.prompt_tokens,
                "completion_tokens": c.completion_tokens, "cost_usd": c.cost_usd, "raw": c.content}
         if c.status != "ok":
-            row.update(status="failed", reason=c.error or c.status, verdict=None)
+            row.update(status="failed", reason=scrub(c.error) or c.status, verdict=None)
         else:
             verdict, reason = parse_verdict(c.content, rubric)
-            row.update(status="ok" if verdict else "unparseable", reason=reason, verdict=verdict)
+            row.update(status="ok" if verdict else "unparseable", reason=scrub(reason), verdict=verdict)
         out.append(row)
     failed = [c for c in done if c.status != "ok"]
     if done and len(failed) == len(done) and all((c.error or "").split(":")[0] in _UNREACHABLE for c in failed):
         where = settings.api_base or "the provider's default endpoint"
         raise JudgeUnreachable(f"judge model {settings.model!r} at {where} unreachable after "
-                               f"{settings.max_retries + 1} attempt(s) per request: {failed[0].error}")
+                               f"{settings.max_retries + 1} attempt(s) per request: {scrub(failed[0].error)}")
     return out
 
 

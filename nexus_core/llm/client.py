@@ -10,6 +10,9 @@ and a re-run never pays twice. Read-only *recorded* caches (JSONL files committe
 can sit behind it; ``offline=True`` serves only from these caches and reports each miss.
 
 Used by teacher collection and regeneration (distill) and by the evaluation judge.
+
+Every error text a :class:`Completion` carries has been through :func:`nexus_core.secrets.scrub`: a
+provider that echoes the ``Authorization`` header in its error body leaves no key in a table or a log.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pydantic import Field
 
 from nexus_core.config import ConfigPath, NexusModel
 from nexus_core.errors import ConfigError, InputError
+from nexus_core.secrets import scrub
 from nexus_core.settings import nexus_home
 
 
@@ -292,6 +296,10 @@ class LLMClient:
         # A local OpenAI-compatible server needs some key in the header; providers read their own env.
         return "sk-local-not-needed" if self.cfg.api_base else None
 
+    def _scrub(self, text: str) -> str:
+        """``text`` without the API key or any other secret (:func:`nexus_core.secrets.scrub`)."""
+        return scrub(text, [self._api_key()]) or ""
+
     async def _wait_rate(self) -> None:
         if not self.cfg.rpm:
             return
@@ -360,7 +368,8 @@ class LLMClient:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - every failure becomes row data after retries
-                    last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    # Provider bodies may echo the request's headers: scrub before the text is kept anywhere.
+                    last_error = f"{type(exc).__name__}: {self._scrub(str(exc))[:300]}"
                     if _is_permanent(exc) or attempt > cfg.max_retries:
                         break
                     wait = _retry_after(exc)
@@ -376,7 +385,8 @@ class LLMClient:
         try:
             content, logprobs = _content_of(response)
         except ValueError as exc:
-            return Completion(key=key, status="failed", error=str(exc), model=self.cfg.model, cached=cached)
+            return Completion(key=key, status="failed", error=self._scrub(str(exc)), model=self.cfg.model,
+                              cached=cached)
         usage = response.get("usage") or {}
         return Completion(
             key=key, status="ok", content=content, model=response.get("model") or self.cfg.model,
