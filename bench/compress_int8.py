@@ -37,9 +37,8 @@ def main() -> None:
 
     from nexus_core.compress.common import dir_bytes, save_model
     from nexus_core.models.compressed import (
-        QUANT_DIR,
-        QUANT_WEIGHTS,
         dequantized_state,
+        int8_runtime_bytes,
         linear_names,
         load_compressed,
         quantize_dynamic_int8,
@@ -81,8 +80,7 @@ def main() -> None:
                 gen = _time(lambda m=m: m.generate(input_ids=prompt[:, :32], max_new_tokens=args.new_tokens,
                                                    min_new_tokens=args.new_tokens, do_sample=False,
                                                    pad_token_id=tok.pad_token_id), args.repeats)
-            size = (dir_bytes(fp_dir, "*.safetensors") if name == "fp32"
-                    else (q_dir / QUANT_DIR / QUANT_WEIGHTS).stat().st_size)
+            size = dir_bytes(fp_dir, "*.safetensors") if name == "fp32" else int8_runtime_bytes(q_dir)
             rows[name] = {"prefill_8x128_p50_ms": prefill[0] * 1e3, "prefill_8x128_p95_ms": prefill[1] * 1e3,
                           f"generate_{args.new_tokens}tok_p50_ms": gen[0] * 1e3,
                           "tokens_per_s": args.new_tokens / gen[0], "size_mb": size / 1e6}

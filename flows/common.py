@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from pydantic import BaseModel
 from nexus_core import lineage
 from nexus_core.config import FlowConfig, config_dict, load_config
 from nexus_core.costs import set_flow_budget
+from nexus_core.errors import ConfigError
 from nexus_core.settings import configure_environment
 
 C = TypeVar("C", bound=BaseModel)
@@ -27,6 +29,7 @@ def flow_lineage(cfg: BaseModel) -> Iterator[str]:
     worker, which no Nexus entry point has prepared.
     """
     configure_environment()
+    recover_from_crashes()
     name = flow_run.get_flow_name() or "flow"
     if isinstance(cfg, FlowConfig):
         set_flow_budget(flow_run.get_id(), cfg.budget_usd)
@@ -40,9 +43,86 @@ def flow_lineage(cfg: BaseModel) -> Iterator[str]:
     lineage.end_run(run_id, ok=True)
 
 
+_recovered: set[str] = set()  # NEXUS_HOME values this process has already swept
+
+
+def recover_from_crashes() -> None:
+    """Clean up after runs that were killed, once per process and home (every flow start calls it):
+
+    - MLflow runs left RUNNING by a dead process on this host are marked FAILED, and the Prefect flow
+      runs they belong to are set to Crashed (a killed process could not report either);
+    - staging directories of dead processes are deleted;
+    - the catalog gets a row for every published artifact that lacks one (a kill between publishing
+      an artifact and recording it).
+    """
+    from nexus_core import catalog
+    from nexus_core.artifacts import remove_stale_staging
+    from nexus_core.settings import nexus_home
+
+    home = str(nexus_home())
+    if home in _recovered:
+        return
+    _recovered.add(home)
+    reaped = lineage.reap_crashed_runs()
+    flow_runs = {r["prefect_flow_run_id"] for r in reaped if r["kind"] == "flow" and r["prefect_flow_run_id"]}
+    if flow_runs:
+        _mark_crashed(flow_runs)
+    remove_stale_staging()
+    catalog.repair()
+
+
+def _mark_crashed(flow_run_ids: set[str]) -> None:
+    """Set still-running Prefect flow runs to Crashed (their process is gone)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        for run_id in flow_run_ids:
+            try:
+                run = client.read_flow_run(run_id)
+            except Exception:  # noqa: BLE001 - a run from another Prefect API (another home): nothing to mark
+                continue
+            if run.state is not None and not run.state.is_final():
+                client.set_flow_run_state(run_id, Crashed(message="its process was killed (found at the next start)"),
+                                          force=True)
+
+
 def load_flow_config(model: type[C], path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> C:
-    """Load a flow's YAML config (with extends) plus ``key=value`` overrides into its model."""
-    return load_config(path, model, overrides)
+    """Load a flow's YAML config (with extends) plus ``key=value`` overrides into its model.
+
+    The config becomes the flow run's parameters, which the Prefect API stores only up to
+    ``server.api.max_parameter_size`` bytes: a bigger one is a ConfigError naming its biggest key,
+    raised before Prefect is called (Prefect would answer with a 422 traceback).
+    """
+    cfg = load_config(path, model, overrides)
+    check_parameter_size(cfg, str(path) if path else "command line")
+    return cfg
+
+
+def _largest_value(value: Any, where: str = "") -> tuple[int, str]:
+    """(JSON size, dotted key) of the biggest leaf value under ``value``."""
+    if isinstance(value, dict) and value:
+        return max(_largest_value(v, f"{where}.{k}" if where else str(k)) for k, v in value.items())
+    if isinstance(value, list) and value:
+        return max(_largest_value(v, f"{where}[{i}]") for i, v in enumerate(value))
+    return len(json.dumps(value, separators=(",", ":")).encode()), where or "(top level)"
+
+
+def check_parameter_size(cfg: BaseModel, source: str = "config") -> None:
+    """Raise ConfigError when ``cfg`` as flow parameters exceeds Prefect's parameter size limit."""
+    from prefect.settings import get_current_settings
+
+    limit = get_current_settings().server.api.max_parameter_size
+    if not limit:
+        return
+    data = cfg.model_dump(mode="json")
+    size = len(json.dumps({"cfg": data}, separators=(",", ":")).encode())
+    if size <= limit:
+        return
+    biggest, key = _largest_value(data)
+    raise ConfigError([f"{key}: {biggest:,} bytes as JSON; a flow's whole config must stay under {limit:,} bytes "
+                       f"(Prefect's server.api.max_parameter_size; this one is {size:,}): put large values in a "
+                       f"file the config names"], source)
 
 
 def prepare_process() -> None:

@@ -13,8 +13,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -26,6 +28,8 @@ from pydantic import BaseModel, Field
 from nexus_core.settings import data_root
 
 MANIFEST = "manifest.json"
+# a staging dir's name says which process builds it, so a later run can sweep it once that process is gone
+_STAGING = re.compile(r"\.staging-(?P<host>.+)-(?P<pid>\d+)-[^-]*$")
 _VERSION_DIR = re.compile(r"^(?P<name>.+)_v(?P<version>\d+)$")
 
 
@@ -257,12 +261,14 @@ def publish(
 ) -> Manifest:
     """Turn a finished staging directory into the next version ``<name>_v<N>``.
 
-    Under a lock on the area: pick N, write ``manifest.json`` into the staging directory (last, and
-    atomically), then rename the directory into place, so readers see all of it or none of it.
-    Earlier versions are never touched.
+    Every file is flushed to disk first (a power cut after the rename must not leave a manifest over
+    empty files); then, under a lock on the area: pick N, write ``manifest.json`` into the staging
+    directory (last, and atomically), rename the directory into place and flush the area directory,
+    so readers see all of it or none of it. Earlier versions are never touched.
     """
     base = area_dir(area, root)
     base.mkdir(parents=True, exist_ok=True)
+    fsync_tree(staging)
     with open(base / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         version = max(_all_version_numbers(base, name), default=0) + 1
@@ -270,7 +276,29 @@ def publish(
         manifest = make_manifest(version, target)
         atomic_write_text(staging / MANIFEST, manifest.model_dump_json(indent=2, by_alias=True))
         os.rename(staging, target)
+        fsync_dir(base)
     return manifest
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename or a new file in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` to disk."""
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 def _all_version_numbers(base: Path, name: str) -> list[int]:
@@ -283,10 +311,41 @@ def _all_version_numbers(base: Path, name: str) -> list[int]:
 
 
 def staging_dir(area: str, name: str, root: Path | None = None) -> Path:
-    """A fresh empty directory beside the versions, to build an artifact in before publishing."""
+    """A fresh empty directory beside the versions, to build an artifact in before publishing. Its
+    name records the owner (host and pid), so a later run can sweep it if that process was killed."""
     base = area_dir(area, root)
     base.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=base))
+    return Path(tempfile.mkdtemp(prefix=f".{name}.staging-{socket.gethostname()}-{os.getpid()}-", dir=base))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_staging(root: Path | None = None) -> list[Path]:
+    """Delete staging directories whose owner process on this host is gone (a killed run), and
+    owner-less ones older than a day. Returns what was removed."""
+    base = (root or data_root()) / "processed"
+    if not base.is_dir():
+        return []
+    host, removed = socket.gethostname(), []
+    for path in base.glob("*/.*.staging-*"):
+        m = _STAGING.search(path.name)
+        if m:
+            stale = m.group("host") == host and not process_alive(int(m.group("pid")))
+        else:  # from an older version of Nexus: no owner in the name
+            stale = time.time() - path.stat().st_mtime > 86400
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def remove_tree(path: Path) -> None:

@@ -6,13 +6,20 @@ dashboards and ``nexus costs`` read it; artifacts themselves stay on disk with t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, event
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
-from nexus_core.settings import catalog_url
+from nexus_core.settings import catalog_url, nexus_home
+
+if TYPE_CHECKING:
+    from nexus_core.artifacts import Manifest
 
 
 def _now() -> datetime:
@@ -121,8 +128,23 @@ def _engine_for(url: str) -> Engine:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA busy_timeout=30000")
 
-    SQLModel.metadata.create_all(engine)
+    with migration_lock("catalog"):  # concurrent first runs on a fresh home create the tables once
+        SQLModel.metadata.create_all(engine)
     return engine
+
+
+@contextmanager
+def migration_lock(name: str) -> Iterator[None]:
+    """An exclusive lock under ``NEXUS_HOME`` around creating or migrating a database, so several
+    processes starting at once on a fresh home do not race each other's schema changes."""
+    import fcntl
+
+    with open(nexus_home() / f".{name}.migrate.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def engine() -> Engine:
@@ -192,3 +214,33 @@ def leaderboard(dataset_name: str | None = None, judge_kind: str | None = None) 
         rows = list(session.exec(query))
     return sorted(rows, key=lambda r: (not r.gate_passed, -(r.score if r.score is not None else float("-inf")),
                                        -r.id if r.id is not None else 0))
+
+
+def artifact_row(m: Manifest) -> ArtifactRow:
+    """The catalog row of a published artifact, from its manifest."""
+    return ArtifactRow(kind=m.kind, area=Path(m.uri).parent.name, name=m.name, version=m.version, uri=m.uri,
+                       digest=m.digest, rows=m.rows, bytes=m.bytes, step=m.step, config_hash=m.config_hash,
+                       flow_run_id=m.prefect.get("flow_run_id"), mlflow_run_id=m.mlflow_run_id)
+
+
+def ensure_artifact(m: Manifest) -> bool:
+    """Add the row of a published artifact if the catalog lacks it (a run killed between publishing and
+    cataloguing). Returns True when a row was added."""
+    with Session(engine()) as session:
+        if session.exec(select(ArtifactRow.id).where(ArtifactRow.uri == m.uri)).first() is not None:
+            return False
+    add(artifact_row(m))
+    return True
+
+
+def repair(root: Path | None = None) -> int:
+    """Add a row for every published artifact under the data root that has none; the number added.
+    Manifests are the truth: the catalog is an index that can always be rebuilt from them."""
+    from nexus_core.artifacts import iter_manifests
+
+    with Session(engine()) as session:
+        known = set(session.exec(select(ArtifactRow.uri)))
+    missing = [artifact_row(m) for m in iter_manifests(root) if m.uri not in known]
+    if missing:
+        add(*missing)
+    return len(missing)

@@ -7,6 +7,8 @@ Prefect runs tasks in worker threads and the active-run stack does not cross thr
 from __future__ import annotations
 
 import json
+import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,7 +37,39 @@ _flow_runs: dict[str, str] = {}  # prefect flow run id -> mlflow run id
 def _client_for(uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite"):
+        return MlflowClient(tracking_uri=uri)
+    from nexus_core.catalog import migration_lock
+
+    with migration_lock("mlflow"):  # creating the client creates and migrates the schema: one process at a time
+        return MlflowClient(tracking_uri=uri)
+
+
+def _owner_tags() -> dict[str, str]:
+    """Which process a run belongs to, so a later start can tell a killed run from a live one."""
+    return {"nexus.host": socket.gethostname(), "nexus.pid": str(os.getpid())}
+
+
+def reap_crashed_runs() -> list[dict[str, str]]:
+    """Mark FAILED every RUNNING MLflow run whose process on this host is gone (a killed run), tagged
+    ``nexus.crashed``. Returns ``{"mlflow_run_id", "prefect_flow_run_id", "kind"}`` for each, so the
+    caller can also end the Prefect flow runs they belong to."""
+    from nexus_core.artifacts import process_alive
+
+    c, host, reaped = client(), socket.gethostname(), []
+    experiments = [e.experiment_id for e in c.search_experiments()]
+    if not experiments:
+        return []
+    for run in c.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        pid = tags.get("nexus.pid", "")
+        if tags.get("nexus.host") != host or not pid.isdigit() or process_alive(int(pid)):
+            continue
+        c.set_tag(run.info.run_id, "nexus.crashed", f"process {pid} on {host} ended without finishing the run")
+        c.set_terminated(run.info.run_id, "FAILED")
+        reaped.append({"mlflow_run_id": run.info.run_id, "kind": tags.get("nexus.kind", ""),
+                       "prefect_flow_run_id": tags.get("prefect.flow_run_id", "")})
+    return reaped
 
 
 def client() -> MlflowClient:
@@ -88,7 +122,7 @@ def start_flow_run(flow_name: str, prefect_flow_run_id: str | None, config: dict
     parent's experiment, so a lifecycle run shows as one tree.
     """
     tags = {"mlflow.runName": flow_name, "nexus.kind": "flow", "nexus.flow": flow_name,
-            "prefect.flow_run_id": prefect_flow_run_id}
+            "prefect.flow_run_id": prefect_flow_run_id, **_owner_tags()}
     parent = parent_run_for(parent_prefect_flow_run_id)
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -179,7 +213,7 @@ def step_run(step: str, config: dict[str, Any], tags: dict[str, Any], flow_name:
     """
     parent = parent_run_for(prefect_flow_run_id)
     all_tags = {"mlflow.runName": step.rsplit(".", 1)[-1], "nexus.kind": "step", "nexus.step": step,
-                "prefect.flow_run_id": prefect_flow_run_id, **tags}
+                "prefect.flow_run_id": prefect_flow_run_id, **_owner_tags(), **tags}
     if parent:
         all_tags["mlflow.parentRunId"] = parent
     experiment = client().get_run(parent).info.experiment_id if parent else experiment_id(

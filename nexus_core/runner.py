@@ -12,7 +12,9 @@ small result. :func:`run_step` wraps it:
    :class:`~nexus_core.context.StepContext` (MLflow run, work dir, progress).
 4. Publish: digest the files, write ``manifest.json`` last, rename into ``<name>_v<N>``; delete the
    step's work dir (its checkpoints are no longer needed).
-5. Record the artifact, the step run and its cost in the catalog.
+5. Record the artifact, the step run and its cost in the catalog. The manifest is the truth: a run
+   killed between publishing and this step leaves a published artifact without a row, which the
+   next reuse (or ``catalog.repair`` at the start of every flow) adds.
 
 If the step raises, the staging directory is removed: no manifest, earlier versions untouched; the
 work dir stays, so a re-run resumes from its checkpoints.
@@ -122,6 +124,7 @@ def run_step(
     if existing is not None:
         result = result_cls.model_validate(existing.result)
         result.ref, result.reused = existing.ref(), True
+        catalog.ensure_artifact(existing)  # a run killed after publishing never wrote the row
         catalog.add(catalog.StepRunRow(step=step, status="reused", config_hash=chash,
                                        artifact_uri=existing.uri, flow_name=context.flow_name,
                                        flow_run_id=context.flow_run_id, task_run_id=context.task_run_id))
@@ -180,9 +183,7 @@ def run_step(
 
     seconds = time.perf_counter() - t0
     rows: list[Any] = [
-        catalog.ArtifactRow(kind=kind, area=area, name=name, version=manifest.version, uri=manifest.uri,
-                            digest=digest, rows=result.rows, bytes=nbytes, step=step, config_hash=chash,
-                            flow_run_id=context.flow_run_id, mlflow_run_id=mlflow_run_id),
+        catalog.artifact_row(manifest),
         catalog.StepRunRow(step=step, status="completed", config_hash=chash, artifact_uri=manifest.uri,
                            flow_name=context.flow_name, flow_run_id=context.flow_run_id,
                            task_run_id=context.task_run_id, mlflow_run_id=mlflow_run_id, seconds=seconds),

@@ -24,7 +24,7 @@ from nexus_core.config import NexusModel
 from nexus_core.context import StepContext
 from nexus_core.contract import step
 from nexus_core.io import load_table, write_parquet
-from nexus_core.models.compressed import QUANT_DIR, QUANT_WEIGHTS, load_compressed
+from nexus_core.models.compressed import int8_runtime_bytes, load_compressed
 from nexus_core.models.io import check_model_dir
 from nexus_core.runner import StepResult
 
@@ -127,7 +127,8 @@ def _measure(name: str, uri: str, cfg: BenchmarkConfig, heldout: ArtifactRef | N
             secs = min(_generate(model, tokenizer, [PROMPT] * b, cfg.new_tokens)[0] for _ in range(cfg.repeats))
             tps[b] = b * cfg.new_tokens / secs
     root = Path(uri)
-    size = (root / QUANT_DIR / QUANT_WEIGHTS).stat().st_size if qmeta else dir_bytes(root, "*.safetensors")
+    # INT8: quantized/model_int8.safetensors + the float modules (what the runtime holds), not the fp32 root copy
+    size = int8_runtime_bytes(root) if qmeta else dir_bytes(root, "*.safetensors")
     row: dict[str, Any] = {
         "model": name, "uri": uri, "quantization": qmeta.get("method"),
         "params": count_params(model), "size_mb": size / 1e6,

@@ -2,7 +2,7 @@
 
 INT8 variants run on CPU through torch.ao eager quantization. The output is an HF directory whose
 root weights are the int8-rounded fp32 weights (``from_pretrained`` works anywhere) plus
-``quantized/`` with the packed int8 runtime that :func:`nexus_core.models.compressed.load_compressed`
+``quantized/`` with the int8 runtime (safetensors, no pickle) that :func:`nexus_core.models.compressed.load_compressed`
 (and the server) use. NF4 needs bitsandbytes on a CUDA GPU and says so clearly otherwise.
 """
 
@@ -23,6 +23,7 @@ from nexus_core.contract import step
 from nexus_core.errors import InputError, StepError
 from nexus_core.models.compressed import (
     dequantized_state,
+    int8_runtime_bytes,
     linear_names,
     quantize_dynamic_int8,
     quantize_static_int8,
@@ -49,7 +50,7 @@ class QuantizeResult(StepResult):
     method: str
     quantized_modules: int
     kept_fp32: list[str] = Field(default_factory=list, description="Mixed: modules left in fp32")
-    int8_bytes: int = Field(default=0, description="Bytes of the int8 runtime weights")
+    int8_bytes: int = Field(default=0, description="Bytes of the int8 runtime weights (int8 Linears + float modules)")
     fp32_bytes: int = Field(default=0, description="Bytes of the input model's safetensors")
 
 
@@ -132,12 +133,12 @@ def run_quantize(cfg: QuantizeConfig, *, inputs: dict[str, ArtifactRef], out_uri
         qmodel = quantize_dynamic_int8(work, names)
     fp = dequantized_state(qmodel, model, names, "int8_static" if cfg.method == "int8_static" else "dynamic")
     save_model(fp, tokenizer, out)
-    int8_path = save_quantized(qmodel, out, cfg.method, names, {"kept_fp32": kept})
+    save_quantized(qmodel, out, cfg.method, names, {"kept_fp32": kept})
     if texts:
         metrics["ppl_fp32"] = perplexity(load_causal_lm(src, int8=False)[0], tokenizer, texts[:8])
         metrics["ppl_int8"] = perplexity(qmodel, tokenizer, texts[:8])
     fp32_bytes = dir_bytes(src, "*.safetensors")
-    int8_bytes = int8_path.stat().st_size
+    int8_bytes = int8_runtime_bytes(out)  # quantized/model_int8.safetensors + float modules
     metrics.update({"int8_mb": int8_bytes / 1e6, "fp32_mb": fp32_bytes / 1e6, "size_ratio": int8_bytes / fp32_bytes})
     return QuantizeResult(method=cfg.method, quantized_modules=len(names), kept_fp32=kept, int8_bytes=int8_bytes,
                           fp32_bytes=fp32_bytes, metrics=metrics)

@@ -122,12 +122,46 @@ def load_tokenizer(path: str | Path) -> Any:
     return tok
 
 
+def safe_weight_kwargs(path: str | Path) -> dict[str, Any]:
+    """``from_pretrained`` kwargs that never unpickle: safetensors when the directory has any; a
+    ``.bin``-only directory only through ``torch.load(weights_only=True)`` (transformers 4.57's default
+    too, made explicit here so no caller can turn it off)."""
+    p = Path(path)
+    if any(p.glob("*.safetensors")):
+        return {"use_safetensors": True, "weights_only": True}
+    return {"use_safetensors": False, "weights_only": True}
+
+
+def from_pretrained_safe(auto_cls: Any, path: str | Path, role: str = "model", **kwargs: Any) -> Any:
+    """``auto_cls.from_pretrained(path)`` preferring safetensors, ``.bin`` files only as weights
+    (``weights_only=True``); a ``.bin`` that is not plain weights (a pickle carrying code, a corrupt file)
+    is one InputError naming the directory, and nothing in it runs."""
+    import pickle
+
+    p = Path(path)
+    if kwargs.get("weights_only") is False or kwargs.get("use_safetensors") is False:
+        raise InputError(f"{role} {p}: loading with weights_only=False / use_safetensors=False is not allowed "
+                         f"(unpickling can run code)")
+    kwargs.update(safe_weight_kwargs(p))
+    try:
+        return auto_cls.from_pretrained(str(p), **kwargs)
+    except (pickle.UnpicklingError, OSError, RuntimeError) as exc:
+        if kwargs["use_safetensors"]:
+            raise
+        bins = sorted(f.name for f in p.glob("*.bin"))
+        raise InputError(f"{role} {p}: {', '.join(bins) or 'weights'} is not loadable as plain tensors "
+                         f"(torch.load with weights_only=True refused it: {type(exc).__name__}); Nexus never "
+                         f"unpickles model files: convert the model to safetensors") from None
+
+
 def load_causal_lm(path: str | Path, dtype: str = "float32", int8: bool = True, **kwargs: Any) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a model directory, in eval mode.
 
     An adapter directory is merged into its base; a quantize-step INT8 variant (``quantized/``) runs
     through the INT8 runtime when ``int8`` (else its from_pretrained-loadable root weights).
-    ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``).
+    ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``). Nothing is unpickled:
+    safetensors are preferred, ``.bin`` weights load only with ``weights_only=True`` (see
+    :func:`from_pretrained_safe`), and INT8 variants load from safetensors.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -139,12 +173,12 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", int8: bool = True, 
 
         model = AutoPeftModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype, **kwargs).merge_and_unload()
         tokenizer = load_tokenizer(p)
-    elif int8 and (p / "quantized" / "quantization.json").is_file():
+    elif int8 and (p / "quantized").is_dir():
         from nexus_core.models.compressed import load_compressed
 
         model, tokenizer, _ = load_compressed(p, dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype, **kwargs)
+        model = from_pretrained_safe(AutoModelForCausalLM, p, dtype=torch_dtype, **kwargs)
         tokenizer = load_tokenizer(p)
     model.eval()
     return model, tokenizer
