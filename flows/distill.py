@@ -28,6 +28,7 @@ from nexus_core.distill.recheck import RecheckConfig
 from nexus_core.distill.regenerate import RegenerateConfig, run_regenerate
 from nexus_core.distill.review import ReviewConfig, ReviewSubmission
 from nexus_core.distill.review_store import open_request
+from nexus_core.distill.rules import load_rules
 from tasks.distill_collect import teacher_collect
 from tasks.distill_filters import distill_filters
 from tasks.distill_inputs import teacher_inputs
@@ -90,6 +91,7 @@ def check_distill(cfg: DistillConfig, sources: dict[str, ArtifactRef]) -> list[s
                (run_teacher_collect, collect, {}, "collect"), (run_distill_filters, cfg.filters, {}, "filters"),
                (run_regenerate, _regenerate_config(cfg), {}, "regenerate"), (run_sft_package, cfg.package, {}, "package")]
     check_plan(planned)
+    load_rules(cfg.filters.rules)  # a malformed rules file fails here, before the first stage writes anything
     return [f"{label}: {fn.__name__.removeprefix('run_')}" for fn, _, _, label in planned]
 
 

@@ -50,7 +50,10 @@ def _jsonl_records(path: Path) -> list[dict[str, Any]]:
         missing = [c for c in JSONL_REQUIRED if c not in rec]
         if missing:
             raise InputError(f"{path}: record {n}: missing field(s) {', '.join(missing)}")
-        out.append({"title": str(rec["title"]), "domain": str(rec["domain"]), "text": str(rec["text"]),
+        wrong = [f"{c} is {type(rec[c]).__name__}" for c in ("title", "domain", "text") if not isinstance(rec[c], str)]
+        if wrong:  # `"title": 5` would become "5" silently
+            raise InputError(f"{path}: record {n}: expected text field(s): {', '.join(wrong)}")
+        out.append({"title": rec["title"], "domain": rec["domain"], "text": rec["text"],
                     "generated_at": rec.get("generated_at")})
     return out
 
@@ -70,6 +73,10 @@ def _enhanced_records(path: Path, default_domain: str) -> list[dict[str, Any]]:
             item = {"text": item}
         if not isinstance(item, dict) or not isinstance(item.get("text"), str):
             raise InputError(f"{path}: texts[{i}]: expected a string or an object with 'text'")
+        wrong = [f"{c} is {type(item[c]).__name__}" for c in ("title", "domain") if item.get(c) is not None
+                 and not isinstance(item[c], str)]
+        if wrong:
+            raise InputError(f"{path}: texts[{i}]: expected text field(s): {', '.join(wrong)}")
         out.append({"title": str(item.get("title") or item["text"].split(".")[0][:120]),
                     "domain": str(item.get("domain") or data.get("domain") or default_domain),
                     "text": item["text"], "generated_at": data.get("generated_at")})

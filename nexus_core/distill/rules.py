@@ -64,8 +64,21 @@ def load_rules(path: str | Path) -> tuple[FilterRules, str]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: filter rules file not found")
-    text = path.read_text(encoding="utf-8")
-    rules = validate(FilterRules, yaml.safe_load(text) or {}, str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not valid UTF-8 ({exc.reason} at byte {exc.start})"], str(path)) from None
+    except yaml.YAMLError as exc:
+        mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        detail = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if context is not None and getattr(exc, "context", None):
+            detail += f"; {exc.context} on line {context.line + 1}"  # type: ignore[attr-defined]
+        raise ConfigError([f"{where}not valid YAML ({detail})"], str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], str(path))
+    rules = validate(FilterRules, data, str(path))
     problems = []
     for key in ("citation_patterns", "format_patterns", "falsifiable_patterns", "methodology_patterns"):
         for i, pattern in enumerate(getattr(rules, key)):

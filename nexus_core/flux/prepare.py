@@ -84,7 +84,12 @@ def sstk_entries(listing: Path) -> list[tuple[Path, Path]]:
     if not listing.is_file():
         raise InputError(f"{listing}: sstk source must be a text file listing image paths")
     entries = []
-    for line in listing.read_text(encoding="utf-8").splitlines():
+    for lineno, raw in enumerate(listing.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{listing}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start} of the "
+                             f"line)") from None
         if line.strip():
             img = (listing.parent / line.strip()).resolve()
             entries.append((img, Path(f"{img}.json")))
@@ -121,7 +126,11 @@ def _items(cfg: PrepareConfig, inputs: dict[str, ArtifactRef]) -> list[tuple[Pat
             continue
         cap = img.with_suffix(cfg.caption_ext)
         if cap.is_file():
-            out.append((img, cap.read_text(encoding="utf-8").strip(), "instance", ""))
+            try:  # like any unusable caption: this image is skipped, with the reason
+                out.append((img, cap.read_bytes().decode("utf-8").strip(), "instance", ""))
+            except UnicodeDecodeError as exc:
+                out.append((img, None, "instance", f"caption: {cap}: not valid UTF-8 ({exc.reason} at byte "
+                                                   f"{exc.start})"))
         else:
             out.append((img, None, "instance", f"caption: {cap} not found"))
     if cfg.source == "dreambooth" and "class_dir" in inputs:
@@ -208,7 +217,9 @@ def run_prepare(cfg: PrepareConfig, *, inputs: dict[str, ArtifactRef], out_uri: 
             kept.append({"image": Image.open(io.BytesIO(data)), "caption": caption, "width": cfg.size,
                          "height": cfg.size, "subset": subset})
     if not kept:
-        raise InputError(f"{inputs['source'].uri}: no usable images ({len(items)} found, all skipped)")
+        first = next((reason for *_, reason in loaded if reason), "")
+        raise InputError(f"{inputs['source'].uri}: no usable images ({len(items)} found, all skipped; first: "
+                         f"{first})")
     columns = {"image": cfg.image_format, "caption": "str", "width": "int", "height": "int", "subset": "str"}
     write_mds(out / "mds", columns, kept, size_limit=cfg.shard_size_limit)
     import polars as pl

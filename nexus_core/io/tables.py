@@ -21,26 +21,37 @@ from nexus_core.errors import InputError
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def _open_bytes(path: Path) -> io.BufferedIOBase:
+    """The decompressed bytes of ``path`` (by suffix), read line by line: each line is decoded on its
+    own, so a bad byte is reported on its own line, not on the line a text decoder's chunk began."""
     name = path.name
     if name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+        return gzip.open(path, "rb")  # type: ignore[return-value]
     if name.endswith(".zst"):
         import zstandard
 
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))  # type: ignore[arg-type]
+    return open(path, "rb")
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
     """Yield one dict per non-blank line; a bad line raises InputError naming file and line number."""
-    path = Path(path)
+    for _, record in _numbered_records(Path(path)):
+        yield record
+
+
+def _numbered_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every non-blank line of a JSONL file (see :func:`iter_jsonl`)."""
     if not path.is_file():
         raise InputError(f"{path}: file not found")
-    lineno = 0
     try:
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, start=1):  # noqa: B007 - lineno used in except
+        with _open_bytes(path) as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InputError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start} of "
+                                     f"the line)") from None
                 if not line.strip():
                     continue
                 try:
@@ -49,18 +60,42 @@ def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
                     raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
                 if not isinstance(record, dict):
                     raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-                yield record
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}:{lineno + 1}: not valid UTF-8 ({exc.reason})") from None
+                yield lineno, record
     except (OSError, EOFError) as exc:
         if isinstance(exc, InputError):
             raise
         raise InputError(f"{path}: unreadable ({exc})") from None
 
 
+def _json_kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"  # ints and floats share a column (as floats)
+    return {str: "string", list: "array", dict: "object"}[type(value)]
+
+
 def read_jsonl(path: str | Path) -> pl.DataFrame:
-    """Read a JSONL (optionally .gz/.zst) file into a DataFrame."""
-    rows = list(iter_jsonl(path))
+    """Read a JSONL (optionally .gz/.zst) file into a DataFrame.
+
+    Each key must hold one JSON type in every row (null aside; ints and floats mix): a row with
+    ``"title": 5`` after string titles raises InputError naming the line and key, rather than
+    becoming the string ``"5"`` in a column polars widens to text.
+    """
+    path = Path(path)
+    rows, kinds = [], {}
+    for lineno, record in _numbered_records(path):
+        for key, value in record.items():
+            kind = _json_kind(value)
+            if kind is None:
+                continue
+            first = kinds.setdefault(key, (kind, lineno))
+            if first[0] != kind:
+                raise InputError(f"{path}:{lineno}: {key}: expected a {first[0]} (as on line {first[1]}), "
+                                 f"got a {kind}: {json.dumps(value)[:60]}")
+        rows.append(record)
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
 

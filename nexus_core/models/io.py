@@ -96,12 +96,30 @@ def check_model_dir(path: str | Path, role: str = "model") -> Path:
     if (p / "adapter_config.json").is_file():
         if not any(p.glob("adapter_model.*")):
             raise InputError(f"{role} {p}: adapter directory without adapter weights (adapter_model.safetensors)")
+        check_safetensors(p, role)
         return p
     if not (p / "config.json").is_file():
         raise InputError(f"{role} {p}: not a Hugging Face model directory (no config.json)")
     if not any(any(p.glob(g)) for g in WEIGHT_GLOBS):
         raise InputError(f"{role} {p}: model directory without weights (no *.safetensors or pytorch_model*.bin)")
+    check_safetensors(p, role)
     return p
+
+
+def check_safetensors(path: str | Path, role: str = "model") -> None:
+    """Read the header of every ``*.safetensors`` file in a directory (cheap: no tensor is loaded), so a
+    truncated or corrupt weights file fails here, named, rather than deep inside a loader."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return
+    from safetensors import SafetensorError, safe_open
+
+    for file in files:
+        try:
+            with safe_open(str(file), framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise InputError(f"{role} {file}: unreadable safetensors file ({exc})") from None
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -155,6 +173,21 @@ def from_pretrained_safe(auto_cls: Any, path: str | Path, role: str = "model", *
 
 
 def load_causal_lm(path: str | Path, dtype: str = "float32", int8: bool = True, **kwargs: Any) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a model directory, in eval mode (see :func:`_load_causal_lm`).
+
+    Files that cannot be read (a truncated weights file, a config that is not JSON) raise InputError
+    naming the directory and what failed, not the loader's own exception.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        return _load_causal_lm(path, dtype, int8, **kwargs)
+    except (OSError, SafetensorError, json.JSONDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(f"model {path}: cannot be loaded ({type(exc).__name__}: {first[:300]})") from exc
+
+
+def _load_causal_lm(path: str | Path, dtype: str = "float32", int8: bool = True, **kwargs: Any) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a model directory, in eval mode.
 
     An adapter directory is merged into its base; a quantize-step INT8 variant (``quantized/``) runs
