@@ -30,14 +30,23 @@ wait_http() {  # wait_http URL SECONDS
   echo "timed out waiting for $1" >&2; return 1
 }
 
+# >>> dashboard (tests/reliability/test_dashboards.py runs this block with a stub `start`)
+# Bound to NEXUS_DASHBOARD_HOST (default 127.0.0.1); any other address needs an OIDC [auth] section in
+# .streamlit/secrets.toml, or this refuses to start it (dashboards/serve.py). Usage statistics off.
+DASHBOARD_URL="(not started)"
+if [ -f dashboards/app.py ]; then
+  DASHBOARD_CMD=$("$BIN/python" -m dashboards.serve command "$BIN/streamlit") || exit 2
+  DASHBOARD_URL=$("$BIN/python" -m dashboards.serve url) || exit 2
+  mapfile -t dashboard_args <<<"$DASHBOARD_CMD"
+  start streamlit "${dashboard_args[@]}"
+fi
+# <<< dashboard
+# Prefect and MLflow UIs have no login: loopback only (from elsewhere, use an SSH tunnel).
 start prefect-server "$BIN/prefect" server start --host 127.0.0.1 --port "${PREFECT_PORT:-4200}"
 wait_http "$PREFECT_API_URL/health" 120
 "$BIN/prefect" work-pool inspect local >/dev/null 2>&1 || "$BIN/prefect" work-pool create local --type process
 start worker "$BIN/prefect" worker start --pool local
 start mlflow "$BIN/mlflow" ui --backend-store-uri "$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port "${MLFLOW_PORT:-5000}"
-if [ -f dashboards/app.py ]; then
-  start streamlit "$BIN/streamlit" run dashboards/app.py --server.headless true --server.port "${STREAMLIT_PORT:-8501}"
-fi
 "$BIN/prefect" --no-prompt deploy --all
 
 { "$BIN/python" -m nexus_core.settings; echo "export PREFECT_API_URL=$PREFECT_API_URL"; echo "export NEXUS_REPO=$NEXUS_REPO"; } >"$NEXUS_HOME/env.sh"
@@ -46,7 +55,7 @@ cat <<MSG
 Nexus is up.
   Prefect UI   http://127.0.0.1:${PREFECT_PORT:-4200}
   MLflow UI    http://127.0.0.1:${MLFLOW_PORT:-5000}
-  Streamlit    http://127.0.0.1:${STREAMLIT_PORT:-8501}
+  Streamlit    $DASHBOARD_URL
 In a shell:    source $NEXUS_HOME/env.sh && prefect deployment run 'lifecycle/tiny'
 Stop:          make down
 MSG

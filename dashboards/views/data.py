@@ -6,6 +6,7 @@ import altair as alt
 import polars as pl
 import streamlit as st
 
+from dashboards.auth import code
 from dashboards.ui import empty, header, load
 
 header("Data", "Every dataset and version under the data root, with its schema, rows and rejection reasons.")
@@ -72,6 +73,6 @@ if "row_id" in cols["column"].to_list():
     if row_id:
         hist: pl.DataFrame = load("row_history", row_id)
         if hist.is_empty():
-            st.warning(f"No artifact holds row_id {row_id!r}.")
+            st.warning(f"No artifact holds row_id {code(row_id)}.")
         else:
             st.dataframe(hist, hide_index=True, width="stretch")

@@ -3,11 +3,14 @@
 Keyboard: ``a`` accept, ``x`` reject, ``e`` save edit, ``j``/``k`` next/previous. Labels are
 appended to the catalog (two reviewers at once lose nothing; the latest label of a row wins).
 Submitting resumes the flow run paused at the review gate with the batch's typed input.
+
+The reviewer is the identified user (``dashboards.auth.current_user``: the OIDC login, or the OS user
+on a loopback-only server), shown read-only. Row content and edits are shown as plain text, never
+rendered; an edit or note longer than ``NEXUS_REVIEW_MAX_CHARS`` (default 20,000) is refused.
 """
 
 from __future__ import annotations
 
-import getpass
 import json
 import time
 from pathlib import Path
@@ -15,10 +18,19 @@ from pathlib import Path
 import polars as pl
 import streamlit as st
 
+from dashboards.auth import code, current_user, require_login
+from dashboards.serve import review_max_chars
 from nexus_core.distill import review_store
 from nexus_core.settings import configure_environment
 
 configure_environment()
+
+require_login()
+reviewer = current_user()
+if not reviewer:
+    st.error("Nobody is identified: log in to review.")
+    st.stop()
+max_chars = review_max_chars()
 
 st.title("Review")
 st.caption("Accept, reject or edit distilled rows; submitting resumes the waiting distill flow run.")
@@ -42,11 +54,13 @@ if not options:
 
 choice = st.selectbox("Dataset", list(options), key="dataset")
 dataset_uri, request_id, flow_run_id = options[choice]
-reviewer = st.text_input("Reviewer", value=st.session_state.get("reviewer") or getpass.getuser(), key="reviewer")
+# Read-only and refreshed every run from the identity: labels are written under `reviewer`, not the widget.
+st.session_state["reviewer"] = reviewer
+st.text_input("Reviewer", key="reviewer", disabled=True, help="Who the labels are recorded under (your login)")
 
 table = Path(dataset_uri) / "data.parquet"
 if not table.is_file():
-    st.error(f"{table}: not found")
+    st.error(f"{code(table)}: not found")
     st.stop()
 df = pl.read_parquet(table)
 labels = review_store.latest_labels(dataset_uri)
@@ -57,11 +71,11 @@ row = df.row(idx, named=True)
 
 st.progress(len(labels) / n if n else 0.0, text=f"{len(labels)} of {n} rows labelled")
 verdict = "keep" if row.get("keep") else f"reject ({row.get('reason') or ''})"
-st.markdown(f"**Row {idx + 1}/{n}** · `{row['row_id']}` · {row.get('domain')} · "
-            f"template `{row.get('template_name')}` · filters: **{verdict}**")
+st.markdown(f"**Row {idx + 1}/{n}**")
+st.text(f"{row['row_id']} · {row.get('domain')} · template {row.get('template_name')} · filters: {verdict}")
 current = labels.get(row["row_id"])
 if current is not None:
-    st.caption(f"Latest label: {current.decision} by {current.reviewer} at {current.created_at:%Y-%m-%d %H:%M}")
+    st.text(f"Latest label: {current.decision} by {current.reviewer} at {current.created_at:%Y-%m-%d %H:%M}")
 with st.expander("Prompt", expanded=False):
     st.text(row.get("system_prompt") or "")
     st.text(row.get("user_prompt") or "")
@@ -70,25 +84,31 @@ if row.get("history_json"):  # a regenerated row on its second review: what was 
         st.json(json.loads(row["history_json"]))
 st.markdown("**Response**")
 st.text(row.get("response") or "(no response)")
-edited = st.text_area("Edit the response (then press Save edit)", value=row.get("response") or "", key=f"edit-{idx}")
-note = st.text_input("Note (optional)", key=f"note-{idx}")
+edited = st.text_area("Edit the response (then press Save edit)", value=row.get("response") or "", key=f"edit-{idx}",
+                      help=f"At most {max_chars:,} characters; stored and shown as plain text")
+note = st.text_input("Note (optional)", key=f"note-{idx}", help=f"At most {max_chars:,} characters")
 
 
-def _label(decision: str) -> None:
+def _label(decision: str) -> bool:
+    """Append the label under the identified reviewer; False (with a message) when input is too long."""
+    too_long = [f"{what} has {len(text):,} characters" for what, text in
+                (("The edit", edited if decision == "edit" else ""), ("The note", note or ""))
+                if len(text) > max_chars]
+    if too_long:
+        st.error(f"Not saved: {' and '.join(too_long)}; the limit is {max_chars:,} (NEXUS_REVIEW_MAX_CHARS).")
+        return False
     review_store.add_label(dataset_uri, row["row_id"], decision, reviewer,
-                         edited_output=edited if decision == "edit" else None, note=note or None)
+                           edited_output=edited if decision == "edit" else None, note=note or None)
     st.session_state["idx"] = min(idx + 1, n - 1)
+    return True
 
 
 cols = st.columns(5)
-if cols[0].button("Accept", key="accept", shortcut="a", type="primary"):
-    _label("accept")
+if cols[0].button("Accept", key="accept", shortcut="a", type="primary") and _label("accept"):
     st.rerun()
-if cols[1].button("Reject", key="reject", shortcut="x"):
-    _label("reject")
+if cols[1].button("Reject", key="reject", shortcut="x") and _label("reject"):
     st.rerun()
-if cols[2].button("Save edit", key="edit", shortcut="e"):
-    _label("edit")
+if cols[2].button("Save edit", key="edit", shortcut="e") and _label("edit"):
     st.rerun()
 if cols[3].button("Previous", key="prev", shortcut="k"):
     st.session_state["idx"] = max(idx - 1, 0)
@@ -117,7 +137,7 @@ elif st.button(f"Submit batch ({len(labels)} labels) and resume the flow", key="
                 time.sleep(0.5)
         resume_flow_run(flow_run_id, run_input=run_input)
     except Exception as exc:  # noqa: BLE001 - show the reason (not paused, timed out, API down)
-        st.error(f"Could not resume flow run {flow_run_id}: {type(exc).__name__}: {exc}")
+        st.error(f"Could not resume flow run {code(flow_run_id)}: {code(f'{type(exc).__name__}: {exc}')}")
     else:
         review_store.mark_submitted(request_id, reviewer)
         st.success(f"Submitted {len(labels)} labels; flow run {flow_run_id} resumed.")

@@ -26,6 +26,6 @@ if queue.is_empty():
 st.metric("Waiting", queue.height)
 st.dataframe(queue, hide_index=True, width="stretch")
 for row in queue.iter_rows(named=True):
-    what = f"{row['rows']} rows of `{row['dataset_uri']}`" if row["dataset_uri"] else "no review request recorded"
-    st.markdown(f"- **{row['flow']}** / {row['flow_run']} — {row['state']} since {row['since']}: {what}")
+    what = f"{row['rows']} rows of {row['dataset_uri']}" if row["dataset_uri"] else "no review request recorded"
+    st.text(f"- {row['flow']} / {row['flow_run']} — {row['state']} since {row['since']}: {what}")  # plain text
 st.caption("Label the rows and submit on the Review page: it resumes the flow run with your labels.")

@@ -192,3 +192,6 @@ def texts(at) -> str:  # noqa: ANN001
 
 
 os.environ.setdefault("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")
+# The app refuses to render on a non-loopback address without a login (dashboards/auth.py); the repo's
+# .streamlit/config.toml says 127.0.0.1, this covers pytest started from another directory.
+os.environ.setdefault("STREAMLIT_SERVER_ADDRESS", "127.0.0.1")
