@@ -15,7 +15,7 @@ from nexus_core.distill import review_store
 pytestmark = pytest.mark.integration
 
 
-def test_review_page_resumes_paused_flow(prefect_harness, repo):
+def test_review_page_resumes_paused_flow(prefect_harness, repo, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     cfg = load_flow_config(DistillConfig, str(repo / "configs/distill/tiny.yaml"),
@@ -35,10 +35,10 @@ def test_review_page_resumes_paused_flow(prefect_harness, repo):
     first_row = pl.read_parquet(f"{req.dataset_uri}/data.parquet")["row_id"][0]
     review_store.add_label(req.dataset_uri, first_row, "reject", "bob", note="parallel reviewer")
 
+    monkeypatch.setattr("getpass.getuser", lambda: "alice")  # the reviewer is the identity: the OS user locally
     at = AppTest.from_file(str(repo / "dashboards/views/review.py"), default_timeout=60).run()
     assert not at.exception
     assert at.selectbox(key="dataset").value.startswith("waiting")
-    at.text_input(key="reviewer").set_value("alice").run()
     at.button(key="accept").click().run()  # row 1 → accepted by alice (latest label wins over bob's)
     at.button(key="reject").click().run()  # row 2 → rejected
     at.text_area(key="edit-2").set_value("An edited answer by the reviewer.").run()
