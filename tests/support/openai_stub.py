@@ -7,6 +7,10 @@ client on the other side; only the answers are scripted.
         litellm.completion(model="openai/stub", api_base=stub.url, api_key="x", messages=[...])
         stub.requests  # every JSON body received
         stub.prompts()  # Counter: how many times each user message was asked
+
+A careless provider echoes the request's headers in its error bodies (``Authorization`` included):
+``StubServer(handler, echo_headers=lambda body, n: n % 2 == 0)`` answers the requests it picks with
+``echo_status`` (default 401) and such a body, the rest with ``handler``.
 """
 
 from __future__ import annotations
@@ -51,6 +55,14 @@ def echo_handler(body: dict[str, Any], n: int) -> Reply:
     return Reply(body=chat_completion(f"Answer to: {last}", model=body.get("model", "stub")))
 
 
+def _header_echo(status: int, headers: dict[str, str]) -> Reply:
+    """An error body that repeats every request header, the way some proxies and providers do."""
+    auth = headers.get("Authorization") or headers.get("authorization") or ""
+    return Reply(status=status, body={"error": {
+        "message": f"Request refused (Authorization: {auth}); headers received: {headers}",
+        "type": "server_error" if status >= 500 else "authentication_error", "headers": headers, "received_key": auth.removeprefix("Bearer ")}})
+
+
 class _QuietServer(ThreadingHTTPServer):
     """A client that went away (killed, timed out) resets its connection: not worth a traceback."""
 
@@ -63,8 +75,11 @@ class _QuietServer(ThreadingHTTPServer):
 class StubServer:
     """Threaded HTTP server on 127.0.0.1 with a random port; ``url`` ends in ``/v1``."""
 
-    def __init__(self, handler: Callable[[dict[str, Any], int], Reply] = echo_handler):
+    def __init__(self, handler: Callable[[dict[str, Any], int], Reply] = echo_handler,
+                 echo_headers: Callable[[dict[str, Any], int], bool] | None = None, echo_status: int = 401):
         self.handler = handler
+        self.echo_headers = echo_headers
+        self.echo_status = echo_status
         self.requests: list[dict[str, Any]] = []
         self.auth: list[str | None] = []  # each request's Authorization header, in order
         self._lock = threading.Lock()
@@ -95,6 +110,9 @@ class StubServer:
                     n = len(stub.requests)
                     stub.requests.append(body)
                     stub.auth.append(self.headers.get("Authorization"))
+                if stub.echo_headers is not None and stub.echo_headers(body, n):
+                    self._send(_header_echo(stub.echo_status, dict(self.headers.items())))
+                    return
                 self._send(stub.handler(body, n))
 
             def _send(self, reply: Reply) -> None:

@@ -160,3 +160,67 @@ def test_deployment_parameters_go_through_the_same_loader(tmp_path, monkeypatch)
         Flow.model_validate({"inner": {"name": "${NEXUS_SURELY_UNSET_VAR}"}})
     with pytest.raises(ConfigError, match="file not found"):
         Flow.model_validate({"extends": "configs/presets/missing.yaml"})
+
+
+# --- no secrets at rest: redact covers every secret-looking name; configs may not hold keys ---------------
+
+
+@pytest.mark.parametrize("key", ["api_token", "aws_secret_access_key", "private_key", "authorization", "Authorization",
+                                 "secret_key", "passwd", "api-key", "API_KEY", "openai_api_key", "openaiApiKey",
+                                 "hf_token", "password", "token", "client-secret"])
+def test_redact_covers_secret_names(key):
+    assert redact({"a": {key: "value-1"}}) == {"a": {key: "***"}}
+
+
+@pytest.mark.parametrize("key", ["api_key_env", "max_tokens", "tokenizer", "cache_key", "caption_key", "top_logprobs",
+                                 "secretary", "keyword"])
+def test_redact_keeps_ordinary_names(key):
+    assert redact({key: "value-1"}) == {key: "value-1"}
+
+
+def test_redact_hides_the_value_of_a_secret_env_var_whatever_the_key(monkeypatch):
+    monkeypatch.setenv("NEXUS_TEST_SERVICE_TOKEN", "abc-0123456789-xyz")
+    assert redact({"note": "abc-0123456789-xyz", "other": ["x abc-0123456789-xyz y"], "n": 1}) == \
+        {"note": "***", "other": ["x *** y"], "n": 1}
+
+
+class Teacherish(NexusModel):
+    api_key_env: str | None = Field(default=None, description="variable holding the key")
+    model: str = Field(default="m", description="a model")
+
+
+class WithTeacher(FlowConfig):
+    teacher: Teacherish = Field(default_factory=Teacherish, description="teacher")
+
+
+@pytest.mark.parametrize("line,key", [("teacher: {api_key: sk-abc123456789}", "teacher.api_key"),
+                                      ("teacher: {Api-Key: plain-value-123}", "teacher.Api-Key"),
+                                      ("teacher: {password: hunter2hunter2}", "teacher.password"),
+                                      ("teacher: {aws_secret_access_key: x}", "teacher.aws_secret_access_key"),
+                                      ("token: 'abc-value-123'", "token"),
+                                      ("teacher: {api_key: '${NEXUS_TEST_PLANTED_KEY}'}", "teacher.api_key")])
+def test_a_key_in_yaml_is_refused_naming_file_and_key_not_value(tmp_path, monkeypatch, line, key):
+    monkeypatch.setenv("NEXUS_TEST_PLANTED_KEY", "planted-value-42")
+    cfg = write(tmp_path / "configs" / "c.yaml", line + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg, WithTeacher)
+    msg = str(info.value)
+    assert str(cfg) in msg and f"- {key}: looks like a secret" in msg and "api_key_env" in msg
+    for value in ("sk-abc123456789", "plain-value-123", "hunter2hunter2", "abc-value-123", "planted-value-42"):
+        assert value not in msg
+
+
+def test_api_key_env_names_a_variable_and_is_allowed(tmp_path):
+    cfg = write(tmp_path / "configs" / "c.yaml", "teacher: {api_key_env: OPENAI_API_KEY}\n")
+    assert load_config(cfg, WithTeacher).teacher.api_key_env == "OPENAI_API_KEY"
+
+
+def test_a_key_in_deployment_parameters_or_their_preset_is_refused(tmp_path, monkeypatch):
+    preset = write(tmp_path / "configs" / "presets" / "p.yaml", "teacher: {secret_key: from-the-preset-99}\n")
+    monkeypatch.setenv("NEXUS_REPO", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"teacher\.secret_key: looks like a secret") as info:
+        WithTeacher.model_validate({"extends": str(preset.relative_to(tmp_path))})
+    assert "from-the-preset-99" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"teacher\.api_key: looks like a secret") as info:
+        WithTeacher.model_validate({"overrides": ["teacher.api_key=sk-override-123456"]})
+    assert "sk-override-123456" not in str(info.value)
