@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -116,10 +117,11 @@ def files_digest(paths: Iterable[str | Path]) -> dict[str, str]:
 
 
 def step_key(fn: Callable[..., Any], cfg: Any, inputs: Mapping[str, ArtifactRef | None],
-             extra: dict[str, Any] | None = None) -> str:
+             extra: dict[str, Any] | None = None, code: str | None = None) -> str:
     """The cache key of running step ``fn`` on ``cfg`` and ``inputs`` (see the module docstring).
 
-    ``extra`` holds anything else the caller's result depends on (a task's artifact name).
+    ``extra`` holds anything else the caller's result depends on (a task's artifact name); ``code``
+    is :func:`code_hash` of ``fn`` when the caller has it already (it reads the whole closure).
     """
     from nexus_core.contract import contract_of
 
@@ -129,14 +131,12 @@ def step_key(fn: Callable[..., Any], cfg: Any, inputs: Mapping[str, ArtifactRef 
         "step": f"{fn.__module__}.{fn.__name__}",
         "config": config_hash(cfg, runtime=False),
         "inputs": {k: v.digest for k, v in sorted(refs.items())},
-        "code": code_hash(fn),
+        "code": code or code_hash(fn),
         # paths are machine-specific: the files' contents count, in the order the contract lists them
         # (so swapping two caption files' texts changes the key)
         "files": list(files_digest(reads).values()),
         "cache_version": os.environ.get("NEXUS_CACHE_VERSION", ""),
         "extra": extra or {},
     }
-    import json
-
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

@@ -118,7 +118,7 @@ def run_step(
     check_inputs(fn, refs)
     chash = config_hash(cfg)
     code = code_hash(fn)
-    key = step_key(fn, cfg, refs)
+    key = step_key(fn, cfg, refs, code=code)
 
     existing = find_reusable(area, name, key)
     if existing is not None:
