@@ -283,13 +283,13 @@ def load_compressed(path: str | Path, dtype: str = "float32") -> tuple[Any, Any,
     Never unpickles: weights come from safetensors only (see the module docstring).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from nexus_core.models.io import from_pretrained_safe
+    from nexus_core.models.io import from_pretrained_safe, load_tokenizer
 
     p = Path(path)
     meta = _read_meta(p)  # refuses old pickled artifacts before anything is loaded
-    tokenizer = AutoTokenizer.from_pretrained(str(p))
+    tokenizer = load_tokenizer(p)  # the one tokenizer loader: a pad token guaranteed, as for every model
     model = from_pretrained_safe(AutoModelForCausalLM, p, dtype=getattr(torch, dtype))
     model.eval()
     if meta is None:
