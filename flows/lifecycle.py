@@ -17,7 +17,7 @@ from flows.common import flow_lineage, main
 from flows.compress import CompressConfig, check_compress, compress
 from flows.distill import DistillConfig, check_distill, distill
 from flows.evaluate import EvaluateConfig, check_evaluate, evaluate
-from flows.llm_train import LLMTrainConfig, check_stages, llm_train, queue
+from flows.llm_train import LLMTrainConfig, check_stages, llm_train, queue, referenced_models
 from flows.results import FlowResult, LifecycleResult
 from nexus_core.artifacts import raw_ref
 from nexus_core.config import FlowConfig
@@ -50,7 +50,7 @@ def check_lifecycle(cfg: LifecycleConfig) -> list[str]:
         plan += [f"distill.{s}" for s in check_distill(cfg.distill, distill_sources)]
     if cfg.train:
         data = {k: resolve_ref(v, f"train.datasets.{k}") for k, v in cfg.train.datasets.items()}
-        check_stages(cfg.train, None, data)
+        check_stages(cfg.train, None, data, referenced_models(cfg.train))
         plan += [f"train.{q}" for q in queue(cfg.train)]
     if cfg.evaluate:
         dataset = resolve_ref(cfg.evaluate.dataset, "evaluate.dataset") if cfg.evaluate.dataset else None

@@ -107,25 +107,40 @@ def queue(cfg: LLMTrainConfig) -> list[str]:
             + f", max_steps={cfg.quick_steps if cfg.quick else s.train.max_steps}" for i, s in enumerate(cfg.stages)]
 
 
-def _model(spec: str | None, models: dict[str, ArtifactRef | None], role: str) -> ArtifactRef | None:
-    """A stage's model reference: an earlier stage or 'base' by name (None while not trained yet),
-    else a model reference resolved now (artifact, directory or hub id)."""
+def referenced_models(cfg: LLMTrainConfig) -> dict[str, ArtifactRef]:
+    """Every model a stage names by reference (not 'base' or a stage), resolved once: a local model
+    directory is digested in full, so the check and the run share one resolution."""
+    stages = {"base", *(s.name for s in cfg.stages)}
+    named: dict[str, ArtifactRef] = {}
+    for s in cfg.stages:
+        for role, spec in (("model", s.model), ("teacher", s.teacher), ("reward_model", s.reward_model)):
+            if spec and spec not in stages and spec not in named:
+                named[spec] = resolve_model(spec, f"stages.{s.name}.{role}")
+    return named
+
+
+def _model(spec: str | None, models: dict[str, ArtifactRef | None], where: str) -> ArtifactRef | None:
+    """A stage's model reference: 'base', an earlier stage, or a reference from :func:`referenced_models`."""
     if spec is None:
         return None
-    return models[spec] if spec in models else resolve_model(spec, role)
+    if spec not in models:
+        raise ConfigError([f"{where}: {spec!r} is not 'base' or an earlier stage"])
+    return models[spec]
 
 
-def check_stages(cfg: LLMTrainConfig, base: ArtifactRef | None, data: dict[str, ArtifactRef]) -> None:
+def check_stages(cfg: LLMTrainConfig, base: ArtifactRef | None, data: dict[str, ArtifactRef],
+                 named: dict[str, ArtifactRef]) -> None:
     """Every stage's inputs known before training (its dataset, models named by reference) against its
     step's contract, all problems in one error. Datasets missing from ``data`` come from an upstream flow
-    (the lifecycle's distill) and are checked when they exist."""
-    known: dict[str, ArtifactRef | None] = {"base": base, **{s.name: None for s in cfg.stages}}
+    (the lifecycle's distill) and are checked when they exist; stages not trained yet are unknown (None)."""
+    known: dict[str, ArtifactRef | None] = {"base": base, **named}
     planned = []
     for s in cfg.stages:
         inputs = {"data": data.get(s.dataset), "model": _model(s.model, known, f"stages.{s.name}.model"),
                   "teacher": _model(s.teacher, known, f"stages.{s.name}.teacher"),
                   "reward_model": _model(s.reward_model, known, f"stages.{s.name}.reward_model")}
         planned.append((STEPS[s.train.method], s.train, inputs, f"stage {s.name}"))
+        known[s.name] = None  # later stages may use this one; its model does not exist yet
     check_plan(planned)
 
 
@@ -140,7 +155,8 @@ def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
         if missing:
             raise ConfigError([f"stages: dataset(s) {', '.join(missing)} not in datasets ({', '.join(data)})"])
         base = base_model or (resolve_model(cfg.base_model, "base_model") if cfg.base_model else None)
-        check_stages(cfg, base, data)
+        named = referenced_models(cfg)
+        check_stages(cfg, base, data, named)
         if cfg.dry_run:
             described = describe_model(base.uri) if base else {"modalities": ["text"],
                                                                "architecture": "tiny (built at run)"}
@@ -153,13 +169,13 @@ def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
             steps["ingest"] = ingest(cfg.corpus, sources, name=f"{cfg.name}_corpus")
             steps["base_model"] = base_model_task(cfg.tiny_base, steps["ingest"].ref, name=f"{cfg.name}_base")
             base = steps["base_model"].ref
-        models: dict[str, ArtifactRef | None] = {"base": base}
+        models: dict[str, ArtifactRef | None] = {"base": base, **named}
         current, registered = base, {}
         for s in cfg.stages:
             t = _quick(s.train, cfg.quick_steps) if cfg.quick else s.train
-            model = _model(s.model, models, "model") or current
-            ref = _model(s.teacher, models, "teacher")
-            rm = _model(s.reward_model, models, "reward_model")
+            model = _model(s.model, models, f"stages.{s.name}.model") or current
+            ref = _model(s.teacher, models, f"stages.{s.name}.teacher")
+            rm = _model(s.reward_model, models, f"stages.{s.name}.reward_model")
             args = (t, model, data[s.dataset])
             name = f"{cfg.name}_{s.name}"
             if t.method == "sft":
