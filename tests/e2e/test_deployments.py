@@ -3,25 +3,20 @@
 its review gates and resumes; `make down` stops it all."""
 
 import os
-import socket
 import subprocess
 
 import pytest
 
+from tests.support.prefect_server import free_port
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_up_deploy_run_down(repo, tmp_path):
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(NEXUS_HOME=str(home), NEXUS_DATA=str(tmp_path / "data"), PREFECT_PORT=str(_free_port()),
-               MLFLOW_PORT=str(_free_port()), STREAMLIT_PORT=str(_free_port()))
+    env.update(NEXUS_HOME=str(home), NEXUS_DATA=str(tmp_path / "data"), PREFECT_PORT=str(free_port()),
+               MLFLOW_PORT=str(free_port()), STREAMLIT_PORT=str(free_port()))
     try:
         up = subprocess.run(["bash", "deployments/up.sh"], cwd=repo, env=env, capture_output=True, text=True,
                             timeout=300)
