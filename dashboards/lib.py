@@ -64,7 +64,9 @@ def versions(area: str, name: str) -> pl.DataFrame:
 
 def main_table(uri: str) -> Path | None:
     """The artifact's main table file (``data.parquet``), or None when it has none (a model, a report)."""
-    path = Path(uri) / "data.parquet"
+    from nexus_core.store import local_path
+
+    path = local_path(uri) / "data.parquet"
     return path if path.is_file() else None
 
 
@@ -303,11 +305,14 @@ def report_details(report_uri: str) -> dict[str, Any]:
     """The report JSON of an evaluation artifact: rubric breakdown (``judge.dimensions``) and gates."""
     from nexus_core.artifacts import read_manifest
 
+    from nexus_core.store import local_path
+
     manifest = read_manifest(report_uri)
-    name = manifest.result.get("report_file") or next((p.name for p in Path(report_uri).glob("eval_report_*.json")), None)
+    root = local_path(report_uri)
+    name = manifest.result.get("report_file") or next((p.name for p in root.glob("eval_report_*.json")), None)
     if not name:
         return {}
-    return json.loads((Path(report_uri) / name).read_text(encoding="utf-8"))
+    return json.loads((root / name).read_text(encoding="utf-8"))
 
 
 def rubric_frame(reports: dict[str, dict[str, Any]]) -> pl.DataFrame:
@@ -443,7 +448,7 @@ def lineage_graph(uri: str, max_nodes: int = 200) -> tuple[str, list[dict[str, A
             nodes.append({"node": f"{sum(c.values())} labels", "kind": "review", "step": None, "uri": cur,
                           "mlflow_run_id": None})
         for key, ref in m.inputs.items():
-            if ref.kind == "raw" or not (Path(ref.uri) / MANIFEST).is_file():
+            if ref.kind == "raw" or not (ref.path / MANIFEST).is_file():
                 lines.append(f'{_q(ref.uri)} [label={_q(ref.name)}, shape=cylinder];')
                 if ref.uri not in seen:
                     seen.add(ref.uri)

@@ -85,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     models: dict[str, str] = {}
     for spec in args.model:
         name, _, where = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        path = where if Path(where).exists() else DataQuery().ref(where).uri
+        path = where if Path(where).exists() else str(DataQuery().ref(where).path)
         models[name or Path(path).name] = path
     hashes = None
     if args.api_key_env:
@@ -98,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name, sep, where = spec.partition("=")
         if not sep or name not in models:
             raise NexusError(f"--draft {spec!r}: expected SERVED_NAME=DIR with SERVED_NAME one of {sorted(models)}")
-        drafts[name] = where if Path(where).exists() else DataQuery().ref(where).uri
+        drafts[name] = where if Path(where).exists() else str(DataQuery().ref(where).path)
     app = create_app(models, api_key_hashes=hashes, max_batch_size=args.max_batch_size, draft_models=drafts)
     print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -120,7 +120,7 @@ def flux(cfg: FluxConfig) -> FluxResult:
         steps["train"] = flux_train(
             cfg.train.model_copy(update={"pretrained_model_name_or_path": path, "dit": cfg.model.dit}),
             latents, pipe_ref, name=f"{cfg.name}_transformer")
-        exported = export_outputs(steps["train"].ref.uri, cfg.output_dir) if cfg.output_dir else []
+        exported = export_outputs(steps["train"].ref.path, cfg.output_dir) if cfg.output_dir else []
     train = steps["train"]
     return FluxResult.from_steps("flux", steps, mlflow_run_id, model=train.ref, global_step=train.global_step,
                                  final_loss=train.final_loss, weights=train.weights,

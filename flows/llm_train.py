@@ -158,7 +158,7 @@ def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
         named = referenced_models(cfg)
         check_stages(cfg, base, data, named)
         if cfg.dry_run:
-            described = describe_model(base.uri) if base else {"modalities": ["text"],
+            described = describe_model(base.path) if base else {"modalities": ["text"],
                                                                "architecture": "tiny (built at run)"}
             print(f"base model: {described}\nstage queue:\n  " + "\n  ".join(queue(cfg)))
             return LLMTrainResult.planned("llm_train", queue(cfg), mlflow_run_id, base_model=described)

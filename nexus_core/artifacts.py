@@ -1,8 +1,10 @@
 """Artifacts: versioned directories, atomic writes, and ``manifest.json`` written last.
 
-An artifact is a directory ``data/processed/<area>/<name>_v<N>/`` holding its files and a
-``manifest.json``. The manifest is written last and atomically, so a directory without one is
-not an artifact (an interrupted run) and is ignored by every reader.
+An artifact is a directory ``processed/<area>/<name>_v<N>/`` in the store (:mod:`nexus_core.store`:
+``NEXUS_DATA``, a local directory or any fsspec URI) holding its files and a ``manifest.json``. The
+manifest is written last and atomically, so a directory without one is not an artifact (an interrupted
+run) and is ignored by every reader. Manifests and refs name artifacts by their store-relative URI
+(``processed/<area>/<name>_v<N>``); ``ArtifactRef.path`` is where a step reads one locally.
 """
 
 from __future__ import annotations
@@ -25,9 +27,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from nexus_core.settings import data_root
+from nexus_core.store import MANIFEST, Store, cache_path, local_path, owner_tag, scratch_dir, store_for
 
-MANIFEST = "manifest.json"
 # a staging dir's name says which process builds it, so a later run can sweep it once that process is gone
 _STAGING = re.compile(r"\.staging-(?P<host>.+)-(?P<pid>\d+)-[^-]*$")
 _VERSION_DIR = re.compile(r"^(?P<name>.+)_v(?P<version>\d+)$")
@@ -36,7 +37,7 @@ _VERSION_DIR = re.compile(r"^(?P<name>.+)_v(?P<version>\d+)$")
 class ArtifactRef(BaseModel):
     """A pointer to a finished artifact: what steps pass each other instead of objects."""
 
-    uri: str = Field(description="Directory (local path or fsspec URI) holding the artifact")
+    uri: str = Field(description="Store-relative (processed/<area>/<name>_v<N>), a local path, or an fsspec URI")
     kind: str = Field(description="dataset, model, report, ...")
     name: str = Field(description="Artifact name, e.g. teacher_inputs")
     version: int = Field(description="Version number N of <name>_v<N>")
@@ -46,8 +47,9 @@ class ArtifactRef(BaseModel):
 
     @property
     def path(self) -> Path:
-        """Local path of the artifact directory."""
-        return Path(self.uri)
+        """A local directory (or file) with the artifact's content: in place on a local store, else
+        downloaded once into ``NEXUS_HOME/store-cache`` and checked against the digest."""
+        return local_path(self.uri, self.digest if self.version else None)
 
     def __str__(self) -> str:
         return f"{self.name}@v{self.version} ({self.uri})"
@@ -186,16 +188,22 @@ def code_version() -> dict[str, Any]:
 # ---------------------------------------------------------------- versions
 
 
-def data_root_id(root: Path | None = None) -> str:
-    """A random id written once into the data root (``.nexus-root-id``).
+def data_root_id(root: Path | str | None = None) -> str:
+    """A random id written once into the store (``.nexus-root-id``).
 
-    Task cache keys include it: delete the data root but keep Prefect's result store, and cached
-    steps run again instead of returning refs to directories that are gone.
+    Task cache keys include it: delete the store but keep Prefect's result store, and cached steps run
+    again instead of returning refs to artifacts that are gone. It lives in the store, so every machine
+    using the same store agrees on it (and reuses each other's cached steps).
     """
-    root = root or data_root()
-    marker = root / ".nexus-root-id"
+    store = store_for(root)
+    if store.root is None:
+        if (found := store.read_text(".nexus-root-id")) is None:
+            store.write_text(".nexus-root-id", os.urandom(16).hex())  # two first runs at once: last wins
+            found = store.read_text(".nexus-root-id") or ""
+        return found.strip()
+    marker = store.root / ".nexus-root-id"
     if not marker.is_file():
-        root.mkdir(parents=True, exist_ok=True)
+        store.root.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
         tmp.write_text(os.urandom(16).hex())
         try:
@@ -207,76 +215,137 @@ def data_root_id(root: Path | None = None) -> str:
     return marker.read_text().strip()
 
 
-def area_dir(area: str, root: Path | None = None) -> Path:
-    """``data/processed/<area>``."""
-    return (root or data_root()) / "processed" / area
+def version_uri(area: str, name: str, version: int) -> str:
+    """The store-relative URI of ``<area>/<name>`` version ``version``."""
+    return f"processed/{area}/{name}_v{version}"
 
 
-def list_versions(area: str, name: str, root: Path | None = None) -> list[int]:
+def _local_root(root: Path | str | None) -> Path:
+    store = store_for(root)
+    if store.root is None:
+        raise ValueError(f"{store.url} is a remote store: it has no local directory")
+    return store.root
+
+
+def area_dir(area: str, root: Path | str | None = None) -> Path:
+    """``<local store>/processed/<area>``."""
+    return _local_root(root) / "processed" / area
+
+
+def list_versions(area: str, name: str, root: Path | str | None = None) -> list[int]:
     """Finished versions (those with a manifest) of ``<area>/<name>``, ascending."""
-    base = area_dir(area, root)
-    if not base.is_dir():
-        return []
     found = []
-    for child in base.iterdir():
-        m = _VERSION_DIR.match(child.name)
-        if m and m.group("name") == name and (child / MANIFEST).is_file():
+    for rel in store_for(root).glob(f"processed/{area}/{name}_v*/{MANIFEST}"):
+        m = _VERSION_DIR.match(rel.split("/")[-2])
+        if m and m.group("name") == name:
             found.append(int(m.group("version")))
     return sorted(found)
 
 
-def version_dir(area: str, name: str, version: int, root: Path | None = None) -> Path:
-    """``data/processed/<area>/<name>_v<version>``."""
-    return area_dir(area, root) / f"{name}_v{version}"
+def version_dir(area: str, name: str, version: int, root: Path | str | None = None) -> Path:
+    """The local directory of a version on a local store."""
+    return _local_root(root) / version_uri(area, name, version)
 
 
-def read_manifest(uri: str | Path) -> Manifest:
-    """Load ``manifest.json`` of an artifact directory."""
+def read_manifest(uri: str | Path, root: Path | str | None = None) -> Manifest:
+    """Load ``manifest.json`` of an artifact (store-relative URI, local directory or fsspec URI)."""
     from nexus_core.errors import InputError
 
-    path = Path(uri) / MANIFEST
-    if not path.is_file():
+    uri = str(uri)
+    if uri.startswith("processed/"):
+        store, rel = store_for(root), uri
+    elif "://" in uri and not uri.startswith("file://"):
+        parent, _, rel = uri.rstrip("/").rpartition("/")
+        store = store_for(parent)
+    else:
+        store, rel = None, uri.removeprefix("file://")
+    where = store.full(f"{rel}/{MANIFEST}") if store else str(Path(rel) / MANIFEST)
+    text = store.read_text(f"{rel}/{MANIFEST}") if store else (
+        (Path(rel) / MANIFEST).read_text(encoding="utf-8") if (Path(rel) / MANIFEST).is_file() else None)
+    if text is None:
         raise InputError(f"{uri}: not an artifact (no {MANIFEST}; an interrupted run?)")
     try:
-        return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
+        return Manifest.model_validate_json(text)
     except ValueError as exc:
-        raise InputError(f"{path}: unreadable manifest: {exc}") from exc
+        raise InputError(f"{where}: unreadable manifest: {exc}") from exc
 
 
-def iter_manifests(root: Path | None = None) -> Iterator[Manifest]:
-    """Every finished artifact under ``data/processed``."""
-    base = (root or data_root()) / "processed"
-    if not base.is_dir():
-        return
-    for path in sorted(base.glob(f"*/*/{MANIFEST}")):
+def manifest_uris(root: Path | str | None = None) -> list[str]:
+    """Store-relative URIs of every finished artifact (a listing; no manifest is read)."""
+    return [rel.rsplit("/", 1)[0] for rel in store_for(root).glob(f"processed/*/*/{MANIFEST}")]
+
+
+def iter_manifests(root: Path | str | None = None, skip: set[str] | frozenset[str] = frozenset()) -> Iterator[Manifest]:
+    """Every finished artifact in the store (those whose URI is in ``skip`` are not read)."""
+    store = store_for(root)
+    for uri in manifest_uris(root):
+        if uri in skip:
+            continue
         try:
-            yield Manifest.model_validate_json(path.read_text(encoding="utf-8"))
+            yield Manifest.model_validate_json(store.read_text(f"{uri}/{MANIFEST}") or "")
         except ValueError:
             continue
 
 
 def publish(
-    staging: Path, area: str, name: str, make_manifest: Callable[[int, Path], Manifest],
-    root: Path | None = None,
+    staging: Path, area: str, name: str, make_manifest: Callable[[int, str], Manifest],
+    root: Path | str | None = None,
 ) -> Manifest:
-    """Turn a finished staging directory into the next version ``<name>_v<N>``.
+    """Turn a finished staging directory into the next version ``<name>_v<N>`` of the store.
 
-    Every file is flushed to disk first (a power cut after the rename must not leave a manifest over
+    ``make_manifest(version, uri)`` builds the manifest once the version is known. On a local store
+    every file is flushed to disk first (a power cut after the rename must not leave a manifest over
     empty files); then, under a lock on the area: pick N, write ``manifest.json`` into the staging
     directory (last, and atomically), rename the directory into place and flush the area directory,
-    so readers see all of it or none of it. Earlier versions are never touched.
+    so readers see all of it or none of it. A remote store: see :func:`_publish_remote`. Earlier
+    versions are never touched.
     """
+    store = store_for(root)
+    if store.root is None:
+        return _publish_remote(store, staging, area, name, make_manifest)
     base = area_dir(area, root)
     base.mkdir(parents=True, exist_ok=True)
     fsync_tree(staging)
     with open(base / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         version = max(_all_version_numbers(base, name), default=0) + 1
-        target = base / f"{name}_v{version}"
-        manifest = make_manifest(version, target)
+        manifest = make_manifest(version, version_uri(area, name, version))
         atomic_write_text(staging / MANIFEST, manifest.model_dump_json(indent=2, by_alias=True))
-        os.rename(staging, target)
+        os.rename(staging, base / f"{name}_v{version}")
         fsync_dir(base)
+    return manifest
+
+
+def _publish_remote(store: Store, staging: Path, area: str, name: str,
+                    make_manifest: Callable[[int, str], Manifest]) -> Manifest:
+    """Upload a staging directory as the next version: claim N, upload the files, ``manifest.json`` last.
+
+    A claim is a small object ``processed/<area>/.claims/<name>_v<N>`` holding this process's token,
+    written only if no version or claim N exists and read back (S3 reads after writes are consistent);
+    a process that reads back another token moves to N+1. Readers see a version once its manifest is
+    there. A publisher killed midway leaves files without a manifest and its claim: that N is skipped.
+    """
+    token = f"{owner_tag()}-{os.urandom(4).hex()}"
+    claims = f"processed/{area}/.claims"
+    taken = [int(m.group("version")) for n in store.listdir(f"processed/{area}") + store.listdir(claims)
+             if (m := _VERSION_DIR.match(n)) and m.group("name") == name]
+    version = max(taken, default=0) + 1
+    while True:
+        claim = f"{claims}/{name}_v{version}"
+        if not store.exists(claim) and not store.exists(version_uri(area, name, version)):
+            store.write_text(claim, token)
+            if store.read_text(claim) == token:
+                break
+        version += 1
+    uri = version_uri(area, name, version)
+    manifest = make_manifest(version, uri)
+    atomic_write_text(staging / MANIFEST, manifest.model_dump_json(indent=2, by_alias=True))
+    store.put_tree(staging, uri, last=MANIFEST)
+    store.delete(claim)
+    try:  # the next step reads it from here instead of downloading it again
+        os.rename(staging, cache_path(uri, manifest.digest))
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
@@ -310,12 +379,14 @@ def _all_version_numbers(base: Path, name: str) -> list[int]:
     return out
 
 
-def staging_dir(area: str, name: str, root: Path | None = None) -> Path:
-    """A fresh empty directory beside the versions, to build an artifact in before publishing. Its
-    name records the owner (host and pid), so a later run can sweep it if that process was killed."""
-    base = area_dir(area, root)
+def staging_dir(area: str, name: str, root: Path | str | None = None) -> Path:
+    """A fresh empty local directory to build an artifact in before publishing: beside the versions on
+    a local store (publishing is a rename), under ``NEXUS_HOME/staging`` for a remote one. Its name
+    records the owner (host and pid), so a later run can sweep it if that process was killed."""
+    store = store_for(root)
+    base = area_dir(area, root) if store.root is not None else scratch_dir("staging") / area
     base.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{name}.staging-{socket.gethostname()}-{os.getpid()}-", dir=base))
+    return Path(tempfile.mkdtemp(prefix=f".{name}.staging-{owner_tag()}-", dir=base))
 
 
 def process_alive(pid: int) -> bool:
@@ -329,14 +400,13 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(root: Path | None = None) -> list[Path]:
+def remove_stale_staging(root: Path | str | None = None) -> list[Path]:
     """Delete staging directories whose owner process on this host is gone (a killed run), and
     owner-less ones older than a day. Returns what was removed."""
-    base = (root or data_root()) / "processed"
-    if not base.is_dir():
-        return []
+    store = store_for(root)
+    bases = [scratch_dir("staging")] + ([store.root / "processed"] if store.root is not None else [])
     host, removed = socket.gethostname(), []
-    for path in base.glob("*/.*.staging-*"):
+    for path in (p for base in bases if base.is_dir() for p in base.glob("*/.*.staging-*")):
         m = _STAGING.search(path.name)
         if m:
             stale = m.group("host") == host and not process_alive(int(m.group("pid")))

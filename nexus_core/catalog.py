@@ -82,6 +82,25 @@ class CostRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=_now, index=True)
 
 
+class FlowRunRow(SQLModel, table=True):
+    """One Prefect flow run of a Nexus flow: where it sits in its flow-run tree and its budget.
+
+    Every flow registers itself when it starts, so any process that shares the catalog (a subflow
+    started with ``run_deployment`` on another machine) can sum the ledger over a run and all its
+    subflows, and find every budget above a step.
+    """
+
+    __tablename__ = "flow_runs"  # pyright: ignore[reportAssignmentType] - sqlmodel types it declared_attr
+    id: int | None = Field(default=None, primary_key=True)
+    flow_run_id: str = Field(unique=True)
+    flow_name: str | None = None
+    parent_flow_run_id: str | None = None
+    root_flow_run_id: str = Field(index=True)
+    ancestors: str = ""  # ids of the enclosing flow runs, root first, space-separated
+    budget_usd: float | None = None
+    created_at: datetime = Field(default_factory=_now)
+
+
 class ReviewLabelRow(SQLModel, table=True):
     """A reviewer's decision on one row of a dataset (append-only: the latest label wins)."""
 
@@ -233,14 +252,15 @@ def ensure_artifact(m: Manifest) -> bool:
     return True
 
 
-def repair(root: Path | None = None) -> int:
-    """Add a row for every published artifact under the data root that has none; the number added.
-    Manifests are the truth: the catalog is an index that can always be rebuilt from them."""
+def repair(root: Path | str | None = None) -> int:
+    """Add a row for every published artifact in the store that has none; the number added.
+    Manifests are the truth: the catalog is an index that can always be rebuilt from them (a fresh
+    machine on a shared store rebuilds its own). Only manifests without a row are read."""
     from nexus_core.artifacts import iter_manifests
 
     with Session(engine()) as session:
         known = set(session.exec(select(ArtifactRow.uri)))
-    missing = [artifact_row(m) for m in iter_manifests(root) if m.uri not in known]
+    missing = [artifact_row(m) for m in iter_manifests(root, skip=known)]
     if missing:
         add(*missing)
     return len(missing)

@@ -109,7 +109,7 @@ def contract_of(fn: Callable[..., Any]) -> StepContract:
 def columns_of(ref: ArtifactRef) -> list[str] | None:
     """Column names of a table input without loading it (parquet schema, first JSONL row); None if
     the input is not a table we can read cheaply."""
-    path = Path(ref.uri)
+    path = ref.path
     if path.is_dir():
         m = path / MANIFEST
         if m.is_file():
@@ -151,7 +151,7 @@ def input_problems(fn: Callable[..., Any], inputs: Mapping[str, ArtifactRef | No
             if not spec.optional and not partial:
                 problems.append(f"{name}: missing input {key!r} ({spec.describe()})")
             continue
-        path = Path(ref.uri)
+        path = ref.path
         where = f"{name}: input {key!r} ({path})"
         if not path.exists():
             problems.append(f"{where}: does not exist")

@@ -78,12 +78,17 @@ def client() -> MlflowClient:
 
 
 def experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
-    """Id of the named experiment, created with artifacts under NEXUS_HOME if missing."""
+    """Id of the named experiment, created if missing with its artifacts under NEXUS_HOME, or in the
+    store (``<store>/mlflow/<name>``) when the store is remote, so run artifacts and registered models
+    outlive the machine. An experiment keeps the location it was created with."""
+    from nexus_core.store import store_for
+
     c = client()
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    location = (nexus_home() / "mlartifacts" / name).as_uri()
+    store = store_for()
+    location = f"{store.url}/mlflow/{name}" if store.remote else (nexus_home() / "mlartifacts" / name).as_uri()
     try:
         return c.create_experiment(name, artifact_location=location)
     except Exception:  # another process created it first

@@ -10,7 +10,8 @@ small result. :func:`run_step` wraps it:
    stored result without work (idempotent re-runs, even outside Prefect).
 3. Otherwise run the step in a staging directory, inside an MLflow run, with a
    :class:`~nexus_core.context.StepContext` (MLflow run, work dir, progress).
-4. Publish: digest the files, write ``manifest.json`` last, rename into ``<name>_v<N>``; delete the
+4. Publish into the store (:mod:`nexus_core.store`): digest the files, write ``manifest.json`` last,
+   rename (local store) or upload (remote store) into ``<name>_v<N>``; delete the
    step's work dir (its checkpoints are no longer needed).
 5. Record the artifact, the step run and its cost in the catalog. The manifest is the truth: a run
    killed between publishing and this step leaves a published artifact without a row, which the
@@ -43,7 +44,7 @@ from nexus_core.artifacts import (
     read_manifest,
     remove_tree,
     staging_dir,
-    version_dir,
+    version_uri,
 )
 from nexus_core.cachekey import code_hash, step_key
 from nexus_core.config import config_dict, config_hash
@@ -91,7 +92,7 @@ def work_dir_for(area: str, name: str, key: str) -> Path:
 def find_reusable(area: str, name: str, key: str) -> Manifest | None:
     """The newest finished artifact ``<area>/<name>`` made with the same cache key."""
     for version in reversed(list_versions(area, name)):
-        m = read_manifest(version_dir(area, name, version))
+        m = read_manifest(version_uri(area, name, version))
         if m.cache_key == key:
             return m
     return None
@@ -153,9 +154,9 @@ def run_step(
             result = fn(cfg, inputs=refs, out_uri=str(staging), ctx=ctx)
             digest, nbytes = dir_digest(staging)
 
-            def make_manifest(version: int, target: Path) -> Manifest:
+            def make_manifest(version: int, uri: str) -> Manifest:
                 return Manifest(
-                    kind=kind, name=name, version=version, uri=str(target), digest=digest,
+                    kind=kind, name=name, version=version, uri=uri, digest=digest,
                     step=step, rows=result.rows, bytes=nbytes, schema=result.columns, config=cfg_dict,
                     config_hash=chash, code_hash=code, cache_key=key, inputs=refs, code_version=version_info,
                     metrics=result.metrics, cost=result.cost.model_dump(exclude={"provider", "model"}),
@@ -171,7 +172,7 @@ def run_step(
                      "seconds": time.perf_counter() - t0},
                     {"nexus.output_uri": manifest.uri, "nexus.output_digest": digest,
                      "nexus.artifact": f"{name}@v{manifest.version}"})
-            run.log_file(Path(manifest.uri) / "manifest.json")
+            run.log_dict(manifest.model_dump(mode="json", by_alias=True), "manifest.json")
         remove_tree(work)  # published: checkpoints of this execution are no longer needed
     except BaseException as exc:
         remove_tree(staging)

@@ -175,7 +175,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, inputs: dict[str, ArtifactRef], out_u
     rows = []
     try:
         for name, ref in models.items():
-            rows.append(_measure(name, ref.uri, cfg, heldout))
+            rows.append(_measure(name, str(ref.path), cfg, heldout))
             ctx.progress(len(rows), len(models), f"{len(rows)}/{len(models)} models measured ({name})")
     finally:
         torch.set_num_threads(threads)

@@ -46,7 +46,7 @@ class ExportResult(StepResult):
     onnx_max_abs_diff: float | None = None
 
 
-def _load_merged(uri: str) -> tuple[Any, Any, bool]:
+def _load_merged(uri: str | Path) -> tuple[Any, Any, bool]:
     """The model with any LoRA adapter folded in (an adapter dir is merged into its base); training
     stages already save merged weights at the root next to ``adapter/``. Returns (model, tokenizer, merged)."""
     from nexus_core.models.io import load_causal_lm
@@ -155,7 +155,7 @@ def run_export(cfg: ExportConfig, *, inputs: dict[str, ArtifactRef], out_uri: st
     import polars as pl
 
     out = Path(out_uri)
-    model, tokenizer, merged = _load_merged(inputs["model"].uri)
+    model, tokenizer, merged = _load_merged(inputs["model"].path)
     save_model(model, tokenizer, out)  # merged safetensors at the root, always
     rows: list[dict[str, Any]] = [{"format": "safetensors", "status": "ok", "path": ".", "reason":
                                    "LoRA adapter merged" if merged else None, "max_abs_diff": None}]

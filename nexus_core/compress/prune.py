@@ -81,7 +81,7 @@ def run_prune(cfg: PruneConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
     """Prune ``inputs['model']`` and save the result as an HF model dir under ``out_uri``."""
     from nexus_core.models.io import load_causal_lm
 
-    model, tokenizer = load_causal_lm(inputs["model"].uri, int8=False)
+    model, tokenizer = load_causal_lm(inputs["model"].path, int8=False)
     texts: list[str] = []
     if "calibration" in inputs:
         texts = load_texts(inputs["calibration"], cfg.calibration_column, cfg.calibration_rows)

@@ -99,7 +99,7 @@ def run_quantize(cfg: QuantizeConfig, *, inputs: dict[str, ArtifactRef], out_uri
 
     from nexus_core.models.io import load_causal_lm
 
-    src = str(check_model_dir(inputs["model"].uri))
+    src = str(check_model_dir(inputs["model"].path))
     out = Path(out_uri)
     if cfg.method == "nf4":
         return _nf4(cfg, src, out)

@@ -3,8 +3,9 @@
 Inputs: ``benchmark`` (the benchmark artifact) and the model artifacts it compared, under the same
 names (``base`` and each variant). The policy picks the smallest model on disk whose perplexity is
 within ``max_perplexity_ratio`` of the base (and, optionally, not slower than ``max_latency_ratio``),
-or the variant named in ``choose``. The registered version points at the artifact directory and
-carries its lineage: artifact name/version/digest, producing step's MLflow run, config hash, inputs.
+or the variant named in ``choose``. The registered version is an ``mlflow.transformers`` model (loadable
+on any machine, :mod:`nexus_core.models.registry`) and carries its lineage: artifact name/version/digest,
+producing step's MLflow run, config hash, inputs. ``alias`` (default ``champion``) moves to it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from nexus_core.artifacts import ArtifactRef, atomic_write_json, read_manifest
 from nexus_core.config import NexusModel
 from nexus_core.context import StepContext
 from nexus_core.contract import step
-from nexus_core.errors import InputError, StepError
+from nexus_core.errors import InputError
 from nexus_core.io import load_table
+from nexus_core.models.registry import register_model_version
 from nexus_core.runner import StepResult
 
 
@@ -71,8 +73,6 @@ def choose_variant(table: list[dict[str, Any]], cfg: ReleaseConfig) -> tuple[str
 def run_release(cfg: ReleaseConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
                 ctx: StepContext) -> ReleaseResult:
     """Pick the variant, register it with its lineage, write ``release.json`` under ``out_uri``."""
-    from nexus_core import lineage
-
     table = load_table(inputs["benchmark"]).to_dicts()
     chosen, reason = choose_variant(table, cfg)
     if chosen not in inputs:
@@ -92,23 +92,11 @@ def run_release(cfg: ReleaseConfig, *, inputs: dict[str, ArtifactRef], out_uri: 
             "nexus.producer_step": producer["step"], "nexus.config_hash": producer["config_hash"],
             "nexus.inputs": json.dumps(producer["inputs"]), "nexus.reason": reason,
             **{f"bench.{k}": f"{v:.6g}" for k, v in row.items() if isinstance(v, float)}}
-    client = lineage.client()
-    try:
-        client.get_registered_model(cfg.registry_name)
-    except Exception:
-        client.create_registered_model(cfg.registry_name, description="Compressed Nexus models (compress flow)")
-    try:
-        version = client.create_model_version(cfg.registry_name, source=str(Path(ref.uri).resolve()),
-                                              run_id=producer["mlflow_run_id"],
-                                              tags={k: str(v) for k, v in tags.items() if v is not None},
-                                              description=f"{chosen}: {reason}")
-    except Exception as exc:
-        raise StepError(f"release: MLflow registry refused {ref.uri}: {exc}") from exc
-    if cfg.alias:
-        client.set_registered_model_alias(cfg.registry_name, cfg.alias, version.version)
+    version = register_model_version(ref, cfg.registry_name, run_id=producer["mlflow_run_id"] or ctx.run.run_id,
+                                     tags=tags, alias=cfg.alias, description=f"{chosen}: {reason}")
     atomic_write_json(Path(out_uri) / "release.json", {
         "chosen": chosen, "reason": reason, "model": ref.model_dump(), "registry_name": cfg.registry_name,
-        "registry_version": version.version, "alias": cfg.alias, "lineage": producer, "benchmark_row": row})
+        "registry_version": version, "alias": cfg.alias, "lineage": producer, "benchmark_row": row})
     return ReleaseResult(chosen=chosen, model_uri=ref.uri, registry_name=cfg.registry_name,
-                         registry_version=str(version.version), reason=reason,
-                         metrics={"registry_version": float(version.version)})
+                         registry_version=version, reason=reason,
+                         metrics={"registry_version": float(version)})

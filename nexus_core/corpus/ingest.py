@@ -41,11 +41,11 @@ def run_ingest(cfg: IngestConfig, *, inputs: dict[str, ArtifactRef], out_uri: st
         raise InputError("ingest: no source files given")
     frames, per_source = [], {}
     for ref in inputs.values():
-        df = read_table(ref.uri, columns=cfg.required_columns)
+        df = read_table(ref.path, columns=cfg.required_columns)
         if df.height == 0:
             raise InputError(f"{ref.uri}: no rows")
-        per_source[Path(ref.uri).name] = df.height
-        frames.append(df.with_columns(pl.lit(Path(ref.uri).name).alias("source_file")))
+        per_source[ref.path.name] = df.height
+        frames.append(df.with_columns(pl.lit(ref.path.name).alias("source_file")))
     data = pl.concat(frames, how="diagonal_relaxed")
     before = data.height
     if cfg.dedupe_on:

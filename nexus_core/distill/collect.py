@@ -120,7 +120,7 @@ def run_teacher_collect(cfg: CollectConfig, *, inputs: dict[str, ArtifactRef], o
                         ctx: StepContext) -> CollectResult:
     """Ask the teacher about every row of ``inputs["teacher_inputs"]``; write ``data.parquet``."""
     check_model(cfg.teacher)
-    src = Path(inputs["teacher_inputs"].uri) / "data.parquet"
+    src = inputs["teacher_inputs"].path / "data.parquet"
     if not src.is_file():
         raise InputError(f"{src}: file not found")
     result = CollectResult(rows=0)

@@ -45,7 +45,7 @@ def run_distill_filters(cfg: FiltersConfig, *, inputs: dict[str, ArtifactRef], o
                         ctx: StepContext) -> FiltersResult:
     """Apply the rules to ``inputs["collected"]``; write every row with keep/reasons to ``data.parquet``."""
     rules, _ = load_rules(cfg.rules)
-    df = read_table(Path(inputs["collected"].uri) / "data.parquet", columns=REQUIRED)
+    df = read_table(inputs["collected"].path / "data.parquet", columns=REQUIRED)
     if df.height == 0:
         raise InputError(f"{inputs['collected'].uri}: no rows to filter")
     # Only answered rows take part in duplicate detection; failed ones are rejected as no_response.

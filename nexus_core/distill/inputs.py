@@ -95,7 +95,7 @@ def run_teacher_inputs(cfg: TeacherInputsConfig, *, inputs: dict[str, ArtifactRe
     templates = [load_template(cfg.prompts_dir, name) for name in cfg.templates]
     rows, per_source, skipped = [], {}, 0
     for ref in inputs.values():
-        path = Path(ref.uri)
+        path = ref.path
         if path.suffix == ".json":
             records = _enhanced_records(path, cfg.default_domain)
         elif path.name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):

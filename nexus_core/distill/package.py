@@ -59,10 +59,10 @@ def _apply_recheck(df: pl.DataFrame, path: Path) -> pl.DataFrame:
 def run_sft_package(cfg: PackageConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
                     ctx: StepContext) -> PackageResult:
     """Package the kept rows of ``inputs["regenerated"]`` (after ``inputs["rereviewed"]``, when given)."""
-    src = Path(inputs["regenerated"].uri) / "data.parquet"
+    src = inputs["regenerated"].path / "data.parquet"
     df = read_table(src, columns=REQUIRED)
     if "rereviewed" in inputs:
-        df = _apply_recheck(df, Path(inputs["rereviewed"].uri) / "data.parquet")
+        df = _apply_recheck(df, inputs["rereviewed"].path / "data.parquet")
     df = df.filter(pl.col("final_keep") & pl.col("final_output").is_not_null())
     if df.height < cfg.min_rows:
         raise InputError(f"{src}: only {df.height} kept row(s), need at least {cfg.min_rows}")

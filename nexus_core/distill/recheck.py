@@ -31,7 +31,7 @@ class RecheckConfig(NexusModel):
 def run_recheck_queue(cfg: RecheckConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
                       ctx: StepContext) -> StepResult:
     """Write the rescued rows of ``inputs["regenerated"]`` with the review columns (response, keep, reason)."""
-    df = read_table(Path(inputs["regenerated"].uri) / "data.parquet", columns=REQUIRED)
+    df = read_table(inputs["regenerated"].path / "data.parquet", columns=REQUIRED)
     out = df.filter(pl.col("origin") == "regenerated").select(
         "row_id", "domain", "template_name", "system_prompt", "user_prompt",
         response=pl.col("final_output"), keep=pl.col("final_keep"),

@@ -53,7 +53,7 @@ class RegenerateResult(StepResult):
 def run_regenerate(cfg: RegenerateConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
                    ctx: StepContext) -> RegenerateResult:
     """Regenerate the rejected rows of ``inputs["reviewed"]``; write every row with its final state."""
-    df = read_table(Path(inputs["reviewed"].uri) / "data.parquet", columns=REQUIRED)
+    df = read_table(inputs["reviewed"].path / "data.parquet", columns=REQUIRED)
     rules, _ = load_rules(cfg.rules)
     tpl = load_template(cfg.prompts_dir, cfg.template)
     accepted = df["decision"] == "accept"

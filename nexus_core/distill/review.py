@@ -61,7 +61,7 @@ def run_review(cfg: ReviewConfig, *, inputs: dict[str, ArtifactRef], out_uri: st
                ctx: StepContext) -> ReviewResult:
     """Decide every row of ``inputs["filtered"]``; write decisions and the label exports."""
     ref = inputs["filtered"]
-    df = read_table(Path(ref.uri) / "data.parquet", columns=REQUIRED)
+    df = read_table(ref.path / "data.parquet", columns=REQUIRED)
     labels = all_labels(ref.uri) if cfg.mode == "human" else []
     latest = {lb.row_id: lb for lb in labels}
     label_df = pl.DataFrame(

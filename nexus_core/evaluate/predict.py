@@ -118,7 +118,7 @@ def run_predict(cfg: PredictConfig, *, inputs: dict[str, ArtifactRef], out_uri: 
     if cfg.max_rows:
         df = df.head(cfg.max_rows)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_causal_lm(inputs["model"].uri, dtype=cfg.dtype)  # INT8 variants run as INT8
+    model, tokenizer = load_causal_lm(inputs["model"].path, dtype=cfg.dtype)  # INT8 variants run as INT8
     tokenizer.padding_side = "left"  # decoder-only generation needs the prompt flush right
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -185,4 +185,4 @@ def run_predict(cfg: PredictConfig, *, inputs: dict[str, ArtifactRef], out_uri: 
     return PredictResult(rows=table.height, columns=schema_of(table), run_id=cfg.run_id, predictions_file=fname,
                          model_uri=inputs["model"].uri, seconds_per_row=seconds / max(1, table.height),
                          metrics={"predict_seconds": seconds, "mean_generated_tokens": sum(n_gen) / max(1, len(n_gen))},
-                         cost=Cost(provider="local", model=Path(inputs["model"].uri).name))
+                         cost=Cost(provider="local", model=inputs["model"].path.name))

@@ -80,7 +80,7 @@ def run_precompute(cfg: PrecomputeConfig, *, inputs: dict[str, ArtifactRef], out
 
     from nexus_core.models.flux_tiny import load_flux_pipeline
 
-    path = inputs["pipeline"].uri if "pipeline" in inputs else cfg.pretrained_model_name_or_path
+    path = str(inputs["pipeline"].path) if "pipeline" in inputs else cfg.pretrained_model_name_or_path
     if not path:
         raise ConfigError(["pipeline.pretrained_model_name_or_path: missing (VAE and text encoder come from it)"])
     device = resolve_device(cfg.device)
@@ -93,7 +93,7 @@ def run_precompute(cfg: PrecomputeConfig, *, inputs: dict[str, ArtifactRef], out
         raise ConfigError([f"precompute.text_encoder_out_layers: {cfg.text_encoder_out_layers} exceed the text "
                            f"encoder's {pipe.text_encoder.config.num_hidden_layers} layers"])
 
-    prepared = Path(inputs["prepared"].uri) / "mds"
+    prepared = inputs["prepared"].path / "mds"
     work = ctx.work_dir  # unfinished groups survive a killed run here; the runner removes it once published
     total = sum(shard["samples"] for shard in read_index(prepared)["shards"])
     # a fresh cache per attempt: streaming refuses a local dir another live dataset still holds

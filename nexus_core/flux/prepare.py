@@ -101,14 +101,14 @@ def files_read(cfg: PrepareConfig, inputs: dict[str, ArtifactRef]) -> list[Path]
     names (a folder input's digest already covers its files). Empty when the listing is not a file:
     the step then fails with the reason."""
     src = inputs.get("source")
-    if cfg.source != "sstk" or src is None or not Path(src.uri).is_file():
+    if cfg.source != "sstk" or src is None or not src.path.is_file():
         return []
-    return [path for pair in sstk_entries(Path(src.uri)) for path in pair]
+    return [path for pair in sstk_entries(src.path) for path in pair]
 
 
 def _items(cfg: PrepareConfig, inputs: dict[str, ArtifactRef]) -> list[tuple[Path, str | None, str, str]]:
     """(image path, caption or None + error, subset) for every source image."""
-    src = Path(inputs["source"].uri)
+    src = inputs["source"].path
     out: list[tuple[Path, str | None, str, str]] = []
     if cfg.source == "sstk":
         for img, side in sstk_entries(src):
@@ -134,7 +134,7 @@ def _items(cfg: PrepareConfig, inputs: dict[str, ArtifactRef]) -> list[tuple[Pat
         else:
             out.append((img, None, "instance", f"caption: {cap} not found"))
     if cfg.source == "dreambooth" and "class_dir" in inputs:
-        cdir = Path(inputs["class_dir"].uri)
+        cdir = inputs["class_dir"].path
         for img in sorted(p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_EXTS)[: cfg.num_class_images]:
             out.append((img, cfg.class_prompt, "class", ""))
     return out
@@ -147,7 +147,7 @@ def _generate_class_images(cfg: PrepareConfig, inputs: dict[str, ArtifactRef], n
 
     from nexus_core.models.flux_tiny import load_flux_pipeline
 
-    path = inputs["pipeline"].uri if "pipeline" in inputs else cfg.pretrained_model_name_or_path
+    path = str(inputs["pipeline"].path) if "pipeline" in inputs else cfg.pretrained_model_name_or_path
     if not path:
         raise InputError("flux prepare: generate_class_images needs pipeline.pretrained_model_name_or_path")
     pipe = load_flux_pipeline(path)

@@ -133,13 +133,13 @@ def _loadable(ref: str) -> bool:
 
 def preflight(cfg: TrainConfig, inputs: dict[str, ArtifactRef]) -> tuple[dict, str, str]:
     """Every config/data mismatch as one clear error before any model loads: (meta, pipeline, device)."""
-    root = Path(inputs["precomputed"].uri)
+    root = inputs["precomputed"].path
     meta_path = root / "flux_meta.json"
     if not meta_path.is_file():
         raise InputError(f"{meta_path}: missing; {root} is not a flux precompute artifact")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     problems = []
-    pipeline = inputs["pipeline"].uri if "pipeline" in inputs else cfg.pretrained_model_name_or_path
+    pipeline = str(inputs["pipeline"].path) if "pipeline" in inputs else cfg.pretrained_model_name_or_path
     if not pipeline:
         problems.append("pipeline.pretrained_model_name_or_path: missing (the single source of VAE, scheduler "
                         "and text encoder)")
@@ -227,7 +227,7 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
     from accelerate import Accelerator
 
     meta, pipeline, device = preflight(cfg, inputs)
-    mds = Path(inputs["precomputed"].uri) / "mds"
+    mds = inputs["precomputed"].path / "mds"
     verify_shards(mds)
     out = Path(out_uri)
     torch.manual_seed(cfg.seed)
@@ -281,7 +281,7 @@ def run_train(cfg: TrainConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
     ds = open_dataset(mds, cache)
     loader = None
     try:
-        subsets = _subsets(Path(inputs["precomputed"].uri), ds) if cfg.prior_preservation else []
+        subsets = _subsets(inputs["precomputed"].path, ds) if cfg.prior_preservation else []
         pools = ([[i for i, s in enumerate(subsets) if s == "instance"], [i for i, s in enumerate(subsets) if s == "class"]]
                  if cfg.prior_preservation else [list(range(ds.num_samples))])
         if cfg.prior_preservation and not all(pools):

@@ -7,10 +7,10 @@ from pathlib import Path
 import polars as pl
 from pydantic import BaseModel
 
-from nexus_core.artifacts import ArtifactRef, Manifest, iter_manifests, read_manifest
+from nexus_core.artifacts import ArtifactRef, Manifest, iter_manifests, read_manifest, version_uri
 from nexus_core.errors import InputError
 from nexus_core.io.tables import JSONL_SUFFIXES, read_table
-from nexus_core.settings import data_root
+from nexus_core.store import store_for
 
 
 class DatasetInfo(BaseModel):
@@ -36,10 +36,11 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
 
 
 class DataQuery:
-    """Read-only view of the artifacts under a data root (default ``NEXUS_DATA`` or ``./data``)."""
+    """Read-only view of the artifacts in a store (default ``NEXUS_DATA`` or ``./data``)."""
 
     def __init__(self, root: str | Path | None = None):
-        self.root = Path(root) if root else data_root()
+        self.store = store_for(root)
+        self.root = self.store.root or self.store.url
 
     def manifests(self) -> list[Manifest]:
         """Every finished artifact's manifest."""
@@ -76,7 +77,7 @@ class DataQuery:
         version = version or info.versions[-1]
         if version not in info.versions:
             raise InputError(f"{name}: no version v{version} (have {', '.join(f'v{v}' for v in info.versions)})")
-        return read_manifest(Path(info.latest_uri).parent / f"{name}_v{version}")
+        return read_manifest(version_uri(info.area, name, version), self.store.url)
 
     def ref(self, spec: str) -> ArtifactRef:
         """ArtifactRef of ``name[@vN]``."""
@@ -112,13 +113,17 @@ TABLE_SUFFIXES = {".jsonl", ".parquet", ".gz", ".zst", ".json", ".ndjson", ".csv
 
 def resolve_ref(spec: str, role: str = "input") -> ArtifactRef:
     """The one artifact resolver every flow uses: ``spec`` is an artifact directory, any local file or
-    directory (a raw input, digest-keyed), or ``[area/]name[@vN]`` of an artifact under the data root.
+    directory (a raw input, digest-keyed), a store-relative URI (``processed/<area>/<name>_v<N>``), an
+    fsspec URI of an artifact (``s3://...``), or ``[area/]name[@vN]`` of an artifact in the store.
 
     ``role`` names the input in errors ("dataset sft", "model"). Models may also be hub ids: resolve
     them with :func:`nexus_core.models.io.resolve_model`.
     """
     from nexus_core.artifacts import MANIFEST, raw_ref
+    from nexus_core.store import is_remote_url
 
+    if spec.startswith("processed/") or is_remote_url(spec):
+        return read_manifest(spec).ref()  # its error names the URI
     path = Path(spec).expanduser()
     if path.is_dir() and (path / MANIFEST).is_file():
         return read_manifest(path).ref()

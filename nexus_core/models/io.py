@@ -5,7 +5,8 @@ A model reference is any of:
 - an artifact: ``NAME``, ``NAME@vN`` or ``AREA/NAME@vN`` under the data root, or its directory;
 - a local Hugging Face directory (``config.json`` + weights, or a peft adapter directory);
 - a hub id ``ORG/NAME`` (optionally ``ORG/NAME@REVISION``), loaded through the Hugging Face cache:
-  with ``HF_HUB_OFFLINE=1`` only what is already cached is used.
+  with ``HF_HUB_OFFLINE=1`` only what is already cached is used;
+- a registry entry ``models:/NAME/V`` or ``models:/NAME@ALIAS`` (:mod:`nexus_core.models.registry`).
 
 Every reference resolves to an :class:`ArtifactRef` whose ``digest`` identifies the weights (the
 artifact digest, the directory's content digest, or ``hf:ORG/NAME@<commit sha>``), so a model's
@@ -64,13 +65,18 @@ def resolve_model(spec: str, role: str = "model") -> ArtifactRef:
     unknown artifact, or a hub id that is not cached.
     """
     from nexus_core.io import resolve_ref
+    from nexus_core.models.registry import is_registry_uri, resolve_registry_model
 
+    if is_registry_uri(spec):
+        ref = resolve_registry_model(spec, role)
+        check_model_dir(ref.path, role)
+        return ref
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith(("/", ".", "~")):
         if not path.exists():
             raise InputError(f"{role} {spec}: no such file or directory")
         ref = resolve_ref(spec, role)
-        check_model_dir(ref.uri, role)
+        check_model_dir(ref.path, role)
         return ref.model_copy(update={"kind": "model"}) if ref.kind == "raw" else ref
     if is_hub_id(spec):
         try:  # an artifact named like ORG/NAME (AREA/NAME) wins over the hub
@@ -81,10 +87,10 @@ def resolve_model(spec: str, role: str = "model") -> ArtifactRef:
             except InputError as not_hub:
                 raise InputError(f"{not_hub}; nor is it a known artifact "
                                  f"({str(not_artifact).split('(', 1)[-1].rstrip(')')})") from None
-        check_model_dir(ref.uri, role)
+        check_model_dir(ref.path, role)
         return ref
     ref = resolve_ref(spec, role)
-    check_model_dir(ref.uri, role)
+    check_model_dir(ref.path, role)
     return ref
 
 

@@ -68,7 +68,7 @@ def run_base_model(cfg: BaseModelConfig, *, inputs: dict[str, ArtifactRef], out_
         if "pretrained" not in inputs:
             raise InputError("base_model: source=pretrained needs the 'pretrained' input (resolve "
                              "base_model.pretrained with pretrained_ref)")
-        lm, tokenizer = load_causal_lm(inputs["pretrained"].uri, int8=False)
+        lm, tokenizer = load_causal_lm(inputs["pretrained"].path, int8=False)
         lm.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
     params = sum(p.numel() for p in lm.parameters())

@@ -110,7 +110,7 @@ def model_dir(ref: ArtifactRef | None, role: str = "model") -> Path:
     """Local HF directory of a model input; InputError if it is missing or not a model."""
     if ref is None:
         raise InputError(f"missing input {role!r}: a base model artifact or HF directory")
-    path = Path(ref.uri)
+    path = ref.path
     if not path.exists():
         raise InputError(f"{path}: {role} path does not exist")
     if not (path / "config.json").is_file():

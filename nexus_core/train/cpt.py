@@ -66,7 +66,7 @@ class CPTResult(TrainResult):
 
 def corpus_file(ref: ArtifactRef) -> Path:
     """The table file behind a dataset ref (the artifact's data.parquet, or the raw file itself)."""
-    path = Path(ref.uri)
+    path = ref.path
     return path / "data.parquet" if path.is_dir() else path
 
 

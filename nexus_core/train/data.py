@@ -18,7 +18,6 @@ String prompts become conversational (chat template) records when ``chat`` is on
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
@@ -55,7 +54,7 @@ def need(inputs: dict[str, ArtifactRef], key: str, method: str) -> ArtifactRef:
 
 def load_rows(ref: ArtifactRef) -> tuple[pl.DataFrame, str]:
     """The main table of a dataset artifact or raw file, and a name for messages."""
-    path = Path(ref.uri)
+    path = ref.path
     if not path.exists():
         raise InputError(f"{path}: dataset does not exist")
     df = read_table(path) if path.is_file() else load_table(ref)

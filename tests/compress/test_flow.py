@@ -38,7 +38,7 @@ def test_benchmark_table_compares_every_variant_with_the_base(first_run):
     for col in ("latency_p50_ms", "latency_p95_ms", "ttft_ms", "tokens_per_s_b1", "tokens_per_s_b4", "perplexity",
                 "accuracy", "peak_mem_mb"):
         assert table[col].null_count() == 0, col
-    report = (Path(result.artifacts["benchmark"].uri) / "report.md").read_text()
+    report = (result.artifacts["benchmark"].path / "report.md").read_text()
     assert "| structured |" in report and "latency_ratio" in report
     bench_run = lineage.client().get_run(read_manifest(result.artifacts["benchmark"].uri).mlflow_run_id)
     assert "int8.size_ratio" in bench_run.data.metrics
@@ -49,16 +49,16 @@ def test_onnx_export_matches_pytorch_and_unavailable_formats_say_why(first_run):
     export = result.artifacts["export"]
     rows = {r["format"]: r for r in load_table(export).to_dicts()}
     assert rows["onnx"]["status"] == "ok" and rows["onnx"]["max_abs_diff"] <= cfg.export.parity_atol
-    assert (Path(export.uri) / "onnx" / "model.onnx").is_file()
+    assert (export.path / "onnx" / "model.onnx").is_file()
     assert rows["tensorrt"]["status"] == "unavailable" and "TensorRT" in rows["tensorrt"]["reason"]
     # exported from the structured variant: the merged safetensors at the root are the pruned shape
-    config = json.loads((Path(export.uri) / "config.json").read_text())
+    config = json.loads((export.path / "config.json").read_text())
     assert config["intermediate_size"] == 64
 
 
 def test_release_registers_the_chosen_variant_with_lineage(first_run):
     _, result = first_run
-    release = json.loads((Path(result.artifacts["release"].uri) / "release.json").read_text())
+    release = json.loads((result.artifacts["release"].path / "release.json").read_text())
     chosen_ref = result.artifacts[release["chosen"]] if release["chosen"] != "base" else result.artifacts["model"]
     mv = lineage.client().get_model_version(release["registry_name"], release["registry_version"])
     assert mv.source == str(Path(chosen_ref.uri).resolve())

@@ -117,7 +117,7 @@ def test_missing_calibration_and_weights_are_clear_errors(assets: dict[str, Arti
         run_step(run_prune, PruneConfig(method="layer_drop"), name="t_bad", inputs=only_model)
     empty = tmp_path / "noweights"
     empty.mkdir()
-    (empty / "config.json").write_text(Path(assets["model"].uri, "config.json").read_text())
+    (empty / "config.json").write_text((assets["model"].path / "config.json").read_text())
     with pytest.raises(InputError, match="without weights"):
         run_step(run_prune, PruneConfig(method="magnitude"), name="t_bad", inputs={"model": raw_ref(empty)})
 
@@ -146,7 +146,7 @@ def test_export_folds_a_lora_adapter_into_merged_safetensors(assets: dict[str, A
 
     from nexus_core.compress.export import ExportConfig, run_export
 
-    base = AutoModelForCausalLM.from_pretrained(assets["model"].uri)
+    base = AutoModelForCausalLM.from_pretrained(str(assets["model"].path))
     peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
     ids = torch.tensor([[5, 6, 7, 8]])

@@ -40,7 +40,7 @@ def test_six_stages_offline_with_manifests_and_mlflow_runs(tiny_run):
 
 def test_rows_trace_to_prompt_teacher_and_filters(tiny_run):
     _, result = tiny_run
-    col = pl.read_parquet(f"{result.artifacts['collected'].uri}/data.parquet")
+    col = pl.read_parquet(result.artifacts['collected'].path / "data.parquet")
     for c in ("row_id", "domain", "template_name", "template_hash", "system_prompt", "user_prompt", "response",
               "status", "error", "model", "prompt_tokens", "completion_tokens", "cost_usd", "latency_s",
               "logprobs_json"):
@@ -48,7 +48,7 @@ def test_rows_trace_to_prompt_teacher_and_filters(tiny_run):
     assert (col["status"] == "ok").all() and col["cached"].all()
     lp = json.loads(col["logprobs_json"].drop_nulls()[0])
     assert {"token", "logprob", "top_logprobs"} <= set(lp[0])
-    filt = pl.read_parquet(f"{result.artifacts['filtered'].uri}/data.parquet")
+    filt = pl.read_parquet(result.artifacts['filtered'].path / "data.parquet")
     rejected = filt.filter(~pl.col("keep"))
     assert rejected.height > 0 and (rejected["reason"] != "").all()  # weak answers caught, with reasons
     m = read_manifest(result.artifacts["filtered"].uri)
@@ -57,14 +57,14 @@ def test_rows_trace_to_prompt_teacher_and_filters(tiny_run):
 
 def test_regeneration_keeps_history_and_sft_is_loadable(tiny_run):
     _, result = tiny_run
-    regen = pl.read_parquet(f"{result.artifacts['regenerated'].uri}/data.parquet")
+    regen = pl.read_parquet(result.artifacts['regenerated'].path / "data.parquet")
     redone = regen.filter(pl.col("attempts") > 0)
     assert redone.height > 0
     two_rounds = redone.filter(pl.col("attempts") == 2)
     assert two_rounds.height > 0  # some rows needed a second, stricter round
     hist = json.loads(two_rounds["history_json"][0])
     assert [h["round"] for h in hist] == [1, 2] and hist[0]["keep"] is False and hist[0]["reasons"]
-    sft_dir = result.artifacts["sft"].uri
+    sft_dir = str(result.artifacts["sft"].path)
     records = [json.loads(line) for line in open(f"{sft_dir}/sft.jsonl")]
     assert records and {"input", "output", "meta"} == set(records[0])
     assert {"domain", "quality", "template_name"} <= set(records[0]["meta"])
@@ -101,7 +101,7 @@ def test_scientific_config_against_a_live_teacher(prefect_harness, repo, monkeyp
     assert s["collected_ok"] == 40 and s["collected_failed"] == 0 and s["regenerated_rescued"] > 0
     assert asked >= 40 + s["regenerated_rescued"]  # collection, then at least one request per rescued row
     assert set(stub.auth) == {"Bearer sk-or-test-not-a-real-key"}  # the key came from api_key_env
-    col = pl.read_parquet(f"{result.artifacts['collected'].uri}/data.parquet")
+    col = pl.read_parquet(result.artifacts['collected'].path / "data.parquet")
     assert (col["cost_usd"] > 0).all() and s["teacher_usd"] > 0  # priced by litellm from the model's list price
     assert col["logprobs_json"].is_not_null().all()  # top_logprobs: 5 in the config
     manifest = read_manifest(result.artifacts["collected"].uri)

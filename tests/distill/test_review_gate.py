@@ -48,7 +48,7 @@ def test_review_page_resumes_paused_flow(prefect_harness, repo, monkeypatch):
 
     worker.join(timeout=240)
     result = out["result"]
-    reviewed = pl.read_parquet(f"{result.artifacts['reviewed'].uri}/data.parquet")
+    reviewed = pl.read_parquet(result.artifacts['reviewed'].path / "data.parquet")
     ids = pl.read_parquet(f"{req.dataset_uri}/data.parquet")["row_id"].to_list()[:3]
     got = {r["row_id"]: r for r in reviewed.filter(pl.col("row_id").is_in(ids)).iter_rows(named=True)}
     assert [got[i]["decision"] for i in ids] == ["accept", "reject", "accept"]
@@ -59,7 +59,7 @@ def test_review_page_resumes_paused_flow(prefect_harness, repo, monkeypatch):
     exported = [p.name for p in (result.artifacts["reviewed"].path / "labels").iterdir()]
     assert len(exported) == 1 and (result.artifacts["reviewed"].path / "accepted.jsonl").is_file()
     assert review_store.requests("waiting") == [] or all(r.id != req.id for r in review_store.requests("waiting"))
-    sft = pl.read_parquet(f"{result.artifacts['sft'].uri}/data.parquet")
+    sft = pl.read_parquet(result.artifacts['sft'].path / "data.parquet")
     assert "An edited answer by the reviewer." in sft["output"].to_list()
 
 
@@ -108,7 +108,7 @@ def test_regenerated_rows_go_back_to_review_before_packaging(prefect_harness, re
     worker.join(timeout=240)
     result = out["result"]
     assert {"recheck", "rereviewed"} <= set(result.artifacts)
-    sft = pl.read_parquet(f"{result.artifacts['sft'].uri}/data.parquet")
+    sft = pl.read_parquet(result.artifacts['sft'].path / "data.parquet")
     meta = {m["row_id"]: m for m in sft["meta"].to_list()}
     assert dropped not in meta  # rejected on the second review: not packaged
     row = sft.filter(pl.col("meta").struct.field("row_id") == edited)

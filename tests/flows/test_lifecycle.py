@@ -58,7 +58,7 @@ def test_ends_with_a_report_and_a_verdict(first_run):
     assert result.verdict in {"promoted", "rejected by gates"}
     assert "gate_passed" in result.stages["evaluate"]
     assert result.model in [ref for key, ref in result.artifacts.items() if key.startswith("train.")]
-    model, tokenizer = load_causal_lm(result.model.uri, int8=False)
+    model, tokenizer = load_causal_lm(result.model.path, int8=False)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Soil respiration"}],
                                         add_generation_prompt=True, return_tensors="pt")
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]

@@ -52,7 +52,7 @@ def test_rerun_is_cached_and_registry_idempotent(tiny_run):
 
 def test_dry_run_plans_without_training(tiny_run):
     cfg, result = tiny_run
-    base = result.artifacts["base_model"].uri
+    base = str(result.artifacts["base_model"].path)
     dry = llm_train(cfg.model_copy(update={"dry_run": True, "base_model": base}))
     assert dry.dry_run and dry.artifacts == {}
     assert dry.base_model["modalities"] == ["text"]

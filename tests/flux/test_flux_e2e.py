@@ -44,10 +44,10 @@ def test_flow_produces_every_artifact_with_lineage(flow_run):
     assert prep.rows == 6 and prep.result["skipped_by_reason"] == {"unreadable": 1}
     pre = read_manifest(result.artifacts["precompute"].uri)
     assert pre.inputs["prepared"].digest == prep.digest
-    mds = Path(pre.uri) / "mds"
+    mds = pre.ref().path / "mds"
     assert verify_shards(mds) >= 2  # group_size 4 → two groups, flat layout
     assert all("/" not in s["raw_data"]["basename"] for s in read_index(mds)["shards"])
-    meta = json.loads((Path(pre.uri) / "flux_meta.json").read_text())
+    meta = json.loads((pre.ref().path / "flux_meta.json").read_text())
     assert meta["latent_column"] == "latents_32" and meta["latent_shape"] == [16, 8, 8]
     assert meta["text_shape"] == [16, 48] and len(meta["dataset_mean"]) == 16
     train = read_manifest(result.artifacts["train"].uri)
@@ -63,7 +63,7 @@ def test_validation_images_and_exported_outputs(flow_run):
     from PIL import Image
 
     _, result, out = flow_run
-    root = Path(result.artifacts["train"].uri)
+    root = result.artifacts["train"].path
     assert result.global_step == 4 and result.validation_images == 2
     with Image.open(root / "validation" / "step_000004_0.png") as im:
         assert im.size == (32, 32)
@@ -74,14 +74,14 @@ def test_validation_images_and_exported_outputs(flow_run):
 
 def test_saved_lora_loads_into_the_pipeline_and_changes_its_output(flow_run):
     _, result, _ = flow_run
-    pipe = load_flux_pipeline(result.artifacts["pipeline"].uri)
+    pipe = load_flux_pipeline(str(result.artifacts["pipeline"].path))
 
     def render():
         return pipe(prompt="a red square", height=32, width=32, num_inference_steps=2, max_sequence_length=16,
                     output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
 
     before = render()
-    pipe.load_lora_weights(result.artifacts["train"].uri, weight_name="transformer_lora.safetensors")
+    pipe.load_lora_weights(str(result.artifacts["train"].path), weight_name="transformer_lora.safetensors")
     after = render()
     assert before.shape == after.shape == (32, 32, 3)
     assert np.abs(before - after).max() > 1e-4

@@ -146,10 +146,10 @@ def test_distill_flow_against_an_echoing_teacher_writes_the_key_nowhere(prefect_
     assert set(stub.auth) == {f"Bearer {PLANTED}"}
     assert len(stub.auth) > 40  # every prompt asked, the echoed ones twice (one retry)
     assert result is not None, failure
-    col = pl.read_parquet(f"{result.artifacts['collected'].uri}/data.parquet")
+    col = pl.read_parquet(result.artifacts['collected'].path / "data.parquet")
     errors = col.filter(pl.col("status") == "failed")["error"].to_list()
     assert errors and all(re.match(r"\w+Error: ", e) and "Bearer ***" in e for e in errors)
-    regen = pl.read_parquet(f"{result.artifacts['regenerated'].uri}/data.parquet")
+    regen = pl.read_parquet(result.artifacts['regenerated'].path / "data.parquet")
     assert regen["history_json"].str.contains("teacher failed: ", literal=True).any()  # regeneration met it too
 
     home = Path(os.environ["NEXUS_HOME"])

@@ -23,7 +23,7 @@ def test_tiny_base_model_is_a_model_artifact_under_models(tmp_path):
 
 
 def test_pinned_local_model_is_keyed_by_its_files(tiny_model, tmp_path):
-    local = Path(shutil.copytree(tiny_model.uri, tmp_path / "pretrained"))
+    local = Path(shutil.copytree(str(tiny_model.path), tmp_path / "pretrained"))
     cfg = BaseModelConfig(source="pretrained", pretrained=str(local))
 
     def pin():  # noqa: ANN202 - as the flows do: resolve the reference, then run the step on it

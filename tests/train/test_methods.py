@@ -57,7 +57,7 @@ def _check_model(result, base_uri: str, lora: bool) -> None:
 def test_sft_lora_logs_to_mlflow_and_adapter_loads_onto_base(tiny_model, refs):
     cfg = SFTConfig(finetune="lora", seed=1, **FAST)
     r = run_step(run_sft, cfg, name="t_sft_lora", inputs={"model": tiny_model, "data": refs["sft"]})
-    _check_model(r, tiny_model.uri, lora=True)
+    _check_model(r, str(tiny_model.path), lora=True)
     assert r.trainable_params < r.total_params
     run = lineage.client().get_run(read_manifest(r.ref.uri).mlflow_run_id)
     assert "train/loss" in run.data.metrics and "train/grad_norm" in run.data.metrics
@@ -69,17 +69,17 @@ def test_sft_lora_logs_to_mlflow_and_adapter_loads_onto_base(tiny_model, refs):
 def test_sft_full_with_packing(tiny_model, refs):
     cfg = SFTConfig(finetune="full", packing=True, seed=2, **FAST)
     r = run_step(run_sft, cfg, name="t_sft_full", inputs={"model": tiny_model, "data": refs["sft"]})
-    _check_model(r, tiny_model.uri, lora=False)
+    _check_model(r, str(tiny_model.path), lora=False)
     assert r.trainable_params == r.total_params
 
 
 def test_cpt_streams_large_corpus_and_scales_rope(tiny_model, refs):
     cfg = CPTConfig(finetune="full", max_length=64, stream_threshold_mb=0, rope_scaling={"factor": 2.0}, **FAST)
     r = run_step(run_cpt, cfg, name="t_cpt", inputs={"model": tiny_model, "data": refs["text"]})
-    _check_model(r, tiny_model.uri, lora=False)
+    _check_model(r, str(tiny_model.path), lora=False)
     assert r.streamed
     conf = json.loads((Path(r.ref.uri) / "config.json").read_text())
-    base = json.loads((Path(tiny_model.uri) / "config.json").read_text())
+    base = json.loads((tiny_model.path / "config.json").read_text())
     assert conf["max_position_embeddings"] == 2 * base["max_position_embeddings"]
     assert conf["rope_scaling"]["factor"] == 2.0
 
@@ -90,7 +90,7 @@ def test_cpt_streams_large_corpus_and_scales_rope(tiny_model, refs):
 ])
 def test_preference_methods(tiny_model, refs, fn, cfg, lora):
     r = run_step(fn, cfg, name=f"t_{cfg.method}", inputs={"model": tiny_model, "data": refs["prefs"]})
-    _check_model(r, tiny_model.uri, lora=lora)
+    _check_model(r, str(tiny_model.path), lora=lora)
 
 
 def test_reward_model_then_grpo_against_it(tiny_model, refs):
@@ -105,7 +105,7 @@ def test_reward_model_then_grpo_against_it(tiny_model, refs):
                      max_completion_length=6, **FAST)
     r = run_step(run_grpo, cfg, name="t_grpo",
                  inputs={"model": tiny_model, "data": refs["math"], "reward_model": rm.ref})
-    _check_model(r, tiny_model.uri, lora=True)
+    _check_model(r, str(tiny_model.path), lora=True)
     assert read_manifest(r.ref.uri).inputs["reward_model"].digest == rm.ref.digest
 
 
@@ -114,7 +114,7 @@ def test_kd_from_teacher_model_and_from_stored_logprobs(tiny_model, refs, tmp_pa
                        inputs={"model": tiny_model, "data": refs["sft"]}).ref
     r = run_step(run_kd, KDConfig(source="model", divergence="reverse", finetune="full", **FAST),
                  name="t_kd_model", inputs={"model": tiny_model, "data": refs["sft"], "teacher": teacher})
-    _check_model(r, tiny_model.uri, lora=False)
+    _check_model(r, str(tiny_model.path), lora=False)
     # Teacher collection rows as the distill flow writes them (contract 2), logprobs from the teacher.
     rows = [{"row_id": str(i), "user_prompt": q, "response": a, "status": "ok",
              "logprobs_json": teacher_logprobs(Path(teacher.uri), q, a)} for i, (q, a) in enumerate(QA)]
@@ -124,4 +124,4 @@ def test_kd_from_teacher_model_and_from_stored_logprobs(tiny_model, refs, tmp_pa
     collected = raw_ref(_write_jsonl(tmp_path / "collected.jsonl", rows))
     r = run_step(run_kd, KDConfig(source="logprobs", finetune="lora", **FAST), name="t_kd_lp",
                  inputs={"model": tiny_model, "data": collected})
-    _check_model(r, tiny_model.uri, lora=True)
+    _check_model(r, str(tiny_model.path), lora=True)
