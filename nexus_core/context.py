@@ -7,7 +7,7 @@ A step never searches for its MLflow run, work dir or progress bar; it gets them
   so a killed run finds its checkpoints again; the runner deletes it once the artifact is published;
 - ``log_metrics`` / ``log_file``: batched MLflow logging (no-ops without a run);
 - ``progress(done, total, message)``: progress of a long step (a Prefect progress artifact under a
-  flow, a throttled log line otherwise).
+  flow, updated at most once a second; a log line at most every 5 s otherwise).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ class StepContext:
     work_dir: Path
     run: StepRun | None = None
     on_progress: ProgressFn | None = None
-    progress_every_s: float = 5.0
+    progress_every_s: float = 1.0  # with a reporter (the Prefect UI): at most one update a second
+    log_progress_every_s: float = 5.0  # without one: a log line at most every 5 s
     _last_progress: float = field(default=0.0, repr=False)
 
     @classmethod
@@ -68,9 +69,11 @@ class StepContext:
         log.info("%s: %s", self.step.rsplit(".", 1)[-1], message)
 
     def progress(self, done: float, total: float, message: str = "", force: bool = False) -> None:
-        """Report ``done`` of ``total`` units; throttled to one report per ``progress_every_s``."""
+        """Report ``done`` of ``total`` units; throttled to one report per ``progress_every_s`` (per
+        ``log_progress_every_s`` as log lines); the last report (``done >= total``) always goes through."""
         now = time.monotonic()
-        if not force and done < total and now - self._last_progress < self.progress_every_s:
+        every = self.progress_every_s if self.on_progress is not None else self.log_progress_every_s
+        if not force and done < total and now - self._last_progress < every:
             return
         self._last_progress = now
         fraction = 0.0 if total <= 0 else min(1.0, done / total)

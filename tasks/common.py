@@ -21,6 +21,7 @@ from prefect.runtime import flow_run, task_run
 from nexus_core.artifacts import ArtifactRef, data_root_id
 from nexus_core.cachekey import step_key
 from nexus_core.runner import RunContext
+from tasks.ui import progress_reporter, step_artifact_hook
 
 
 @dataclass
@@ -55,24 +56,9 @@ def nexus_task(step_fn: Callable[..., Any], runtime: Iterable[str] = (),
     (worker counts) stay out of the key.
     """
     tags = {"nexus", *task_kwargs.pop("tags", ())}
+    hooks = [step_artifact_hook(step_fn), *task_kwargs.pop("on_completion", ())]  # the step's summary in the UI
     return task(cache_policy=StepKey(step_fn=step_fn, runtime=tuple(runtime)), persist_result=True, tags=tags,
-                **task_kwargs)
-
-
-def _progress_reporter() -> Callable[[float, str], None]:
-    """A progress artifact in the Prefect UI for the current task run, updated in place."""
-    artifact_id: list[Any] = []
-
-    def report(fraction: float, message: str) -> None:
-        from prefect.artifacts import create_progress_artifact, update_progress_artifact
-
-        percent = round(100 * fraction, 1)
-        if not artifact_id:
-            artifact_id.append(create_progress_artifact(percent, description=message))
-        else:
-            update_progress_artifact(artifact_id[0], percent, description=message)
-
-    return report
+                on_completion=hooks, **task_kwargs)
 
 
 def run_context() -> RunContext:
@@ -82,5 +68,5 @@ def run_context() -> RunContext:
         flow_name=flow_run.get_flow_name(),
         flow_run_id=flow_run.get_id(),
         task_run_id=task_run.get_id(),
-        progress=_progress_reporter(),
+        progress=progress_reporter(task_run.get_id(), flow_run.get_id()),
     )

@@ -26,7 +26,7 @@ from nexus_core.context import StepContext
 from nexus_core.contract import step, table
 from nexus_core.distill.prompts import TeacherConfig
 from nexus_core.errors import InputError
-from nexus_core.llm.client import LLMClient, check_model, run_async
+from nexus_core.llm.client import Completion, LLMClient, check_model, run_async
 from nexus_core.llm.pool import ClientPool
 from nexus_core.runner import Cost, StepResult
 from nexus_core.secrets import scrub
@@ -79,6 +79,12 @@ async def _collect(cfg: CollectConfig, src: Path, out: Path, result: CollectResu
     seen = 0
     client = ClientPool(cfg.teacher, cfg.teacher.processes) if cfg.teacher.processes > 1 else LLMClient(cfg.teacher)
     writer = pq.ParquetWriter(out, SCHEMA, compression="zstd")
+    answered = [0]
+
+    def on_answer(i: int, c: Completion) -> None:  # progress as answers arrive, not only per batch
+        answered[0] += 1
+        ctx.progress(answered[0], limit, f"{answered[0]}/{limit} rows answered")
+
     try:
         for batch in pf.iter_batches(batch_size=cfg.batch_size):
             rows = batch.to_pylist()[: max(0, limit - seen)]
@@ -86,7 +92,7 @@ async def _collect(cfg: CollectConfig, src: Path, out: Path, result: CollectResu
                 break
             seen += len(rows)
             requests = [messages_for(r) for r in rows]
-            done = await client.map(requests)
+            done = await client.map(requests, on_done=on_answer)
             records = []
             for row, req, c in zip(rows, requests, done, strict=True):
                 result.ok += c.status == "ok"

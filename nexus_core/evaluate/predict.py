@@ -14,6 +14,7 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,10 @@ def _prompt_text(tokenizer: Any, cfg: PredictConfig, text: str) -> str:
     return f"{cfg.system_prompt}\n\n{text}\n" if cfg.system_prompt else f"{text}\n"
 
 
-def _continuation_nll(model: Any, tokenizer: Any, prompts: list[str], conts: list[str], max_in: int) -> list[tuple[float, int]]:
-    """Summed NLL (nats) and token count of each continuation given its prompt, teacher-forced."""
+def _continuation_nll(model: Any, tokenizer: Any, prompts: list[str], conts: list[str], max_in: int,
+                      on_row: Callable[[], None] | None = None) -> list[tuple[float, int]]:
+    """Summed NLL (nats) and token count of each continuation given its prompt, teacher-forced;
+    ``on_row()`` after each row (progress)."""
     import torch
 
     out = []
@@ -76,14 +79,16 @@ def _continuation_nll(model: Any, tokenizer: Any, prompts: list[str], conts: lis
         c_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
         if not c_ids:
             out.append((0.0, 0))
-            continue
-        ids = torch.tensor([p_ids + c_ids])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1)
-        targets = ids[0, 1:]
-        tok_lp = logp.gather(1, targets[:, None])[:, 0][len(p_ids) - 1:]
-        out.append((float(-tok_lp.sum()), len(c_ids)))
+        else:
+            ids = torch.tensor([p_ids + c_ids])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            targets = ids[0, 1:]
+            tok_lp = logp.gather(1, targets[:, None])[:, 0][len(p_ids) - 1:]
+            out.append((float(-tok_lp.sum()), len(c_ids)))
+        if on_row is not None:
+            on_row()
     return out
 
 
@@ -128,6 +133,20 @@ def run_predict(cfg: PredictConfig, *, inputs: dict[str, ArtifactRef], out_uri: 
     prompts = [_prompt_text(tokenizer, cfg, t) for t in texts]
     preds, n_gen, latency = [], [], []
     t_start = time.perf_counter()
+    # progress in row passes: generation, then the reference and each label scored per row
+    passes = 1 + int(cfg.perplexity) + len(cfg.labels or [])
+    total, scored = passes * len(prompts), [0]
+
+    def score_tick(what: str) -> Callable[[], None]:
+        rows = [0]
+
+        def tick() -> None:
+            rows[0] += 1
+            scored[0] += 1
+            ctx.progress(len(prompts) + scored[0], total,
+                         f"{len(prompts)} predictions; {what} scored {rows[0]}/{len(prompts)}")
+        return tick
+
     for i in range(0, len(prompts), cfg.batch_size):
         batch = prompts[i:i + cfg.batch_size]
         enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True,
@@ -146,22 +165,23 @@ def run_predict(cfg: PredictConfig, *, inputs: dict[str, ArtifactRef], out_uri: 
             preds.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
             n_gen.append(len(ids))
             latency.append(per_row)
-        ctx.progress(len(preds), len(prompts), f"{len(preds)}/{len(prompts)} predictions")
+        ctx.progress(len(preds), total, f"{len(preds)}/{len(prompts)} predictions")
 
     cols: dict[str, Any] = {
         "row_id": [str(x) for x in df["row_id"].to_list()] if "row_id" in df.columns else [str(i) for i in range(df.height)],
         "input": texts, "reference": refs, "prediction": preds, "generated_tokens": n_gen, "latency_s": latency,
     }
     if cfg.perplexity:
-        nll = _continuation_nll(model, tokenizer, prompts, [r or "" for r in refs], cfg.max_input_tokens)
+        nll = _continuation_nll(model, tokenizer, prompts, [r or "" for r in refs], cfg.max_input_tokens,
+                                score_tick("references"))
         cols["ref_nll"] = [n for n, _ in nll]
         cols["ref_tokens"] = [c for _, c in nll]
     if cfg.labels:
-        scored = [_continuation_nll(model, tokenizer, prompts, [lab] * len(prompts), cfg.max_input_tokens)
-                  for lab in cfg.labels]
+        by_label = [_continuation_nll(model, tokenizer, prompts, [lab] * len(prompts), cfg.max_input_tokens,
+                                      score_tick(f"label {lab!r}")) for lab in cfg.labels]
         pred_label, score = [], []
         for r in range(len(prompts)):
-            lls = [-scored[k][r][0] for k in range(len(cfg.labels))]
+            lls = [-by_label[k][r][0] for k in range(len(cfg.labels))]
             top = max(lls)
             probs = [math.exp(x - top) for x in lls]
             pred_label.append(cfg.labels[lls.index(top)])

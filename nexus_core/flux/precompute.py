@@ -139,6 +139,9 @@ def run_precompute(cfg: PrecomputeConfig, *, inputs: dict[str, ArtifactRef], out
                              rcol: encode.to_storage(lat[j], cfg.save_dtype),
                              "text_embeds": encode.to_storage(emb[j].float(), cfg.save_dtype),
                              "text_ids": ids[j].cpu().numpy().astype("int32")})
+            at = len(table) - len(chunk) + len(rows)  # within a group too: a group can take minutes on a GPU
+            if at < len(table):  # the group's last batch is reported once the group is written
+                ctx.progress(at, total, f"{at}/{total} rows (group {len(groups) + 1}, {resumed} resumed)")
         seconds += time.perf_counter() - t0
         encoded += len(chunk)
         lat_shape, txt_shape = list(lats[0].shape[1:]), list(rows[0]["text_embeds"].shape)

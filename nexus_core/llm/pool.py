@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import multiprocessing
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -57,12 +58,21 @@ class ClientPool:
         """USD paid by every worker so far."""
         return self.limits.spent_usd
 
-    async def map(self, batch: list[list[dict[str, Any]]]) -> list[Completion]:
-        """Complete every message list of ``batch``: one contiguous chunk per worker, results in input order."""
+    async def map(self, batch: list[list[dict[str, Any]]],
+                  on_done: Callable[[int, Completion], Awaitable[None] | None] | None = None) -> list[Completion]:
+        """Complete every message list of ``batch``: one contiguous chunk per worker, results in input order.
+        ``on_done(i, completion)`` is called for each row of a chunk as that chunk finishes."""
         size = math.ceil(len(batch) / self.processes) or 1
-        chunks = [batch[i:i + size] for i in range(0, len(batch), size)]
         loop = asyncio.get_running_loop()
-        parts = await asyncio.gather(*(loop.run_in_executor(self._executor, _complete_chunk, c) for c in chunks))
+
+        async def run(start: int) -> list[Completion]:
+            part = await loop.run_in_executor(self._executor, _complete_chunk, batch[start:start + size])
+            for j, c in enumerate(part):
+                if on_done is not None and asyncio.iscoroutine(maybe := on_done(start + j, c)):
+                    await maybe
+            return part
+
+        parts = await asyncio.gather(*(run(i) for i in range(0, len(batch), size)))
         return [c for part in parts for c in part]
 
     def close(self) -> None:

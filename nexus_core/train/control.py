@@ -202,10 +202,36 @@ class MlflowLogger(TrainerCallback):
         return control
 
 
+class ProgressReporter(TrainerCallback):
+    """Training progress through ``ctx.progress`` (the Prefect UI's progress artifact): step of max
+    steps and the last logged loss, on rank 0. ``ctx.progress`` throttles; the last step always shows."""
+
+    def __init__(self, ctx: StepContext):
+        self.ctx = ctx
+        self.loss: float | None = None
+
+    def _report(self, state: Any) -> None:
+        total = state.max_steps or state.global_step
+        text = f"step {state.global_step}/{total}" + (f", loss {self.loss:.4f}" if self.loss is not None else "")
+        self.ctx.progress(state.global_step, total, text)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201 - transformers API
+        """Remember the last training loss for the progress message."""
+        if logs and isinstance(logs.get("loss"), int | float):
+            self.loss = float(logs["loss"])
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        """One report per optimizer step (throttled by the context)."""
+        if state.is_world_process_zero:
+            self._report(state)
+        return control
+
+
 def fit(trainer, cfg: StageBase, ctx: StepContext | None = None) -> dict[str, float]:  # noqa: ANN001
     """Train with the controller and MLflow logger, resuming from the newest complete checkpoint in
-    the trainer's output dir (``<work dir>/checkpoints``). Logs through ``ctx`` (the step's log and
-    MLflow run) when given.
+    the trainer's output dir (``<work dir>/checkpoints``). Logs through ``ctx`` (the step's log,
+    MLflow run and progress) when given.
 
     Returns metrics: final loss, steps, the step resumed from, tokens/s, peak memory, pauses.
     """
@@ -213,6 +239,8 @@ def fit(trainer, cfg: StageBase, ctx: StepContext | None = None) -> dict[str, fl
     controller, logger = TrainingController(cfg), MlflowLogger(ctx.run if ctx is not None else None)
     trainer.add_callback(controller)
     trainer.add_callback(logger)
+    if ctx is not None:
+        trainer.add_callback(ProgressReporter(ctx))
     ckpt_dir = Path(trainer.args.output_dir)
     work = ckpt_dir.parent
     resume = last_checkpoint(ckpt_dir)

@@ -9,7 +9,8 @@ and the :class:`~nexus_core.context.StepContext` the runner gave it. For child p
 work dir and MLflow run id) is written to the work dir; each child rebuilds an equivalent context
 from it (same work dir, so same checkpoints; same MLflow run). ``accelerate launch`` starts the
 processes (gloo on CPU, NCCL on GPU; DDP or FSDP by config); rank 0 saves the model and writes the
-metrics back as JSON. The children's log lines are passed on to this process's log.
+metrics back as JSON. The children's log lines are passed on to this process's log, and rank 0's
+progress reports to this process's ``ctx.progress`` (so the Prefect UI shows them).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from nexus_core.train.common import StageBase
 TrainFn = Callable[[Any, dict[str, ArtifactRef], str, StepContext], dict[str, float]]
 # Prefix of the children's log lines on their stderr, so the parent can tell them from other output.
 CHILD_LOG_MARK = "[nexus-train] "
+# Prefix of rank 0's progress reports ([fraction, message] as JSON), passed on to the parent's ctx.progress.
+CHILD_PROGRESS_MARK = "[nexus-progress] "
 
 
 def run_stage(train_fn: TrainFn, cfg: StageBase, inputs: dict[str, ArtifactRef], out_uri: str,
@@ -62,6 +65,10 @@ def run_stage(train_fn: TrainFn, cfg: StageBase, inputs: dict[str, ArtifactRef],
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
+            if CHILD_PROGRESS_MARK in line:  # into the step's progress (the Prefect UI), not the log
+                fraction, message = json.loads(line.split(CHILD_PROGRESS_MARK, 1)[1])
+                ctx.progress(fraction, 1.0, message)
+                continue
             tail.append(line)
             if CHILD_LOG_MARK in line:  # the child's own log (pid, resume step): into ours
                 log.info("%s", line.split(CHILD_LOG_MARK, 1)[1].rstrip())
@@ -79,6 +86,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _progress_to_parent(fraction: float, message: str) -> None:
+    """A launched process's progress: one line on stderr, which the parent reads (see run_stage)."""
+    sys.stderr.write(CHILD_PROGRESS_MARK + json.dumps([fraction, message]) + "\n")
+    sys.stderr.flush()
+
+
 def main(spec_path: str) -> None:
     """Entry point of each launched process: rebuild the config and the step context, then call the
     stage's training function."""
@@ -94,7 +107,7 @@ def main(spec_path: str) -> None:
     cfg = getattr(module, spec["config_class"]).model_validate(spec["config"])
     inputs = {k: ArtifactRef.model_validate(v) for k, v in spec["inputs"].items()}
     ctx = StepContext(step=spec["step"], work_dir=Path(spec["work_dir"]),
-                      run=StepRun(spec["run_id"]) if spec["run_id"] else None)
+                      run=StepRun(spec["run_id"]) if spec["run_id"] else None, on_progress=_progress_to_parent)
     metrics = getattr(module, spec["function"])(cfg, inputs, spec["out_uri"], ctx)
     if int(os.environ.get("RANK", "0")) == 0:
         metrics["world_size"] = float(os.environ.get("WORLD_SIZE", "1"))
