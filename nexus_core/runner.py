@@ -52,7 +52,7 @@ from nexus_core.context import ProgressFn, StepContext
 from nexus_core.contract import check_inputs, contract_of
 from nexus_core.costs import Cost, check_budget, flow_budget
 from nexus_core.logs import hash_functions_quietly
-from nexus_core.settings import nexus_home
+from nexus_core.settings import work_root
 
 R = TypeVar("R", bound="StepResult")
 
@@ -85,8 +85,9 @@ def step_name(fn: Callable[..., Any]) -> str:
 
 
 def work_dir_for(area: str, name: str, key: str) -> Path:
-    """The stable work dir of a step execution: ``NEXUS_HOME/work/<area>/<name>-<key>``."""
-    return nexus_home() / "work" / area / f"{name}-{key[:16]}"
+    """The stable work dir of a step execution: ``<work root>/<area>/<name>-<key>`` (``NEXUS_WORK``,
+    default ``NEXUS_HOME/work``)."""
+    return work_root() / area / f"{name}-{key[:16]}"
 
 
 def find_reusable(area: str, name: str, key: str) -> Manifest | None:

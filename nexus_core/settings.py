@@ -1,7 +1,8 @@
 """Where Nexus keeps state, and the environment every entry point sets before heavy imports.
 
 Everything lives under ``NEXUS_HOME`` (default ``./.nexus``): Prefect's home and database, the
-MLflow store, the catalog. Data artifacts live under ``NEXUS_DATA`` (default ``./data``).
+MLflow store, the catalog, the steps' work dirs (``NEXUS_WORK`` moves those). Data artifacts live
+under ``NEXUS_DATA`` (default ``./data``).
 
 Importing this module (or ``flows``, ``tasks``) changes nothing: the environment is set by
 :func:`configure_environment`, which entry points call (``nexus``, ``python -m flows.X``, and every flow
@@ -25,6 +26,13 @@ def _state_file(name: str) -> Path:
     home = nexus_home()
     home.mkdir(parents=True, exist_ok=True)
     return home / name
+
+
+def work_root() -> Path:
+    """Root of the steps' work dirs (checkpoints, launch specs): ``NEXUS_WORK``, default
+    ``NEXUS_HOME/work``. Multi-node jobs point it at the shared volume, so every node of a training
+    launch reads and writes the same checkpoints, and a re-run on a fresh machine finds them."""
+    return Path(os.environ.get("NEXUS_WORK") or nexus_home() / "work").expanduser().resolve()
 
 
 def data_root() -> Path:

@@ -4,7 +4,9 @@
 
 Uses Prefect's own templating (``apply_values``) exactly as the Kubernetes worker does, after
 checking the values against the template's variable schema (a wrong type is one clear error).
-Register the pool with:
+For more than one node it also prints the headless Service that gives the Job's pods their DNS
+names (``<job name>-<rank>.<service>``); the Prefect worker creates only the Job, so the Service is
+applied once per namespace (it is in ``shared-pvc.yaml``). Register the pool with:
     prefect work-pool create gpu-coreweave --type kubernetes \
         --base-job-template infra/coreweave/base_job_template.json
 """
@@ -45,15 +47,40 @@ def render(values: dict[str, Any] | None = None, template: dict[str, Any] | None
     return apply_values(template["job_configuration"], merged)
 
 
+def nodes_service(config: dict[str, Any]) -> dict[str, Any]:
+    """The headless Service a rendered multi-node job needs: named as the pods' subdomain, in the
+    Job's namespace, selecting the Job's pods by their template labels. ``publishNotReadyAddresses``
+    gives a pod its DNS name as soon as it exists, so a node that starts first can already resolve
+    rank 0 (it then retries the connection until rank 0 listens)."""
+    job = config["job_manifest"]
+    pod = job["spec"]["template"]
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": pod["spec"]["subdomain"], "namespace": job["metadata"]["namespace"],
+                     "labels": {"app.kubernetes.io/part-of": "nexus"}},
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                 "selector": {"nexus/multinode": pod["metadata"]["labels"]["nexus/multinode"]},
+                 "ports": [{"name": "rendezvous", "port": int(config["env"]["NEXUS_MAIN_PORT"])}]},
+    }
+
+
+def render_manifests(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """What a flow run with these values needs in the cluster: the headless Service (more than one
+    node) and the Job."""
+    config = render(values)
+    nodes = int(config["job_manifest"]["spec"]["completions"])
+    return ([nodes_service(config)] if nodes > 1 else []) + [config["job_manifest"]]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Print the rendered Job manifest as YAML."""
+    """Print the rendered manifests (Service for multi-node, then the Job) as YAML documents."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        config = render(parse_overrides(args))
+        manifests = render_manifests(parse_overrides(args))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(yaml.safe_dump(config["job_manifest"], sort_keys=False))
+    print(yaml.safe_dump_all(manifests, sort_keys=False))
     return 0
 
 

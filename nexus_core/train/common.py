@@ -73,7 +73,8 @@ class StageBase(NexusModel):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing")
     control: ControlSpec = Field(default_factory=ControlSpec, description="Pause/cooldown/GPU guard",
                                  json_schema_extra={"nexus_runtime": True})
-    num_processes: int = Field(default=1, ge=1, description="Data-parallel processes (>1 launches accelerate)")
+    num_processes: int = Field(default=1, ge=1, description="Data-parallel processes per node (>1 launches "
+                               "accelerate); a multi-node job (NEXUS_NNODES) runs this many on every node")
     isolate: bool = runtime_field(False, "Train in a child process even with one process: signal control "
                                          "under Prefect worker threads, memory returned when done")
     distributed: Literal["ddp", "fsdp"] = Field(default="ddp", description="Strategy when num_processes > 1")
@@ -183,7 +184,7 @@ def trainer_kwargs(cfg: StageBase, output_dir: Path, **extra: Any) -> dict[str, 
         ddp_backend="gloo" if not gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         save_only_model=False,
     )
-    if cfg.num_processes > 1 and cfg.distributed == "fsdp":
+    if (cfg.num_processes > 1 or int(os.environ.get("NEXUS_NNODES") or 1) > 1) and cfg.distributed == "fsdp":
         kw.update(fsdp="full_shard auto_wrap", fsdp_config={"use_orig_params": True})
     kw.update(extra)
     return kw

@@ -233,7 +233,8 @@ def fit(trainer, cfg: StageBase, ctx: StepContext | None = None) -> dict[str, fl
     the trainer's output dir (``<work dir>/checkpoints``). Logs through ``ctx`` (the step's log,
     MLflow run and progress) when given.
 
-    Returns metrics: final loss, steps, the step resumed from, tokens/s, peak memory, pauses.
+    Returns metrics: final loss, steps, the step resumed from, tokens/s, peak memory, pauses; under
+    data parallelism also the nodes that took part and whether every rank ended with the same weights.
     """
     info = ctx.info if ctx is not None else log.info
     controller, logger = TrainingController(cfg), MlflowLogger(ctx.run if ctx is not None else None)
@@ -267,7 +268,7 @@ def fit(trainer, cfg: StageBase, ctx: StepContext | None = None) -> dict[str, fl
     state = trainer.state
     losses = [h["loss"] for h in state.log_history if "loss" in h]
     tokens = state.num_input_tokens_seen or 0
-    return {
+    metrics = {
         "train_loss": float(out.training_loss), "final_loss": float(losses[-1]) if losses else float("nan"),
         "global_step": float(state.global_step), "resumed_from_step": float(resumed_from),
         "train_seconds": seconds, "tokens_seen": float(tokens),
@@ -277,6 +278,11 @@ def fit(trainer, cfg: StageBase, ctx: StepContext | None = None) -> dict[str, fl
         "peak_memory_mb": peak_memory_mb(), "pauses": float(controller.pauses),
         "emergency_saves": float(controller.emergency_saves), "thermal_pauses": float(controller.thermal_pauses),
     }
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # which nodes took part; DDP: same weights on every rank
+        from nexus_core.train.multinode import check_ranks
+
+        metrics.update(check_ranks(trainer.model, sharded=cfg.distributed == "fsdp", info=info))
+    return metrics
 
 
 def _on_cuda() -> bool:

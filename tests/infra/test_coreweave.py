@@ -57,14 +57,92 @@ def test_renders_a_valid_multinode_gpu_job():
     claim = next(v for v in pod["volumes"] if v["name"] == "shared")["persistentVolumeClaim"]["claimName"]
     mount = next(m for m in c["volumeMounts"] if m["name"] == "shared")["mountPath"]
     assert claim == "nexus-shared" and mount == "/mnt/nexus"
-    assert [e["name"] for e in c["env"]] == ["NEXUS_NODE_RANK"]      # from the Indexed Job's completion index
+    # rank from the Indexed Job's completion index; rank 0's DNS name and the handshake dir from the job's name
+    assert [e["name"] for e in c["env"]] == ["NEXUS_NODE_RANK", "NEXUS_JOB_NAME", "NEXUS_MAIN_ADDR",
+                                             "NEXUS_MULTINODE_DIR"]
     # Computed env goes through the job configuration's env dict, which Prefect coerces to strings
     # before the worker writes it into the container (Kubernetes rejects numeric env values).
     env = BaseJobConfiguration(env=cfg["env"]).env
     assert env["NEXUS_NNODES"] == "2" and env["NEXUS_GPUS_PER_NODE"] == "8"
-    assert env["NEXUS_DATA"] == "/mnt/nexus/data"
+    assert env["NEXUS_DATA"] == "/mnt/nexus/data" and env["NEXUS_WORK"] == "/mnt/nexus/work"
     assert "args" not in c        # unset command: the Kubernetes worker fills in the flow-run command
     assert cfg["namespace"] == job["metadata"]["namespace"] == "tenant-nexus"
+
+
+def pod_env(cfg: dict, index: int, job_name: str) -> dict[str, str]:
+    """The environment the kubelet gives pod ``index`` of the rendered Job named ``job_name``: the job
+    configuration's env (which the Prefect worker puts first), then the container's own entries, with
+    downward-API fields resolved and ``$(VAR)`` references to earlier entries expanded, plus the
+    ``JOB_COMPLETION_INDEX`` the Job controller sets."""
+    import re
+
+    from prefect.workers.base import BaseJobConfiguration
+
+    fields = {"metadata.annotations['batch.kubernetes.io/job-completion-index']": str(index),
+              "metadata.labels['batch.kubernetes.io/job-name']": job_name}
+    env = dict(BaseJobConfiguration(env=cfg["env"]).env)
+    for entry in cfg["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if "valueFrom" in entry:
+            env[entry["name"]] = fields[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            env[entry["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), entry["value"])
+    return {**env, "JOB_COMPLETION_INDEX": str(index)}
+
+
+def test_two_node_job_has_headless_service_rank_env_and_only_rank0_runs_the_flow(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from infra.coreweave.render import render_manifests
+
+    values = {"nodes": 2, "gpus": 8, "shared_mount_path": str(tmp_path / "shared")}
+    service, job = render_manifests(values)
+    cfg = render(values)
+    pod = job["spec"]["template"]
+    # Headless Service: the pods' subdomain, same namespace, selects the Job's pods, the rendezvous port.
+    assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
+    assert service["metadata"]["name"] == pod["spec"]["subdomain"] == "nexus-nodes"
+    assert service["metadata"]["namespace"] == job["metadata"]["namespace"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["ports"] == [{"name": "rendezvous", "port": 29500}]
+    # ... the same Service that shared-pvc.yaml applies once per namespace.
+    shipped = [d for d in yaml.safe_load_all((Path(__file__).parents[2] / "infra/coreweave/shared-pvc.yaml").read_text())
+               if d["kind"] == "Service"]
+    assert shipped == [{**service, "metadata": {k: v for k, v in service["metadata"].items() if k != "namespace"}}]
+    assert render_manifests({"nodes": 1})[0]["kind"] == "Job"  # one node: no Service needed
+    # Every pod starts the Nexus entry point; the worker's flow-run command follows `--` as args.
+    container = pod["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "nexus_core.train.node_agent", "--"]
+    assert "args" not in container  # the Kubernetes worker fills in `prefect flow-run execute`
+    # Rank env as the kubelet resolves it for each pod of job "nexus-abcde".
+    envs = [pod_env(cfg, i, "nexus-abcde") for i in range(2)]
+    assert [e["NEXUS_NODE_RANK"] for e in envs] == ["0", "1"]
+    assert {e["NEXUS_NNODES"] for e in envs} == {str(job["spec"]["completions"])} == {str(job["spec"]["parallelism"])}
+    assert {e["NEXUS_MAIN_ADDR"] for e in envs} == {"nexus-abcde-0.nexus-nodes"}  # <hostname>.<subdomain>
+    assert {e["NEXUS_MAIN_PORT"] for e in envs} == {"29500"}
+    assert {e["NEXUS_MULTINODE_DIR"] for e in envs} == {str(tmp_path / "shared/multinode/nexus-abcde")}
+    # Run both pods' entry point with a stand-in for the flow-run command: only rank 0 runs it, and
+    # rank 1 (the node agent) exits once rank 0's run has ended.
+    flow_run = [sys.executable, "-c", "import os, pathlib; "
+                "pathlib.Path(os.environ['MARKERS'], 'ran-on-' + os.environ['NEXUS_NODE_RANK']).touch()"]
+    (tmp_path / "markers").mkdir()
+
+    def start(i: int) -> subprocess.Popen[str]:
+        env = {**os.environ, **envs[i], "MARKERS": str(tmp_path / "markers"), "NEXUS_HOME": str(tmp_path / f"home{i}")}
+        cmd = [sys.executable, *container["command"][1:], *flow_run]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    rank1 = start(1)
+    rank0 = start(0)
+    out0, _ = rank0.communicate(timeout=60)
+    out1, _ = rank1.communicate(timeout=60)
+    assert (rank0.returncode, rank1.returncode) == (0, 0), out0 + out1
+    assert sorted(p.name for p in (tmp_path / "markers").iterdir()) == ["ran-on-0"]
+    assert "not running the flow run (only rank 0 does)" in out1 and "rank 0's flow run ended (exit 0)" in out1
 
 
 def test_wrong_variable_type_is_one_clear_error():
