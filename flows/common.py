@@ -13,7 +13,6 @@ from pydantic import BaseModel
 
 from nexus_core import lineage
 from nexus_core.config import FlowConfig, config_dict, load_config
-from nexus_core.costs import set_flow_budget
 from nexus_core.errors import ConfigError
 from nexus_core.settings import configure_environment
 
@@ -31,8 +30,7 @@ def flow_lineage(cfg: BaseModel) -> Iterator[str]:
     configure_environment()
     recover_from_crashes()
     name = flow_run.get_flow_name() or "flow"
-    if isinstance(cfg, FlowConfig):
-        set_flow_budget(flow_run.get_id(), cfg.budget_usd)
+    register_budget(cfg)
     run_id = lineage.start_flow_run(name, flow_run.get_id(), config_dict(cfg),
                                     parent_prefect_flow_run_id=flow_run.get_parent_flow_run_id())
     try:
@@ -41,6 +39,52 @@ def flow_lineage(cfg: BaseModel) -> Iterator[str]:
         lineage.end_run(run_id, ok=False)
         raise
     lineage.end_run(run_id, ok=True)
+
+
+def register_budget(cfg: BaseModel) -> None:
+    """Record this flow run, the runs above it and its ``budget_usd`` in the catalog, so each step checks
+    every budget above it against the spend of that budget's whole flow-run tree.
+
+    The runs above come from Prefect (each flow run's parent task run), so a subflow started with
+    ``run_deployment`` in another process finds its parent too; a parent that registered nothing in
+    this catalog (not a Nexus flow, or another catalog) is registered here with the ``budget_usd``
+    of its ``cfg`` parameter.
+    """
+    from nexus_core import costs
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return
+    parent = flow_run.get_parent_flow_run_id()
+    ancestors: list[str] = []
+    if parent:
+        above = costs.flow_ancestors(parent)
+        ancestors = [*above, parent] if above is not None else _register_ancestors(parent)
+    budget = cfg.budget_usd if isinstance(cfg, FlowConfig) else None
+    costs.register_flow_run(run_id, flow_name=flow_run.get_flow_name(), budget_usd=budget, ancestors=ancestors)
+
+
+def _register_ancestors(parent: str) -> list[str]:
+    """Walk the Prefect API from ``parent`` to the root run; register each unregistered run with the
+    budget of its ``cfg`` parameter; the ids, root first."""
+    from prefect.client.orchestration import get_client
+
+    from nexus_core import costs
+
+    chain: list[tuple[str, str | None, float | None]] = []
+    with get_client(sync_client=True) as client:
+        run_id: str | None = parent
+        while run_id:
+            run = client.read_flow_run(run_id)  # pyright: ignore[reportArgumentType]
+            params = run.parameters.get("cfg")
+            budget = params.get("budget_usd") if isinstance(params, dict) else None
+            name = client.read_flow(run.flow_id).name
+            chain.append((run_id, name, float(budget) if isinstance(budget, int | float) else None))
+            run_id = str(client.read_task_run(run.parent_task_run_id).flow_run_id) if run.parent_task_run_id else None
+    ids = [run_id for run_id, _, _ in reversed(chain)]
+    for i, (run_id, name, budget) in enumerate(reversed(chain)):
+        costs.register_flow_run(run_id, flow_name=name, budget_usd=budget, ancestors=ids[:i], only_if_missing=True)
+    return ids
 
 
 _recovered: set[str] = set()  # NEXUS_HOME values this process has already swept

@@ -4,7 +4,10 @@
                ─► evaluate (gates) ─► compress (release only when the gates pass)
 
 Stages whose section is absent from the config are skipped. Each stage is its own flow (a subflow
-here, nested in the Prefect UI and in MLflow), also runnable alone with ``nexus run <flow>``.
+here, nested in the Prefect UI and in MLflow), also runnable alone with ``nexus run <flow>``. A section
+named in ``deployments`` runs as a run of that deployment on its work pool (:mod:`flows.sections`):
+teacher collection on a CPU pool, training on a GPU pool. The lifecycle's ``budget_usd`` covers every
+section, wherever it runs.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from flows.distill import DistillConfig, check_distill, distill
 from flows.evaluate import EvaluateConfig, check_evaluate, evaluate
 from flows.llm_train import LLMTrainConfig, check_stages, llm_train, queue, referenced_models
 from flows.results import FlowResult, LifecycleResult
+from flows.sections import SectionDeployments, run_section
 from nexus_core.artifacts import raw_ref
 from nexus_core.config import FlowConfig
 from nexus_core.corpus.ingest import IngestConfig
@@ -38,6 +42,8 @@ class LifecycleConfig(FlowConfig):
     train: LLMTrainConfig | None = Field(default=None, description="Training stages; the SFT dataset is dataset `sft`")
     evaluate: EvaluateConfig | None = Field(default=None, description="Evaluation of the trained model, with gates")
     compress: CompressConfig | None = Field(default=None, description="Compression; its release runs only if gates pass")
+    deployments: SectionDeployments = Field(default_factory=SectionDeployments,
+                                            description="Sections to run as deployment runs on work pools")
 
 
 def check_lifecycle(cfg: LifecycleConfig) -> list[str]:
@@ -85,24 +91,27 @@ def lifecycle(cfg: LifecycleConfig) -> LifecycleResult:
             reused.extend(f"{stage}.{k}" for k in result.reused)
             stages[stage] = result.summary
 
+        pools, poll = cfg.deployments, cfg.deployments.poll_interval_s  # a section named there runs on its pool
         if cfg.distill:
-            d = distill(cfg.distill)
+            d = run_section(distill, cfg.distill, pools.distill, poll)
             collect("distill", d)
             sft = d.sft
         if cfg.train:
-            t = llm_train(cfg.train, base_model=base.ref, datasets={"sft": sft} if sft else None)
+            t = run_section(llm_train, cfg.train, pools.train, poll, base_model=base.ref,
+                            datasets={"sft": sft} if sft else None)
             collect("train", t)
             model = t.final_model or model
         passed = None
         if cfg.evaluate:
-            e = evaluate(cfg.evaluate, model=model)
+            e = run_section(evaluate, cfg.evaluate, pools.evaluate, poll, model=model)
             collect("evaluate", e)
             passed = bool(e.gate_passed)
         if cfg.compress:
             # promote (register a release) only a model that passed its gates; otherwise still build
             # and benchmark the variants, so the report shows what compression would give
             ccfg = cfg.compress if passed is not False else cfg.compress.model_copy(update={"release": None})
-            collect("compress", compress(ccfg, model=model, calibration=corpus.ref))
+            collect("compress", run_section(compress, ccfg, pools.compress, poll, model=model,
+                                                  calibration=corpus.ref))
         verdict = {None: "not evaluated", True: "promoted", False: "rejected by gates"}[passed]
     return LifecycleResult(flow="lifecycle", artifacts=artifacts, reused=reused, flow_run_id=flow_run.get_id(),
                            mlflow_run_id=mlflow_run_id, model=model, verdict=verdict,

@@ -6,8 +6,17 @@
 - ``gpu_cost`` = hours × price × units; ``api_cost`` asks litellm's local price map.
 - The ledger is :class:`nexus_core.catalog.CostRow` (written by ``run_step`` from each step's
   :class:`~nexus_core.runner.Cost`, and by the GPU workers for instance time).
-- ``check_budget`` raises :class:`BudgetExceededError` BEFORE a step whose estimate would take a
-  flow run past its budget, so nothing is spent that the budget does not allow.
+- A step that runs on a paid GPU machine (the GPU workers set ``NEXUS_PROVIDER``, ``NEXUS_GPU_TYPE``
+  and ``NEXUS_GPU_COUNT`` there: :func:`machine`) is charged its wall time × the machine's price.
+- Budgets bind over flow-run trees: every flow registers its run, the runs enclosing it and its
+  ``budget_usd`` in the catalog (:func:`register_flow_run`), so the spend of a run is its ledger rows
+  plus those of every subflow, in-process or started with ``run_deployment`` on another machine
+  (when ``NEXUS_CATALOG_URL`` points every machine at one catalog). Before a step starts,
+  :func:`check_flow_budgets` checks every budget above it (its own flow's, its parent's, ... the
+  root's) against that spend plus the step's estimate (:func:`estimate_step_usd`: what the same step
+  cost the last time it ran) and raises :class:`BudgetExceededError`, so nothing is started that a
+  budget does not allow. A running step can still overrun by its own spend (in-step caps such as
+  ``teacher.max_cost_usd`` bound that); steps running at the same time are each checked alone.
 - ``cost_report`` groups the ledger by flow, step and provider (``nexus costs`` prints it).
 """
 
@@ -35,20 +44,6 @@ class Cost(NexusModel):
     gpu_seconds: float = Field(default=0.0, description="GPU time, seconds × GPUs")
     provider: str = Field(default="local", description="Who was paid: openai, lambda, runpod, local, ...")
     model: str | None = Field(default=None, description="API model or GPU type")
-
-
-_flow_budgets: dict[str, float] = {}  # prefect flow run id -> budget in USD, set by the flow
-
-
-def set_flow_budget(flow_run_id: str | None, budget_usd: float | None) -> None:
-    """Record a flow run's budget; every step of that run checks it before starting."""
-    if flow_run_id and budget_usd is not None:
-        _flow_budgets[flow_run_id] = budget_usd
-
-
-def flow_budget(flow_run_id: str | None) -> float | None:
-    """The budget recorded for a flow run, or None (no limit)."""
-    return _flow_budgets.get(flow_run_id) if flow_run_id else None
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,8 +152,24 @@ def add_costs(*costs: Cost) -> Cost:
                 model=models.pop() if len(models) == 1 else None)
 
 
-def spent(flow_run_id: str | None = None, flow_name: str | None = None) -> float:
-    """USD already in the ledger for one flow run (or every run of one flow)."""
+def _usd(x: float) -> str:
+    """Dollars for messages: cents when exact, else four decimals (small API spends)."""
+    return f"${x:,.2f}" if abs(x - round(x, 2)) < 5e-7 else f"${x:,.4f}"
+
+
+def _tree_runs(flow_run_id: str):  # noqa: ANN202 - a sqlalchemy select
+    """Select of the flow-run ids in the tree under ``flow_run_id`` (itself included)."""
+    from sqlmodel import col, or_, select
+
+    from nexus_core import catalog
+
+    below = select(catalog.FlowRunRow.flow_run_id).where(col(catalog.FlowRunRow.ancestors).contains(flow_run_id))
+    return or_(catalog.CostRow.flow_run_id == flow_run_id, col(catalog.CostRow.flow_run_id).in_(below))
+
+
+def spent(flow_run_id: str | None = None, flow_name: str | None = None, *, subflows: bool = True) -> float:
+    """USD already in the ledger for one flow run and (``subflows``) every run under it, or for every
+    run of one flow."""
     from sqlalchemy import func
     from sqlmodel import Session, select
 
@@ -167,30 +178,202 @@ def spent(flow_run_id: str | None = None, flow_name: str | None = None) -> float
     with Session(catalog.engine()) as session:
         query = select(func.coalesce(func.sum(catalog.CostRow.usd), 0.0))
         if flow_run_id:
-            query = query.where(catalog.CostRow.flow_run_id == flow_run_id)
+            query = query.where(_tree_runs(flow_run_id) if subflows else catalog.CostRow.flow_run_id == flow_run_id)
         if flow_name:
             query = query.where(catalog.CostRow.flow_name == flow_name)
         return float(session.exec(query).one())
 
 
 def check_budget(budget_usd: float | None, *, estimate_usd: float, step: str,
-                 flow_run_id: str | None = None, flow_name: str | None = None) -> float:
+                 flow_run_id: str | None = None, flow_name: str | None = None, basis: str = "") -> float:
     """Raise BudgetExceededError if ``spent + estimate`` would pass ``budget_usd``; return what is left.
 
-    ``budget_usd=None`` means no limit. Call it before a step starts: GPU steps estimate with
-    :func:`gpu_cost` of their expected seconds, API steps with tokens × price.
+    ``budget_usd=None`` means no limit. The spend of a flow run includes its subflows'. Call it before
+    a step starts: GPU steps estimate with :func:`gpu_cost` of their expected seconds, API steps with
+    tokens × price, or use :func:`estimate_step_usd`; ``basis`` says where the estimate came from.
     """
     if budget_usd is None:
         return float("inf")
     already = spent(flow_run_id=flow_run_id, flow_name=None if flow_run_id else flow_name)
     left = budget_usd - already
     if estimate_usd > left + 1e-9 or left <= 0:
-        who = f"flow run {flow_run_id}" if flow_run_id else f"flow {flow_name or '(unnamed)'}"
+        who = f"flow run {flow_run_id}" + (f" ({flow_name})" if flow_name else "") if flow_run_id else \
+            f"flow {flow_name or '(unnamed)'}"
         raise BudgetExceededError(
-            f"{who}: step {step} is estimated at ${estimate_usd:.2f} but only ${max(left, 0):.2f} of the "
-            f"${budget_usd:.2f} budget is left (${already:.2f} spent); the step was not started. "
+            f"{who}: step {step} is estimated at {_usd(estimate_usd)}{f' ({basis})' if basis else ''} but only "
+            f"{_usd(max(left, 0))} of the {_usd(budget_usd)} budget is left ({_usd(already)} spent by the run"
+            f"{' and its subflows' if flow_run_id else 's'}); the step was not started. "
             "Raise budget_usd or lower the step's size.")
     return left - estimate_usd
+
+
+# ---------------------------------------------------------------- budgets over flow-run trees
+
+
+def register_flow_run(flow_run_id: str, *, flow_name: str | None = None, budget_usd: float | None = None,
+                      ancestors: Sequence[str] = (), only_if_missing: bool = False) -> None:
+    """Record a flow run, the runs enclosing it (``ancestors``, root first) and its budget in the catalog.
+
+    A run registered again (a resumed or retried run) is updated; ``only_if_missing`` leaves an
+    existing row alone (an ancestor registered on its behalf by a subflow).
+    """
+    from sqlalchemy.exc import IntegrityError
+    from sqlmodel import Session, select
+
+    from nexus_core import catalog
+
+    ancestors = [a for a in ancestors if a and a != flow_run_id]
+    with Session(catalog.engine()) as session:
+        row = session.exec(select(catalog.FlowRunRow).where(catalog.FlowRunRow.flow_run_id == flow_run_id)).first()
+        if row is not None and only_if_missing:
+            return
+        row = row or catalog.FlowRunRow(flow_run_id=flow_run_id, root_flow_run_id=flow_run_id)
+        row.flow_name = flow_name or row.flow_name
+        row.budget_usd = budget_usd
+        row.ancestors = " ".join(ancestors)
+        row.parent_flow_run_id = ancestors[-1] if ancestors else None
+        row.root_flow_run_id = ancestors[0] if ancestors else flow_run_id
+        session.add(row)
+        try:
+            session.commit()
+        except IntegrityError:  # registered by another process a moment ago
+            session.rollback()
+            if not only_if_missing:
+                raise
+
+
+def flow_ancestors(flow_run_id: str) -> list[str] | None:
+    """Ids of the runs enclosing a registered flow run, root first; None when it is not registered."""
+    from sqlmodel import Session, select
+
+    from nexus_core import catalog
+
+    with Session(catalog.engine()) as session:
+        row = session.exec(select(catalog.FlowRunRow).where(catalog.FlowRunRow.flow_run_id == flow_run_id)).first()
+    return None if row is None else row.ancestors.split()
+
+
+def flow_budget(flow_run_id: str | None) -> float | None:
+    """The budget registered for a flow run itself, or None (no limit of its own)."""
+    chain = [row for row in budget_chain(flow_run_id) if row.flow_run_id == flow_run_id] if flow_run_id else []
+    return chain[0].budget_usd if chain else None
+
+
+def budget_chain(flow_run_id: str | None) -> list:  # list[catalog.FlowRunRow]
+    """The registered runs at and above ``flow_run_id`` that have a budget, nearest first."""
+    from sqlmodel import Session, col, select
+
+    from nexus_core import catalog
+
+    if not flow_run_id:
+        return []
+    with Session(catalog.engine()) as session:
+        row = session.exec(select(catalog.FlowRunRow).where(catalog.FlowRunRow.flow_run_id == flow_run_id)).first()
+        if row is None:
+            return []
+        ids = [flow_run_id, *reversed(row.ancestors.split())]
+        rows = {r.flow_run_id: r for r in session.exec(select(catalog.FlowRunRow).where(
+            col(catalog.FlowRunRow.flow_run_id).in_(ids), col(catalog.FlowRunRow.budget_usd).is_not(None)))}
+    return [rows[i] for i in ids if i in rows]
+
+
+def check_flow_budgets(flow_run_id: str | None, *, estimate_usd: float, step: str, basis: str = "") -> float:
+    """Check every budget at and above a flow run (its own, its parent's, ... the root's), each against
+    the spend of its whole tree plus ``estimate_usd``; raise BudgetExceededError naming the first that
+    would be passed. Returns the least that is left (inf without any budget)."""
+    left = float("inf")
+    for row in budget_chain(flow_run_id):
+        left = min(left, check_budget(row.budget_usd, estimate_usd=estimate_usd, step=step,
+                                      flow_run_id=row.flow_run_id, flow_name=row.flow_name, basis=basis))
+    return left
+
+
+def estimate_step_usd(step: str, config_hash: str | None = None,
+                      on: Machine | None = None) -> tuple[float, str]:
+    """What the next execution of ``step`` is expected to cost, and the basis, from the ledger:
+
+    - API spend: what the step's last execution paid (its newest ``api`` ledger row);
+    - GPU time: on a priced machine ``on``, the step's last run time (the newest completed run with
+      the same config hash, else any) × this machine's price; elsewhere its newest ``gpu`` row.
+
+    A step never run before is estimated at 0 (it can still be stopped by a budget already spent).
+    """
+    from sqlmodel import Session, col, select
+
+    from nexus_core import catalog
+
+    with Session(catalog.engine()) as session:
+        def newest(kind: str) -> float:
+            row = session.exec(select(catalog.CostRow).where(catalog.CostRow.step == step, catalog.CostRow.kind == kind)
+                               .order_by(col(catalog.CostRow.id).desc())).first()
+            return row.usd if row else 0.0
+
+        api = newest("api")
+        gpu = 0.0
+        if on is not None:
+            runs = list(session.exec(select(catalog.StepRunRow).where(
+                catalog.StepRunRow.step == step, catalog.StepRunRow.status == "completed")
+                .order_by(col(catalog.StepRunRow.id).desc()).limit(50)))
+            same = [r for r in runs if config_hash and r.config_hash == config_hash]
+            last = (same or runs or [None])[0]
+            gpu = on.cost(last.seconds).usd if last is not None else 0.0
+        else:
+            gpu = newest("gpu")
+    total = round(api + gpu, 6)
+    return total, ("its last run" if total else "")
+
+
+# ---------------------------------------------------------------- the machine a step runs on
+
+
+class Machine(NexusModel):
+    """The paid GPU machine this process runs on, from the environment the GPU workers set."""
+
+    provider: str = Field(description="Provider as in prices.yaml (lambda, runpod, coreweave, local)")
+    gpu: str = Field(description="GPU or instance type as in prices.yaml")
+    gpus: int = Field(default=1, ge=1, description="GPUs on the machine(s), all nodes together")
+    nodes: int = Field(default=1, ge=1, description="Machines (nodes) of the run")
+
+    def cost(self, seconds: float, *, on: dt.date | None = None, table: PriceTable | None = None) -> Cost:
+        """What ``seconds`` of wall time on this machine cost (kind gpu): an ``instance`` price counts
+        whole machines (× nodes), a ``gpu`` price counts GPUs."""
+        row = price(self.provider, self.gpu, on=on, table=table)
+        units = self.nodes if row.unit == "instance" else self.gpus
+        return Cost(usd=round(seconds / 3600.0 * row.usd_per_hour * units, 6), gpu_seconds=seconds * self.gpus,
+                    provider=self.provider, model=self.gpu)
+
+
+def machine() -> Machine | None:
+    """The priced machine this process runs on: ``NEXUS_PROVIDER`` and ``NEXUS_GPU_TYPE`` (set by the
+    Lambda/RunPod workers and the CoreWeave job template), ``NEXUS_GPU_COUNT`` (or
+    ``NEXUS_GPUS_PER_NODE``) GPUs per node, ``NEXUS_NNODES`` nodes. None when not on one."""
+    provider, gpu = os.environ.get("NEXUS_PROVIDER", "").strip(), os.environ.get("NEXUS_GPU_TYPE", "").strip()
+    if not provider or not gpu:
+        return None
+    try:
+        per_node = int(os.environ.get("NEXUS_GPU_COUNT") or os.environ.get("NEXUS_GPUS_PER_NODE") or 1)
+        nodes = int(os.environ.get("NEXUS_NNODES") or 1)
+    except ValueError as exc:
+        raise ConfigError([f"NEXUS_GPU_COUNT / NEXUS_GPUS_PER_NODE / NEXUS_NNODES: not a number ({exc})"],
+                          "environment") from None
+    return Machine(provider=provider, gpu=gpu, gpus=max(per_node, 1) * max(nodes, 1), nodes=max(nodes, 1))
+
+
+def step_gpu_usd(flow_run_id: str, provider: str | None = None) -> float:
+    """USD of GPU time the runner already charged to steps of a flow run and its subflows (optionally
+    of one provider). A worker that records a machine's whole time subtracts this, so the machine's
+    own row holds only the time no step used (start-up, image pull, idle) and nothing is counted twice."""
+    from sqlalchemy import func
+    from sqlmodel import Session, col, select
+
+    from nexus_core import catalog
+
+    with Session(catalog.engine()) as session:
+        query = select(func.coalesce(func.sum(catalog.CostRow.usd), 0.0)).where(
+            _tree_runs(flow_run_id), catalog.CostRow.kind == "gpu", col(catalog.CostRow.step).not_like("infra.%"))
+        if provider:
+            query = query.where(catalog.CostRow.provider == provider)
+        return float(session.exec(query).one())
 
 
 def cost_report(rows: Iterable | None = None, by: Sequence[str] = ("flow_name", "step", "provider"), *,

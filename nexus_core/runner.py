@@ -48,9 +48,18 @@ from nexus_core.artifacts import (
 )
 from nexus_core.cachekey import code_hash, step_key
 from nexus_core.config import config_dict, config_hash
-from nexus_core.context import ProgressFn, StepContext
+from nexus_core.context import ProgressFn, StepContext, log
 from nexus_core.contract import check_inputs, contract_of
-from nexus_core.costs import Cost, check_budget, flow_budget
+from nexus_core.costs import (
+    Cost,
+    Machine,
+    add_costs,
+    budget_chain,
+    check_flow_budgets,
+    estimate_step_usd,
+    machine,
+)
+from nexus_core.errors import ConfigError
 from nexus_core.logs import hash_functions_quietly
 from nexus_core.settings import work_root
 
@@ -99,6 +108,25 @@ def find_reusable(area: str, name: str, key: str) -> Manifest | None:
     return None
 
 
+def priced_machine(flow_run_id: str | None) -> Machine | None:
+    """The paid GPU machine this step runs on (:func:`nexus_core.costs.machine`), if its price is known.
+
+    An unknown price is a ConfigError when a budget applies (it could not be enforced), else a warning
+    and the step's GPU time is not charged (the worker still records the machine's time).
+    """
+    found = machine()
+    if found is None:
+        return None
+    try:
+        found.cost(0.0)
+    except ConfigError as exc:
+        if budget_chain(flow_run_id):
+            raise
+        log.warning("GPU time of steps is not priced: %s", exc)
+        return None
+    return found
+
+
 def run_step(
     fn: Callable[..., R],
     cfg: BaseModel,
@@ -132,10 +160,12 @@ def run_step(
                                        flow_run_id=context.flow_run_id, task_run_id=context.task_run_id))
         return result
 
-    # Refuse to start once the flow run's budget is spent (in-step caps, e.g. teacher.max_cost_usd,
-    # stop a step that is already running).
-    check_budget(flow_budget(context.flow_run_id), estimate_usd=0.0, step=step,
-                 flow_run_id=context.flow_run_id, flow_name=context.flow_name)
+    # Refuse to start a step whose estimate would pass any budget above it (its flow's, the parent
+    # flows'); in-step caps (teacher.max_cost_usd) stop a step that is already running.
+    gpu_machine = priced_machine(context.flow_run_id)
+    if budget_chain(context.flow_run_id):
+        estimate, basis = estimate_step_usd(step, chash, on=gpu_machine)
+        check_flow_budgets(context.flow_run_id, estimate_usd=estimate, step=step, basis=basis)
     cfg_dict = config_dict(cfg)
     started, t0 = now_iso(), time.perf_counter()
     staging = staging_dir(area, name)
@@ -153,6 +183,12 @@ def run_step(
             ctx.info(f"pid {os.getpid()}, work dir {work}")
             hash_functions_quietly()  # no bytecode from dill in the step's log
             result = fn(cfg, inputs=refs, out_uri=str(staging), ctx=ctx)
+            own_cost, gpu_cost = result.cost, None
+            if gpu_machine is not None and not own_cost.gpu_seconds:  # a step that priced its GPU time knows best
+                gpu_cost = gpu_machine.cost(time.perf_counter() - t0)
+                result.cost = add_costs(own_cost, gpu_cost)
+                ctx.info(f"{gpu_cost.gpu_seconds:.0f} GPU-seconds on {gpu_machine.gpu} ({gpu_machine.provider}): "
+                         f"${gpu_cost.usd:.4f}")
             digest, nbytes = dir_digest(staging)
 
             def make_manifest(version: int, uri: str) -> Manifest:
@@ -190,11 +226,11 @@ def run_step(
                            flow_name=context.flow_name, flow_run_id=context.flow_run_id,
                            task_run_id=context.task_run_id, mlflow_run_id=mlflow_run_id, seconds=seconds),
     ]
-    c = result.cost
-    if c.usd or c.tokens_in or c.tokens_out or c.gpu_seconds:
-        rows.append(catalog.CostRow(flow_name=context.flow_name, flow_run_id=context.flow_run_id, step=step,
-                                    provider=c.provider, kind="gpu" if c.gpu_seconds else "api", model=c.model,
-                                    tokens_in=c.tokens_in, tokens_out=c.tokens_out,
-                                    gpu_seconds=c.gpu_seconds, usd=c.usd))
+    for c in (own_cost, gpu_cost):  # one ledger row per kind: the step's own spend, its machine time
+        if c is not None and (c.usd or c.tokens_in or c.tokens_out or c.gpu_seconds):
+            rows.append(catalog.CostRow(flow_name=context.flow_name, flow_run_id=context.flow_run_id, step=step,
+                                        provider=c.provider, kind="gpu" if c.gpu_seconds else "api", model=c.model,
+                                        tokens_in=c.tokens_in, tokens_out=c.tokens_out,
+                                        gpu_seconds=c.gpu_seconds, usd=c.usd))
     catalog.add(*rows)
     return result

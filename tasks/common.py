@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run, task_run
@@ -21,6 +21,7 @@ from prefect.runtime import flow_run, task_run
 from nexus_core.artifacts import ArtifactRef, data_root_id
 from nexus_core.cachekey import step_key
 from nexus_core.runner import RunContext
+from tasks.tags import NexusTask, TagsFn
 from tasks.ui import progress_reporter, step_artifact_hook
 
 
@@ -48,17 +49,19 @@ class StepKey(CachePolicy):
                         extra={"params": others, "data_root": data_root_id()})
 
 
-def nexus_task(step_fn: Callable[..., Any], runtime: Iterable[str] = (),
-               **task_kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+def nexus_task(step_fn: Callable[..., Any], runtime: Iterable[str] = (), *, gpu: bool = False,
+               call_tags: TagsFn | None = None, **task_kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
     """``@task`` with the spine's cache key, persisted results and a ``nexus`` tag.
 
     ``step_fn`` is the ``run_<step>`` function the wrapper calls; parameters named in ``runtime``
-    (worker counts) stay out of the key.
+    (worker counts) stay out of the key. The tags concurrency limits count (:mod:`tasks.tags`):
+    ``gpu=True`` for a task that uses the accelerator, ``call_tags(cfg)`` for those its config decides
+    (the teacher or judge API it calls).
     """
     tags = {"nexus", *task_kwargs.pop("tags", ())}
     hooks = [step_artifact_hook(step_fn), *task_kwargs.pop("on_completion", ())]  # the step's summary in the UI
-    return task(cache_policy=StepKey(step_fn=step_fn, runtime=tuple(runtime)), persist_result=True, tags=tags,
-                on_completion=hooks, **task_kwargs)
+    return partial(NexusTask, cache_policy=StepKey(step_fn=step_fn, runtime=tuple(runtime)), persist_result=True,
+                   tags=tags, on_completion=hooks, gpu=gpu, call_tags=call_tags, **task_kwargs)
 
 
 def run_context() -> RunContext:

@@ -8,7 +8,7 @@ from nexus_core.runner import run_step
 from tasks.common import nexus_task, run_context
 
 
-@nexus_task(run_benchmark, name="compress-benchmark")
+@nexus_task(run_benchmark, name="compress-benchmark", gpu=True)
 def benchmark(cfg: BenchmarkConfig, base: ArtifactRef, variants: dict[str, ArtifactRef],
               heldout: ArtifactRef | None = None, name: str = "benchmark") -> BenchmarkResult:
     """Measure ``base`` and each of ``variants`` into the report ``compress/<name>_vN``."""

@@ -8,7 +8,7 @@ from nexus_core.runner import run_step
 from tasks.common import nexus_task, run_context
 
 
-@nexus_task(run_precompute, name="flux-precompute")
+@nexus_task(run_precompute, name="flux-precompute", gpu=True)
 def flux_precompute(cfg: PrecomputeConfig, prepared: ArtifactRef, pipeline: ArtifactRef | None = None,
                     name: str = "flux_latents") -> PrecomputeResult:
     """Run the VAE and text encoder once over ``prepared`` into ``flux/<name>_vN`` (resumable by group)."""

@@ -8,7 +8,7 @@ from nexus_core.runner import run_step
 from tasks.common import nexus_task, run_context
 
 
-@nexus_task(run_train, name="flux-train")
+@nexus_task(run_train, name="flux-train", gpu=True)
 def flux_train(cfg: TrainConfig, precomputed: ArtifactRef, pipeline: ArtifactRef | None = None,
                name: str = "flux_transformer") -> TrainResult:
     """Train on ``precomputed`` into ``models/<name>_vN``; a killed run resumes from its work dir."""

@@ -8,7 +8,7 @@ from nexus_core.train.dpo import DPOConfig, DPOResult, run_dpo
 from tasks.common import nexus_task, run_context
 
 
-@nexus_task(run_dpo, name="train-dpo")
+@nexus_task(run_dpo, name="train-dpo", gpu=True)
 def train_dpo(cfg: DPOConfig, model: ArtifactRef, data: ArtifactRef, name: str = "dpo") -> DPOResult:
     """Train ``model`` on ``data`` into ``train/<name>_vN`` (resumes from its checkpoints if killed)."""
     return run_step(run_dpo, cfg, name=name, inputs={"model": model, "data": data},

@@ -8,7 +8,7 @@ from nexus_core.train.grpo import GRPOConfig, GRPOResult, run_grpo
 from tasks.common import nexus_task, run_context
 
 
-@nexus_task(run_grpo, name="train-grpo")
+@nexus_task(run_grpo, name="train-grpo", gpu=True)
 def train_grpo(cfg: GRPOConfig, model: ArtifactRef, data: ArtifactRef, name: str = "grpo",
                reward_model: ArtifactRef | None = None) -> GRPOResult:
     """GRPO on ``data``'s prompts into ``train/<name>_vN`` (RL against ``reward_model`` when given)."""

@@ -8,7 +8,7 @@ from nexus_core.train.kd import KDConfig, KDResult, run_kd
 from tasks.common import nexus_task, run_context
 
 
-@nexus_task(run_kd, name="train-kd")
+@nexus_task(run_kd, name="train-kd", gpu=True)
 def train_kd(cfg: KDConfig, model: ArtifactRef, data: ArtifactRef, name: str = "kd",
              teacher: ArtifactRef | None = None) -> KDResult:
     """Distil ``teacher`` (or the teacher logprobs stored in ``data``) into ``model`` → ``train/<name>_vN``."""

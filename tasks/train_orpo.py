@@ -8,7 +8,7 @@ from nexus_core.train.orpo import ORPOConfig, ORPOResult, run_orpo
 from tasks.common import nexus_task, run_context
 
 
-@nexus_task(run_orpo, name="train-orpo")
+@nexus_task(run_orpo, name="train-orpo", gpu=True)
 def train_orpo(cfg: ORPOConfig, model: ArtifactRef, data: ArtifactRef, name: str = "orpo") -> ORPOResult:
     """Train ``model`` on ``data`` into ``train/<name>_vN`` (resumes from its checkpoints if killed)."""
     return run_step(run_orpo, cfg, name=name, inputs={"model": model, "data": data},

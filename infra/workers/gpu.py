@@ -96,10 +96,13 @@ class GPUCloudWorker(BaseWorker, abc.ABC):
     def launch_spec(self, configuration: GPUJobConfiguration, flow_run_id: str, gpu: str,
                     region: str | None) -> LaunchSpec:
         """What to launch for one attempt."""
+        # NEXUS_PROVIDER / NEXUS_GPU_TYPE / NEXUS_GPU_COUNT: the runner prices each step's time on this
+        # machine from infra/prices.yaml (nexus_core.costs.machine)
+        env = {k: v for k, v in configuration.env.items() if v is not None}
+        env.update(NEXUS_PROVIDER=self.provider, NEXUS_GPU_TYPE=gpu, NEXUS_GPU_COUNT=str(configuration.gpu_count))
         return LaunchSpec(name=f"{LABEL_PREFIX}{flow_run_id}", gpu_type=gpu, region=region,
                           image=configuration.image, command=configuration.command or "prefect flow-run execute",
-                          env={k: v for k, v in configuration.env.items() if v is not None},
-                          disk_gb=configuration.disk_gb, gpu_count=configuration.gpu_count)
+                          env=env, disk_gb=configuration.disk_gb, gpu_count=configuration.gpu_count)
 
     # -- run -----------------------------------------------------------------------------------
     async def run(self, flow_run: FlowRun, configuration: GPUJobConfiguration,

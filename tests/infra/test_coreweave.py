@@ -180,10 +180,40 @@ def test_remote_prefect_file_job_variables_validate_against_their_pools():
         kind = pools[pool].type
         if kind == "kubernetes":
             render(jv)
+        elif kind == "process":
+            from prefect.workers.process import ProcessVariables
+
+            jv.pop("image")
+            assert set(jv) <= set(ProcessVariables.model_fields), set(jv) - set(ProcessVariables.model_fields)
+            ProcessVariables.model_validate(jv)
         else:
             model = {"nexus-lambda": LambdaVariables, "nexus-runpod": RunPodVariables}[kind]
             assert set(jv) <= set(model.model_fields), set(jv) - set(model.model_fields)
             model.model_validate(jv)
         assert (repo / dep["entrypoint"].split(":")[0]).is_file()
         seen.add(kind)
-    assert seen == {"nexus-lambda", "nexus-runpod", "kubernetes"}
+    assert seen == {"nexus-lambda", "nexus-runpod", "kubernetes", "process"}
+
+
+def test_remote_lifecycle_sections_name_remote_deployments_of_their_flows():
+    """The lifecycle deployment that runs its sections on pools names deployments that exist in the same
+    file, each of the section's own flow (what LifecycleConfig validates), CPU sections on a process pool."""
+    from pathlib import Path
+
+    import yaml
+
+    from flows.lifecycle import LifecycleConfig
+    from flows.sections import SECTION_FLOWS
+
+    repo = Path(__file__).resolve().parents[2]
+    doc = yaml.safe_load((repo / "infra" / "prefect.remote.yaml").read_text())
+    names = {f"{d['entrypoint'].rsplit(':', 1)[1]}/{d['name']}": d for d in doc["deployments"]}
+    pools = names["lifecycle/pools"]["parameters"]["cfg"]["deployments"]
+    assert set(pools) == set(SECTION_FLOWS)
+    cfg = LifecycleConfig.model_validate(names["lifecycle/pools"]["parameters"]["cfg"])
+    for section, deployment in pools.items():
+        assert getattr(cfg.deployments, section) == deployment
+        assert deployment in names, deployment
+    assert names[pools["distill"]]["work_pool"]["name"] == "cpu"
+    assert {names[pools[s]]["work_pool"]["name"] for s in ("train", "evaluate", "compress")} <= {
+        "gpu-lambda", "gpu-runpod", "gpu-coreweave"}

@@ -173,3 +173,165 @@ def test_concurrency_limits_are_applied(prefect_harness):
     assert "gpu_types" in lam.base_job_template["variables"]["properties"]
     assert cw.concurrency_limit == 3 and "job_manifest" in cw.base_job_template["job_configuration"]
     assert tag.concurrency_limit == 8
+
+
+# ---------------------------------------------------------------- budgets over flow-run trees, GPU time per step
+
+
+class PaidStepConfig(NexusModel):
+    """Config of a fake step that pays an API bill and takes some wall time."""
+
+    usd: float = Field(default=0.0, description="API dollars the step reports")
+    sleep_s: float = Field(default=0.0, description="Wall time the step takes")
+    tag: str = Field(default="", description="Changes the config (so the step is not reused)")
+
+
+class PaidStepResult(StepResult):
+    """Result of the fake paid step."""
+
+
+@step(area="train")
+def run_paid_step(cfg: PaidStepConfig, *, inputs, out_uri: str, ctx: StepContext) -> PaidStepResult:
+    """Sleeps, writes one file, reports an API cost."""
+    import time
+
+    time.sleep(cfg.sleep_s)
+    (Path(out_uri) / "note.txt").write_text(cfg.tag)
+    return PaidStepResult(cost=Cost(usd=cfg.usd, tokens_in=10, tokens_out=5, provider="openai", model="gpt-x"))
+
+
+@step(area="train")
+def run_estimated_step(cfg: PaidStepConfig, *, inputs, out_uri: str, ctx: StepContext) -> PaidStepResult:
+    """Same as run_paid_step under another step name (its own ledger history)."""
+    (Path(out_uri) / "note.txt").write_text(cfg.tag)
+    return PaidStepResult(cost=Cost(usd=cfg.usd, provider="openai", model="gpt-x"))
+
+
+@pytest.fixture
+def price_table(tmp_path, monkeypatch):
+    """A price table where one runpod A100 costs $1 per second and a lambda instance $7200/h."""
+    path = tmp_path / "prices.yaml"
+    path.write_text("prices:\n"
+                    "  - {provider: runpod, gpu: NVIDIA A100 80GB PCIe, usd_per_hour: 3600, date: 2020-01-01}\n"
+                    "  - {provider: lambda, gpu: gpu_8x_h100_sxm5, usd_per_hour: 7200, unit: instance, "
+                    "date: 2020-01-01}\n")
+    monkeypatch.setenv("NEXUS_PRICES", str(path))
+    return path
+
+
+def test_machine_from_the_env_the_gpu_workers_set(monkeypatch, price_table):
+    for var in ("NEXUS_PROVIDER", "NEXUS_GPU_TYPE", "NEXUS_GPU_COUNT", "NEXUS_GPUS_PER_NODE", "NEXUS_NNODES"):
+        monkeypatch.delenv(var, raising=False)
+    assert costs.machine() is None
+    monkeypatch.setenv("NEXUS_PROVIDER", "lambda")
+    monkeypatch.setenv("NEXUS_GPU_TYPE", "gpu_8x_h100_sxm5")
+    monkeypatch.setenv("NEXUS_GPU_COUNT", "8")
+    m = costs.machine()
+    assert m is not None and (m.provider, m.gpu, m.gpus, m.nodes) == ("lambda", "gpu_8x_h100_sxm5", 8, 1)
+    c = m.cost(1.0)  # an instance price counts the machine once, GPU-seconds count every GPU
+    assert c.usd == pytest.approx(2.0) and c.gpu_seconds == 8.0 and c.provider == "lambda"
+    # CoreWeave's template: GPUs per node × nodes, priced per GPU
+    monkeypatch.setenv("NEXUS_PROVIDER", "runpod")
+    monkeypatch.setenv("NEXUS_GPU_TYPE", "NVIDIA A100 80GB PCIe")
+    monkeypatch.delenv("NEXUS_GPU_COUNT")
+    monkeypatch.setenv("NEXUS_GPUS_PER_NODE", "4")
+    monkeypatch.setenv("NEXUS_NNODES", "2")
+    m = costs.machine()
+    assert m is not None and m.gpus == 8 and m.cost(0.5).usd == pytest.approx(4.0)
+
+
+def test_gpu_seconds_are_priced_per_step_into_ledger_and_manifest(monkeypatch, price_table, data_root):
+    """On a machine a GPU worker started (its env set here, on CPU), a step's wall time × the machine's
+    price is the step's GPU cost: its own ledger row (kind gpu) next to its API row, and in the manifest."""
+    from nexus_core.artifacts import read_manifest
+    from nexus_core.runner import RunContext
+
+    monkeypatch.setenv("NEXUS_PROVIDER", "runpod")
+    monkeypatch.setenv("NEXUS_GPU_TYPE", "NVIDIA A100 80GB PCIe")
+    monkeypatch.setenv("NEXUS_GPU_COUNT", "2")
+    run_id = str(uuid.uuid4())
+    res = run_step(run_paid_step, PaidStepConfig(usd=0.25, sleep_s=0.3, tag=run_id), name="gpu_priced",
+                   context=RunContext(flow_name="llm_train", flow_run_id=run_id))
+    rows = {r.kind: r for r in catalog.costs() if r.flow_run_id == run_id}
+    assert set(rows) == {"api", "gpu"}
+    gpu = rows["gpu"]
+    assert (gpu.provider, gpu.model) == ("runpod", "NVIDIA A100 80GB PCIe")
+    wall = gpu.gpu_seconds / 2
+    assert 0.3 <= wall < 30 and gpu.usd == pytest.approx(wall * 2 * 1.0, rel=1e-3)  # 2 GPUs at $1/s each
+    assert rows["api"].usd == 0.25 and rows["api"].provider == "openai"
+    step_run = next(r for r in catalog.step_runs(run_id) if r.status == "completed")
+    assert step_run.seconds >= wall
+    manifest = read_manifest(res.ref.uri)
+    assert manifest.cost["usd"] == pytest.approx(0.25 + gpu.usd) and manifest.cost["gpu_seconds"] == gpu.gpu_seconds
+    assert res.cost.usd == pytest.approx(manifest.cost["usd"])
+    # what a worker's machine row must leave out so the machine's time is not counted twice
+    assert costs.step_gpu_usd(run_id, "runpod") == pytest.approx(gpu.usd)
+    # the next run of the step is estimated from this one: its whole last run time (publishing included)
+    # × this machine's price, plus its API bill
+    estimate, basis = costs.estimate_step_usd("tests.infra.test_costs.run_paid_step", on=costs.machine())
+    assert estimate == pytest.approx(0.25 + step_run.seconds * 2 * 1.0, rel=1e-3) and basis == "its last run"
+
+
+def test_a_step_whose_estimate_would_pass_the_budget_does_not_start(data_root):
+    """The estimate is the step's last run: three $0.30 runs fit a $1.00 budget, the fourth does not
+    start (only $0.10 left), and nothing of it is written."""
+    from nexus_core.runner import RunContext
+
+    run_id = str(uuid.uuid4())
+    costs.register_flow_run(run_id, flow_name="paid", budget_usd=1.0)
+    ctx = RunContext(flow_name="paid", flow_run_id=run_id)
+    for i in range(3):
+        run_step(run_estimated_step, PaidStepConfig(usd=0.30, tag=f"{run_id}-{i}"), name="estimated", context=ctx)
+    assert costs.spent(run_id) == pytest.approx(0.90)
+    with pytest.raises(costs.BudgetExceededError) as err:
+        run_step(run_estimated_step, PaidStepConfig(usd=0.30, tag=f"{run_id}-3"), name="estimated", context=ctx)
+    msg = str(err.value)
+    assert "estimated at $0.30 (its last run)" in msg and "$0.10 of the $1.00 budget" in msg and "$0.90 spent" in msg
+    assert len([r for r in catalog.step_runs(run_id) if r.status == "completed"]) == 3
+    assert costs.spent(run_id) == pytest.approx(0.90)
+
+
+def test_every_budget_above_a_step_binds_on_its_whole_tree():
+    """root ($1.00) ─ child (no budget) ─ grandchild ($0.50): spend anywhere below a budget counts
+    against it, and the nearest budget that would be passed is the one named."""
+    root, child, grand, other = (str(uuid.uuid4()) for _ in range(4))
+    costs.register_flow_run(root, flow_name="lifecycle", budget_usd=1.0)
+    costs.register_flow_run(child, flow_name="distill", ancestors=[root])
+    costs.register_flow_run(grand, flow_name="inner", budget_usd=0.5, ancestors=[root, child])
+    costs.register_flow_run(other, flow_name="lifecycle", budget_usd=1.0)  # another tree: never counted
+    catalog.add(catalog.CostRow(flow_run_id=child, step="collect", usd=0.70),
+                catalog.CostRow(flow_run_id=other, step="collect", usd=5.0))
+    assert costs.spent(root) == pytest.approx(0.70) and costs.spent(child) == pytest.approx(0.70)
+    assert costs.spent(root, subflows=False) == 0.0
+    assert [r.flow_run_id for r in costs.budget_chain(grand)] == [grand, root]
+    assert costs.check_flow_budgets(grand, estimate_usd=0.2, step="s") == pytest.approx(0.10)
+    with pytest.raises(costs.BudgetExceededError, match=rf"flow run {root} \(lifecycle\).*\$1\.00 budget.*\$0\.70 spent"):
+        costs.check_flow_budgets(grand, estimate_usd=0.4, step="s")
+    catalog.add(catalog.CostRow(flow_run_id=grand, step="judge", usd=0.45))
+    with pytest.raises(costs.BudgetExceededError, match=rf"flow run {grand} \(inner\).*\$0\.50 budget"):
+        costs.check_flow_budgets(grand, estimate_usd=0.1, step="s")
+    # registering again (a resumed run) keeps one row; an ancestor registered on a run's behalf is left alone
+    costs.register_flow_run(grand, flow_name="inner", budget_usd=0.6, ancestors=[root, child])
+    costs.register_flow_run(grand, flow_name="x", budget_usd=9.0, only_if_missing=True)
+    assert costs.flow_budget(grand) == 0.6 and costs.flow_ancestors(grand) == [root, child]
+    assert costs.flow_ancestors(str(uuid.uuid4())) is None
+
+
+@pytest.mark.parametrize("worker", ["lambda", "runpod"])
+def test_gpu_workers_tell_the_machine_what_it_costs(worker, monkeypatch, price_table):
+    """The env a GPU worker launches its machine with is what the runner prices steps from."""
+    from infra.workers.lambda_worker import LambdaWorker
+    from infra.workers.runpod_worker import RunPodWorker
+
+    cls = {"lambda": LambdaWorker, "runpod": RunPodWorker}[worker]
+    gpu = {"lambda": "gpu_8x_h100_sxm5", "runpod": "NVIDIA A100 80GB PCIe"}[worker]
+    cfg = cls.job_configuration.model_validate({
+        "image": "nexus-gpu:test", "gpu_types": [gpu], "gpu_count": 2, "api_key_env": "X_KEY", "command": "run",
+        "env": {"NEXUS_DATA": "s3://bucket/data"}})
+    spec = cls(work_pool_name="p").launch_spec(cfg, str(uuid.uuid4()), gpu, None)
+    assert spec.env["NEXUS_DATA"] == "s3://bucket/data"
+    for key, value in spec.env.items():
+        monkeypatch.setenv(key, value)
+    m = costs.machine()
+    assert m is not None and (m.provider, m.gpu, m.gpus) == (worker, gpu, 2)
+    assert m.cost(1.0).usd == pytest.approx(2.0)  # lambda: the instance's $2/s; runpod: 2 GPUs × $1/s
