@@ -13,10 +13,35 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from uuid import UUID
 
 #: Every machine Nexus launches is named with this prefix followed by the Prefect flow run id,
 #: so a reaper can find its machines (and only its machines) after a worker crash.
 LABEL_PREFIX = "nexus-"
+
+
+def machine_name(flow_run_id: str, attempt: int = 1) -> str:
+    """``nexus-<flow run id>`` for a run's first submission, ``nexus-<flow run id>-<n>`` for its n-th.
+
+    A suspended run that is resumed is submitted again and gets a fresh machine; the number keeps
+    its name apart from the first machine's, and tells the reaper which machine is the current one.
+    """
+    return f"{LABEL_PREFIX}{flow_run_id}" + (f"-{attempt}" if attempt > 1 else "")
+
+
+def parse_machine_name(name: str) -> tuple[str, int] | None:
+    """``(flow run id, attempt)`` from a name made by :func:`machine_name`; None if not a Nexus name."""
+    if not name.startswith(LABEL_PREFIX):
+        return None
+    rest = name[len(LABEL_PREFIX):]
+    run_id, sep, attempt = rest[:36], rest[36:37], rest[37:]
+    if sep == "-" and attempt.isdigit():
+        try:
+            UUID(run_id)
+        except ValueError:
+            return rest, 1
+        return run_id, int(attempt)
+    return rest, 1
 
 
 class ProviderError(RuntimeError):
@@ -50,9 +75,14 @@ class Instance:
     @property
     def flow_run_id(self) -> str | None:
         """The Prefect flow run this machine was launched for, if Nexus launched it."""
-        if self.name.startswith(LABEL_PREFIX):
-            return self.name[len(LABEL_PREFIX):]
-        return None
+        parsed = parse_machine_name(self.name)
+        return parsed[0] if parsed else None
+
+    @property
+    def attempt(self) -> int:
+        """Which submission of its flow run this machine serves (1 = the first)."""
+        parsed = parse_machine_name(self.name)
+        return parsed[1] if parsed else 1
 
 
 @dataclass

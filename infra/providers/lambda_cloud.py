@@ -18,11 +18,11 @@ from __future__ import annotations
 import shlex
 
 from infra.providers.base import (
-    LABEL_PREFIX,
     CapacityError,
     Instance,
     LaunchSpec,
     ProviderError,
+    parse_machine_name,
 )
 from infra.providers.http import JsonAPI
 
@@ -77,7 +77,7 @@ class LambdaCloud:
         body = {"region_name": spec.region, "instance_type_name": spec.gpu_type, "quantity": 1,
                 "name": spec.name, "ssh_key_names": [self.ssh_key_name] if self.ssh_key_name else [],
                 "file_system_names": self.file_system_names, "user_data": user_data_script(spec),
-                "tags": [{"key": "nexus", "value": spec.name[len(LABEL_PREFIX):]}]}
+                "tags": [{"key": "nexus", "value": (parse_machine_name(spec.name) or (spec.name, 1))[0]}]}
         resp = await self.api.request("POST", "instance-operations/launch", json=body)
         if resp.status_code != 200:
             raise self._fail(f"launch {spec.gpu_type} in {spec.region}", resp)

@@ -6,17 +6,28 @@ For each flow run the worker:
    a missing key fails the submission with that name, nothing is launched);
 2. checks every ``gpu_types`` entry is offered by the provider (an unknown type fails, nothing
    is launched);
-3. launches one machine named ``nexus-<flow run id>``, trying each GPU type in order and each
+3. launches one machine named ``nexus-<flow run id>`` (``nexus-<flow run id>-<n>`` for the run's
+   n-th submission, e.g. after a suspended run is resumed), trying each GPU type in order and each
    region in order, moving on after a capacity error or a launch that does not come up within
    ``launch_timeout_s`` (that machine is terminated first);
 4. reports the machine id as the flow run's infrastructure id, then watches both the Prefect
    flow run state (the run reports it itself from the machine) and the machine;
-5. terminates the machine when the run is final, cancelling/cancelled, past ``max_runtime_s``,
-   when the machine dies, or when the worker itself is stopped — always, in a ``finally``;
+5. terminates the machine — always, in a ``finally`` — when the run is final or cancelling/cancelled;
+   when it is suspended (``suspend_flow_run``: its process has exited, and a resume submits the run
+   again, to a fresh machine); when it has been paused (``pause_flow_run``, the process waits on the
+   machine) for ``paused_release_s`` — the pause is turned into a suspension first, so a resume still
+   continues the run; when it has not reached Running ``pending_timeout_s`` after the machine came up
+   (a failed image pull, a broken start command) or the machine passes ``max_runtime_s`` — the run is
+   marked Crashed with a message naming the limit; when the machine dies; when the worker stops;
 6. records the machine's time × price (infra/prices.yaml) in the cost ledger.
 
+Machines run ``prefect flow-run execute`` with ``PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR=relinquish``
+(unless the job's env sets it): when the worker terminates a machine it owns the run's next state,
+so the dying engine must not report the run Crashed (Prefect's default on SIGTERM) over a suspension.
+
 A worker that crashed cannot terminate its machines, so every worker also runs a reaper at start
-and every ``reap_interval_s``: any ``nexus-*`` machine whose flow run is final or gone is terminated.
+and every ``reap_interval_s``: any ``nexus-*`` machine whose flow run is final, gone or suspended,
+or that serves an older submission of a run that has a newer machine, is terminated.
 """
 
 from __future__ import annotations
@@ -28,19 +39,26 @@ from uuid import UUID
 
 import anyio
 import anyio.abc
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.exceptions import ObjectNotFound
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 from pydantic import Field
 
 from infra.providers.base import (
-    LABEL_PREFIX,
     CapacityError,
     GPUCloud,
     LaunchSpec,
     ProviderError,
     UnknownGPUTypeError,
+    machine_name,
 )
+
+#: Defaults of the idle/limit knobs (job configuration and pool template variables alike).
+PAUSED_RELEASE_S = 600.0      # a paused run keeps its GPU 10 min, then it is suspended and released
+PENDING_TIMEOUT_S = 1200.0    # 20 min from machine up to Running covers pulling a large image
+MAX_RUNTIME_S = 86400.0       # 24 h hard cap; training deployments that need more say so
+#: Makes ``prefect flow-run execute`` leave the run's state to the worker when its machine is terminated.
+SIGTERM_BEHAVIOR = ("PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR", "relinquish")
 
 
 class GPUJobConfiguration(BaseJobConfiguration):
@@ -53,7 +71,13 @@ class GPUJobConfiguration(BaseJobConfiguration):
     disk_gb: int = Field(default=200, ge=10, description="Container/root disk in GB")
     launch_timeout_s: float = Field(default=900, gt=0, description="Give up on a machine not running after this")
     poll_interval_s: float = Field(default=15, gt=0, description="Seconds between state polls")
-    max_runtime_s: float | None = Field(default=None, gt=0, description="Terminate a machine running longer than this")
+    max_runtime_s: float = Field(default=MAX_RUNTIME_S, gt=0,
+                                 description="Terminate a machine running longer than this; the run is marked Crashed")
+    pending_timeout_s: float = Field(default=PENDING_TIMEOUT_S, gt=0,
+                                     description="Terminate a machine whose run is not Running this long after it is up")
+    paused_release_s: float | None = Field(default=PAUSED_RELEASE_S, ge=0,
+                                           description="Suspend a run paused this long and release its machine "
+                                                       "(None: keep it)")
     api_url: str | None = Field(default=None, description="Provider API base URL (default: the public API)")
     api_key_env: str = Field(description="Name of the worker env variable holding the provider API key")
 
@@ -68,7 +92,18 @@ class GPUVariables(BaseVariables):
     disk_gb: int = Field(default=200, ge=10, description="Container/root disk in GB")
     launch_timeout_s: float = Field(default=900, gt=0, description="Seconds a machine may take to start running")
     poll_interval_s: float = Field(default=15, gt=0, description="Seconds between state polls")
-    max_runtime_s: float | None = Field(default=None, gt=0, description="Hard cap on a machine's lifetime, seconds")
+    max_runtime_s: float = Field(default=MAX_RUNTIME_S, gt=0,
+                                 description="Hard cap on a machine's lifetime in seconds (default 24 h); past it the "
+                                             "machine is terminated and the run marked Crashed")
+    pending_timeout_s: float = Field(default=PENDING_TIMEOUT_S, gt=0,
+                                     description="Seconds a flow run may stay Pending once its machine is up (image "
+                                                 "pull, start-up); past it the machine is terminated and the run "
+                                                 "marked Crashed")
+    paused_release_s: float | None = Field(default=PAUSED_RELEASE_S, ge=0,
+                                           description="Seconds a paused run (pause_flow_run) keeps its machine; then "
+                                                       "the pause becomes a suspension and the machine is released "
+                                                       "(a resume relaunches). Suspended runs release at once. "
+                                                       "null: keep the machine while paused")
     api_url: str | None = Field(default=None, description="Provider API base URL (tests point it at a local server)")
     api_key_env: str = Field(description="Name of the worker's environment variable holding the API key")
 
@@ -94,13 +129,14 @@ class GPUCloudWorker(BaseWorker, abc.ABC):
         raise NotImplementedError
 
     def launch_spec(self, configuration: GPUJobConfiguration, flow_run_id: str, gpu: str,
-                    region: str | None) -> LaunchSpec:
-        """What to launch for one attempt."""
+                    region: str | None, attempt: int = 1) -> LaunchSpec:
+        """What to launch for one try of the run's ``attempt``-th submission."""
         # NEXUS_PROVIDER / NEXUS_GPU_TYPE / NEXUS_GPU_COUNT: the runner prices each step's time on this
         # machine from infra/prices.yaml (nexus_core.costs.machine)
         env = {k: v for k, v in configuration.env.items() if v is not None}
         env.update(NEXUS_PROVIDER=self.provider, NEXUS_GPU_TYPE=gpu, NEXUS_GPU_COUNT=str(configuration.gpu_count))
-        return LaunchSpec(name=f"{LABEL_PREFIX}{flow_run_id}", gpu_type=gpu, region=region,
+        env.setdefault(*SIGTERM_BEHAVIOR)
+        return LaunchSpec(name=machine_name(flow_run_id, attempt), gpu_type=gpu, region=region,
                           image=configuration.image, command=configuration.command or "prefect flow-run execute",
                           env=env, disk_gb=configuration.disk_gb, gpu_count=configuration.gpu_count)
 
@@ -115,12 +151,14 @@ class GPUCloudWorker(BaseWorker, abc.ABC):
         started = time.monotonic()
         try:
             await self.check_gpu_types(cloud, configuration)
-            instance_id, gpu, region = await self.launch_with_fallback(cloud, configuration, str(flow_run.id))
+            attempt, since = await self._submission(flow_run)
+            instance_id, gpu, region = await self.launch_with_fallback(cloud, configuration, str(flow_run.id),
+                                                                       attempt)
             started = time.monotonic()
             log.info(f"{self.provider}: flow run is on {gpu} in {region or 'any region'} (machine {instance_id})")
             if task_status is not None:
                 task_status.started(instance_id)
-            code = await self.watch(cloud, instance_id, flow_run, configuration)
+            code = await self.watch(cloud, instance_id, flow_run, configuration, attempt, since)
             return GPUWorkerResult(identifier=instance_id, status_code=code)
         finally:
             if instance_id is not None:
@@ -130,6 +168,13 @@ class GPUCloudWorker(BaseWorker, abc.ABC):
                     self._record_cost(flow_run, gpu, configuration, time.monotonic() - started, log)
             with anyio.CancelScope(shield=True):
                 await cloud.aclose()
+
+    async def _submission(self, flow_run: FlowRun) -> tuple[int, int]:
+        """(n, i): this is the run's n-th submission (a worker proposes "Pending" each time) and its
+        states from index i on are this submission's."""
+        states = await self.client.read_flow_run_states(flow_run.id)
+        n = sum(1 for s in states if s.type == StateType.PENDING and s.name == "Pending")
+        return max(1, n), max(0, len(states) - 1)
 
     async def check_gpu_types(self, cloud: GPUCloud, configuration: GPUJobConfiguration) -> None:
         """Fail before launching anything if a configured GPU type is not offered."""
@@ -142,12 +187,12 @@ class GPUCloudWorker(BaseWorker, abc.ABC):
                 "nothing was launched")
 
     async def launch_with_fallback(self, cloud: GPUCloud, configuration: GPUJobConfiguration,
-                                   flow_run_id: str) -> tuple[str, str, str | None]:
+                                   flow_run_id: str, attempt: int = 1) -> tuple[str, str, str | None]:
         """Try GPU types then regions in order until one machine runs; return (id, gpu, region)."""
         attempts: list[str] = []
         for gpu in configuration.gpu_types:
             for region in configuration.regions or [None]:
-                spec = self.launch_spec(configuration, flow_run_id, gpu, region)
+                spec = self.launch_spec(configuration, flow_run_id, gpu, region, attempt)
                 try:
                     instance_id = await cloud.launch(spec)
                 except CapacityError as exc:
@@ -174,21 +219,50 @@ class GPUCloudWorker(BaseWorker, abc.ABC):
         return False
 
     async def watch(self, cloud: GPUCloud, instance_id: str, flow_run: FlowRun,
-                    cfg: GPUJobConfiguration) -> int:
-        """Poll the flow run and the machine until the run ends; return the exit status."""
+                    cfg: GPUJobConfiguration, attempt: int = 1, since: int = 0) -> int:
+        """Poll the flow run and the machine until the machine is no longer needed; return the exit status.
+
+        0: the run completed, was cancelled, or left this machine on purpose (suspended, resumed
+        elsewhere, or paused past ``paused_release_s`` and suspended here). 1: the run failed or
+        crashed, the machine died, or a limit (``pending_timeout_s``, ``max_runtime_s``) was passed.
+        """
         log = self.get_flow_run_logger(flow_run)
         t0 = time.monotonic()
+        reached_running = False
+        last_state_id = None
+        paused_state_id, paused_t0 = None, 0.0
         while True:
             run = await self.client.read_flow_run(flow_run.id)
-            state = run.state.type if run.state else None
-            if state in (StateType.CANCELLING, StateType.CANCELLED):
+            state = run.state
+            stype = state.type if state else None
+            now = time.monotonic()
+            if stype in (StateType.CANCELLING, StateType.CANCELLED):
                 await self._terminate(cloud, instance_id, log)
-                if state == StateType.CANCELLING:
+                if stype == StateType.CANCELLING:
                     await self._mark_flow_run_as_cancelled(
                         run, {"message": f"Cancelled; {self.provider} machine {instance_id} terminated."})
                 return 0
-            if run.state is not None and run.state.is_final():
-                return 0 if state == StateType.COMPLETED else 1
+            if state is not None and state.is_final():
+                return 0 if stype == StateType.COMPLETED else 1
+            if state is not None and state.id != last_state_id:
+                # A suspend (or a resume and re-submission) can come and go between two polls.
+                last_state_id = state.id
+                left = await self._left_machine(flow_run, attempt, since)
+                if left:
+                    log.info(f"{self.provider}: flow run {left}; releasing machine {instance_id}")
+                    return 0
+            if stype is not None and stype != StateType.PENDING:
+                reached_running = True
+            if state is not None and stype == StateType.PAUSED and not state.state_details.pause_reschedule:
+                if paused_state_id != state.id:
+                    paused_state_id, paused_t0 = state.id, now
+                if cfg.paused_release_s is not None and now - paused_t0 >= cfg.paused_release_s:
+                    code = await self._suspend_paused(
+                        run, state, f"paused longer than paused_release_s={cfg.paused_release_s:g}s: "
+                                    f"{self.provider} machine {instance_id} released", log)
+                    if code is not None:
+                        return code
+                    continue
             inst = await cloud.get(instance_id)
             if inst is None or inst.phase == "ended":
                 # The run may report its final state a moment after its machine exits.
@@ -196,13 +270,64 @@ class GPUCloudWorker(BaseWorker, abc.ABC):
                 run = await self.client.read_flow_run(flow_run.id)
                 if run.state is not None and run.state.is_final():
                     return 0 if run.state.type == StateType.COMPLETED else 1
+                if run.state is not None and run.state.type == StateType.PAUSED:
+                    code = await self._suspend_paused(
+                        run, run.state, f"{self.provider} machine {instance_id} ended while the run was paused", log)
+                    if code is not None:
+                        return code
                 log.error(f"{self.provider} machine {instance_id} ended "
                           f"({inst.raw_status if inst else 'gone'}) before the flow run finished")
                 return 1
-            if cfg.max_runtime_s and time.monotonic() - t0 > cfg.max_runtime_s:
-                log.error(f"{self.provider} machine {instance_id} passed max_runtime_s={cfg.max_runtime_s:g}")
-                return 1
+            if not reached_running and now - t0 > cfg.pending_timeout_s:
+                return await self._crash(run, f"flow run did not start running within pending_timeout_s="
+                                              f"{cfg.pending_timeout_s:g}s of {self.provider} machine {instance_id} "
+                                              "coming up (image pull or start command failed?); machine terminated",
+                                         log)
+            if now - t0 > cfg.max_runtime_s:
+                return await self._crash(run, f"{self.provider} machine {instance_id} passed max_runtime_s="
+                                              f"{cfg.max_runtime_s:g}s; machine terminated", log)
             await anyio.sleep(cfg.poll_interval_s)
+
+    async def _left_machine(self, flow_run: FlowRun, attempt: int, since: int) -> str | None:
+        """Why the run no longer needs the machine of its ``attempt``-th submission (whose states
+        start at index ``since``), or None.
+
+        Suspended since that submission: its process has exited (a resume submits it again).
+        Submitted again since: it runs, or will run, on a newer machine.
+        """
+        states = await self.client.read_flow_run_states(flow_run.id)
+        submissions = sum(1 for s in states if s.type == StateType.PENDING and s.name == "Pending")
+        if submissions > attempt:
+            return f"was submitted again (submission {submissions})"
+        if any(s.type == StateType.PAUSED and s.state_details.pause_reschedule for s in states[since:]):
+            return "was suspended (its process has exited; a resume launches a new machine)"
+        return None
+
+    async def _suspend_paused(self, run: FlowRun, paused: State, reason: str, log: Any) -> int | None:
+        """Turn a blocking pause into a suspension so its machine can go and a resume relaunches the run.
+
+        The flow re-runs from its cached tasks on resume and ``pause_flow_run`` with the same key returns
+        at once (Prefect rejects a pause key that has fired). Returns None when the run left the pause
+        meanwhile (keep watching), 0 once suspended, 1 when the run could not be suspended (Crashed).
+        """
+        current = await self.client.read_flow_run(run.id)
+        if current.state is None or current.state.id != paused.id:
+            return None
+        if run.deployment_id is None:
+            return await self._crash(run, f"{reason}; a flow run without a deployment cannot be suspended", log)
+        details = paused.state_details.model_copy(update={"pause_reschedule": True})
+        suspended = paused.model_copy(update={
+            "name": "Suspended", "state_details": details,
+            "message": f"{reason}; resume the run to continue it on a new machine"})
+        await self.client.set_flow_run_state(run.id, suspended, force=True)
+        log.warning(f"{self.provider}: {reason}; the run is suspended, a resume relaunches it")
+        return 0
+
+    async def _crash(self, run: FlowRun, message: str, log: Any) -> int:
+        """Mark the run Crashed with ``message`` (shown in the UI) and return exit status 1."""
+        log.error(message)
+        await self._propose_crashed_state(run, message)
+        return 1
 
     async def kill_infrastructure(self, infrastructure_pid: str, configuration: GPUJobConfiguration,
                                   grace_seconds: int = 30) -> None:
@@ -264,24 +389,40 @@ class GPUCloudWorker(BaseWorker, abc.ABC):
             self._logger.warning(f"{self.provider}: orphan sweep failed: {exc}")
 
     async def reap_orphans(self) -> list[str]:
-        """Terminate ``nexus-*`` machines whose flow run is final or gone; return their ids."""
+        """Terminate ``nexus-*`` machines nobody needs any more; return their ids.
+
+        A machine is an orphan when its flow run is final, cancelling, gone or suspended, or when a
+        newer submission of its run has a machine of its own (``nexus-<run id>-<n>``). Machines this
+        worker is watching are left to their watch, and a run that is Scheduled, Pending, Running or
+        Paused keeps its newest machine: a resumed run's new machine is never taken for an orphan.
+        """
         cfg = await self.job_configuration.from_template_and_values(
             self.work_pool.base_job_template, {}, client=self.client)
         cloud = self.make_cloud(cfg)
         reaped = []
         try:
-            for inst in await cloud.list():
-                run_id = inst.flow_run_id
-                if run_id is None or inst.phase == "ended" or inst.id in self._watching:
+            live = [i for i in await cloud.list() if i.flow_run_id is not None and i.phase != "ended"]
+            newest: dict[str, int] = {}
+            for inst in live:
+                newest[inst.flow_run_id or ""] = max(newest.get(inst.flow_run_id or "", 0), inst.attempt)
+            for inst in live:
+                run_id = inst.flow_run_id or ""
+                if inst.id in self._watching:
                     continue
-                try:
-                    run = await self.client.read_flow_run(UUID(run_id))
-                    ended = run.state is None or run.state.is_final() or run.state.type == StateType.CANCELLING
-                except (ObjectNotFound, ValueError):
-                    ended = True
-                if ended:
-                    self._logger.warning(f"{self.provider}: terminating orphaned machine {inst.id} "
-                                         f"({inst.name}): its flow run has ended")
+                why = None
+                if inst.attempt < newest[run_id]:
+                    why = f"its flow run has a newer machine (submission {newest[run_id]})"
+                else:
+                    try:
+                        state = (await self.client.read_flow_run(UUID(run_id))).state
+                    except (ObjectNotFound, ValueError):
+                        state = None
+                    if state is None or state.is_final() or state.type == StateType.CANCELLING:
+                        why = "its flow run has ended"
+                    elif state.type == StateType.PAUSED and state.state_details.pause_reschedule:
+                        why = "its flow run is suspended"
+                if why:
+                    self._logger.warning(f"{self.provider}: terminating orphaned machine {inst.id} ({inst.name}): {why}")
                     await self._terminate(cloud, inst.id, self._logger)
                     reaped.append(inst.id)
         finally:

@@ -52,9 +52,9 @@ class RunPodWorker(GPUCloudWorker):
                       cloud_type=configuration.cloud_type)
 
     def launch_spec(self, configuration: RunPodJobConfiguration, flow_run_id: str, gpu: str,
-                    region: str | None) -> LaunchSpec:
+                    region: str | None, attempt: int = 1) -> LaunchSpec:
         """Pod spec: the base spec plus the pod volume size."""
-        spec = super().launch_spec(configuration, flow_run_id, gpu, region)
+        spec = super().launch_spec(configuration, flow_run_id, gpu, region, attempt)
         spec.extra["volume_gb"] = configuration.volume_gb
         return spec
 

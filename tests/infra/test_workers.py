@@ -76,12 +76,16 @@ async def play_machine(clouds: FakeClouds, client, flow_run_id, final="completed
         await asyncio.sleep(0.02)
     else:
         raise AssertionError("no machine came up")
+    if final == "never-starts":          # e.g. the image pull failed: the run stays Pending
+        return
     await set_state(client, flow_run_id, Running())
     await asyncio.sleep(0.2)
     if final == "completed":
         await set_state(client, flow_run_id, Completed())
     elif final == "cancel":
         await set_state(client, flow_run_id, Cancelling())
+    elif final == "hang":
+        pass
     elif final == "die":
         for i in running:
             if "status" in i:
@@ -126,6 +130,8 @@ def test_lambda_falls_back_on_capacity_runs_and_terminates(clouds):
     assert inst["name"] == f"nexus-{flow_run.id}" and inst["status"] == "terminated"
     assert f"PREFECT__FLOW_RUN_ID={flow_run.id}" in inst["user_data"]
     assert KEY not in inst["user_data"]           # the provider key never travels to the machine
+    # a machine the worker terminates must not have its engine report the run Crashed
+    assert "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR=relinquish" in inst["user_data"]
     assert clouds.live() == []
     rows = [r for r in catalog.costs() if r.flow_run_id == str(flow_run.id)]
     assert len(rows) == 1 and rows[0].provider == "lambda" and rows[0].model == "gpu_1x_a100_sxm4"
@@ -139,6 +145,7 @@ def test_runpod_falls_back_on_capacity_runs_and_terminates(clouds):
     pod = clouds.pods[result.identifier]
     assert result.status_code == 0 and after.state.is_completed()
     assert pod["env"]["PREFECT__FLOW_RUN_ID"] == str(flow_run.id)
+    assert pod["env"]["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"] == "relinquish"
     assert pod["dockerStartCmd"][-1].startswith("prefect flow-run execute")
     assert pod["desiredStatus"] == "TERMINATED" and clouds.live() == []
 
@@ -167,6 +174,213 @@ def test_machine_dying_mid_run_is_reported(clouds):
     assert clouds.live() == []
 
 
+def test_run_stuck_pending_is_crashed_after_pending_timeout(clouds):
+    from nexus_core import catalog
+
+    tmpl = template(LambdaWorker, clouds, pending_timeout_s=0.3)
+    result, flow_run, after = asyncio.run(run_one(LambdaWorker, clouds, tmpl, final="never-starts"))
+    assert result.status_code == 1 and after.state.is_crashed()
+    assert "pending_timeout_s=0.3s" in after.state.message and result.identifier in after.state.message
+    assert clouds.live() == []
+    assert [r.gpu_seconds > 0 for r in catalog.costs() if r.flow_run_id == str(flow_run.id)] == [True]
+
+
+def test_hung_run_is_crashed_after_max_runtime(clouds):
+    tmpl = template(RunPodWorker, clouds, max_runtime_s=0.5)
+    result, _, after = asyncio.run(run_one(RunPodWorker, clouds, tmpl, final="hang"))
+    assert result.status_code == 1 and after.state.is_crashed()
+    assert "max_runtime_s=0.5s" in after.state.message
+    assert clouds.live() == []
+
+
+def test_pool_templates_expose_idle_and_limit_knobs_with_documented_defaults(repo):
+    readme = (repo / "infra" / "README.md").read_text()
+    for worker_cls in (LambdaWorker, RunPodWorker):
+        t = worker_cls.get_default_base_job_template()
+        props = t["variables"]["properties"]
+        defaults = {k: props[k]["default"] for k in ("max_runtime_s", "pending_timeout_s", "paused_release_s")}
+        assert defaults == {"max_runtime_s": 86400, "pending_timeout_s": 1200, "paused_release_s": 600}
+        for name, value in defaults.items():
+            assert t["job_configuration"][name] == "{{ " + name + " }}"
+            assert f"`{name}`" in readme and f"{value:g}" in readme
+
+
+async def deployed_run(client, pool: str):
+    """A flow run of a deployment on ``pool``, scheduled now (suspend and resume need a deployment)."""
+    flow_id = await client.create_flow_from_name("remote-review-job")
+    deployment_id = await client.create_deployment(flow_id=flow_id, name=f"d-{pool}", work_pool_name=pool)
+    return (await client.create_flow_run_from_deployment(deployment_id)).id
+
+
+async def machine_up(clouds: FakeClouds, name: str) -> dict:
+    """The Lambda instance called ``name`` once it is active."""
+    for _ in range(500):
+        found = [i for i in clouds.instances.values() if i["name"] == name and i["status"] == "active"]
+        if found:
+            return found[0]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no machine {name} came up")
+
+
+async def until(check, what: str) -> None:
+    for _ in range(500):
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+async def engine_sets(client, flow_run_id, state):
+    """Propose ``state`` through Prefect's orchestration rules, as the flow engine on the machine does."""
+    return (await client.set_flow_run_state(flow_run_id, state)).state
+
+
+@pytest.mark.parametrize("how", ["suspend", "pause"])
+def test_suspended_or_long_paused_run_releases_its_machine_and_relaunches_on_resume(clouds, how):
+    """run → suspend (or pause past paused_release_s) → machine terminated → resume → a new machine,
+    named apart from the first and left alone by a sibling worker's sweep → the run completes."""
+    from prefect.states import Completed, Paused, Running, Suspended
+
+    from nexus_core import catalog
+
+    async def go():
+        pool = f"pool-{uuid.uuid4().hex[:8]}"
+        tmpl = template(LambdaWorker, clouds, paused_release_s=0.3, gpu_types=["gpu_1x_a100_sxm4"],
+                        regions=["us-west-1"])
+        async with LambdaWorker(work_pool_name=pool, base_job_template=tmpl) as worker:
+            client = worker.client
+            run_id = await deployed_run(client, pool)
+            assert [r.id for r in await worker.get_and_submit_flow_runs()] == [run_id]
+            first = await machine_up(clouds, f"nexus-{run_id}")
+            await engine_sets(client, run_id, Running())
+            gate = (Suspended if how == "suspend" else Paused)(timeout_seconds=3600, pause_key="review-1")
+            assert (await engine_sets(client, run_id, gate)).is_paused()
+
+            async def first_released():
+                return first["status"] == "terminated"
+
+            await until(first_released, "the first machine is terminated")
+            run = await client.read_flow_run(run_id)
+            assert run.state.name == "Suspended" and run.state.state_details.pause_reschedule
+            assert run.state.state_details.pause_key == "review-1"
+            if how == "pause":
+                assert "paused_release_s=0.3s" in run.state.message
+
+            await client.resume_flow_run(run_id)
+            assert (await client.read_flow_run(run_id)).state.name == "Resuming"
+            assert [r.id for r in await worker.get_and_submit_flow_runs()] == [run_id]
+            second = await machine_up(clouds, f"nexus-{run_id}-2")
+            async with LambdaWorker(work_pool_name=pool) as sibling:  # sweeps at start-up, and again here
+                assert await sibling.reap_orphans() == []
+            assert second["status"] == "active"
+            await engine_sets(client, run_id, Running())
+            # The flow re-runs from the top; its gate has fired, so Prefect refuses it and the flow goes on.
+            assert (await engine_sets(client, run_id, gate)).is_running()
+            await engine_sets(client, run_id, Completed())
+
+            async def second_released():
+                return second["status"] == "terminated"
+
+            await until(second_released, "the second machine is terminated")
+        return run_id, first, second
+
+    run_id, first, second = asyncio.run(go())
+    assert first["id"] != second["id"] and clouds.live() == []
+    assert [b["name"] for b in clouds.calls("POST", "launch")] == [f"nexus-{run_id}", f"nexus-{run_id}-2"]
+    assert [t["value"] for b in clouds.calls("POST", "launch") for t in b["tags"]] == [str(run_id)] * 2
+    rows = [r for r in catalog.costs() if r.flow_run_id == str(run_id)]
+    assert len(rows) == 2 and all(r.gpu_seconds > 0 for r in rows)    # both machines' time is billed
+
+
+def test_suspend_and_resume_between_two_polls_still_releases_the_machine(clouds):
+    """The watch never sees the Suspended state (it is resumed at once), yet the process has exited."""
+    from prefect.states import Pending, Running, Suspended
+
+    async def go():
+        pool = f"pool-{uuid.uuid4().hex[:8]}"
+        tmpl = template(LambdaWorker, clouds, poll_interval_s=1.0, max_runtime_s=8)
+        async with LambdaWorker(work_pool_name=pool, base_job_template=tmpl) as worker:
+            client = worker.client
+            run_id = await deployed_run(client, pool)
+            await set_state(client, run_id, Pending())
+            flow_run = await client.read_flow_run(run_id)
+            cfg = await worker.job_configuration.from_template_and_values(tmpl, {}, client=client)
+            cfg.prepare_for_flow_run(flow_run)
+
+            async def machine():
+                await machine_up(clouds, f"nexus-{run_id}")
+                await engine_sets(client, run_id, Running())
+                await engine_sets(client, run_id, Suspended(timeout_seconds=3600, pause_key="k"))
+                await client.resume_flow_run(run_id)
+
+            player = asyncio.create_task(machine())
+            result = await worker.run(flow_run, cfg)
+            await player
+            return result, await client.read_flow_run(run_id)
+
+    result, after = asyncio.run(go())
+    assert result.status_code == 0 and after.state.name == "Resuming"   # released, not crashed
+    assert clouds.live() == []
+
+
+@pytest.mark.slow
+def test_relinquish_keeps_a_paused_run_paused_when_its_machine_is_terminated(tmp_path):
+    """The premise of releasing paused machines, on the installed Prefect: with the SIGTERM behaviour
+    the workers set, a real `prefect flow-run execute` stopped during `pause_flow_run` leaves the run
+    Paused for the worker to suspend (Prefect's default would report it Crashed)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    (tmp_path / "gate.py").write_text(
+        "from prefect import flow\nfrom prefect.flow_runs import pause_flow_run\n\n"
+        "@flow(name='gate')\ndef gate():\n    pause_flow_run(timeout=600, poll_interval=1)\n")
+
+    async def go():
+        async with get_client() as client:
+            flow_id = await client.create_flow_from_name("gate")
+            dep = await client.create_deployment(flow_id=flow_id, name="relinquish", path=str(tmp_path),
+                                                 entrypoint="gate.py:gate")
+            run = await client.create_flow_run_from_deployment(dep)
+            env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
+                   "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR": "relinquish"}
+            proc = subprocess.Popen([sys.executable, "-m", "prefect", "flow-run", "execute", str(run.id)],
+                                    cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            children: list[int] = []
+            try:
+                deadline = time.monotonic() + 120
+                while (await client.read_flow_run(run.id)).state.type.value != "PAUSED":
+                    assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-3000:]
+                    await asyncio.sleep(0.3)
+                children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                           text=True).stdout.split()]
+                proc.send_signal(signal.SIGTERM)          # what `docker stop` / a pod delete sends PID 1
+                await asyncio.to_thread(proc.wait, 60)
+                await asyncio.sleep(1.0)
+                return await client.read_flow_run(run.id), children
+            finally:
+                for pid in [proc.pid, *children]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+    def alive(pid: int) -> bool:
+        try:
+            return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    after, children = asyncio.run(go())
+    assert after.state.type.value == "PAUSED", after.state
+    assert children and not any(alive(pid) for pid in children)   # the engine exited too
+
+
 def test_kill_infrastructure_terminates(clouds):
     iid = clouds.add_instance("nexus-whatever")
 
@@ -181,7 +395,7 @@ def test_kill_infrastructure_terminates(clouds):
 
 
 def test_restarted_worker_reaps_orphans_only(clouds):
-    from prefect.states import Completed, Running
+    from prefect.states import Completed, Pending, Running, Suspended
 
     async def go():
         tmpl = template(LambdaWorker, clouds)
@@ -193,10 +407,18 @@ def test_restarted_worker_reaps_orphans_only(clouds):
             await set_state(client, done.id, Completed())
             alive = await new_flow_run(client)
             await set_state(client, alive.id, Running())
+            suspended = await new_flow_run(client)
+            await set_state(client, suspended.id, Suspended(timeout_seconds=3600, pause_key="review"))
+            resumed = await new_flow_run(client)
+            await set_state(client, resumed.id, Pending())
         ids = {"done": clouds.add_instance(f"nexus-{done.id}"),
                "alive": clouds.add_instance(f"nexus-{alive.id}"),
                "unknown": clouds.add_instance(f"nexus-{uuid.uuid4()}"),
-               "foreign": clouds.add_instance("jupyter-of-a-colleague")}
+               "foreign": clouds.add_instance("jupyter-of-a-colleague"),
+               "suspended": clouds.add_instance(f"nexus-{suspended.id}"),
+               # a resumed run's first machine (left by a crashed worker) and its new one
+               "resumed-1": clouds.add_instance(f"nexus-{resumed.id}"),
+               "resumed-2": clouds.add_instance(f"nexus-{resumed.id}-2")}
         # "Restart": a fresh worker process starts on the pool and sweeps at start-up.
         async with LambdaWorker(work_pool_name=pool, base_job_template=tmpl):
             pass
@@ -204,7 +426,8 @@ def test_restarted_worker_reaps_orphans_only(clouds):
 
     ids = asyncio.run(go())
     status = {k: clouds.instances[v]["status"] for k, v in ids.items()}
-    assert status == {"done": "terminated", "alive": "active", "unknown": "terminated", "foreign": "active"}
+    assert status == {"done": "terminated", "alive": "active", "unknown": "terminated", "foreign": "active",
+                      "suspended": "terminated", "resumed-1": "terminated", "resumed-2": "active"}
 
 
 def test_unknown_gpu_type_launches_nothing(clouds):
