@@ -304,7 +304,6 @@ def leaderboard() -> pl.DataFrame:
 def report_details(report_uri: str) -> dict[str, Any]:
     """The report JSON of an evaluation artifact: rubric breakdown (``judge.dimensions``) and gates."""
     from nexus_core.artifacts import read_manifest
-
     from nexus_core.store import local_path
 
     manifest = read_manifest(report_uri)
@@ -389,8 +388,7 @@ def _q(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-_TEACHER_KEYS = ("teacher.model", "judge.model")
-_PROMPT_KEYS = ("template", "templates", "prompts_dir", "prompt", "rubric", "rules")
+from nexus_core.trace import _PROMPT_KEYS, _TEACHER_KEYS  # noqa: E402 - beside the graph that uses them
 
 
 def lineage_graph(uri: str, max_nodes: int = 200) -> tuple[str, list[dict[str, Any]]]:
@@ -399,8 +397,9 @@ def lineage_graph(uri: str, max_nodes: int = 200) -> tuple[str, list[dict[str, A
     Nodes: artifacts (models, datasets), raw files, the teacher/judge models and prompt templates
     named in each step's config, and the human reviews recorded against each dataset.
     """
-    from nexus_core.artifacts import MANIFEST, read_manifest
+    from nexus_core.artifacts import read_manifest
     from nexus_core.config import flatten
+    from nexus_core.errors import InputError
 
     labels = label_counts()
     by_uri: dict[str, Counter[str]] = {}
@@ -415,9 +414,10 @@ def lineage_graph(uri: str, max_nodes: int = 200) -> tuple[str, list[dict[str, A
         if cur in seen:
             continue
         seen.add(cur)
-        if not (Path(cur) / MANIFEST).is_file():
+        try:
+            m = read_manifest(cur)
+        except InputError:  # not an artifact (a plain directory)
             continue
-        m = read_manifest(cur)
         shape, color = ("box3d", "#c6dbef") if m.kind == "model" else ("box", "#e5f5e0")
         label = f"{m.name}@v{m.version}\\n{m.kind} · {m.step.rsplit('.', 1)[-1]}" + (f"\\n{m.rows} rows" if m.rows else "")
         lines.append(f'{_q(cur)} [label="{label}", shape={shape}, style=filled, fillcolor="{color}"];')
@@ -448,7 +448,7 @@ def lineage_graph(uri: str, max_nodes: int = 200) -> tuple[str, list[dict[str, A
             nodes.append({"node": f"{sum(c.values())} labels", "kind": "review", "step": None, "uri": cur,
                           "mlflow_run_id": None})
         for key, ref in m.inputs.items():
-            if ref.kind == "raw" or not (ref.path / MANIFEST).is_file():
+            if ref.kind == "raw" or ref.version == 0:  # a raw file or a model outside the store
                 lines.append(f'{_q(ref.uri)} [label={_q(ref.name)}, shape=cylinder];')
                 if ref.uri not in seen:
                     seen.add(ref.uri)

@@ -7,6 +7,7 @@
     nexus serve MODEL [--port N] [--api-key-env VAR]   OpenAI-compatible server for local models
     nexus costs [--by flow_name,step,provider] [--flow NAME] [--run ID] [--json]   spend report
     nexus leaderboard [--dataset NAME] [--judge heuristic|llm] [--json]   evaluation reports ranked
+    nexus lineage MODEL[@ALIAS|/V] [--json]  a registered model (or artifact) back to its raw files
 
 A failure prints one `error:` line and exits 1; add --debug (anywhere) for the traceback.
 """
@@ -142,6 +143,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from nexus_core.trace import format_lineage, trace
+
+    lin = trace(args.spec)
+    print(lin.model_dump_json(indent=2) if args.json else format_lineage(lin))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``nexus``."""
     parser = argparse.ArgumentParser(prog="nexus", description=__doc__,
@@ -196,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--judge", default=None, choices=["heuristic", "llm"], help="only this judge kind")
     board.add_argument("--json", action="store_true", help="print JSON instead of a table")
     board.set_defaults(func=cmd_leaderboard)
+    lin = sub.add_parser("lineage", help="trace a registered model or an artifact back to its raw files",
+                         parents=[common])
+    lin.add_argument("spec", help="NAME@ALIAS or NAME/VERSION (registry), models:/..., or name@vN (artifact)")
+    lin.add_argument("--json", action="store_true", help="machine-readable output")
+    lin.set_defaults(func=cmd_lineage)
     return parser
 
 

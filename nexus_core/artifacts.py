@@ -71,6 +71,8 @@ class Manifest(BaseModel):
     config_hash: str
     code_hash: str = Field(description="sha256 of the step module's source and every in-repo module it imports")
     cache_key: str = Field(default="", description="The step's cache key (config, inputs, code, files read)")
+    files: dict[str, str] = Field(default_factory=dict,
+                                  description="Files the step read (prompt templates, rules, rubrics): path -> sha256")
     inputs: dict[str, ArtifactRef] = Field(default_factory=dict)
     code_version: dict[str, Any] = Field(default_factory=dict, description="git sha and dirty flag")
     metrics: dict[str, float] = Field(default_factory=dict)

@@ -116,17 +116,25 @@ def files_digest(paths: Iterable[str | Path]) -> dict[str, str]:
     return out
 
 
-def step_key(fn: Callable[..., Any], cfg: Any, inputs: Mapping[str, ArtifactRef | None],
-             extra: dict[str, Any] | None = None, code: str | None = None) -> str:
-    """The cache key of running step ``fn`` on ``cfg`` and ``inputs`` (see the module docstring).
-
-    ``extra`` holds anything else the caller's result depends on (a task's artifact name); ``code``
-    is :func:`code_hash` of ``fn`` when the caller has it already (it reads the whole closure).
-    """
+def files_read(fn: Callable[..., Any], cfg: Any, inputs: Mapping[str, ArtifactRef | None]) -> dict[str, str]:
+    """Content digest of every file step ``fn``'s contract says it reads for ``cfg`` (prompt templates,
+    rules, rubrics), in the contract's order: path -> sha256 (manifests keep it for lineage)."""
     from nexus_core.contract import contract_of
 
     refs = {k: v for k, v in inputs.items() if v is not None}
-    reads = contract_of(fn).files_read(cfg, refs)
+    return files_digest(contract_of(fn).files_read(cfg, refs))
+
+
+def step_key(fn: Callable[..., Any], cfg: Any, inputs: Mapping[str, ArtifactRef | None],
+             extra: dict[str, Any] | None = None, code: str | None = None,
+             files: dict[str, str] | None = None) -> str:
+    """The cache key of running step ``fn`` on ``cfg`` and ``inputs`` (see the module docstring).
+
+    ``extra`` holds anything else the caller's result depends on (a task's artifact name); ``code``
+    is :func:`code_hash` of ``fn`` and ``files`` is :func:`files_read` when the caller has them already.
+    """
+    refs = {k: v for k, v in inputs.items() if v is not None}
+    files = files if files is not None else files_read(fn, cfg, refs)
     parts = {
         "step": f"{fn.__module__}.{fn.__name__}",
         "config": config_hash(cfg, runtime=False),
@@ -134,7 +142,7 @@ def step_key(fn: Callable[..., Any], cfg: Any, inputs: Mapping[str, ArtifactRef 
         "code": code or code_hash(fn),
         # paths are machine-specific: the files' contents count, in the order the contract lists them
         # (so swapping two caption files' texts changes the key)
-        "files": list(files_digest(reads).values()),
+        "files": list(files.values()),
         "cache_version": os.environ.get("NEXUS_CACHE_VERSION", ""),
         "extra": extra or {},
     }

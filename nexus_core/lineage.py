@@ -197,6 +197,13 @@ class StepRun:
         if datasets:
             client().log_inputs(self.run_id, datasets=datasets)
 
+    def log_params(self, params: dict[str, str]) -> None:
+        """Log string params (a key already logged with another value is skipped by MLflow's rules)."""
+        from mlflow.entities import Param
+
+        if params:
+            _log_batch(self.run_id, params=[Param(k[:250], str(v)[:500]) for k, v in params.items()])
+
     def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload one file as a run artifact."""
         client().log_artifact(self.run_id, str(path), artifact_path)

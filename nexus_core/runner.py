@@ -46,7 +46,7 @@ from nexus_core.artifacts import (
     staging_dir,
     version_uri,
 )
-from nexus_core.cachekey import code_hash, step_key
+from nexus_core.cachekey import code_hash, files_read, step_key
 from nexus_core.config import config_dict, config_hash
 from nexus_core.context import ProgressFn, StepContext, log
 from nexus_core.contract import check_inputs, contract_of
@@ -148,7 +148,8 @@ def run_step(
     check_inputs(fn, refs)
     chash = config_hash(cfg)
     code = code_hash(fn)
-    key = step_key(fn, cfg, refs, code=code)
+    reads = files_read(fn, cfg, refs)
+    key = step_key(fn, cfg, refs, code=code, files=reads)
 
     existing = find_reusable(area, name, key)
     if existing is not None:
@@ -177,6 +178,7 @@ def run_step(
         with lineage.step_run(step, cfg_dict, tags, context.flow_name, context.flow_run_id) as run:
             mlflow_run_id = run.run_id
             run.log_inputs(refs)
+            run.log_params({f"file.{Path(p).name}": d for p, d in reads.items()})  # prompt template hashes
             work = work_dir_for(area, name, key)
             work.mkdir(parents=True, exist_ok=True)
             ctx = StepContext(step=step, work_dir=work, run=run, on_progress=context.progress)
@@ -195,7 +197,8 @@ def run_step(
                 return Manifest(
                     kind=kind, name=name, version=version, uri=uri, digest=digest,
                     step=step, rows=result.rows, bytes=nbytes, schema=result.columns, config=cfg_dict,
-                    config_hash=chash, code_hash=code, cache_key=key, inputs=refs, code_version=version_info,
+                    config_hash=chash, code_hash=code, cache_key=key, files=reads, inputs=refs,
+                    code_version=version_info,
                     metrics=result.metrics, cost=result.cost.model_dump(exclude={"provider", "model"}),
                     result=result.model_dump(mode="json", exclude={"ref", "reused"}),
                     prefect={"flow_run_id": context.flow_run_id, "task_run_id": context.task_run_id,

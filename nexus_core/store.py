@@ -230,3 +230,11 @@ def _cached(store: Store, rel: str, digest: str | None) -> Path:
 def owner_tag() -> str:
     """``host-pid``: who holds a staging directory or a version claim."""
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def as_local(path: str | Path) -> Path:
+    """A path argument as a local path: store-relative and ``scheme://`` strings resolve through
+    :func:`local_path` (so an artifact's URI works wherever a model directory is expected)."""
+    if isinstance(path, str) and (is_store_relative(path) or is_remote_url(path)):
+        return local_path(path)
+    return Path(path)

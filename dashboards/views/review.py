@@ -22,6 +22,7 @@ from dashboards.auth import code, current_user, require_login
 from dashboards.serve import review_max_chars
 from nexus_core.distill import review_store
 from nexus_core.settings import configure_environment
+from nexus_core.store import local_path
 
 configure_environment()
 
@@ -58,7 +59,7 @@ dataset_uri, request_id, flow_run_id = options[choice]
 st.session_state["reviewer"] = reviewer
 st.text_input("Reviewer", key="reviewer", disabled=True, help="Who the labels are recorded under (your login)")
 
-table = Path(dataset_uri) / "data.parquet"
+table = local_path(dataset_uri) / "data.parquet"
 if not table.is_file():
     st.error(f"{code(table)}: not found")
     st.stop()

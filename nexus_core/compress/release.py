@@ -92,7 +92,7 @@ def run_release(cfg: ReleaseConfig, *, inputs: dict[str, ArtifactRef], out_uri: 
             "nexus.producer_step": producer["step"], "nexus.config_hash": producer["config_hash"],
             "nexus.inputs": json.dumps(producer["inputs"]), "nexus.reason": reason,
             **{f"bench.{k}": f"{v:.6g}" for k, v in row.items() if isinstance(v, float)}}
-    version = register_model_version(ref, cfg.registry_name, run_id=producer["mlflow_run_id"] or ctx.run.run_id,
+    version = register_model_version(ref, cfg.registry_name, run_id=producer["mlflow_run_id"] or ctx.run_id,
                                      tags=tags, alias=cfg.alias, description=f"{chosen}: {reason}")
     atomic_write_json(Path(out_uri) / "release.json", {
         "chosen": chosen, "reason": reason, "model": ref.model_dump(), "registry_name": cfg.registry_name,

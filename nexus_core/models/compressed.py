@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nexus_core.store import as_local
+
 QUANT_DIR = "quantized"
 QUANT_META = "quantization.json"
 QUANT_WEIGHTS = "model_int8.safetensors"
@@ -172,7 +174,7 @@ def int8_runtime_bytes(path: str | Path) -> int:
     at the root are not counted. Reads safetensors headers only."""
     from safetensors import safe_open
 
-    p = Path(path)
+    p = as_local(path)
     meta = json.loads((p / QUANT_DIR / QUANT_META).read_text())
     quantized = set(meta["modules"])
     total = (p / QUANT_DIR / QUANT_WEIGHTS).stat().st_size
@@ -287,7 +289,7 @@ def load_compressed(path: str | Path, dtype: str = "float32") -> tuple[Any, Any,
 
     from nexus_core.models.io import from_pretrained_safe, load_tokenizer
 
-    p = Path(path)
+    p = as_local(path)
     meta = _read_meta(p)  # refuses old pickled artifacts before anything is loaded
     tokenizer = load_tokenizer(p)  # the one tokenizer loader: a pad token guaranteed, as for every model
     model = from_pretrained_safe(AutoModelForCausalLM, p, dtype=getattr(torch, dtype))

@@ -24,6 +24,7 @@ from typing import Any
 
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.errors import InputError
+from nexus_core.store import as_local
 
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -96,7 +97,7 @@ def resolve_model(spec: str, role: str = "model") -> ArtifactRef:
 
 def check_model_dir(path: str | Path, role: str = "model") -> Path:
     """Fail fast on a directory that cannot be loaded: missing, no config, or no weights."""
-    p = Path(path)
+    p = as_local(path)
     if not p.is_dir():
         raise InputError(f"{role} {p}: model directory does not exist")
     if (p / "adapter_config.json").is_file():
@@ -132,7 +133,7 @@ def load_tokenizer(path: str | Path) -> Any:
     """The model's tokenizer, with a pad token guaranteed (batched generation and trainers pad)."""
     from transformers import AutoTokenizer
 
-    p = Path(path)
+    p = as_local(path)
     src = p
     if (p / "adapter_config.json").is_file() and not (p / "tokenizer_config.json").is_file():
         src = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -150,7 +151,7 @@ def safe_weight_kwargs(path: str | Path) -> dict[str, Any]:
     """``from_pretrained`` kwargs that never unpickle: safetensors when the directory has any; a
     ``.bin``-only directory only through ``torch.load(weights_only=True)`` (transformers 4.57's default
     too, made explicit here so no caller can turn it off)."""
-    p = Path(path)
+    p = as_local(path)
     if any(p.glob("*.safetensors")):
         return {"use_safetensors": True, "weights_only": True}
     return {"use_safetensors": False, "weights_only": True}
@@ -162,7 +163,7 @@ def from_pretrained_safe(auto_cls: Any, path: str | Path, role: str = "model", *
     is one InputError naming the directory, and nothing in it runs."""
     import pickle
 
-    p = Path(path)
+    p = as_local(path)
     if kwargs.get("weights_only") is False or kwargs.get("use_safetensors") is False:
         raise InputError(f"{role} {p}: loading with weights_only=False / use_safetensors=False is not allowed "
                          f"(unpickling can run code)")
@@ -225,7 +226,7 @@ def _load_causal_lm(path: str | Path, dtype: str = "float32", int8: bool = True,
 
 def describe_model(path: str | Path) -> dict[str, Any]:
     """Architecture, size and input modalities of an HF model dir (config.json only; no weights loaded)."""
-    cfg = json.loads((Path(path) / "config.json").read_text())
+    cfg = json.loads((as_local(path) / "config.json").read_text())
     modalities = ["text"]
     for key, name in (("vision_config", "image"), ("audio_config", "audio"), ("video_config", "video")):
         if key in cfg or key in cfg.get("text_config", {}):

@@ -76,7 +76,7 @@ def register_model_version(ref: ArtifactRef, name: str, *, run_id: str | None, t
         except Exception as exc:
             raise StepError(f"registry: {ref.uri} could not be saved as an MLflow transformers model: {exc}") from exc
         client.log_artifacts(run_id, str(saved), MODEL_ARTIFACT)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
+    source = f"{(client.get_run(run_id).info.artifact_uri or '').rstrip('/')}/{MODEL_ARTIFACT}"
     all_tags = {**tags, "nexus.digest": ref.digest, "nexus.artifact_uri": ref.uri, "nexus.flavor": "transformers"}
     if adapter:
         all_tags["nexus.adapter"] = adapter

@@ -155,8 +155,8 @@ def test_export_folds_a_lora_adapter_into_merged_safetensors(assets: dict[str, A
     cfg = ExportConfig(formats=["safetensors", "coreml"])
     res = run_step(run_export, cfg, name="t_export_lora", inputs={"model": raw_ref(tmp_path / "adapter")})
     assert res.formats["safetensors"] == "ok" and res.formats["coreml"] == "unavailable"
-    merged = AutoModelForCausalLM.from_pretrained(res.ref.uri)
-    assert not (Path(res.ref.uri) / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(str(res.ref.path))
+    assert not (res.ref.path / "adapter_config.json").exists()
     with torch.no_grad():
         got = merged(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-5)  # the LoRA delta is in the merged weights

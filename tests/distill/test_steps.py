@@ -32,7 +32,7 @@ def _inputs(*paths, **kw):
 
 def test_teacher_inputs_from_jsonl_and_enhanced_json(data_root):
     res = _inputs(ABSTRACTS, ENHANCED)
-    df = pl.read_parquet(f"{res.ref.uri}/data.parquet")
+    df = pl.read_parquet(res.ref.path / "data.parquet")
     assert res.rows == (16 + 4) * 2
     for col in ("domain", "template_name", "user_prompt", "template_prompt", "system_prompt", "source_file",
                 "generated_at", "template_hash", "row_id"):
@@ -79,14 +79,14 @@ def test_collect_failed_rows_kept_then_rerun_asks_only_for_them(data_root):
         cfg = CollectConfig(teacher=TeacherConfig(model="openai/t", api_base=stub.url, max_retries=0), batch_size=5)
         first = run_step(run_teacher_collect, cfg, name="col", inputs={"teacher_inputs": ti.ref})
         asked_first = len(stub.requests)
-    df1 = pl.read_parquet(f"{first.ref.uri}/data.parquet")
+    df1 = pl.read_parquet(first.ref.path / "data.parquet")
     assert first.failed > 0 and first.ok > 0 and df1.height == 16  # failures are rows, not dropped
     assert set(df1.filter(pl.col("status") == "failed")["error"].str.slice(0, 20)) == {"InternalServerError:"}
     with StubServer(distill_teacher.handler) as stub:
         cfg2 = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"api_base": stub.url})})
         second = run_step(run_teacher_collect, cfg2, name="col", inputs={"teacher_inputs": ti.ref})
         asked_second = len(stub.requests)
-    df2 = pl.read_parquet(f"{second.ref.uri}/data.parquet")
+    df2 = pl.read_parquet(second.ref.path / "data.parquet")
     assert asked_first == 16 and asked_second == first.failed  # only missing/failed rows asked again
     assert second.ok == 16 and second.cached == first.ok
     assert df2["row_id"].n_unique() == 16 and df2["row_id"].sort().to_list() == df1["row_id"].sort().to_list()
@@ -99,7 +99,7 @@ def test_collect_offline_names_misses(data_root):
     cfg = CollectConfig(teacher=TeacherConfig(model="openai/never-recorded", offline=True, cache=False))
     res = run_step(run_teacher_collect, cfg, name="off", inputs={"teacher_inputs": ti.ref})
     assert res.failed == 16 and len(res.offline_misses) == 16
-    df = pl.read_parquet(f"{res.ref.uri}/data.parquet")
+    df = pl.read_parquet(res.ref.path / "data.parquet")
     assert df["error"].str.starts_with("offline: no cached response").all()
 
 

@@ -28,7 +28,7 @@ def test_editing_a_listed_caption_or_image_makes_a_new_version(tmp_path, data_ro
     (tmp_path / "sstk" / "0001.png.json").write_text(json.dumps({"caption": "a purple square"}))
     edited = prepare()
     assert not edited.reused and edited.ref.version == first.ref.version + 1
-    captions = pl.read_parquet(f"{edited.ref.uri}/data.parquet")["caption"].to_list()
+    captions = pl.read_parquet(edited.ref.path / "data.parquet")["caption"].to_list()
     assert captions[1] == "a purple square"
     assert prepare().reused  # and the edited state is itself cached
 

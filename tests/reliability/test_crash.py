@@ -128,7 +128,7 @@ def test_publish_flushes_every_file_and_the_directory_before_the_rename(fresh_ho
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
     result = run_step(run_probe, ProbeConfig(text="durable"), name="flushed")
-    target = result.ref.uri
+    target = str(result.ref.path)
     at_rename = flushed.index(f"rename -> {target}")
     before = flushed[:at_rename]
     assert any(p.endswith("/data.txt") for p in before)  # the data file, before the rename

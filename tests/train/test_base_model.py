@@ -18,8 +18,8 @@ def test_tiny_base_model_is_a_model_artifact_under_models(tmp_path):
     corpus = raw_ref(_write_jsonl(tmp_path / "corpus.jsonl", [{"text": f"{q} {a}"} for q, a in QA] * 4))
     r = run_step(run_base_model, BaseModelConfig(source="tiny", tiny=TINY), name="t_base_tiny",
                  inputs={"corpus": corpus})
-    assert Path(r.ref.uri).parent.name == "models" and r.ref.kind == "model"
-    assert (Path(r.ref.uri) / "config.json").is_file() and r.parameters > 0
+    assert r.ref.path.parent.name == "models" and r.ref.kind == "model"
+    assert (r.ref.path / "config.json").is_file() and r.parameters > 0
 
 
 def test_pinned_local_model_is_keyed_by_its_files(tiny_model, tmp_path):

@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import threading
-from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
@@ -96,7 +95,7 @@ def test_two_process_data_parallel_on_cpu(tiny_model, refs):
     r = run_step(run_sft, cfg, name="t_ddp", inputs={"model": tiny_model, "data": refs["sft"]})
     assert r.metrics["world_size"] == 2
     assert r.steps == 2
-    assert (Path(r.ref.uri) / "adapter" / "adapter_model.safetensors").is_file()
+    assert (r.ref.path / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_gpu_temperature_guard_pauses_until_cool(monkeypatch):

@@ -38,7 +38,7 @@ def _changed(base: str, trained: str) -> float:
 def _check_model(result, base_uri: str, lora: bool) -> None:
     assert math.isfinite(result.metrics["train_loss"])
     assert result.metrics["param_delta"] > 0
-    uri = result.ref.uri
+    uri = str(result.ref.path)
     assert (Path(uri) / "config.yaml").is_file() and (Path(uri) / "manifest.json").is_file()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,7 +78,7 @@ def test_cpt_streams_large_corpus_and_scales_rope(tiny_model, refs):
     r = run_step(run_cpt, cfg, name="t_cpt", inputs={"model": tiny_model, "data": refs["text"]})
     _check_model(r, str(tiny_model.path), lora=False)
     assert r.streamed
-    conf = json.loads((Path(r.ref.uri) / "config.json").read_text())
+    conf = json.loads((r.ref.path / "config.json").read_text())
     base = json.loads((tiny_model.path / "config.json").read_text())
     assert conf["max_position_embeddings"] == 2 * base["max_position_embeddings"]
     assert conf["rope_scaling"]["factor"] == 2.0
@@ -99,7 +99,7 @@ def test_reward_model_then_grpo_against_it(tiny_model, refs):
     rm = run_step(run_reward, RewardConfig(finetune="lora", **FAST), name="t_rm",
                   inputs={"model": tiny_model, "data": refs["prefs"]})
     assert rm.metrics["param_delta"] > 0
-    scorer = AutoModelForSequenceClassification.from_pretrained(rm.ref.uri)
+    scorer = AutoModelForSequenceClassification.from_pretrained(str(rm.ref.path))
     assert scorer(torch.tensor([[1, 2, 3]])).logits.shape == (1, 1)
     cfg = GRPOConfig(finetune="lora", rewards=["exact_match", "format"], num_generations=2,
                      max_completion_length=6, **FAST)
@@ -117,7 +117,7 @@ def test_kd_from_teacher_model_and_from_stored_logprobs(tiny_model, refs, tmp_pa
     _check_model(r, str(tiny_model.path), lora=False)
     # Teacher collection rows as the distill flow writes them (contract 2), logprobs from the teacher.
     rows = [{"row_id": str(i), "user_prompt": q, "response": a, "status": "ok",
-             "logprobs_json": teacher_logprobs(Path(teacher.uri), q, a)} for i, (q, a) in enumerate(QA)]
+             "logprobs_json": teacher_logprobs(teacher.path, q, a)} for i, (q, a) in enumerate(QA)]
     rows.append({"row_id": "x", "user_prompt": "q", "response": None, "status": "failed", "logprobs_json": None})
     from nexus_core.artifacts import raw_ref
 
