@@ -6,10 +6,10 @@ A remote machine's local disk dies with it, so on GPU pools:
   block on an fsspec URI (``s3://bucket/prefect-results`` by default for remote pools; any
   S3-compatible store through ``AWS_ENDPOINT_URL``). :func:`register_result_storage` saves the
   block; deployments then set ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=remote-file-system/<name>``.
-- **Artifacts** are written under ``NEXUS_DATA`` on the machine (or on a shared volume, CoreWeave)
-  and mirrored to ``NEXUS_REMOTE_DATA`` (an fsspec URI) after each flow with :func:`mirror_artifacts`
-  — files first, ``manifest.json`` last, so a half-copied version is never taken for a finished one.
-  :func:`fetch_artifact` brings one back and checks its digest.
+- **Artifacts** are published by every step straight into the store, ``NEXUS_DATA`` (any fsspec URI:
+  :mod:`nexus_core.store`). :func:`mirror_artifacts` copies an existing local store into a remote one
+  (to move to a remote store) — files first, ``manifest.json`` last, so a half-copied version is never
+  taken for a finished one. :func:`fetch_artifact` brings one back and checks its digest.
 
     python -m infra.results register s3://my-bucket/prefect-results
     python -m infra.results mirror  s3://my-bucket/nexus-data
