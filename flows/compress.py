@@ -4,10 +4,14 @@
     nexus run compress configs/compress/base.yaml model=models/my_sft@v3
     nexus serve compress/tiny_int8@v1                                # serve any variant
 
-In the lifecycle it takes the trained model (and the SFT dataset for calibration) as refs.
+In the lifecycle it takes the trained model (and the corpus for calibration) as refs. A release
+needs ``heldout``: a dataset disjoint from the calibration and recovery data (checked by row hash
+up front where the data is known, and again by the release step against the variants' lineage).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import flow
 from pydantic import Field, model_validator
@@ -23,7 +27,7 @@ from nexus_core.compress.release import ReleaseConfig, run_release
 from nexus_core.config import FlowConfig, NexusModel, PathOrName
 from nexus_core.contract import check_plan
 from nexus_core.corpus.ingest import IngestConfig
-from nexus_core.errors import InputError
+from nexus_core.errors import ConfigError, InputError
 from nexus_core.io import resolve_ref
 from nexus_core.models.io import resolve_model
 from nexus_core.train.base_model import BaseModelConfig, pretrained_ref
@@ -47,7 +51,7 @@ class VariantSpec(NexusModel):
     def _something(self) -> VariantSpec:
         if self.prune is None and self.quantize is None:
             raise ValueError(f"variant {self.name!r}: needs prune and/or quantize")
-        if self.name in {"base", "heldout"}:
+        if self.name in {"base", "heldout", "calibration", "benchmark"}:
             raise ValueError(f"variant name {self.name!r} is reserved")
         return self
 
@@ -65,7 +69,8 @@ class CompressConfig(FlowConfig):
     model: PathOrName | None = Field(default=None, description="Model dir or artifact spec (NAME@vN); unused when the flow "
                                                 "gets a model ref; if both are absent a base is built from corpus")
     calibration: PathOrName | None = Field(default=None, description="Calibration dataset dir or spec (default: the corpus)")
-    heldout: PathOrName | None = Field(default=None, description="Held-out dataset dir or spec (default: calibration)")
+    heldout: PathOrName | None = Field(default=None, description="Held-out dataset dir, file or spec for perplexity and "
+                                      "accuracy; never the calibration data. Required by `release`")
     corpus: IngestConfig | None = Field(default=None, description="Raw corpus (tiny base and default calibration)")
     base_model: BaseModelConfig = Field(default_factory=BaseModelConfig, description="Base built when no model")
     variants: list[VariantSpec] = Field(default_factory=list, description="Compressed variants to make")
@@ -83,9 +88,40 @@ class CompressConfig(FlowConfig):
         return self
 
 
+def check_heldout_plan(cfg: CompressConfig, calibration: ArtifactRef | None, heldout: ArtifactRef | None) -> None:
+    """A release needs a held-out set; when it and the calibration data (or the corpus files it will be
+    built from) are known, they must share no row."""
+    from nexus_core.artifacts import raw_ref
+    from nexus_core.compress.common import overlap
+
+    if cfg.release is not None and cfg.heldout is None and heldout is None:
+        raise ConfigError(["heldout: `release` needs a held-out set (heldout=PATH|NAME@vN) disjoint from the "
+                           "calibration and recovery data; it no longer defaults to the calibration texts"])
+    if heldout is None:
+        return
+    others = {}
+    if calibration is not None:
+        others[f"calibration {calibration.name}"] = (calibration, None)
+    elif cfg.corpus is not None:
+        for src in cfg.corpus.sources:
+            if Path(src).is_file():
+                others[f"corpus source {src}"] = (raw_ref(src), None)
+    found = {}
+    for label, other in others.items():
+        try:
+            found.update(overlap(heldout, {label: other}))
+        except InputError:  # a source that is not a text table: the release step checks the built corpus
+            continue
+    if found:
+        listed = "; ".join(f"{n} row(s) also in {label}" for label, n in found.items())
+        raise InputError(f"compress: held-out set {heldout.name} ({heldout.uri}) overlaps the calibration/recovery "
+                         f"data: {listed}. Use held-out rows the variants never saw")
+
+
 def check_compress(cfg: CompressConfig, model: ArtifactRef | None, calibration: ArtifactRef | None,
                    heldout: ArtifactRef | None) -> list[str]:
     """Check the model, calibration and held-out data against every planned step before any runs; the plan."""
+    check_heldout_plan(cfg, calibration, heldout)
     planned: list = []
     for v in cfg.variants:
         if v.prune:
@@ -117,7 +153,7 @@ def compress(cfg: CompressConfig, model: ArtifactRef | None = None,
         if calibration is None and cfg.calibration:
             calibration = resolve_ref(cfg.calibration, "calibration")
         given_heldout = resolve_ref(cfg.heldout, "heldout") if cfg.heldout else None
-        plan = check_compress(cfg, model, calibration, given_heldout or calibration)
+        plan = check_compress(cfg, model, calibration, given_heldout)
         if cfg.dry_run:
             print("compress plan: " + ", ".join(plan))
             return CompressResult.planned("compress", plan, mlflow_run_id)
@@ -135,7 +171,7 @@ def compress(cfg: CompressConfig, model: ArtifactRef | None = None,
                                  "to build a tiny base")
         if calibration is None and corpus is not None:
             calibration = corpus.ref
-        heldout = given_heldout or calibration
+        heldout = given_heldout  # never the calibration texts: quality must be measured on unseen rows
 
         variants: dict[str, ArtifactRef] = {}
         for v in cfg.variants:
@@ -154,8 +190,8 @@ def compress(cfg: CompressConfig, model: ArtifactRef | None = None,
         bench = steps["benchmark"] = benchmark(cfg.benchmark, model, variants, heldout, name=f"{cfg.name}_benchmark")
         released = None
         if cfg.release:
-            rel = steps["release"] = release(cfg.release, bench.ref, {"base": model, **variants},
-                                             name=f"{cfg.name}_release")
+            rel = steps["release"] = release(cfg.release, bench.ref, {"base": model, **variants}, heldout,
+                                             calibration, name=f"{cfg.name}_release")
             released = {"variant": rel.chosen, "registry": f"{rel.registry_name}/{rel.registry_version}"}
     return CompressResult.from_steps(
         "compress", steps, mlflow_run_id, extra={"model": model, **variants}, benchmark=bench.ref,

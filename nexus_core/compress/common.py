@@ -14,11 +14,16 @@ from nexus_core.artifacts import ArtifactRef
 from nexus_core.errors import InputError
 
 
+def load_rows(ref: ArtifactRef) -> Any:
+    """The rows of a dataset input: an artifact's table, or a raw table file (``data/raw/…/x.jsonl``)."""
+    from nexus_core.io import load_table, read_table
+
+    return read_table(ref.path) if ref.path.is_file() else load_table(ref)
+
+
 def load_texts(ref: ArtifactRef, column: str | None = None, limit: int | None = None) -> list[str]:
     """Texts of a dataset artifact: ``column``, else ``text``, else ``input``+``output``, else ``prompt``+``completion``."""
-    from nexus_core.io import load_table
-
-    df = load_table(ref)
+    df = load_rows(ref)
     if column:
         if column not in df.columns:
             raise InputError(f"{ref.uri}: missing column {column!r} (columns: {', '.join(df.columns)})")
@@ -53,6 +58,12 @@ def dir_bytes(path: str | Path, pattern: str = "*") -> int:
     return sum(f.stat().st_size for f in Path(path).rglob(pattern) if f.is_file())
 
 
+def shipped_bytes(path: str | Path) -> int:
+    """Bytes of every file of an artifact directory except its ``manifest.json`` (weights, config,
+    tokenizer, ``quantized/``, notes): what a copy of the model moves."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.name != "manifest.json")
+
+
 def save_model(model: Any, tokenizer: Any, out: str | Path) -> None:
     """Save an HF model dir (safetensors + tokenizer) so ``from_pretrained(out)`` works."""
     model.save_pretrained(out, safe_serialization=True)
@@ -76,3 +87,24 @@ def perplexity(model: Any, tokenizer: Any, texts: list[str], max_length: int = 2
     if not count:
         raise InputError("perplexity: every text is shorter than two tokens")
     return math.exp(min(nll / count, 50.0))
+
+
+def text_hash(text: str) -> str:
+    """Row identity for overlap checks: sha256 of the text with surrounding whitespace stripped."""
+    import hashlib
+
+    return hashlib.sha256(text.strip().encode()).hexdigest()
+
+
+def overlap(heldout: ArtifactRef, others: dict[str, tuple[ArtifactRef, str | None]],
+            column: str | None = None) -> dict[str, int]:
+    """Held-out rows (by :func:`text_hash` of the texts the steps read) also found in each of ``others``
+    (``label -> (dataset, its text column or None)``): ``label -> count``, zero counts left out. Every
+    row of each other dataset counts, not just the rows a step used."""
+    held = {text_hash(t) for t in load_texts(heldout, column)}
+    found = {}
+    for label, (ref, col) in others.items():
+        n = len(held & {text_hash(t) for t in load_texts(ref, col)})
+        if n:
+            found[label] = n
+    return found

@@ -1,9 +1,10 @@
 """Quantize: INT8 dynamic, INT8 static (calibrated), mixed precision (sensitive layers kept fp32), NF4.
 
-INT8 variants run on CPU through torch.ao eager quantization. The output is an HF directory whose
-root weights are the int8-rounded fp32 weights (``from_pretrained`` works anywhere) plus
-``quantized/`` with the int8 runtime (safetensors, no pickle) that :func:`nexus_core.models.compressed.load_compressed`
-(and the server) use. NF4 needs bitsandbytes on a CUDA GPU and says so clearly otherwise.
+INT8 variants run on CPU through torch.ao eager quantization. The output holds config and tokenizer
+at its root and the whole INT8 model under ``quantized/`` (int8 Linears + float modules, safetensors,
+no pickle, no fp32 copy; see :mod:`nexus_core.models.compressed`). ``load_causal_lm`` runs it through
+the int8 runtime (serving, evaluation, benchmark) or as dequantized float weights (``int8=False``).
+NF4 needs bitsandbytes on a CUDA GPU and says so clearly otherwise.
 """
 
 from __future__ import annotations
@@ -16,18 +17,16 @@ from pydantic import Field
 
 from nexus_core import contract  # contract.model/table: `model` and `table` are local names here
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.compress.common import dir_bytes, load_texts, perplexity, save_model
+from nexus_core.compress.common import dir_bytes, load_texts, perplexity, save_model, shipped_bytes
 from nexus_core.config import NexusModel
 from nexus_core.context import StepContext
 from nexus_core.contract import step
 from nexus_core.errors import InputError, StepError
 from nexus_core.models.compressed import (
-    dequantized_state,
-    int8_runtime_bytes,
     linear_names,
     quantize_dynamic_int8,
     quantize_static_int8,
-    save_quantized,
+    save_int8_model,
 )
 from nexus_core.models.io import check_model_dir
 from nexus_core.runner import StepResult
@@ -50,8 +49,8 @@ class QuantizeResult(StepResult):
     method: str
     quantized_modules: int
     kept_fp32: list[str] = Field(default_factory=list, description="Mixed: modules left in fp32")
-    int8_bytes: int = Field(default=0, description="Bytes of the int8 runtime weights (int8 Linears + float modules)")
-    fp32_bytes: int = Field(default=0, description="Bytes of the input model's safetensors")
+    int8_bytes: int = Field(default=0, description="Bytes of every file of the INT8 artifact")
+    fp32_bytes: int = Field(default=0, description="Bytes of every file of the input model")
 
 
 def _sensitivity(model: Any, tokenizer: Any, texts: list[str], names: list[str], max_length: int) -> dict[str, float]:
@@ -131,14 +130,12 @@ def run_quantize(cfg: QuantizeConfig, *, inputs: dict[str, ArtifactRef], out_uri
         qmodel = quantize_static_int8(work, names, calibrate)
     else:
         qmodel = quantize_dynamic_int8(work, names)
-    fp = dequantized_state(qmodel, model, names, "int8_static" if cfg.method == "int8_static" else "dynamic")
-    save_model(fp, tokenizer, out)
-    save_quantized(qmodel, out, cfg.method, names, {"kept_fp32": kept})
-    if texts:
-        metrics["ppl_fp32"] = perplexity(load_causal_lm(src, int8=False)[0], tokenizer, texts[:8])
+    save_int8_model(qmodel, model, tokenizer, out, cfg.method, names, {"kept_fp32": kept})
+    if texts:  # calibration texts: a sanity check of the step, not the release's held-out quality
+        metrics["ppl_fp32"] = perplexity(model, tokenizer, texts[:8])
         metrics["ppl_int8"] = perplexity(qmodel, tokenizer, texts[:8])
-    fp32_bytes = dir_bytes(src, "*.safetensors")
-    int8_bytes = int8_runtime_bytes(out)  # quantized/model_int8.safetensors + float modules
+    fp32_bytes = shipped_bytes(src)
+    int8_bytes = shipped_bytes(out)  # every file shipped: config, tokenizer, quantized/ (no fp32 copy)
     metrics.update({"int8_mb": int8_bytes / 1e6, "fp32_mb": fp32_bytes / 1e6, "size_ratio": int8_bytes / fp32_bytes})
     return QuantizeResult(method=cfg.method, quantized_modules=len(names), kept_fp32=kept, int8_bytes=int8_bytes,
                           fp32_bytes=fp32_bytes, metrics=metrics)

@@ -1,13 +1,22 @@
-"""INT8 variants of HF causal LMs on CPU (torch.ao eager quantization) and the loader that rebuilds them.
+"""INT8 variants of HF causal LMs on CPU (torch.ao eager quantization) and the loaders that rebuild them.
 
-A quantized artifact is still an HF directory: the root holds fp32 weights *rounded through int8*
-(so ``from_pretrained(uri)`` works everywhere and shows the quantization error), and ``quantized/``
-holds the real int8 runtime: ``model_int8.safetensors`` (plain tensors: each quantized Linear's int8
-weight, scale(s), zero point(s) and bias, plus the static input/output qparams) and ``quantization.json``
-(method, module names, format). :func:`load_compressed` returns the int8 model when ``quantized/``
-exists, the plain model otherwise. Nothing here unpickles: the int8 modules are rebuilt by quantizing
-the fp skeleton the same way and copying the stored values in. The old pickled ``model_int8.pt`` is
-refused with a request to re-run the quantize step.
+An INT8 artifact ships no fp32 copy of what it quantized. Its root holds ``config.json``,
+``generation_config.json`` and the tokenizer, and ``quantized/`` holds the runtime:
+
+- ``model_int8.safetensors``: plain tensors only. Each quantized Linear has its int8 weight, scale(s),
+  zero point(s) and bias (plus the static input/output qparams). Every module that stays in float
+  (embeddings, norms, LM head, Linears kept in fp32 by ``mixed``) is stored under its usual
+  state-dict name.
+- ``quantization.json``: method, quantized module names, format.
+
+There are no root weights, so a bare ``from_pretrained(root)`` fails loudly rather than running
+half-random weights. Load through :func:`load_compressed` (the int8 runtime, used by
+``load_causal_lm(int8=True)``, serving and evaluation) or :func:`load_dequantized` (fp32 weights
+rebuilt from the int8 values, used by ``load_causal_lm(int8=False)``, export and the registry).
+Nothing here unpickles: the int8 modules are rebuilt by quantizing the fp skeleton the same way
+and copying the stored values in. The old pickled ``model_int8.pt`` is refused with a request to
+re-run the quantize step. Artifacts in the first safetensors format (``/1``) still load: they had
+fp32 weights rounded through int8 at their root.
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ from nexus_core.store import as_local
 QUANT_DIR = "quantized"
 QUANT_META = "quantization.json"
 QUANT_WEIGHTS = "model_int8.safetensors"
-QUANT_FORMAT = "nexus-int8-safetensors/1"
+QUANT_FORMAT = "nexus-int8-safetensors/2"  # self-contained: int8 Linears + float modules, no root weights
+QUANT_FORMAT_V1 = "nexus-int8-safetensors/1"  # int8 Linears only; fp32 (int8-rounded) weights at the root
 LEGACY_QUANT_WEIGHTS = "model_int8.pt"  # pickled state dict of older versions: refused, never loaded
 
 
@@ -102,18 +112,6 @@ def quantize_static_int8(model: Any, modules: list[str], calibrate: Any = None) 
     return model
 
 
-def dequantized_state(qmodel: Any, fp_model: Any, modules: list[str], method: str) -> Any:
-    """Copy int8-rounded weights back into ``fp_model`` (for the from_pretrained-loadable root weights)."""
-    import torch
-
-    with torch.no_grad():
-        for name in modules:
-            q = qmodel.get_submodule(name)
-            qlin = q.linear if method == "int8_static" else q
-            fp_model.get_submodule(name).weight.copy_(qlin.weight().dequantize())
-    return fp_model
-
-
 def _qlinear(model: Any, name: str, method: str) -> Any:
     """The torch quantized Linear of module ``name`` (inside the static wrapper for int8_static)."""
     mod = model.get_submodule(name)
@@ -151,44 +149,54 @@ def quantized_tensors(qmodel: Any, method: str, modules: list[str]) -> dict[str,
     return out
 
 
-def save_quantized(qmodel: Any, out: str | Path, method: str, modules: list[str], extra: dict[str, Any]) -> Path:
-    """Write ``quantized/model_int8.safetensors`` + ``quantized/quantization.json``; return the weights path."""
+def float_tensors(fp_model: Any, modules: list[str]) -> dict[str, Any]:
+    """State-dict tensors of every module that stays in float; a tensor shared by several names (a tied
+    LM head) is stored once, under its first name."""
+    qset = set(modules)
+    out: dict[str, Any] = {}
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    for key, t in fp_model.state_dict().items():
+        if key.rpartition(".")[0] in qset:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = t.detach().clone().contiguous()
+    return out
+
+
+def save_int8_model(qmodel: Any, fp_model: Any, tokenizer: Any, out: str | Path, method: str, modules: list[str],
+                    extra: dict[str, Any]) -> Path:
+    """Write an INT8 artifact (see the module docstring): config and tokenizer at ``out``, and
+    ``quantized/model_int8.safetensors`` + ``quantized/quantization.json``; return the weights path.
+
+    ``fp_model`` is the float model ``qmodel`` was quantized from (its float modules are stored)."""
     from safetensors.torch import save_file
 
-    qdir = Path(out) / QUANT_DIR
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    fp_model.config.save_pretrained(root)
+    if getattr(fp_model, "generation_config", None) is not None:
+        fp_model.generation_config.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    qdir = root / QUANT_DIR
     qdir.mkdir(parents=True, exist_ok=True)
+    tensors = float_tensors(fp_model, modules)
+    int8 = quantized_tensors(qmodel, method, modules)
+    clash = sorted(set(tensors) & set(int8))
+    if clash:
+        raise ValueError(f"int8 and float tensor names clash: {clash[:3]}")
     path = qdir / QUANT_WEIGHTS
-    save_file(quantized_tensors(qmodel, method, modules), str(path), metadata={"format": QUANT_FORMAT})
+    save_file({**tensors, **int8}, str(path), metadata={"format": QUANT_FORMAT})
     (qdir / QUANT_META).write_text(json.dumps({"method": method, "modules": modules, "format": QUANT_FORMAT,
                                                "weights": QUANT_WEIGHTS, **extra}, indent=2))
     return path
 
 
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def int8_runtime_bytes(path: str | Path) -> int:
-    """Bytes the INT8 runtime needs: ``quantized/model_int8.safetensors`` plus the root tensors of every
-    module that stays in float (embeddings, norms, LM head); the fp32 copies of the quantized Linears
-    at the root are not counted. Reads safetensors headers only."""
-    from safetensors import safe_open
-
-    p = as_local(path)
-    meta = json.loads((p / QUANT_DIR / QUANT_META).read_text())
-    quantized = set(meta["modules"])
-    total = (p / QUANT_DIR / QUANT_WEIGHTS).stat().st_size
-    for file in sorted(p.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if key.rpartition(".")[0] in quantized:
-                    continue
-                sl = f.get_slice(key)
-                numel = 1
-                for dim in sl.get_shape():
-                    numel *= dim
-                total += numel * _DTYPE_BYTES.get(sl.get_dtype(), 4)
-    return total
+def is_int8_dir(path: str | Path) -> bool:
+    """Whether ``path`` is an INT8 artifact of the quantize step (it has ``quantized/quantization.json``)."""
+    return (as_local(path) / QUANT_DIR / QUANT_META).is_file()
 
 
 def _read_meta(p: Path) -> dict[str, Any] | None:
@@ -214,34 +222,99 @@ def _read_meta(p: Path) -> dict[str, Any] | None:
             or not isinstance(meta.get("modules"), list) or not all(isinstance(m, str) for m in meta["modules"]):
         raise InputError(f"{meta_file}: key 'method' must be int8_dynamic/int8_static/mixed and 'modules' a list "
                          f"of module names")
-    if meta.get("format") != QUANT_FORMAT or not weights.is_file():
+    if meta.get("format") not in {QUANT_FORMAT, QUANT_FORMAT_V1} or not weights.is_file():
         raise InputError(f"{meta_file}: INT8 artifact format {meta.get('format')!r} (need {QUANT_FORMAT!r} with "
                          f"{QUANT_DIR}/{QUANT_WEIGHTS}); re-run the quantize step on the source model")
+    if meta["format"] == QUANT_FORMAT_V1 and not any(p.glob("*.safetensors")):
+        raise InputError(f"{meta_file}: format {QUANT_FORMAT_V1!r} needs the fp32 weights at {p}; none there")
     return meta
 
 
-def load_quantized_into(model: Any, path: str | Path, meta: dict[str, Any]) -> Any:
-    """Quantize the fp skeleton ``model`` as the quantize step did, then copy the stored int8 values in."""
-    import torch
+def _tensors(file: Path) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from nexus_core.errors import InputError
 
-    file = Path(path)
     try:
-        tensors = load_file(str(file))
+        return load_file(str(file))
     except (SafetensorError, OSError) as exc:
         raise InputError(f"{file}: unreadable INT8 weights ({exc})") from None
-    method, modules = meta["method"], meta["modules"]
+
+
+def _skeleton(p: Path, meta: dict[str, Any], tensors: dict[str, Any], dtype: str) -> Any:
+    """The float model the int8 values go into: its float modules loaded, its quantized Linears not yet."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from nexus_core.errors import InputError
+    from nexus_core.models.io import from_pretrained_safe
+
+    if meta["format"] == QUANT_FORMAT_V1:  # fp32 copies at the root
+        return from_pretrained_safe(AutoModelForCausalLM, p, dtype=getattr(torch, dtype))
+    file = p / QUANT_DIR / QUANT_WEIGHTS
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(p))).to(getattr(torch, dtype))
+    qset = set(meta["modules"])
+    floats = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in qset}
+    missing, unexpected = model.load_state_dict(floats, strict=False)
+    if unexpected:
+        raise InputError(f"{file}: tensors the model does not have: {', '.join(sorted(unexpected)[:5])}")
+    shared: dict[int, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(param), set()).add(name)
+    loaded = set(floats)
+    for key in missing:
+        if key.rpartition(".")[0] in qset or any(shared[pid] & loaded for pid in shared if key in shared[pid]):
+            continue  # a quantized Linear (filled below) or a tied tensor stored under its other name
+        raise InputError(f"{file}: key {key} missing")
+    return model
+
+
+def _weight_parts(tensors: dict[str, Any], name: str, shape: tuple[int, ...], file: Path) -> tuple[Any, Any, Any, int | None]:
+    """``(int8, scale, zero_point, axis or None)`` of module ``name``, checked against the model's ``shape``."""
+    import torch
+
+    from nexus_core.errors import InputError
+
+    for key in ("weight_int8", "weight_scale", "weight_zero_point"):
+        if f"{name}.{key}" not in tensors:
+            raise InputError(f"{file}: key {name}.{key} missing")
+    int8, scale, zp = tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"], tensors[f"{name}.weight_zero_point"]
+    if int8.dtype != torch.int8 or tuple(int8.shape) != tuple(shape):
+        raise InputError(f"{file}: key {name}.weight_int8 is {int8.dtype} {tuple(int8.shape)}, the model "
+                         f"needs int8 {tuple(shape)}")
+    if f"{name}.weight_axis" in tensors:
+        axis = int(tensors[f"{name}.weight_axis"][0])
+        if scale.numel() != int8.shape[axis] or zp.numel() != int8.shape[axis]:
+            raise InputError(f"{file}: key {name}.weight_scale/zero_point: one per channel of axis {axis} needed")
+        return int8, scale.to(torch.float64), zp.to(torch.int64), axis
+    if scale.numel() != 1 or zp.numel() != 1:
+        raise InputError(f"{file}: key {name}.weight_scale/zero_point: one value needed (per-tensor)")
+    return int8, scale.to(torch.float64), zp.to(torch.int64), None
+
+
+def _check_modules(model: Any, modules: list[str], file: Path) -> None:
+    from nexus_core.errors import InputError
+
     for name in modules:
         try:
             model.get_submodule(name)
         except AttributeError:
             raise InputError(f"{file}: quantized module {name!r} is not in the model") from None
-        for key in ("weight_int8", "weight_scale", "weight_zero_point"):
-            if f"{name}.{key}" not in tensors:
-                raise InputError(f"{file}: key {name}.{key} missing")
+
+
+def load_quantized_into(model: Any, path: str | Path, meta: dict[str, Any], tensors: dict[str, Any] | None = None) -> Any:
+    """Quantize the fp skeleton ``model`` as the quantize step did, then copy the stored int8 values in."""
+    import torch
+
+    from nexus_core.errors import InputError
+
+    file = Path(path)
+    tensors = _tensors(file) if tensors is None else tensors
+    method, modules = meta["method"], meta["modules"]
+    _check_modules(model, modules, file)
+    shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in modules}
+    parts = {name: _weight_parts(tensors, name, shapes[name], file) for name in modules}
     if method == "int8_static":
         quantize_static_int8(model, modules)
     else:
@@ -254,18 +327,10 @@ def load_quantized_into(model: Any, path: str | Path, meta: dict[str, Any]) -> A
 
     for name in modules:
         qlin = _qlinear(model, name, method)
-        int8, scale, zp = get(f"{name}.weight_int8"), get(f"{name}.weight_scale"), get(f"{name}.weight_zero_point")
-        if int8.dtype != torch.int8 or tuple(int8.shape) != tuple(qlin.weight().shape):
-            raise InputError(f"{file}: key {name}.weight_int8 is {int8.dtype} {tuple(int8.shape)}, the model "
-                             f"needs int8 {tuple(qlin.weight().shape)}")
-        if f"{name}.weight_axis" in tensors:
-            axis = int(tensors[f"{name}.weight_axis"][0])
-            if scale.numel() != int8.shape[axis] or zp.numel() != int8.shape[axis]:
-                raise InputError(f"{file}: key {name}.weight_scale/zero_point: one per channel of axis {axis} needed")
-            qweight = torch._make_per_channel_quantized_tensor(int8, scale.to(torch.float64), zp.to(torch.int64), axis)
+        int8, scale, zp, axis = parts[name]
+        if axis is not None:
+            qweight = torch._make_per_channel_quantized_tensor(int8, scale, zp, axis)
         else:
-            if scale.numel() != 1 or zp.numel() != 1:
-                raise InputError(f"{file}: key {name}.weight_scale/zero_point: one value needed (per-tensor)")
             qweight = torch._make_per_tensor_quantized_tensor(int8, float(scale[0]), int(zp[0]))
         bias = tensors.get(f"{name}.bias")
         qlin.set_weight_bias(qweight, None if bias is None else bias.to(torch.float32))
@@ -292,10 +357,49 @@ def load_compressed(path: str | Path, dtype: str = "float32") -> tuple[Any, Any,
     p = as_local(path)
     meta = _read_meta(p)  # refuses old pickled artifacts before anything is loaded
     tokenizer = load_tokenizer(p)  # the one tokenizer loader: a pad token guaranteed, as for every model
-    model = from_pretrained_safe(AutoModelForCausalLM, p, dtype=getattr(torch, dtype))
-    model.eval()
     if meta is None:
+        model = from_pretrained_safe(AutoModelForCausalLM, p, dtype=getattr(torch, dtype))
+        model.eval()
         return model, tokenizer, {}
-    load_quantized_into(model, p / QUANT_DIR / QUANT_WEIGHTS, meta)
+    tensors = _tensors(p / QUANT_DIR / QUANT_WEIGHTS)
+    model = _skeleton(p, meta, tensors, dtype)
+    load_quantized_into(model, p / QUANT_DIR / QUANT_WEIGHTS, meta, tensors)
     model.eval()
     return model, tokenizer, meta
+
+
+def load_dequantized(path: str | Path, dtype: str = "float32") -> tuple[Any, Any, dict[str, Any]]:
+    """``(model, tokenizer, meta)`` of an INT8 artifact as a plain float model: every quantized Linear
+    gets ``(int8 - zero_point) * scale``, the values the int8 runtime computes with. Needs no quantized
+    engine (any CPU or GPU); what export and the MLflow registry copy use."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nexus_core.errors import InputError
+    from nexus_core.models.io import from_pretrained_safe, load_tokenizer
+
+    p = as_local(path)
+    meta = _read_meta(p)
+    if meta is None:
+        raise InputError(f"{p}: not an INT8 artifact (no {QUANT_DIR}/{QUANT_META})")
+    tokenizer = load_tokenizer(p)
+    if meta["format"] == QUANT_FORMAT_V1:  # its root weights are already the int8-rounded fp32 ones
+        model = from_pretrained_safe(AutoModelForCausalLM, p, dtype=getattr(torch, dtype))
+        return model.eval(), tokenizer, meta
+    file = p / QUANT_DIR / QUANT_WEIGHTS
+    tensors = _tensors(file)
+    model = _skeleton(p, meta, tensors, dtype)
+    _check_modules(model, meta["modules"], file)
+    with torch.no_grad():
+        for name in meta["modules"]:
+            lin = model.get_submodule(name)
+            int8, scale, zp, axis = _weight_parts(tensors, name, tuple(lin.weight.shape), file)
+            if axis is not None:
+                view = [1] * int8.dim()
+                view[axis] = -1
+                scale, zp = scale.reshape(view), zp.reshape(view)
+            lin.weight.copy_(((int8.to(torch.float64) - zp) * scale).to(lin.weight.dtype))
+            bias = tensors.get(f"{name}.bias")
+            if bias is not None and lin.bias is not None:
+                lin.bias.copy_(bias.to(lin.bias.dtype))
+    return model.eval(), tokenizer, meta

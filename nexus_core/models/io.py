@@ -107,6 +107,12 @@ def check_model_dir(path: str | Path, role: str = "model") -> Path:
         return p
     if not (p / "config.json").is_file():
         raise InputError(f"{role} {p}: not a Hugging Face model directory (no config.json)")
+    if (p / "quantized" / "quantization.json").is_file() and not any(any(p.glob(g)) for g in WEIGHT_GLOBS):
+        # an INT8 artifact: its weights (int8 Linears + float modules) are all under quantized/
+        if not (p / "quantized" / "model_int8.safetensors").is_file():
+            raise InputError(f"{role} {p}: INT8 model directory without quantized/model_int8.safetensors")
+        check_safetensors(p / "quantized", role)
+        return p
     if not any(any(p.glob(g)) for g in WEIGHT_GLOBS):
         raise InputError(f"{role} {p}: model directory without weights (no *.safetensors or pytorch_model*.bin)")
     check_safetensors(p, role)
@@ -198,7 +204,8 @@ def _load_causal_lm(path: str | Path, dtype: str = "float32", int8: bool = True,
     """``(model, tokenizer)`` of a model directory, in eval mode.
 
     An adapter directory is merged into its base; a quantize-step INT8 variant (``quantized/``) runs
-    through the INT8 runtime when ``int8`` (else its from_pretrained-loadable root weights).
+    through the INT8 runtime when ``int8``, else as float weights rebuilt from its int8 values
+    (:func:`nexus_core.models.compressed.load_dequantized`; a registry copy's root weights are the same).
     ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``). Nothing is unpickled:
     safetensors are preferred, ``.bin`` weights load only with ``weights_only=True`` (see
     :func:`from_pretrained_safe`), and INT8 variants load from safetensors.
@@ -217,6 +224,10 @@ def _load_causal_lm(path: str | Path, dtype: str = "float32", int8: bool = True,
         from nexus_core.models.compressed import load_compressed
 
         model, tokenizer, _ = load_compressed(p, dtype)
+    elif (p / "quantized").is_dir() and not any(any(p.glob(g)) for g in WEIGHT_GLOBS):
+        from nexus_core.models.compressed import load_dequantized
+
+        model, tokenizer, _ = load_dequantized(p, dtype)
     else:
         model = from_pretrained_safe(AutoModelForCausalLM, p, dtype=torch_dtype, **kwargs)
         tokenizer = load_tokenizer(p)

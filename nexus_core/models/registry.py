@@ -8,7 +8,13 @@ artifact store (the Nexus store when it is remote), never at a path on the machi
 - A training stage's artifact holds merged weights at its root and the LoRA adapter under
   ``adapter/``: the merged model is what loads; the tag ``nexus.adapter`` says where the adapter is.
 - An adapter-only directory is merged into its base first (the registry entry must load alone).
-- An INT8 variant loads as its int8-rounded weights; its ``quantized/`` runtime files travel along.
+- An INT8 variant ships no float weights (see :mod:`nexus_core.models.compressed`), which
+  ``mlflow.transformers`` cannot load. The registry copy alone gets float weights rebuilt from the
+  int8 values (``(int8 - zero_point) * scale``, exactly what the int8 runtime multiplies by), with the
+  artifact's ``quantized/`` files beside them. ``mlflow.transformers.load_model`` loads the float
+  weights; ``load_causal_lm`` (serving, evaluation) on the downloaded version runs the int8 runtime
+  from ``quantized/``. The tags ``nexus.int8_runtime`` and ``nexus.weights`` say so. The artifact in
+  the store stays int8 only.
 
 Registering is idempotent by artifact digest: a version with the same ``nexus.digest`` is reused.
 """
@@ -27,8 +33,26 @@ MODEL_ARTIFACT = "registered_model"
 _MODELS_URI = "models:/"
 
 
+def _int8_loadable(src: Path, tmp: Path) -> Path:
+    """``src`` (an INT8 artifact) with float weights rebuilt from its int8 values at the root and its
+    ``quantized/`` runtime files beside them: for the MLflow copy only."""
+    from nexus_core.models.compressed import QUANT_DIR, load_dequantized
+
+    model, tokenizer, _ = load_dequantized(src)
+    out = tmp / "int8_dequantized"
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    shutil.copytree(src / QUANT_DIR, out / QUANT_DIR)
+    return out
+
+
 def _loadable_dir(src: Path, tmp: Path) -> tuple[Path, str | None]:
     """A directory ``transformers`` loads as is, and where the adapter is (None: no adapter)."""
+    from nexus_core.models.compressed import is_int8_dir
+    from nexus_core.models.io import WEIGHT_GLOBS
+
+    if is_int8_dir(src) and not any(any(src.glob(g)) for g in WEIGHT_GLOBS):
+        return _int8_loadable(src, tmp), None
     if (src / "config.json").is_file():
         return src, "adapter/" if (src / "adapter" / "adapter_config.json").is_file() else None
     if (src / "adapter_config.json").is_file():  # adapter only: fold it into its base
@@ -53,6 +77,7 @@ def register_model_version(ref: ArtifactRef, name: str, *, run_id: str | None, t
     import mlflow.transformers
 
     from nexus_core import lineage
+    from nexus_core.models.compressed import is_int8_dir
 
     client = lineage.client()
     try:
@@ -80,6 +105,11 @@ def register_model_version(ref: ArtifactRef, name: str, *, run_id: str | None, t
     all_tags = {**tags, "nexus.digest": ref.digest, "nexus.artifact_uri": ref.uri, "nexus.flavor": "transformers"}
     if adapter:
         all_tags["nexus.adapter"] = adapter
+    if is_int8_dir(ref.path):
+        all_tags["nexus.int8_runtime"] = ("quantized/: int8 weights + quantization.json; "
+                                          "nexus_core.models.io.load_causal_lm runs them")
+        all_tags["nexus.weights"] = ("float weights rebuilt from the int8 values, for mlflow.transformers; "
+                                     "the released artifact itself ships int8 only")
     try:
         version = client.create_model_version(name, source=source, run_id=run_id, description=description,
                                               tags={k: str(v)[:5000] for k, v in all_tags.items() if v is not None})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import polars as pl
 import pytest
@@ -20,7 +19,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a whole flow: ~1-3 m
 @pytest.fixture(scope="module")
 def first_run(prefect_harness, repo):
     cfg = load_flow_config(CompressConfig, str(repo / "configs/compress/tiny.yaml"),
-                           [f"corpus.sources=[{repo / 'data/raw/scientific/abstracts.jsonl'}]", "name=ct"])
+                           [f"corpus.sources=[{repo / 'data/raw/scientific/abstracts.jsonl'}]", "name=ct",
+                            f"heldout={repo / 'data/raw/eval/tiny_validation.jsonl'}"])
     # Two variants keep the test short; tests/compress/test_steps.py covers every method.
     keep = [v for v in cfg.variants if v.name in {"structured", "int8"}]
     cfg = cfg.model_copy(update={"variants": keep})
@@ -35,11 +35,12 @@ def test_benchmark_table_compares_every_variant_with_the_base(first_run):
     assert rows["base"]["size_ratio"] == 1.0
     assert rows["structured"]["params_ratio"] < 0.8  # structured pruning shrank the model
     assert rows["int8"]["size_ratio"] < 1.0 and rows["int8"]["quantization"] == "int8_dynamic"
-    for col in ("latency_p50_ms", "latency_p95_ms", "ttft_ms", "tokens_per_s_b1", "tokens_per_s_b4", "perplexity",
+    for col in ("latency_p50_ms", "latency_iqr_ms", "latency_ratio_iqr", "ttft_ms", "tokens_per_s_b1", "tokens_per_s_b4", "perplexity",
                 "accuracy", "peak_mem_mb"):
         assert table[col].null_count() == 0, col
     report = (result.artifacts["benchmark"].path / "report.md").read_text()
-    assert "| structured |" in report and "latency_ratio" in report
+    assert "| structured |" in report and "latency_ratio" in report and "1 torch threads (pinned)" in report
+    assert set(table["heldout_rows"].to_list()) == {8}  # measured on the held-out set, not the calibration corpus
     bench_run = lineage.client().get_run(read_manifest(result.artifacts["benchmark"].uri).mlflow_run_id)
     assert "int8.size_ratio" in bench_run.data.metrics
 
@@ -61,7 +62,7 @@ def test_release_registers_the_chosen_variant_with_lineage(first_run):
     release = json.loads((result.artifacts["release"].path / "release.json").read_text())
     chosen_ref = result.artifacts[release["chosen"]] if release["chosen"] != "base" else result.artifacts["model"]
     mv = lineage.client().get_model_version(release["registry_name"], release["registry_version"])
-    assert mv.source == str(Path(chosen_ref.uri).resolve())
+    assert mv.source.endswith("/registered_model")  # a copy in MLflow's artifact store
     assert mv.tags["nexus.digest"] == chosen_ref.digest
     assert mv.run_id == read_manifest(chosen_ref.uri).mlflow_run_id  # the run that made it
     alias = lineage.client().get_model_version_by_alias(release["registry_name"], "champion")
@@ -69,6 +70,8 @@ def test_release_registers_the_chosen_variant_with_lineage(first_run):
     bench = pl.DataFrame(load_table(result.artifacts["benchmark"]))
     smallest_ok = bench.filter(pl.col("perplexity_ratio") <= 1.5).sort("size_mb")["model"][0]
     assert release["chosen"] == smallest_ok
+    assert "held-out perplexity ratio <= 1.5 (on 8 rows of tiny_validation.jsonl)" in release["reason"]
+    assert "shares no row" in release["reason"] and "ct_corpus" in release["reason"]
 
 
 def test_second_run_is_served_from_cache(first_run):

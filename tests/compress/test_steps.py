@@ -74,13 +74,14 @@ def test_int8_variants_load_generate_and_are_smaller(assets: dict[str, ArtifactR
     model, _, meta = load_compressed(res.ref.uri)
     assert meta["method"] == method
     assert [m for m in model.modules() if ".quantized" in type(m).__module__]  # a real int8 runtime
-    assert res.int8_bytes < res.fp32_bytes
+    assert res.int8_bytes < res.fp32_bytes  # every file of each artifact counted
+    assert not list(res.ref.path.glob("*.safetensors"))  # no fp32 copy: the weights are all in quantized/
     if method == "mixed":
         assert len(res.kept_fp32) == round(0.25 * 21) and res.quantized_modules == 21 - len(res.kept_fp32)
     if method != "int8_dynamic":  # calibrated methods measure quality; int8 must stay close to fp32
         assert res.metrics["ppl_int8"] == pytest.approx(res.metrics["ppl_fp32"], rel=0.05)
     assert len(_generates(res.ref.uri)) == 4
-    # and from_pretrained still works on the artifact root (int8-rounded fp32 weights)
+    # and the float model rebuilt from the int8 values (what export and the registry copy use)
     assert load_causal_lm(res.ref.uri, int8=False)[0].config.num_hidden_layers == 3
 
 

@@ -13,20 +13,18 @@ from typing import Any
 import pytest
 import torch
 
-from nexus_core.compress.common import save_model
+from nexus_core.compress.common import shipped_bytes
 from nexus_core.errors import InputError
 from nexus_core.models.compressed import (
     LEGACY_QUANT_WEIGHTS,
     QUANT_DIR,
     QUANT_META,
     QUANT_WEIGHTS,
-    dequantized_state,
-    int8_runtime_bytes,
     linear_names,
     load_compressed,
     quantize_dynamic_int8,
     quantize_static_int8,
-    save_quantized,
+    save_int8_model,
 )
 from nexus_core.models.io import load_causal_lm
 from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm
@@ -69,8 +67,7 @@ def _quantized(tiny: Path, out: Path, method: str) -> tuple[Any, Any, Path]:
     work = copy.deepcopy(model)
     qmodel = (quantize_static_int8(work, names, calibrate) if method == "int8_static"
               else quantize_dynamic_int8(work, names))
-    save_model(dequantized_state(qmodel, model, names, method if method == "int8_static" else "dynamic"), tok, out)
-    save_quantized(qmodel, out, method, names, {})
+    save_int8_model(qmodel, model, tok, out, method, names, {})
     return qmodel, ids, out
 
 
@@ -93,9 +90,9 @@ def test_int8_reload_from_safetensors_equals_in_memory_model(tiny: Path, tmp_pat
     with torch.no_grad():
         want, got = qmodel(input_ids=ids).logits, loaded(input_ids=ids).logits
     assert torch.equal(want, got)
-    # the size the benchmark reports: int8 Linears + float modules, well under the fp32 model
-    fp32 = sum(f.stat().st_size for f in tiny.glob("*.safetensors"))
-    assert (out / QUANT_DIR / QUANT_WEIGHTS).stat().st_size < int8_runtime_bytes(out) < fp32
+    # no fp32 copy: the only weights are quantized/model_int8.safetensors; every file shipped is smaller
+    assert not list(out.glob("*.safetensors"))
+    assert (out / QUANT_DIR / QUANT_WEIGHTS).stat().st_size < shipped_bytes(out) < shipped_bytes(tiny)
 
 
 def _int8_dir_with_old_pickle(tiny: Path, tmp_path: Path, marker: Path) -> Path:
