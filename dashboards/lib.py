@@ -287,17 +287,21 @@ def curves(run_ids: list[str], names: dict[str, str] | None = None,
 
 
 def leaderboard() -> pl.DataFrame:
-    """Evaluation reports ranked (gate passed, then score) with their metrics flattened into columns."""
+    """Evaluation reports per (dataset, judge kind), LLM judges first, ranked within each group (gates
+    passed, coverage, score; ``rank`` restarts per group), with their metrics flattened into columns."""
     from nexus_core import catalog
 
-    rows = []
-    for rank, r in enumerate(catalog.leaderboard(), start=1):
+    rows, group, rank = [], None, 0
+    for r in catalog.leaderboard():
+        if catalog.leaderboard_group(r) != group:
+            group, rank = catalog.leaderboard_group(r), 0
+        rank += 1
         metrics = {f"metric.{k}": v for k, v in json.loads(r.metrics_json or "{}").items()
                    if isinstance(v, int | float)}
-        rows.append({"rank": rank, "model": r.model_name, "dataset": r.dataset_name, "score": r.score,
-                     "gate": "pass" if r.gate_passed else "fail", "judge": r.judge, "judge_kind": r.judge_kind,
-                     "run_id": r.run_id, "created": r.created_at.isoformat(timespec="seconds"),
-                     "report_uri": r.report_uri, **metrics})
+        rows.append({"rank": rank, "dataset": r.dataset_name, "judge_kind": r.judge_kind, "model": r.model_name,
+                     "score": r.score, "coverage": r.coverage, "gate": "pass" if r.gate_passed else "fail",
+                     "judge": r.judge, "rubric": r.rubric, "run_id": r.run_id,
+                     "created": r.created_at.isoformat(timespec="seconds"), "report_uri": r.report_uri, **metrics})
     return pl.DataFrame(rows) if rows else pl.DataFrame()
 
 

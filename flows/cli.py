@@ -6,7 +6,7 @@
     nexus doctor [CONFIG] [key=value ...]   dependencies, accelerator, disk space, configured models
     nexus serve MODEL [--port N] [--api-key-env VAR]   OpenAI-compatible server for local models
     nexus costs [--by flow_name,step,provider] [--flow NAME] [--run ID] [--json]   spend report
-    nexus leaderboard [--dataset NAME] [--judge heuristic|llm] [--json]   evaluation reports ranked
+    nexus leaderboard [--dataset NAME] [--judge heuristic|llm] [--json]   evaluation reports ranked per dataset and judge kind
     nexus lineage MODEL[@ALIAS|/V] [--json]  a registered model (or artifact) back to its raw files
 
 A failure prints one `error:` line and exits 1; add --debug (anywhere) for the traceback.
@@ -125,8 +125,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    """Print evaluation reports ranked: gates passed first, then the rubric score (judge kind shown)."""
-    from nexus_core.catalog import leaderboard
+    """Print evaluation reports per (dataset, judge kind), LLM judges first; ranked within each group:
+    gates passed first, then coverage, then the rubric score."""
+    from nexus_core.catalog import leaderboard, leaderboard_group
 
     rows = leaderboard(dataset_name=args.dataset, judge_kind=args.judge)
     if args.json:
@@ -135,10 +136,18 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if not rows:
         print("no evaluation reports yet: run `nexus run evaluate configs/eval/tiny.yaml`")
         return 0
-    print(f"{'#':<3} {'model':<28} {'dataset':<24} {'judge':<10} {'score':>6} {'gates':<6} run_id")
-    for i, r in enumerate(rows, start=1):
+    group, rank = None, 0
+    for r in rows:
+        if leaderboard_group(r) != group:
+            group, rank = leaderboard_group(r), 0
+            dataset, kind = group
+            note = " (rule-based, not an LLM judge: not comparable with LLM scores)" if kind == "heuristic" else ""
+            print(f"\ndataset {dataset} · judge {kind}{note}")
+            print(f"{'#':<3} {'model':<28} {'judge':<20} {'score':>6} {'cover':>6} {'gates':<6} run_id")
+        rank += 1
         score = "" if r.score is None else f"{r.score:.2f}"
-        print(f"{i:<3} {(r.model_name or '?'):<28} {(r.dataset_name or '?'):<24} {r.judge_kind:<10} {score:>6} "
+        cover = "" if r.coverage is None else f"{r.coverage:.3f}"
+        print(f"{rank:<3} {(r.model_name or '?'):<28} {(r.judge or '?')[:20]:<20} {score:>6} {cover:>6} "
               f"{'pass' if r.gate_passed else 'FAIL':<6} {r.run_id}")
     return 0
 

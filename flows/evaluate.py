@@ -20,11 +20,12 @@ from nexus_core.contract import check_plan
 from nexus_core.corpus.ingest import IngestConfig
 from nexus_core.errors import ConfigError
 from nexus_core.evaluate.feedback import FeedbackConfig, run_feedback
-from nexus_core.evaluate.gates import GatesConfig, run_gates
+from nexus_core.evaluate.gates import GatesConfig, rubric_problems, run_gates
 from nexus_core.evaluate.judge import JudgeConfig, run_judge
 from nexus_core.evaluate.predict import PredictConfig, run_predict
 from nexus_core.evaluate.records import eval_run_id
 from nexus_core.evaluate.report import ReportConfig, run_report
+from nexus_core.evaluate.rubric import load_rubric
 from nexus_core.evaluate.score import ScoreConfig, run_score
 from nexus_core.io import resolve_ref
 from nexus_core.models.io import resolve_model
@@ -66,6 +67,10 @@ def check_evaluate(cfg: EvaluateConfig, model: ArtifactRef | None, dataset: Arti
                (run_gates, cfg.gates, {}, "gates"), (run_report, cfg.report, {}, "report"),
                *([(run_feedback, cfg.feedback, {}, "feedback")] if cfg.feedback is not None else [])]
     check_plan(planned)
+    rubric = load_rubric(cfg.judge.rubric)
+    problems = rubric_problems(cfg.gates, rubric.names, f"{rubric.name!r} ({cfg.judge.rubric})")
+    if problems:
+        raise ConfigError(problems)
     return [label for _, _, _, label in planned]
 
 
@@ -109,7 +114,7 @@ def evaluate(cfg: EvaluateConfig, model: ArtifactRef | None = None,
     return EvaluateResult.from_steps(
         "evaluate", steps, mlflow_run_id, gate_passed=gates.passed, failed_gates=gates.failed_gates,
         gate_values=gates.values, run_id=run_id, judge=judged.label, judge_kind=judged.judge_kind,
-        score=report.score, metrics=scores.values, report=f"{report.ref.uri}/{report.report_file}",
+        score=report.score, coverage=judged.coverage, unparseable=judged.unparseable, metrics=scores.values, report=f"{report.ref.uri}/{report.report_file}",
         feedback_samples=steps["feedback"].failed_samples if "feedback" in steps else 0)
 
 

@@ -88,6 +88,8 @@ class EvaluateResult(FlowResult):
     judge: str | None = None
     judge_kind: str | None = None
     score: float | None = None
+    coverage: float | None = Field(default=None, description="Rows the judge scored / rows")
+    unparseable: int = Field(default=0, description="Unusable first verdicts (before the re-ask recovered any)")
     metrics: dict[str, Any] = Field(default_factory=dict)
     report: str | None = Field(default=None, description="Path of the report JSON")
     feedback_samples: int = 0

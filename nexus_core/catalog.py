@@ -129,6 +129,8 @@ class EvalReportRow(SQLModel, table=True):
     judge: str | None = None
     judge_kind: str = "heuristic"  # heuristic | llm: heuristic scores are never ranked as LLM-judged
     score: float | None = None  # mean of the rubric medians
+    coverage: float | None = None  # rows the judge scored / rows (null: recorded before coverage existed)
+    rubric: str | None = None  # name@vN: scores on different rubrics are not comparable either
     gate_passed: bool = False
     metrics_json: str = "{}"
     report_uri: str = Field(unique=True)
@@ -149,7 +151,23 @@ def _engine_for(url: str) -> Engine:
 
     with migration_lock("catalog"):  # concurrent first runs on a fresh home create the tables once
         SQLModel.metadata.create_all(engine)
+        _add_missing_columns(engine)
     return engine
+
+
+# Columns added after a table first shipped: (table, column, SQL type). create_all never alters an
+# existing table, so a catalog made by an older version gets them here (nullable, so old rows stay valid).
+_ADDED_COLUMNS = [("eval_reports", "coverage", "FLOAT"), ("eval_reports", "rubric", "VARCHAR")]
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    from sqlalchemy import inspect, text
+
+    inspector = inspect(engine)
+    with engine.begin() as conn:
+        for table, column, sql_type in _ADDED_COLUMNS:
+            if column not in {c["name"] for c in inspector.get_columns(table)}:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
 
 
 @contextmanager
@@ -222,8 +240,21 @@ def add_eval_report(row: EvalReportRow) -> None:
         session.commit()
 
 
+# A report scored on fewer rows than this is ranked below every fully judged one of its group.
+LEADERBOARD_MIN_COVERAGE = 0.9
+JUDGE_KIND_ORDER = {"llm": 0, "heuristic": 1}
+
+
+def leaderboard_group(row: EvalReportRow) -> tuple[str, str]:
+    """(dataset, judge kind): reports are ranked only against others of the same group, because a score
+    on another dataset, or from another kind of judge, measures something else."""
+    return row.dataset_name or "?", row.judge_kind
+
+
 def leaderboard(dataset_name: str | None = None, judge_kind: str | None = None) -> list[EvalReportRow]:
-    """Evaluation reports ranked: gate passed first, then score (highest first), then newest."""
+    """Evaluation reports grouped by dataset, then judge kind (LLM judges before the heuristic, so it can
+    never outrank one), and ranked within each group: gates passed first, then coverage at least
+    :data:`LEADERBOARD_MIN_COVERAGE`, then score (highest first), then newest."""
     with Session(engine()) as session:
         query = select(EvalReportRow)
         if dataset_name:
@@ -231,8 +262,13 @@ def leaderboard(dataset_name: str | None = None, judge_kind: str | None = None) 
         if judge_kind:
             query = query.where(EvalReportRow.judge_kind == judge_kind)
         rows = list(session.exec(query))
-    return sorted(rows, key=lambda r: (not r.gate_passed, -(r.score if r.score is not None else float("-inf")),
-                                       -r.id if r.id is not None else 0))
+
+    def key(r: EvalReportRow) -> tuple:
+        thin = r.coverage is not None and r.coverage < LEADERBOARD_MIN_COVERAGE
+        return (r.dataset_name or "", JUDGE_KIND_ORDER.get(r.judge_kind, 2), r.judge_kind, not r.gate_passed, thin,
+                -(r.score if r.score is not None else float("-inf")), -r.id if r.id is not None else 0)
+
+    return sorted(rows, key=key)
 
 
 def artifact_row(m: Manifest) -> ArtifactRow:

@@ -8,7 +8,8 @@ import streamlit as st
 
 from dashboards.ui import empty, header, load
 
-header("Leaderboard", "Evaluation reports ranked: gates passed first, then the rubric score.")
+header("Leaderboard", "Evaluation reports per dataset and judge kind, ranked within each: gates passed first, "
+                      "then coverage (rows the judge scored), then the rubric score.")
 
 board: pl.DataFrame = load("leaderboard")
 if board.is_empty():
@@ -18,9 +19,11 @@ if board.is_empty():
 f1, f2 = st.columns(2)
 datasets = sorted({d for d in board["dataset"].to_list() if d})
 ds = f1.selectbox("Dataset", ["(all)", *datasets])
-kinds = sorted({k for k in board["judge_kind"].to_list() if k})
-kind = f2.selectbox("Judge", ["(all)", *kinds],
-                    help="Heuristic scores come from rules, not an LLM judge: compare like with like.")
+kinds = sorted({k for k in board["judge_kind"].to_list() if k}, key=lambda k: (k != "llm", k))
+# LLM-judged reports by default: a rule-based score must never look like it beats an LLM judge's
+kind = f2.selectbox("Judge", [*kinds, "(all)"],
+                    help="Heuristic scores come from rules, not an LLM judge: compare like with like. "
+                         "(all) keeps each judge kind in its own group, LLM judges first.")
 if ds != "(all)":
     board = board.filter(pl.col("dataset") == ds)
 if kind != "(all)":
@@ -29,19 +32,22 @@ if kind != "(all)":
 c1, c2, c3 = st.columns(3)
 c1.metric("Reports", board.height)
 c2.metric("Gates passed", int((board["gate"] == "pass").sum()))
-best = board.filter(pl.col("score").is_not_null()).head(1)
+best = board.filter(pl.col("score").is_not_null()).head(1)  # the board is in rank order, LLM judges first
 c3.metric("Best score", f"{best['score'][0]:.2f}" if best.height else "–", best["model"][0] if best.height else None)
 
 st.dataframe(board.drop("report_uri"), hide_index=True, width="stretch",
-             column_config={"score": st.column_config.ProgressColumn("score", min_value=0, max_value=5, format="%.2f")})
+             column_config={"score": st.column_config.ProgressColumn("score", min_value=0, max_value=5, format="%.2f"),
+                            "coverage": st.column_config.NumberColumn(
+                                "coverage", format="%.3f", help="Rows the judge gave a usable verdict / rows")})
 
 scored = board.filter(pl.col("score").is_not_null())
 if not scored.is_empty():
-    chart = alt.Chart(scored.with_columns(pl.format("{} ({})", "model", "run_id").alias("label")).to_pandas()) \
-        .mark_bar().encode(
-            x=alt.X("score:Q"), y=alt.Y("label:N", sort="-x", title=None),
+    scored = scored.with_columns(pl.format("{} ({}, {} judge)", "model", "run_id", "judge_kind").alias("label"))
+    chart = alt.Chart(scored.to_pandas()) \
+        .mark_bar().encode(  # bars in rank order (judge kinds grouped), never re-sorted by raw score
+            x=alt.X("score:Q"), y=alt.Y("label:N", sort=scored["label"].to_list(), title=None),
             color=alt.Color("gate:N", scale=alt.Scale(domain=["pass", "fail"], range=["#31a354", "#de2d26"])),
-            tooltip=["model", "dataset", "score", "gate", "judge_kind"])
+            tooltip=["model", "dataset", "score", "coverage", "gate", "judge_kind"])
     st.altair_chart(chart, width="stretch")
 
 st.subheader("Rubric breakdown")

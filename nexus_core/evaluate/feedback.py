@@ -19,7 +19,7 @@ from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import NexusModel
 from nexus_core.context import StepContext
 from nexus_core.contract import step, table
-from nexus_core.evaluate.rubric import KNOWN_DIMENSIONS
+from nexus_core.evaluate.rubric import judged_dimensions
 from nexus_core.io import load_table, schema_of, write_jsonl, write_parquet
 from nexus_core.runner import StepResult
 
@@ -63,7 +63,7 @@ def run_feedback(cfg: FeedbackConfig, *, inputs: dict[str, ArtifactRef], out_uri
                  ctx: StepContext) -> FeedbackResult:
     """Select failed rows of ``inputs['judged']`` and write them as teacher-input records."""
     judged = load_table(inputs["judged"])
-    dims = [d for d in KNOWN_DIMENSIONS if d in judged.columns]
+    dims = judged_dimensions(inputs["judged"], judged.columns)
     records = []
     for row in judged.iter_rows(named=True):
         scores = [row[d] for d in dims if row[d] is not None]

@@ -5,10 +5,18 @@ or ``prompt``/``completion``. Writes ``data.parquet`` and the same table as
 ``predictions_<run_id>.parquet`` with one row per example: the prediction, the reference's summed
 negative log-likelihood and token count (for perplexity), and, when ``labels`` are configured, the
 label the model finds most likely and the positive-class probability (for accuracy/F1/AUROC).
+
+What is evaluated is what ships: the model loads through :func:`nexus_core.models.io.load_causal_lm`,
+so a quantize-step INT8 variant runs through its INT8 runtime (``runtime: int8`` in the result), and
+long prompts are truncated from the *left*, keeping the question and the chat template's generation
+prompt at the end. Perplexity, accuracy and the judged answers all come from this one table, so they
+are computed on the same rows; ``rows_digest`` names those rows, equal for every variant evaluated on
+the same data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -57,6 +65,9 @@ class PredictResult(StepResult):
     predictions_file: str
     model_uri: str
     seconds_per_row: float
+    runtime: str = Field(default="float", description="int8: a quantized variant run through its INT8 runtime; "
+                                                      "float: HF weights (adapters merged)")
+    rows_digest: str = Field(default="", description="sha256 over the evaluated rows' ids and inputs")
 
 
 def _prompt_text(tokenizer: Any, cfg: PredictConfig, text: str) -> str:
@@ -92,6 +103,25 @@ def _continuation_nll(model: Any, tokenizer: Any, prompts: list[str], conts: lis
     return out
 
 
+def encode_prompts(tokenizer: Any, prompts: list[str], max_input_tokens: int) -> Any:
+    """Batch-encode ``prompts`` left-padded and truncated from the left: a long prompt loses its start,
+    never the question and generation prompt at its end (what the model must answer)."""
+    tokenizer.padding_side = "left"  # decoder-only generation needs the prompt flush right
+    tokenizer.truncation_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_input_tokens,
+                    add_special_tokens=False)
+    enc.pop("token_type_ids", None)  # PreTrainedTokenizerFast emits it; causal LMs reject it
+    return enc
+
+
+def rows_digest(row_ids: list[str], inputs: list[str]) -> str:
+    """sha256 over (row id, input) of every evaluated row, in order."""
+    h = hashlib.sha256()
+    for rid, text in zip(row_ids, inputs, strict=True):
+        h.update(json.dumps([rid, text], ensure_ascii=False).encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
 def _read_validation(ref: ArtifactRef) -> pl.DataFrame:
     df = load_table(ref)
     if "input" not in df.columns and {"prompt", "completion"} <= set(df.columns):
@@ -117,14 +147,15 @@ def run_predict(cfg: PredictConfig, *, inputs: dict[str, ArtifactRef], out_uri: 
     """Generate a prediction for every validation row with the model in ``inputs['model']``."""
     import torch
 
+    from nexus_core.models.compressed import QUANT_DIR
     from nexus_core.models.io import load_causal_lm
 
     df = _read_validation(inputs["dataset"])
     if cfg.max_rows:
         df = df.head(cfg.max_rows)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_causal_lm(inputs["model"].path, dtype=cfg.dtype)  # INT8 variants run as INT8
-    tokenizer.padding_side = "left"  # decoder-only generation needs the prompt flush right
+    model, tokenizer = load_causal_lm(inputs["model"].path, dtype=cfg.dtype, int8=True)  # INT8 variants run as INT8
+    runtime = "int8" if (inputs["model"].path / QUANT_DIR).is_dir() else "float"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -149,10 +180,8 @@ def run_predict(cfg: PredictConfig, *, inputs: dict[str, ArtifactRef], out_uri: 
 
     for i in range(0, len(prompts), cfg.batch_size):
         batch = prompts[i:i + cfg.batch_size]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True,
-                        max_length=cfg.max_input_tokens, add_special_tokens=False)
+        enc = encode_prompts(tokenizer, batch, cfg.max_input_tokens)
         t0 = time.perf_counter()
-        enc.pop("token_type_ids", None)  # PreTrainedTokenizerFast emits it; causal LMs reject it
         with torch.no_grad():
             gen = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
@@ -204,5 +233,6 @@ def run_predict(cfg: PredictConfig, *, inputs: dict[str, ArtifactRef], out_uri: 
     seconds = time.perf_counter() - t_start
     return PredictResult(rows=table.height, columns=schema_of(table), run_id=cfg.run_id, predictions_file=fname,
                          model_uri=inputs["model"].uri, seconds_per_row=seconds / max(1, table.height),
+                         runtime=runtime, rows_digest=rows_digest(cols["row_id"], texts),
                          metrics={"predict_seconds": seconds, "mean_generated_tokens": sum(n_gen) / max(1, len(n_gen))},
                          cost=Cost(provider="local", model=inputs["model"].path.name))

@@ -30,6 +30,7 @@ def record_report(report: ArtifactRef, flow_run_id: str | None = None) -> catalo
         run_id=data["run_id"], model_name=model.get("name"), model_uri=model.get("uri"),
         model_digest=model.get("digest"), dataset_name=dataset.get("name"), dataset_digest=dataset.get("digest"),
         judge=data["judge"].get("name"), judge_kind=data["judge"]["kind"], score=data.get("score"),
+        coverage=data.get("coverage"), rubric=data["judge"].get("rubric"),
         gate_passed=bool(data["gate_passed"]), metrics_json=json.dumps(data.get("metrics") or {}),
         report_uri=report.uri, flow_run_id=flow_run_id,
     )

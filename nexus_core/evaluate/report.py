@@ -17,7 +17,7 @@ from nexus_core.artifacts import ArtifactRef, atomic_write_json, now_iso, read_m
 from nexus_core.config import NexusModel
 from nexus_core.context import StepContext
 from nexus_core.contract import directory, step, table
-from nexus_core.evaluate.rubric import HEURISTIC_LABEL, KNOWN_DIMENSIONS
+from nexus_core.evaluate.rubric import HEURISTIC_LABEL, judged_dimensions
 from nexus_core.io import load_table, schema_of, write_parquet
 from nexus_core.runner import StepResult
 
@@ -37,6 +37,7 @@ class ReportResult(StepResult):
     gate_passed: bool
     judge_kind: str
     score: float | None = Field(default=None, description="Mean of the rubric medians (the leaderboard's sort key)")
+    coverage: float | None = Field(default=None, description="Rows with a usable verdict / rows")
 
 
 def _ref_info(ref: ArtifactRef | None) -> dict | None:
@@ -58,12 +59,18 @@ def run_report(cfg: ReportConfig, *, inputs: dict[str, ArtifactRef], out_uri: st
     judged = load_table(inputs["judged"])
     judge_result = read_manifest(inputs["judged"].uri).result
     kind = judge_result.get("judge_kind", "unknown")
-    dims = [d for d in KNOWN_DIMENSIONS if d in judged.columns]
+    dims = judged_dimensions(inputs["judged"], judged.columns)
+    rows = judged.height
+    ok = judge_result.get("ok")
+    coverage = judge_result.get("coverage")
+    if coverage is None and ok is not None:  # judged before coverage was recorded
+        coverage = ok / rows if rows else 0.0
     summary = {}
     for d in dims:
         vals = [v for v in judged[d].to_list() if v is not None]
         summary[d] = {"median": statistics.median(vals) if vals else None,
-                      "mean": statistics.fmean(vals) if vals else None, "n": len(vals)}
+                      "mean": statistics.fmean(vals) if vals else None, "n": len(vals),
+                      "coverage": len(vals) / rows if rows else 0.0}
     medians = [s["median"] for s in summary.values() if s["median"] is not None]
     score = statistics.fmean(medians) if medians else None
     worst = judged
@@ -79,13 +86,16 @@ def run_report(cfg: ReportConfig, *, inputs: dict[str, ArtifactRef], out_uri: st
         "created_at": now_iso(),
         "model": _ref_info(pred_manifest.inputs.get("model")),
         "dataset": _ref_info(pred_manifest.inputs.get("dataset")),
-        "predictions": _ref_info(inputs["predictions"]),
+        "predictions": {**(_ref_info(inputs["predictions"]) or {}), "runtime": pred_manifest.result.get("runtime"),
+                        "rows_digest": pred_manifest.result.get("rows_digest")},
         "metrics": scores["values"],
         "metrics_skipped": scores.get("skipped", {}),
         "judge": {"kind": kind, "name": judge_result.get("judge"),
                   "label": HEURISTIC_LABEL if kind == "heuristic" else judge_result.get("label"),
-                  "ok": judge_result.get("ok"), "unparseable": judge_result.get("unparseable"),
-                  "failed": judge_result.get("failed"), "dimensions": summary},
+                  "rubric": judge_result.get("rubric"), "rows": rows, "ok": ok,
+                  "unparseable": judge_result.get("unparseable"), "recovered": judge_result.get("recovered"),
+                  "failed": judge_result.get("failed"), "coverage": coverage, "dimensions": summary},
+        "coverage": coverage,
         "methodology_share": float(judged["has_methodology"].mean() or 0.0) if "has_methodology" in judged.columns else None,  # pyright: ignore[reportArgumentType] - polars' mean() is typed as any literal
         "gates": gates["gates"],
         "gate_passed": bool(gates["passed"]),
@@ -100,12 +110,16 @@ def run_report(cfg: ReportConfig, *, inputs: dict[str, ArtifactRef], out_uri: st
     row = pl.DataFrame([{
         "run_id": cfg.run_id, "model": model.get("name"), "model_uri": model.get("uri"),
         "dataset": (report["dataset"] or {}).get("name"), "judge_kind": kind, "judge": judge_result.get("judge"),
-        "score": score, "gate_passed": report["gate_passed"], "rows": judged.height,
+        "score": score, "gate_passed": report["gate_passed"], "rows": judged.height, "coverage": coverage,
+        "rubric": judge_result.get("rubric"),
         "metrics_json": json.dumps(scores["values"]),
         **{f"{d}_median": (None if s["median"] is None else float(s["median"])) for d, s in summary.items()},
     }])
     write_parquet(row, out / "data.parquet")
     metrics = {f"{kind}_judge.score": score} if score is not None else {}
     metrics["gate_passed"] = float(report["gate_passed"])
+    if coverage is not None:
+        metrics[f"{kind}_judge.coverage"] = coverage
     return ReportResult(rows=1, columns=schema_of(row), run_id=cfg.run_id, report_file=fname,
-                        gate_passed=report["gate_passed"], judge_kind=kind, score=score, metrics=metrics)
+                        gate_passed=report["gate_passed"], judge_kind=kind, score=score, coverage=coverage,
+                        metrics=metrics)

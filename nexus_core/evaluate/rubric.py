@@ -4,11 +4,16 @@ Shared by the evaluation judge step and (for scoring teacher outputs) the distil
 lives outside ``steps/``. Two judges:
 
 * ``llm``: any litellm model through ``nexus_core.llm.client`` (bounded concurrency, response cache,
-  retries honouring ``Retry-After``); an unparseable or schema-invalid verdict becomes a
-  row with ``status="unparseable"`` and a reason; a judge still unreachable after its retries raises
-  :class:`JudgeUnreachable` naming the model and endpoint.
+  retries honouring ``Retry-After``). JSON mode (``response_format``) is requested where litellm says
+  the provider supports it; the verdict is the first balanced JSON object in the reply that passes
+  the rubric's schema; a reply without one is re-asked once, with the reason; a verdict still
+  unusable becomes a row with ``status="unparseable"`` and a reason; a judge still unreachable after
+  its retries raises :class:`JudgeUnreachable` naming the model and endpoint.
 * ``heuristic``: offline scoring from ordered-steps count, measurable-outcome wording and similarity to
-  the teacher answer. Its rows carry ``judge_kind="heuristic"`` so it is never mistaken for an LLM.
+  the teacher answer, for the project rubric's five dimensions only. Its rows carry
+  ``judge_kind="heuristic"`` so it is never mistaken for an LLM.
+
+A rubric may name any dimensions (``helpfulness``, ``tone``...): gates and reports follow its names.
 """
 
 from __future__ import annotations
@@ -18,16 +23,25 @@ import re
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
 from nexus_core.config import NexusModel
-from nexus_core.errors import ConfigError, StepError
+from nexus_core.errors import ConfigError, InputError, StepError
 from nexus_core.llm.client import LLMConfig
 from nexus_core.secrets import scrub
 
+# The project rubric's dimensions: the ones the heuristic judge knows how to score. Any rubric may name others.
 KNOWN_DIMENSIONS = ("plausibility", "falsifiability", "method_rigour", "reproducibility", "teacher_agreement")
+_DIMENSION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+# Columns the predict and judge steps write: a dimension of the same name would overwrite one.
+RESERVED_NAMES = frozenset({
+    "row_id", "input", "prediction", "reference", "generated_tokens", "latency_s", "ref_nll", "ref_tokens",
+    "pred_label", "score", "pred_value", "label", "target", "meta", "domain", "title", "abstract", "quality",
+    "judge", "judge_kind", "rubric", "status", "reason", "rationale", "raw_verdict", "steps_count",
+    "has_methodology", "judge_reasked", "judge_attempts", "judge_prompt_tokens", "judge_completion_tokens",
+    "judge_cost_usd", "judge_latency_s"})
 KNOWN_SCALES: dict[str, tuple[int, int]] = {"1-5": (1, 5), "1-10": (1, 10)}
 HEURISTIC_LABEL = "heuristic (rule-based, not an LLM judge)"
 
@@ -35,7 +49,8 @@ HEURISTIC_LABEL = "heuristic (rule-based, not an LLM judge)"
 class Dimension(NexusModel):
     """One scored dimension of the rubric."""
 
-    name: str = Field(description=f"One of {', '.join(KNOWN_DIMENSIONS)}")
+    name: str = Field(description="Dimension name (lower-case letters, digits, _): the judged-table column "
+                                  "and verdict key gates refer to")
     description: str = Field(description="What a high score means, shown to the judge")
 
 
@@ -76,9 +91,12 @@ def load_rubric(path: str | Path) -> Rubric:
     if rubric.scale not in KNOWN_SCALES:
         problems.append(f"scale: unknown scale {rubric.scale!r} (known: {', '.join(KNOWN_SCALES)})")
     for i, dim in enumerate(rubric.dimensions):
-        if dim.name not in KNOWN_DIMENSIONS:
-            problems.append(f"dimensions[{i}].name: unknown dimension {dim.name!r} "
-                            f"(known: {', '.join(KNOWN_DIMENSIONS)})")
+        if not _DIMENSION_NAME.match(dim.name):
+            problems.append(f"dimensions[{i}].name: {dim.name!r} is not a valid dimension name "
+                            f"(lower-case letter first, then letters, digits or _, at most 48)")
+        elif dim.name in RESERVED_NAMES:
+            problems.append(f"dimensions[{i}].name: {dim.name!r} is a column the evaluation writes itself; "
+                            f"choose another name")
     if len(set(rubric.names)) != len(rubric.names):
         problems.append("dimensions: duplicate names")
     if not rubric.dimensions:
@@ -96,9 +114,6 @@ def verdict_schema(rubric: Rubric) -> dict[str, Any]:
     return {"type": "object", "properties": props, "required": rubric.names, "additionalProperties": True}
 
 
-_JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
-
-
 @lru_cache(maxsize=16)
 def _validator(rubric_json: str):  # noqa: ANN202 - jsonschema validator; built once per rubric, not per verdict
     import jsonschema
@@ -106,28 +121,51 @@ def _validator(rubric_json: str):  # noqa: ANN202 - jsonschema validator; built 
     return jsonschema.Draft202012Validator(verdict_schema(Rubric.model_validate_json(rubric_json)))
 
 
+def _schema_problem(verdict: Any, rubric: Rubric) -> str | None:
+    """None when ``verdict`` satisfies the rubric's schema (integral floats become ints), else why not."""
+    # integral floats (4.0) are common and harmless; anything else must fail the schema
+    if isinstance(verdict, dict):
+        for key in rubric.names:
+            value = verdict.get(key)
+            if isinstance(value, float) and value.is_integer():
+                verdict[key] = int(value)
+    errors = sorted(_validator(rubric.model_dump_json()).iter_errors(verdict), key=lambda e: list(e.path))
+    if not errors:
+        return None
+    where = ".".join(map(str, errors[0].path)) or "(verdict)"
+    return f"verdict fails schema at {where}: {errors[0].message}"
+
+
 def parse_verdict(text: str | None, rubric: Rubric) -> tuple[dict[str, Any] | None, str | None]:
-    """(verdict, None) when ``text`` holds a schema-valid JSON verdict, else (None, reason)."""
+    """(verdict, None) when ``text`` holds a schema-valid JSON verdict, else (None, reason).
+
+    The verdict is the first *balanced* JSON object in the text that passes the rubric's schema:
+    judges wrap JSON in prose or ``` fences, and may write other braces before or after it (a greedy
+    ``{.*}`` would swallow those and reject a good verdict). Each ``{`` is tried with the JSON decoder
+    itself, so braces inside strings never confuse it.
+    """
     if not text or not text.strip():
         return None, "empty verdict"
     cleaned = text.strip()
-    match = _JSON_OBJECT.search(cleaned)  # judges often wrap JSON in prose or ``` fences
-    if not match:
+    decoder = json.JSONDecoder()
+    schema_reason = json_reason = None
+    start = cleaned.find("{")
+    if start < 0:
         return None, f"no JSON object in verdict: {cleaned[:120]!r}"
-    try:
-        verdict = json.loads(match.group(0))
-    except json.JSONDecodeError as exc:
-        return None, f"verdict is not valid JSON ({exc.msg} at char {exc.pos}): {cleaned[:120]!r}"
-    # integral floats (4.0) are common and harmless; anything else must fail the schema
-    for key in rubric.names:
-        value = verdict.get(key) if isinstance(verdict, dict) else None
-        if isinstance(value, float) and value.is_integer():
-            verdict[key] = int(value)
-    errors = sorted(_validator(rubric.model_dump_json()).iter_errors(verdict), key=lambda e: list(e.path))
-    if errors:
-        where = ".".join(map(str, errors[0].path)) or "(verdict)"
-        return None, f"verdict fails schema at {where}: {errors[0].message}"
-    return verdict, None
+    while start >= 0:
+        try:
+            candidate, _end = decoder.raw_decode(cleaned, start)
+        except json.JSONDecodeError as exc:
+            json_reason = json_reason or f"verdict is not valid JSON ({exc.msg} at char {exc.pos}): {cleaned[:120]!r}"
+        else:
+            if isinstance(candidate, dict):
+                problem = _schema_problem(candidate, rubric)
+                if problem is None:
+                    return candidate, None
+                schema_reason = schema_reason or problem
+        start = cleaned.find("{", start + 1)
+    # a JSON object that fails the schema says more than a fragment that is not JSON at all
+    return None, schema_reason or json_reason
 
 
 # ---------------------------------------------------------------- heuristic judge
@@ -163,6 +201,11 @@ def token_f1(a: str | None, b: str | None) -> float:
         return 0.0
     p, r = common / len(ta), common / len(tb)
     return 2 * p * r / (p + r)
+
+
+def heuristic_unknown(rubric: Rubric) -> list[str]:
+    """Dimensions of ``rubric`` the heuristic judge has no rule for (it must not invent scores for them)."""
+    return [d for d in rubric.names if d not in KNOWN_DIMENSIONS]
 
 
 def heuristic_verdict(answer: str | None, reference: str | None, rubric: Rubric) -> dict[str, Any]:
@@ -202,21 +245,63 @@ class JudgeSettings(LLMConfig):
     max_backoff_s: float = Field(default=30.0, ge=0, description="Longest single wait between retries")
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature of the judge")
     max_tokens: int = Field(default=256, ge=16, description="Longest verdict the judge may write")
+    json_mode: Literal["auto", "json_schema", "json_object", "off"] = Field(
+        default="auto", description="response_format to request: auto asks litellm what the provider supports "
+                                    "(json_schema with the rubric's schema, else json_object, else none)")
+    reask: bool = Field(default=True, description="Ask once more, with the reason, when a verdict is unusable")
 
 
 class JudgeUnreachable(StepError):
     """The judge model could not be reached after its retries."""
 
 
+def _answer_format(rubric: Rubric) -> str:
+    lo, hi = rubric.bounds
+    keys = ", ".join(f'"{n}": <int {lo}-{hi}>' for n in rubric.names)
+    return f'{{{keys}, "rationale": "<one sentence>"}}'
+
+
 def judge_messages(rubric: Rubric, question: str, answer: str, reference: str | None) -> list[dict[str, str]]:
     """Chat messages asking the judge for a JSON verdict on one answer."""
     lo, hi = rubric.bounds
     dims = "\n".join(f"- {d.name}: {d.description}" for d in rubric.dimensions)
-    keys = ", ".join(f'"{n}": <int {lo}-{hi}>' for n in rubric.names)
+    # "JSON" must appear in the messages: OpenAI-style JSON mode refuses requests that never say it
     system = (f"{rubric.instructions}\nRubric '{rubric.name}' v{rubric.version}, scale {lo}-{hi}:\n{dims}\n"
-              f'Answer format: {{{keys}, "rationale": "<one sentence>"}}')
+              f"Reply with only this JSON object: {_answer_format(rubric)}")
     user = f"Question:\n{question}\n\nTeacher reference answer:\n{reference or '(none)'}\n\nStudent answer:\n{answer}"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def reask_messages(first: list[dict[str, str]], reply: str | None, reason: str, rubric: Rubric) -> list[dict[str, str]]:
+    """The conversation of a re-ask: the first request, the unusable reply, and what was wrong with it."""
+    return [*first, {"role": "assistant", "content": reply or ""},
+            {"role": "user", "content": f"That reply is not a usable verdict ({reason[:200]}). Reply with only "
+                                        f"the JSON object, every key present, integers on the scale: "
+                                        f"{_answer_format(rubric)}"}]
+
+
+def response_format(settings: JudgeSettings, rubric: Rubric) -> dict[str, Any] | None:
+    """The ``response_format`` to send: what ``settings.json_mode`` asks for, or (``auto``) what litellm
+    says the provider supports: a JSON schema of the verdict, else plain JSON mode, else none."""
+    mode = settings.json_mode
+    if mode == "auto":
+        import litellm
+
+        try:
+            model, provider, _, _ = litellm.get_llm_provider(settings.model, api_base=settings.api_base)
+            params = litellm.get_supported_openai_params(model=model, custom_llm_provider=provider) or []
+            schema_ok = litellm.supports_response_schema(model=model, custom_llm_provider=provider)
+        except Exception:  # noqa: BLE001 - an unknown model: no JSON mode, the extractor and re-ask still apply
+            params, schema_ok = [], False
+        mode = "off" if "response_format" not in params else "json_schema" if schema_ok else "json_object"
+    if mode == "json_schema":
+        schema = verdict_schema(rubric)
+        return {"type": "json_schema",
+                "json_schema": {"name": re.sub(r"[^a-zA-Z0-9_-]", "_", rubric.name)[:64] or "verdict",
+                                "schema": schema}}
+    if mode == "json_object":
+        return {"type": "json_object"}
+    return None
 
 
 # Errors that mean "nobody answered", as opposed to an answer we could not use.
@@ -229,14 +314,16 @@ def judge_llm(items: list[dict[str, Any]], rubric: Rubric, settings: JudgeSettin
     """Judge ``items`` (dicts with question, answer, reference) with an LLM; one result dict per item.
 
     Each result: status (ok | unparseable | failed), reason, verdict (dict or None), raw text,
-    attempts, latency_s, token counts and cost_usd. When no row got an answer and the failures say
-    the endpoint is down, raises :class:`JudgeUnreachable` naming the model and endpoint.
+    ``reasked`` (the first verdict was unusable and the judge was asked once more), attempts,
+    latency_s, token counts and cost_usd (both requests together). When no row got an answer and the
+    failures say the endpoint is down, raises :class:`JudgeUnreachable` naming the model and endpoint.
     ``progress(done, total)`` is called as each answer arrives.
     """
     from nexus_core.llm.client import LLMClient, check_model, run_async
 
     check_model(settings, "judge")  # unknown provider, missing key, or a cost cap nothing could trigger
-    client = LLMClient(settings)
+    rf = response_format(settings, rubric)
+    client = LLMClient(settings, extra={"response_format": rf} if rf else None)
     try:
         batch = [judge_messages(rubric, it["question"], it["answer"], it.get("reference")) for it in items]
         answered = [0]
@@ -247,18 +334,43 @@ def judge_llm(items: list[dict[str, Any]], rubric: Rubric, settings: JudgeSettin
                 progress(answered[0], len(batch))
 
         done = run_async(client.map(batch, on_done=one_done))
+        refused = [i for i, c in enumerate(done) if rf and c.status != "ok" and "response_format" in (c.error or "")]
+        if refused:  # litellm allowed it but this server refuses JSON mode (400): ask those rows without it
+            client.extra = {}
+            for i, c in zip(refused, run_async(client.map([batch[i] for i in refused])), strict=True):
+                done[i] = c
+        json_mode = "none" if not rf else f"{rf['type']} (refused by the server: none)" if refused else rf["type"]
+        out = []
+        for c in done:
+            row = {"attempts": c.attempts, "latency_s": c.latency_s, "prompt_tokens": c.prompt_tokens,
+                   "completion_tokens": c.completion_tokens, "cost_usd": c.cost_usd, "raw": c.content,
+                   "reasked": False, "json_mode": json_mode}
+            if c.status != "ok":
+                row.update(status="failed", reason=scrub(c.error) or c.status, verdict=None)
+            else:
+                verdict, reason = parse_verdict(c.content, rubric)
+                row.update(status="ok" if verdict else "unparseable", reason=scrub(reason), verdict=verdict)
+            out.append(row)
+        bad = [i for i, r in enumerate(out) if r["status"] == "unparseable"] if settings.reask else []
+        if bad:  # one re-ask each, all together; a second unusable verdict stays unparseable
+            again = run_async(client.map([reask_messages(batch[i], out[i]["raw"], out[i]["reason"] or "", rubric)
+                                          for i in bad]))
+            for i, c in zip(bad, again, strict=True):
+                row = out[i]
+                row["reasked"] = True
+                for key in ("attempts", "prompt_tokens", "completion_tokens", "cost_usd", "latency_s"):
+                    row[key] += getattr(c, key)
+                if c.status != "ok":
+                    row["reason"] = f"{row['reason']}; re-ask failed: {scrub(c.error) or c.status}"
+                    continue
+                verdict, reason = parse_verdict(c.content, rubric)
+                if verdict is not None:
+                    row.update(status="ok", reason=None, verdict=verdict, raw=c.content)
+                else:
+                    row["reason"] = f"{row['reason']}; re-ask: {scrub(reason)}"
+                    row["raw"] = f"{row['raw']}\n--- re-ask ---\n{c.content}"
     finally:
         client.close()
-    out = []
-    for c in done:
-        row = {"attempts": c.attempts, "latency_s": c.latency_s, "prompt_tokens": c.prompt_tokens,
-               "completion_tokens": c.completion_tokens, "cost_usd": c.cost_usd, "raw": c.content}
-        if c.status != "ok":
-            row.update(status="failed", reason=scrub(c.error) or c.status, verdict=None)
-        else:
-            verdict, reason = parse_verdict(c.content, rubric)
-            row.update(status="ok" if verdict else "unparseable", reason=scrub(reason), verdict=verdict)
-        out.append(row)
     failed = [c for c in done if c.status != "ok"]
     if done and len(failed) == len(done) and all((c.error or "").split(":")[0] in _UNREACHABLE for c in failed):
         where = settings.api_base or "the provider's default endpoint"
@@ -281,10 +393,29 @@ def judge_items(items: list[dict[str, Any]], rubric: Rubric, kind: str = "heuris
         return judge_llm(items, rubric, settings or JudgeSettings(), progress)
     if kind != "heuristic":
         raise ValueError(f"judge kind must be 'llm' or 'heuristic', got {kind!r}")
+    unknown = heuristic_unknown(rubric)
+    if unknown:
+        raise ConfigError([f"judge.kind: the heuristic judge cannot score {', '.join(map(repr, unknown))} "
+                           f"(it knows {', '.join(KNOWN_DIMENSIONS)}); use an LLM judge (kind: llm)"])
     out = []
     for item in items:
         verdict = heuristic_verdict(item.get("answer"), item.get("reference"), rubric)
         verdict.pop("_features")
         out.append({"status": "ok", "reason": None, "verdict": verdict, "raw": json.dumps(verdict), "attempts": 1,
-                    "latency_s": 0.0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0})
+                    "latency_s": 0.0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
+                    "reasked": False})
     return out
+
+
+def judged_dimensions(judged: Any, columns: list[str]) -> list[str]:
+    """The rubric dimensions of a judged table: what its judge step recorded (any names), else the
+    project rubric's that the table has (tables judged before rubrics could name their own)."""
+    from nexus_core.artifacts import read_manifest
+
+    try:
+        recorded = read_manifest(judged.uri).result.get("dimensions")
+    except InputError:  # a table without a manifest (built by hand): fall back
+        recorded = None
+    if recorded:
+        return [d for d in recorded if d in columns]
+    return [d for d in KNOWN_DIMENSIONS if d in columns]

@@ -278,8 +278,11 @@ class LLMClient:
     every client sharing its :class:`Limits`.
     """
 
-    def __init__(self, cfg: LLMConfig, cache: ResponseCache | None = None, limits: Limits | None = None):
+    def __init__(self, cfg: LLMConfig, cache: ResponseCache | None = None, limits: Limits | None = None,
+                 extra: dict[str, Any] | None = None):
         self.cfg = cfg
+        # more request parameters (e.g. the judge's response_format): sent and keyed like sampling ones
+        self.extra = dict(extra or {})
         self.cache = cache or ResponseCache(recorded=cfg.recorded_cache, enabled=cfg.cache)
         self.limits = limits or Limits()
         self._sem: asyncio.Semaphore | None = None
@@ -328,7 +331,7 @@ class LLMClient:
     async def complete(self, messages: list[dict[str, Any]]) -> Completion:
         """One chat completion: from the cache, or through litellm with retries."""
         cfg = self.cfg
-        sampling = cfg.sampling()
+        sampling = {**cfg.sampling(), **self.extra}
         key = cache_key(cfg.model, messages, sampling)
         cached = self.cache.get(key)
         if cached is not None:

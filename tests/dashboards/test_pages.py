@@ -58,6 +58,7 @@ def test_leaderboard_page_ranks_the_real_evaluation_with_rubric_and_gates(evalua
     assert row["model"] == filled_store["sft"].name and row["judge_kind"] == "heuristic"
     assert row["gate"] == ("pass" if evaluated["gate_passed"] else "fail")
     assert any(c.startswith("metric.") for c in board.columns)
+    assert row["coverage"] == 1.0 and row["rank"] >= 1  # the heuristic judge scores every row
     assert "Rubric breakdown" in texts(at)
     assert at.get("vega_lite_chart"), "no score / rubric chart"
     gates = at.dataframe[-1].value

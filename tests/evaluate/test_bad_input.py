@@ -87,3 +87,23 @@ def test_flow_config_needs_a_dataset():
 
     with pytest.raises(ConfigError, match="dataset: required"):
         evaluate.fn(EvaluateConfig())
+
+
+def test_a_custom_rubric_with_the_default_gates_is_refused_before_anything_runs(tmp_path):
+    import json
+
+    from flows.evaluate import EvaluateConfig, check_evaluate
+    from nexus_core.artifacts import raw_ref
+
+    rubric = tmp_path / "assistant.json"
+    rubric.write_text(json.dumps({"name": "assistant", "instructions": "Grade it. Reply in JSON.",
+                                  "dimensions": [{"name": "helpfulness", "description": "solves the problem"}]}))
+    data = tmp_path / "val.jsonl"
+    write_jsonl([{"input": "q", "output": "a"}], data)
+    cfg = EvaluateConfig(judge={"kind": "llm", "rubric": str(rubric)})
+    with pytest.raises(ConfigError, match=r"gates\.gates\[0\] \(plausibility_median\): reads 'plausibility', "
+                                          r"which rubric 'assistant'"):
+        check_evaluate(cfg, None, raw_ref(data))
+    ok = cfg.model_copy(update={"gates": cfg.gates.model_validate(
+        {"gates": [{"name": "helpful", "column": "helpfulness", "stat": "mean", "min": 4}]})})
+    assert "judge" in check_evaluate(ok, None, raw_ref(data))

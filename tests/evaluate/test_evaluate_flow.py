@@ -60,7 +60,8 @@ def test_report_and_gate_verdict(first):
     table = read_table(preds.path / "data.parquet")
     assert table.height == 8 and table["prediction"].dtype.is_(table["input"].dtype)
     assert (table["ref_tokens"] > 0).all() and s["metrics"]["perplexity"] > 1
-    report = json.loads(Path(s["report"]).read_text())
+    assert s["report"].startswith(result.artifacts["report"].uri)  # a store-relative URI
+    report = json.loads((result.artifacts["report"].path / Path(s["report"]).name).read_text())
     assert Path(s["report"]).name == f"eval_report_{s['run_id']}.json"
     assert report["gate_passed"] is False and report["judge"]["label"] == HEURISTIC_LABEL
     assert {g["gate"] for g in report["gates"]} == {"plausibility_median", "falsifiability_median",
@@ -159,3 +160,44 @@ def test_llm_judge_as_a_subflow_of_a_parent_flow(first):
     assert ev.artifacts["predict"] == result.artifacts["predict"]
     row = next(r for r in catalog.leaderboard(judge_kind="llm") if r.report_uri == ev.artifacts["report"].uri)
     assert row.score == 4.0 and row.judge == "openai/judge"
+
+
+def test_a_judge_usable_on_one_row_in_eight_fails_the_gates_and_ranks_below_full_coverage(first):
+    """The issue's held-out case through the whole flow, real HTTP through litellm: the stub judge writes
+    prose for 7 rows of 8 (also when re-asked). The judged gates fail, the report states coverage 0.125
+    and 7 unparseable verdicts, and the leaderboard ranks the run below a fully judged one despite its
+    higher score; LLM-judged runs come before the heuristic ones, even one whose gates passed."""
+    from tests.support.openai_stub import Reply, StubServer, chat_completion
+
+    cfg, result = first
+    dims = ["plausibility", "falsifiability", "method_rigour", "reproducibility", "teacher_agreement"]
+    verdict = json.dumps({d: 5 for d in dims} | {"rationale": "excellent"})
+
+    def one_in_eight(body: dict, n: int) -> Reply:
+        if "Soil microbial respiration" in body["messages"][1]["content"]:
+            return Reply(body=chat_completion(verdict))
+        return Reply(body=chat_completion("This is a thoughtful proposal; I would rate it well."))
+
+    with StubServer(one_in_eight) as stub:
+        llm_cfg = cfg.model_copy(update={"judge": cfg.judge.model_validate(
+            {"kind": "llm", "llm": {"model": "openai/judge", "api_base": stub.url, "cache": False}})})
+        ev = evaluate(llm_cfg, model=result.artifacts["model"], dataset=result.artifacts["dataset"])
+        assert len(stub.requests) == 8 + 7  # seven re-asks
+    assert ev.gate_passed is False and ev.coverage == 0.125 and ev.unparseable == 7
+    assert {"plausibility_median", "falsifiability_median", "teacher_agreement_top500"} <= set(ev.failed_gates)
+    report = json.loads((ev.artifacts["report"].path / Path(ev.report).name).read_text())
+    assert report["coverage"] == 0.125
+    assert (report["judge"]["ok"], report["judge"]["unparseable"], report["judge"]["recovered"]) == (1, 7, 0)
+    plaus = next(g for g in report["gates"] if g["gate"] == "plausibility_median")
+    assert (plaus["value"], plaus["n"], plaus["rows"], plaus["coverage"], plaus["passed"]) == (5.0, 1, 8, 0.125, False)
+    assert report["judge"]["dimensions"]["plausibility"]["coverage"] == 0.125
+
+    board = catalog.leaderboard(dataset_name="evt_validation")
+    kinds = [r.judge_kind for r in board]
+    assert kinds == sorted(kinds, key=lambda k: k != "llm")  # every LLM-judged run before any heuristic one
+    assert any(r.judge_kind == "heuristic" and r.gate_passed for r in board)  # ...even a passing heuristic run
+    llm = [r for r in board if r.judge_kind == "llm"]
+    thin = next(r for r in llm if r.report_uri == ev.artifacts["report"].uri)
+    assert thin.coverage == 0.125 and thin.score == 5.0
+    full = next(r for r in llm if r.coverage == 1.0)
+    assert full.score == 4.0 and llm.index(full) < llm.index(thin)  # a lower score on every row ranks higher

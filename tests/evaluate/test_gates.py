@@ -90,3 +90,43 @@ def test_gate_config_rejects_ambiguous_gates():
         Gate(name="x", column="a", metric="b", min=1)
     with pytest.raises(ValueError, match="set min or max"):
         Gate(name="x", column="a")
+
+
+def test_gates_report_n_and_coverage_and_fail_below_min_coverage(tmp_path):
+    # 1 row in 8 judged (a high score), every row has a methodology block (rule-counted, not judged)
+    judged = _judged(tmp_path, [5] + [None] * 7, [5] + [None] * 7, [3] * 8, [5] + [None] * 7)
+    result, data = _run(tmp_path, judged)
+    by_gate = {g["gate"]: g for g in data["gates"]}
+    assert not result.passed
+    assert result.failed_gates == ["plausibility_median", "falsifiability_median", "teacher_agreement_top500"]
+    plaus = by_gate["plausibility_median"]
+    assert (plaus["value"], plaus["n"], plaus["rows"], plaus["coverage"]) == (5.0, 1, 8, 0.125)
+    assert plaus["min_coverage"] == 0.9 and plaus["judged"] is True
+    assert plaus["detail"] == "coverage 0.125 < min_coverage 0.9: judged on 1 of 8 rows"
+    assert by_gate["methodology_share"]["passed"] and by_gate["methodology_share"]["coverage"] == 1.0
+    assert result.coverage["plausibility_median"] == 0.125
+
+    # a gate may ask for less; the section default applies to the others
+    lenient = GatesConfig(min_coverage=0.95, gates=[
+        Gate(name="plaus", column="plausibility", min=3.5, min_coverage=0.1),
+        Gate(name="falsi", column="falsifiability", min=3.5)])
+    result, _ = _run(tmp_path, judged, lenient)
+    assert result.failed_gates == ["falsi"]
+    with pytest.raises(ValueError, match="min_coverage applies to column gates"):
+        Gate(name="ppl", metric="perplexity", stat="value", max=2, min_coverage=0.5)
+
+
+def test_custom_rubric_dimensions_are_gated_by_name_and_defaults_are_refused(tmp_path):
+    from nexus_core.evaluate.gates import rubric_problems
+
+    d = tmp_path / "custom"
+    d.mkdir()
+    write_parquet(pl.DataFrame({"helpfulness": [4, 5, 4, 5, 4, 4, 5, 4, 4, 5]}), d / "data.parquet")
+    cfg = GatesConfig(gates=[Gate(name="helpful", column="helpfulness", stat="mean", min=4)])
+    result, data = _run(tmp_path, _ref(d, "custom"), cfg)
+    assert result.passed and data["gates"][0]["coverage"] == 1.0
+    assert rubric_problems(cfg, ["helpfulness"], "'assistant'") == []
+    problems = rubric_problems(GatesConfig(), ["helpfulness"], "'assistant'")
+    assert problems[0] == ("gates.gates[0] (plausibility_median): reads 'plausibility', which rubric 'assistant' "
+                           "does not score (its dimensions: helpfulness)")
+    assert len(problems) == 3  # methodology_share reads a rule-counted column every rubric has

@@ -1,5 +1,6 @@
 """The LLM judge through litellm: against the project's own OpenAI-compatible server (a real tiny model),
-against a scripted server injecting malformed verdicts, and against an unreachable endpoint."""
+against a scripted server injecting malformed verdicts (re-asked once; coverage through to the gates),
+and against an unreachable endpoint."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def _cfg(url: str, **kw) -> JudgeConfig:
 
 
 def scripted(body: dict, n: int) -> Reply:
-    student = body["messages"][-1]["content"]
+    student = body["messages"][1]["content"]  # the first user message: the same on a re-ask
     verdict = {d: 4 for d in DIMS} | {"rationale": "sound"}
     if "ANSWER-PROSE" in student:
         return Reply(body=chat_completion("The answer looks plausible to me, 4/5 overall."))
@@ -55,15 +56,21 @@ def test_malformed_verdicts_are_rows_with_reasons(tmp_path, predictions):
     with StubServer(scripted) as stub:
         result = run_judge(_cfg(stub.url), inputs={"predictions": predictions}, out_uri=str(tmp_path),
                            ctx=StepContext.detached())
-        assert len(stub.requests) == 3
+        assert len(stub.requests) == 3 + 2  # the two unusable verdicts re-asked once each
         system = stub.requests[0]["messages"][0]["content"]
+        reasks = [b for b in stub.requests if len(b["messages"]) == 4]
     assert all(d in system for d in DIMS)  # the rubric reaches the judge
-    assert (result.ok, result.unparseable, result.failed) == (1, 2, 0)
-    assert result.judge_kind == "llm" and result.cost.tokens_in == 30
+    assert all(b["response_format"] == {"type": "json_object"} for b in stub.requests)  # JSON mode
+    assert {b["messages"][2]["role"] for b in reasks} == {"assistant"}
+    assert any("fails schema at method_rigour" in b["messages"][3]["content"] for b in reasks)
+    assert (result.ok, result.unparseable, result.recovered, result.failed) == (1, 2, 0, 0)
+    assert result.coverage == pytest.approx(1 / 3) and result.dimensions == DIMS
+    assert result.judge_kind == "llm" and result.cost.tokens_in == 50
     df = read_table(tmp_path / "data.parquet").sort("row_id")
     assert df["status"].to_list() == ["ok", "unparseable", "unparseable"]
+    assert df["judge_reasked"].to_list() == [False, True, True]
     assert df["plausibility"].to_list() == [4, None, None]
-    assert df["reason"][1].startswith("no JSON object in verdict")
+    assert df["reason"][1].startswith("no JSON object in verdict") and "; re-ask: no JSON object" in df["reason"][1]
     assert df["reason"][2].startswith("verdict fails schema at method_rigour")
     assert df["raw_verdict"][1].startswith("The answer looks plausible")  # kept for review
     assert set(df["judge_kind"]) == {"llm"}
@@ -118,6 +125,9 @@ def test_judge_against_the_projects_own_server(tmp_path, predictions):
     for reason in df["reason"].to_list():
         assert reason.startswith(("no JSON object", "verdict", "empty verdict")) or "malformed response" in reason
     assert result.judge == "openai/judge" and set(df["judge_kind"]) == {"llm"}
+    # the server refuses response_format (it cannot constrain decoding): the rows are asked again without it
+    assert result.json_mode == "json_object (refused by the server: none)"
+    assert not any("response_format" in r for r in df["reason"].to_list())
 
 
 def test_judge_key_covers_the_rubric_and_an_llm_judges_recorded_answers(tmp_path):
@@ -136,3 +146,52 @@ def test_judge_key_covers_the_rubric_and_an_llm_judges_recorded_answers(tmp_path
     assert after_recorded["heuristic"] == before["heuristic"]  # the heuristic never asks a model
     rubric.write_text(rubric.read_text().replace("scientifically plausible", "credible"))
     assert step_key(run_judge, heuristic, {}) != before["heuristic"]
+
+
+def _eight(tmp_path: Path) -> ArtifactRef:
+    d = tmp_path / "preds8"
+    d.mkdir(exist_ok=True)
+    write_parquet(pl.DataFrame({
+        "row_id": [f"r{i}" for i in range(8)], "input": [f"Question {i}: why?" for i in range(8)],
+        "reference": ["1. Measure.\n2. Compare.\n3. Repeat."] * 8,
+        "prediction": [f"1. Measure {i}.\n2. Control.\n3. Compare rates." for i in range(8)],
+    }), d / "data.parquet")
+    return ArtifactRef(uri=str(d), kind="dataset", name="preds8", version=1, digest="y", rows=8)
+
+
+def _one_in_eight(recover: bool):
+    """Prose for 7 rows of 8 (row r0 gets a verdict); with ``recover`` a re-ask gets a verdict too."""
+    verdict = json.dumps({d: 5 for d in DIMS} | {"rationale": "good"})
+
+    def handler(body: dict, n: int) -> Reply:
+        first_question = "Question 0:" in body["messages"][1]["content"]
+        reasked = len(body["messages"]) > 2
+        if first_question or (recover and reasked):
+            return Reply(body=chat_completion(f"Verdict: {verdict} {{end}}"))  # trailing braces: still parsed
+        return Reply(body=chat_completion("A careful answer; I would rate it highly overall."))
+    return handler
+
+
+def test_a_judge_usable_on_one_row_in_eight_fails_its_judged_gates(tmp_path):
+    """Real HTTP through litellm to a stub judge answering prose for 7 rows of 8: coverage 0.125,
+    unparseable 7 (re-asked, still prose); the judged gates fail on coverage, not on the one high score."""
+    from nexus_core.evaluate.gates import GatesConfig, run_gates
+
+    with StubServer(_one_in_eight(recover=False)) as stub:
+        judged = run_judge(_cfg(stub.url), inputs={"predictions": _eight(tmp_path)}, out_uri=str(tmp_path / "j"),
+                           ctx=StepContext.detached())
+        assert len(stub.requests) == 8 + 7
+    assert (judged.ok, judged.unparseable, judged.recovered, judged.coverage) == (1, 7, 0, 0.125)
+    assert judged.metrics["llm_judge.coverage"] == 0.125 and judged.metrics["llm_judge.unparseable"] == 7
+    ref = ArtifactRef(uri=str(tmp_path / "j"), kind="dataset", name="j", version=1, digest="z", rows=8)
+    (tmp_path / "g").mkdir()
+    gates = run_gates(GatesConfig(), inputs={"judged": ref}, out_uri=str(tmp_path / "g"), ctx=StepContext.detached())
+    assert not gates.passed
+    assert gates.failed_gates == ["plausibility_median", "falsifiability_median", "teacher_agreement_top500"]
+    assert gates.values["plausibility_median"] == 5.0  # the one verdict was high: coverage is what fails it
+    assert set(gates.coverage.values()) == {0.125, 1.0}  # methodology is rule-counted on every row
+
+    with StubServer(_one_in_eight(recover=True)) as stub:
+        again = run_judge(_cfg(stub.url), inputs={"predictions": _eight(tmp_path)}, out_uri=str(tmp_path / "k"),
+                          ctx=StepContext.detached())
+    assert (again.ok, again.unparseable, again.recovered, again.coverage) == (8, 7, 7, 1.0)

@@ -1,4 +1,5 @@
-"""Rubric loading (bad dimension / scale named), verdict schema validation, heuristic judge features."""
+"""Rubric loading (custom dimensions; bad names / scale named), the strict verdict extractor, JSON mode
+choice, heuristic judge features."""
 
 from __future__ import annotations
 
@@ -31,10 +32,21 @@ def test_project_rubric_has_the_five_dimensions(rubric):
     assert rubric.bounds == (1, 5)
 
 
-def test_unknown_dimension_and_scale_are_named_with_the_file(tmp_path):
+def test_custom_dimensions_load_and_bad_names_and_scale_are_named_with_the_file(tmp_path):
+    custom = {"name": "assistant", "instructions": "Grade the answer. Reply in JSON.", "scale": "1-10",
+              "dimensions": [{"name": "helpfulness", "description": "Solves the user's problem"},
+                             {"name": "tone_2", "description": "Polite"}]}
+    good = tmp_path / "custom.json"
+    good.write_text(json.dumps(custom))
+    rubric = load_rubric(good)
+    assert rubric.names == ["helpfulness", "tone_2"] and rubric.bounds == (1, 10)
+    verdict, reason = parse_verdict('{"helpfulness": 9, "tone_2": 10, "rationale": "x"}', rubric)
+    assert reason is None and verdict["helpfulness"] == 9
+
     data = json.loads(RUBRIC.read_text())
     data["scale"] = "1-7"
-    data["dimensions"][2]["name"] = "elegance"
+    data["dimensions"][2]["name"] = "Elegance!"
+    data["dimensions"][3]["name"] = "status"
     bad = tmp_path / "rubric.json"
     bad.write_text(json.dumps(data))
     with pytest.raises(ConfigError) as err:
@@ -42,7 +54,22 @@ def test_unknown_dimension_and_scale_are_named_with_the_file(tmp_path):
     msg = str(err.value)
     assert str(bad) in msg
     assert "scale: unknown scale '1-7'" in msg
-    assert "dimensions[2].name: unknown dimension 'elegance'" in msg
+    assert "dimensions[2].name: 'Elegance!' is not a valid dimension name" in msg
+    assert "dimensions[3].name: 'status' is a column the evaluation writes itself" in msg
+
+
+def test_heuristic_judge_refuses_dimensions_it_has_no_rule_for(tmp_path):
+    from nexus_core.evaluate.judge import JudgeConfig
+    from nexus_core.evaluate.rubric import judge_items
+
+    path = tmp_path / "custom.json"
+    path.write_text(json.dumps({"name": "a", "instructions": "JSON", "dimensions": [
+        {"name": "helpfulness", "description": "d"}, {"name": "plausibility", "description": "d"}]}))
+    with pytest.raises(ConfigError, match="heuristic judge cannot score 'helpfulness'"):
+        judge_items([{"question": "q", "answer": "a", "reference": "r"}], load_rubric(path))
+    with pytest.raises(ValueError, match="heuristic judge cannot score 'helpfulness'"):
+        JudgeConfig(kind="heuristic", rubric=str(path))
+    assert JudgeConfig(kind="llm", rubric=str(path)).kind == "llm"  # an LLM judge scores any dimension
 
 
 def test_rubric_not_json_or_missing_key(tmp_path):
@@ -65,9 +92,36 @@ def test_parse_verdict_accepts_fenced_json_and_rejects_bad_ones(rubric):
     assert reason.startswith("verdict fails schema at plausibility") and "maximum" in reason
     _, reason = parse_verdict(json.dumps({k: v for k, v in good.items() if k != "reproducibility"}), rubric)
     assert "'reproducibility' is a required property" in reason
-    assert parse_verdict('{"plausibility": 4,', rubric)[1].startswith("no JSON object")
+    assert parse_verdict('{"plausibility": 4,', rubric)[1].startswith("verdict is not valid JSON")
     assert parse_verdict('{"plausibility": 4,}', rubric)[1].startswith("verdict is not valid JSON")
     assert parse_verdict("", rubric) == (None, "empty verdict")
+
+
+def test_strict_extractor_takes_the_first_balanced_object_that_validates(rubric):
+    good = {"plausibility": 4, "falsifiability": 3, "method_rigour": 3, "reproducibility": 2,
+            "teacher_agreement": 5, "rationale": "uses {braces} and a } in a string"}
+    # trailing braces after a valid verdict: a greedy {.*} swallowed them and rejected the verdict
+    verdict, reason = parse_verdict(json.dumps(good) + "\nNote: scores use the {1-5} scale {see rubric}.", rubric)
+    assert reason is None and verdict == good
+    # leading braces and an earlier object that fails the schema are skipped, not fatal
+    text = 'Scale {1-5}. Draft: {"plausibility": 9}. Final:\n```json\n' + json.dumps(good) + "\n```"
+    assert parse_verdict(text, rubric) == (good, None)
+    # nothing validates: the reason is the first object's schema failure, more useful than a fragment's
+    verdict, reason = parse_verdict('{"plausibility": 9} and {oops}', rubric)
+    assert verdict is None and reason.startswith("verdict fails schema")
+
+
+def test_json_mode_follows_what_litellm_says_the_provider_supports(rubric):
+    from nexus_core.evaluate.rubric import JudgeSettings, response_format
+
+    hosted = response_format(JudgeSettings(model="openai/gpt-4o-mini"), rubric)
+    assert hosted["type"] == "json_schema"
+    assert hosted["json_schema"]["schema"]["required"] == rubric.names
+    # an OpenAI-compatible server of unknown abilities gets plain JSON mode
+    local = JudgeSettings(model="openai/judge", api_base="http://127.0.0.1:1/v1")
+    assert response_format(local, rubric) == {"type": "json_object"}
+    assert response_format(local.model_copy(update={"json_mode": "off"}), rubric) is None
+    assert response_format(local.model_copy(update={"json_mode": "json_schema"}), rubric)["type"] == "json_schema"
 
 
 def test_heuristic_judge_counts_steps_wording_and_similarity(rubric):
