@@ -112,8 +112,16 @@ def gates_section(ref: ArtifactRef) -> str:
     failed = [g["gate"] for g in data["gates"] if not g["passed"]]
     head = "#### Gates: PASSED" if data["passed"] else f"#### Gates: FAILED ({', '.join(failed)})"
     rows = [[g["gate"], "✅ pass" if g["passed"] else "❌ fail", g["value"] if g["value"] is not None
-             else g.get("detail") or "no value", _threshold(g), g.get("n")] for g in data["gates"]]
-    return head + "\n\n" + md_table(["gate", "verdict", "value", "threshold", "n"], rows)
+             else g.get("detail") or "no value", _threshold(g), g.get("n"), _coverage(g)] for g in data["gates"]]
+    return head + "\n\n" + md_table(["gate", "verdict", "value", "threshold", "n", "coverage"], rows)
+
+
+def _coverage(gate: dict[str, Any]) -> str | None:
+    """``0.125 of 8 rows (min 0.9)`` for a judged gate; None for a metric gate (or an older gates.json)."""
+    if not gate.get("judged") or gate.get("coverage") is None:
+        return None
+    need = f" (min {gate['min_coverage']:g})" if gate.get("min_coverage") is not None else ""
+    return f"{gate['coverage']:.3g} of {gate.get('rows')} rows{need}"
 
 
 def benchmark_section(ref: ArtifactRef) -> str:

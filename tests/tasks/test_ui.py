@@ -32,6 +32,10 @@ def test_gates_section_shows_each_verdict_against_its_threshold(tmp_path):
     assert "| plausibility_median | ✅ pass | 4 | ≥ 3.5 | 8 |" in text
     assert "| ppl | ❌ fail | 120 | ≤ 50 | 1 |" in text
     assert "| empty | ❌ fail | no usable values | ≥ 1 | 0 |" in text
+    gates.append({"gate": "thin", "value": 5.0, "min": 3.5, "max": None, "n": 1, "rows": 8, "coverage": 0.125,
+                  "min_coverage": 0.9, "judged": True, "passed": False})
+    (tmp_path / "gates.json").write_text(json.dumps({"passed": False, "gates": gates}))
+    assert "| thin | ❌ fail | 5 | ≥ 3.5 | 1 | 0.125 of 8 rows (min 0.9) |" in gates_section(raw_ref(tmp_path))
 
 
 def test_collect_reports_progress_as_answers_arrive(data_root, tmp_path):
