@@ -16,8 +16,8 @@ from pydantic import Field
 
 from flows.common import flow_lineage, main
 from flows.results import DistillResult
-from nexus_core.artifacts import ArtifactRef, raw_ref
-from nexus_core.config import ConfigPath, FlowConfig
+from nexus_core.artifacts import ArtifactRef
+from nexus_core.config import FlowConfig, PathOrName
 from nexus_core.contract import check_plan
 from nexus_core.distill.collect import CollectConfig, run_teacher_collect
 from nexus_core.distill.filters import FiltersConfig, run_distill_filters
@@ -29,6 +29,7 @@ from nexus_core.distill.regenerate import RegenerateConfig, run_regenerate
 from nexus_core.distill.review import ReviewConfig, ReviewSubmission
 from nexus_core.distill.review_store import open_request
 from nexus_core.distill.rules import load_rules
+from nexus_core.io import resolve_ref
 from tasks.distill_collect import teacher_collect
 from tasks.distill_filters import distill_filters
 from tasks.distill_inputs import teacher_inputs
@@ -42,7 +43,9 @@ class DistillConfig(FlowConfig):
     """Config of the distill flow: one section per stage; ``teacher`` serves collection and regeneration."""
 
     name: str = Field(default="distill", description="Run name; artifact names derive from it")
-    sources: list[ConfigPath] = Field(default_factory=list, description="Raw JSONL / enhanced-prompt JSON files")
+    sources: list[PathOrName] = Field(default_factory=list, description="Raw JSONL / enhanced-prompt JSON files, or an "
+                                      "evaluation's feedback artifact (evaluate/<name>_feedback@latest): the "
+                                      "samples a model failed, asked of the teacher again")
     inputs: TeacherInputsConfig = Field(default_factory=TeacherInputsConfig, description="Prompt templates")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher model through litellm")
     batch_size: int = Field(default=256, ge=1, description="Rows per collection batch")
@@ -84,6 +87,11 @@ def _regenerate_config(cfg: DistillConfig) -> RegenerateConfig:
     return cfg.regenerate.model_copy(update={"teacher": cfg.teacher, "rules": cfg.filters.rules})
 
 
+def source_refs(cfg: DistillConfig) -> dict[str, ArtifactRef]:
+    """``cfg.sources`` resolved: files by path, artifacts (a feedback artifact) by name, ``@latest`` or ``@vN``."""
+    return {f"source_{i}": resolve_ref(s, f"distill.sources[{i}]") for i, s in enumerate(cfg.sources)}
+
+
 def check_distill(cfg: DistillConfig, sources: dict[str, ArtifactRef]) -> list[str]:
     """Check what every stage reads before the first one runs (sources, templates, rules); the plan."""
     collect = CollectConfig(teacher=cfg.teacher, batch_size=cfg.batch_size)
@@ -99,7 +107,7 @@ def check_distill(cfg: DistillConfig, sources: dict[str, ArtifactRef]) -> list[s
 def distill(cfg: DistillConfig, sources: dict[str, ArtifactRef] | None = None) -> DistillResult:
     """Raw text to an SFT dataset; ``sources`` (refs from an upstream flow) replace ``cfg.sources``."""
     with flow_lineage(cfg) as mlflow_run_id:
-        sources = sources or {f"source_{i}": raw_ref(p) for i, p in enumerate(cfg.sources)}
+        sources = sources or source_refs(cfg)
         plan = check_distill(cfg, sources)
         if cfg.dry_run:
             print("distill plan:\n  " + "\n  ".join(plan))

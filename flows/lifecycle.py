@@ -18,7 +18,7 @@ from pydantic import Field
 
 from flows.common import flow_lineage, main
 from flows.compress import CompressConfig, check_compress, compress
-from flows.distill import DistillConfig, check_distill, distill
+from flows.distill import DistillConfig, check_distill, distill, source_refs
 from flows.evaluate import EvaluateConfig, check_evaluate, evaluate
 from flows.llm_train import LLMTrainConfig, check_stages, llm_train, queue, referenced_models
 from flows.results import FlowResult, LifecycleResult
@@ -52,8 +52,7 @@ def check_lifecycle(cfg: LifecycleConfig) -> list[str]:
     plan = ["ingest", "base_model"]
     pretrained_ref(cfg.base_model)  # a pretrained base must resolve (hub cache, local dir or artifact)
     if cfg.distill:
-        distill_sources = {f"source_{i}": raw_ref(s) for i, s in enumerate(cfg.distill.sources)}
-        plan += [f"distill.{s}" for s in check_distill(cfg.distill, distill_sources)]
+        plan += [f"distill.{s}" for s in check_distill(cfg.distill, source_refs(cfg.distill))]
     if cfg.train:
         data = {k: resolve_ref(v, f"train.datasets.{k}") for k, v in cfg.train.datasets.items()}
         check_stages(cfg.train, None, data, referenced_models(cfg.train))

@@ -1,7 +1,9 @@
 """Teacher inputs: raw scientific text × prompt templates → one prompt per (record, template).
 
 Sources are JSONL records (``title``, ``abstract``, ``domain``, ``text``) and "enhanced prompt" JSON
-files (``{"texts": [...], "generated_at": ...}``, each text a string or ``{"text", "domain", "title"}``).
+files (``{"texts": [...], "generated_at": ...}``, each text a string or ``{"text", "domain", "title"}``),
+and an evaluation's feedback artifact (``evaluate/<name>_feedback@latest``): the samples a model failed,
+as JSONL records in its ``teacher_inputs.jsonl``; one that fed back nothing adds nothing.
 Templates are YAML files in ``prompts_dir``; their hash is a column, and the step's contract names
 the template files so their content joins the cache key.
 """
@@ -25,6 +27,7 @@ from nexus_core.io import iter_jsonl, row_id, schema_of, write_parquet
 from nexus_core.runner import StepResult
 
 JSONL_REQUIRED = ("title", "abstract", "domain", "text")
+FEEDBACK_FILE = "teacher_inputs.jsonl"  # what an evaluation's feedback artifact holds
 
 
 class TeacherInputsConfig(NexusModel):
@@ -95,8 +98,17 @@ def run_teacher_inputs(cfg: TeacherInputsConfig, *, inputs: dict[str, ArtifactRe
     templates = [load_template(cfg.prompts_dir, name) for name in cfg.templates]
     rows, per_source, skipped = [], {}, 0
     for ref in inputs.values():
-        path = ref.path
-        if path.suffix == ".json":
+        path, label = ref.path, ref.path.name
+        if path.is_dir():  # an artifact: an evaluation's feedback, the samples the model failed
+            if not (path / FEEDBACK_FILE).is_file():
+                raise InputError(f"{ref.uri}: an artifact source must be an evaluation's feedback "
+                                 f"(with {FEEDBACK_FILE})")
+            path, label = path / FEEDBACK_FILE, ref.name
+            records = _jsonl_records(path)
+            if not records:  # the model failed nothing: nothing to feed back
+                per_source[label] = 0
+                continue
+        elif path.suffix == ".json":
             records = _enhanced_records(path, cfg.default_domain)
         elif path.name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
             records = _jsonl_records(path)
@@ -104,7 +116,7 @@ def run_teacher_inputs(cfg: TeacherInputsConfig, *, inputs: dict[str, ArtifactRe
             raise InputError(f"{path}: unknown source format (expected .jsonl or enhanced-prompt .json)")
         if not records:
             raise InputError(f"{path}: no records")
-        per_source[path.name] = len(records)
+        per_source[label] = len(records)
         for rec in records:
             if len(rec["text"].strip()) < cfg.min_text_chars:
                 skipped += 1
@@ -112,10 +124,10 @@ def run_teacher_inputs(cfg: TeacherInputsConfig, *, inputs: dict[str, ArtifactRe
             for tpl in templates:
                 user = tpl.render(text=rec["text"].strip(), title=rec["title"], domain=rec["domain"])
                 rows.append({
-                    "row_id": row_id(path.name, tpl.name, tpl.hash, user),
+                    "row_id": row_id(label, tpl.name, tpl.hash, user),
                     "domain": rec["domain"], "title": rec["title"], "source_text": rec["text"],
                     "template_name": tpl.name, "template_hash": tpl.hash, "template_prompt": tpl.user,
-                    "system_prompt": tpl.system, "user_prompt": user, "source_file": path.name,
+                    "system_prompt": tpl.system, "user_prompt": user, "source_file": label,
                     "generated_at": None if rec["generated_at"] is None else str(rec["generated_at"]),
                 })
     if not rows:

@@ -25,14 +25,16 @@ class DatasetInfo(BaseModel):
 
 
 def parse_spec(spec: str) -> tuple[str, int | None]:
-    """``"name@v3"`` → ``("name", 3)``; ``"name"`` → ``("name", None)`` (latest)."""
+    """``"name@v3"`` → ``("name", 3)``; ``"name"`` and ``"name@latest"`` → ``("name", None)`` (latest)."""
     if "@" not in spec:
         return spec, None
     name, version = spec.rsplit("@", 1)
+    if version == "latest":
+        return name, None
     try:
         return name, int(version.lstrip("v"))
     except ValueError:
-        raise InputError(f"{spec!r}: version must look like @v3") from None
+        raise InputError(f"{spec!r}: version must look like @v3 or @latest") from None
 
 
 class DataQuery:

@@ -95,6 +95,28 @@ def test_feedback_records_feed_the_distillation_teacher_inputs(first, tmp_path):
     assert ti.rows == len(records) * 2  # two templates per fed-back sample
 
 
+def test_distill_takes_the_latest_feedback_artifact_as_a_source(first, tmp_path):
+    """The loop closed by name: `sources: [evaluate/<name>_feedback@latest]` in a distill config."""
+    from flows.distill import DistillConfig, source_refs
+    from nexus_core.distill.inputs import TeacherInputsConfig, run_teacher_inputs
+
+    _, result = first
+    cfg = DistillConfig(sources=["evaluate/evt_feedback@latest", str(REPO / "data/raw/eval/tiny_validation.jsonl")])
+    refs = source_refs(cfg)
+    assert refs["source_0"].uri == result.artifacts["feedback"].uri  # the newest version, by name
+    empty = tmp_path / "empty_feedback"  # a model that failed nothing feeds back nothing, and fails nothing
+    empty.mkdir()
+    (empty / "teacher_inputs.jsonl").write_text("")
+    ti_cfg = TeacherInputsConfig(prompts_dir=str(REPO / "configs/distill/prompts"))
+    out = tmp_path / "ti"
+    out.mkdir()
+    ti = run_teacher_inputs(ti_cfg, inputs={"feedback": refs["source_0"], "empty": raw_ref(empty)}, out_uri=str(out),
+                            ctx=StepContext.detached())
+    assert ti.rows == result.feedback_samples * 2
+    assert ti.rows_per_source == {"evt_feedback": result.feedback_samples, "empty_feedback": 0}
+    assert set(read_table(out / "data.parquet")["source_file"]) == {"evt_feedback"}
+
+
 def test_relaxed_gates_pass_reuse_upstream_and_rank_first_on_leaderboard(first):
     cfg, result = first
     relaxed = cfg.model_copy(update={"gates": cfg.gates.model_validate(
