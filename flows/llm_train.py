@@ -29,6 +29,7 @@ from nexus_core.errors import ConfigError
 from nexus_core.io import resolve_ref
 from nexus_core.models.io import describe_model, resolve_model
 from nexus_core.train.base_model import BaseModelConfig
+from nexus_core.train.chat import queue_template_problems
 from nexus_core.train.cpt import CPTConfig, run_cpt
 from nexus_core.train.dpo import DPOConfig, run_dpo
 from nexus_core.train.grpo import GRPOConfig, run_grpo
@@ -132,7 +133,11 @@ def check_stages(cfg: LLMTrainConfig, base: ArtifactRef | None, data: dict[str, 
                  named: dict[str, ArtifactRef]) -> None:
     """Every stage's inputs known before training (its dataset, models named by reference) against its
     step's contract, all problems in one error. Datasets missing from ``data`` come from an upstream flow
-    (the lifecycle's distill) and are checked when they exist; stages not trained yet are unknown (None)."""
+    (the lifecycle's distill) and are checked when they exist; stages not trained yet are unknown (None).
+    A stage rendering chats on a model without a chat template (and no ``chat_template:``) stops the run."""
+    problems = queue_template_problems(cfg.stages, base, named, data)
+    if problems:
+        raise ConfigError(problems)
     known: dict[str, ArtifactRef | None] = {"base": base, **named}
     planned = []
     for s in cfg.stages:

@@ -7,6 +7,7 @@ otherwise be copied seven times.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -15,10 +16,12 @@ import yaml
 from pydantic import Field, model_validator
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_text
-from nexus_core.config import NexusModel, runtime_field
+from nexus_core.config import NexusModel, PathOrName, runtime_field
 from nexus_core.costs import Cost
 from nexus_core.errors import InputError, StepError
 from nexus_core.runner import StepResult
+
+logger = logging.getLogger(__name__)
 
 
 class LoraSpec(NexusModel):
@@ -63,9 +66,16 @@ class StageBase(NexusModel):
     batch_size: int = Field(default=4, ge=1, description="Per-device batch size")
     grad_accum: int = Field(default=1, ge=1, description="Gradient accumulation steps")
     max_length: int = Field(default=512, ge=8, description="Longest tokenized sequence (longer ones are truncated)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        default="auto", description="auto: bf16 on a GPU that has it, else fp32")
-    gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory")
+    precision: Literal["auto", "fp32", "bf16", "fp16", "pure_bf16"] = Field(
+        default="auto", description="Weights stay fp32 (the master copy the optimizer updates) under bf16/fp16 "
+                                    "autocast; auto: bf16 autocast on a GPU that has it, else fp32; pure_bf16: "
+                                    "weights and optimizer state in bf16 (half the memory; updates below bf16's "
+                                    "resolution are lost, so a warning is logged)")
+    gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory "
+                                         "(non-reentrant; with LoRA the inputs' gradients are enabled)")
+    chat_template: PathOrName | None = Field(
+        default=None, description="Chat template to set or override: a name under configs/chat_templates/ "
+                                  "(chatml, qwen2.5, llama3) or a .jinja file; none: the model's own")
     seed: int = Field(default=0, description="Seed for weights init of new heads, shuffling and dropout")
     # Runtime fields (how a stage runs, not what it produces) stay out of the cache key, so changing
     # them reuses a finished model and finds the same work dir's checkpoints.
@@ -163,7 +173,7 @@ def use_bf16(cfg: StageBase) -> bool:
     """Whether to train in bf16 under the config's precision setting."""
     import torch
 
-    if cfg.precision == "bf16":
+    if cfg.precision in ("bf16", "pure_bf16"):
         return True
     return cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
@@ -179,6 +189,8 @@ def trainer_kwargs(cfg: StageBase, output_dir: Path, **extra: Any) -> dict[str, 
         save_steps=cfg.checkpoint.save_steps, save_total_limit=cfg.checkpoint.save_total_limit,
         seed=cfg.seed, data_seed=cfg.seed, report_to=[], disable_tqdm=True, bf16=use_bf16(cfg),
         fp16=cfg.precision == "fp16", gradient_checkpointing=cfg.gradient_checkpointing,
+        # Non-reentrant checkpointing needs no input that requires grad (frozen embeddings under LoRA).
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         use_cpu=not gpu, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
         # gloo for CPU data parallelism; only inside a launched group (it would try to join one otherwise).
         ddp_backend="gloo" if not gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
@@ -201,15 +213,24 @@ def peft_config(cfg: StageBase, task_type: str = "CAUSAL_LM"):  # noqa: ANN201 -
 
 
 def load_model(cfg: StageBase, path: Path, kind: Literal["causal", "reward"] = "causal",
-               config_overrides: dict[str, Any] | None = None):  # noqa: ANN201 - PreTrainedModel
-    """Load the base model for training: fp32/bf16, or 4-bit for QLoRA (GPU only)."""
+               config_overrides: dict[str, Any] | None = None, frozen: bool = False):  # noqa: ANN201
+    """Load a model for training: full fine-tuning keeps fp32 master weights (the trainer autocasts to
+    bf16/fp16); bf16 only for ``pure_bf16``, or for weights that are never updated under bf16 autocast
+    (a LoRA stage's frozen base, whose adapters peft keeps in fp32; a ``frozen`` teacher); 4-bit for
+    QLoRA (GPU)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(str(path))
     for key, value in (config_overrides or {}).items():
         setattr(config, key, value)
-    kw: dict[str, Any] = {"dtype": torch.bfloat16 if use_bf16(cfg) else torch.float32}
+    in_bf16 = cfg.precision == "pure_bf16" or ((frozen or cfg.adapters) and use_bf16(cfg))
+    if cfg.precision == "pure_bf16" and not frozen:
+        logger.warning("precision=pure_bf16: weights and optimizer state in bf16, no fp32 master copy; an update "
+                       "smaller than half a bf16 step of its weight (about 0.4 % of it) is lost, so most updates "
+                       "at fine-tuning learning rates vanish. Use precision=bf16 (fp32 master weights) unless "
+                       "memory forces this")
+    kw: dict[str, Any] = {"dtype": torch.bfloat16 if in_bf16 else torch.float32}
     if cfg.quantized:
         from transformers import BitsAndBytesConfig
 
@@ -226,15 +247,61 @@ def load_model(cfg: StageBase, path: Path, kind: Literal["causal", "reward"] = "
 
 
 def param_snapshot(model) -> dict[str, Any]:  # noqa: ANN001
-    """Copies of the trainable parameters, to prove training changed them."""
-    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Copies of the trainable parameters (in their own dtype), to prove training changed them."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def param_delta(before: dict[str, Any], model) -> float:  # noqa: ANN001
-    """Largest absolute change of any trainable parameter since ``before``."""
+def saved_dtype(cfg: StageBase, base_path: Path):  # noqa: ANN201 - torch.dtype
+    """The dtype full weights are saved in: the base checkpoint's own (a bf16 release stays bf16, not
+    twice its size in fp32), bf16 for pure_bf16; fp32 otherwise."""
+    import json
+
+    import torch
+
+    if cfg.precision == "pure_bf16":
+        return torch.bfloat16
+    try:
+        conf = json.loads((Path(base_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    name = conf.get("torch_dtype") or conf.get("dtype") or conf.get("text_config", {}).get("torch_dtype")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
+
+
+def param_delta(before: dict[str, Any], model, dtype=None) -> dict[str, float]:  # noqa: ANN001
+    """How much training changed the trainable parameters, compared at the resolution they are saved in
+    (``dtype``; None: each parameter's own): ``param_delta`` is the largest absolute change,
+    ``param_changed_frac`` the share of values that differ (an fp32 master copy that moved by less than
+    half a bf16 step saves as the same bf16 value: that is no change)."""
     now = dict(model.named_parameters())
-    deltas = [float((now[n].detach().float().cpu() - t).abs().max()) for n, t in before.items() if n in now]
-    return max(deltas, default=0.0)
+    biggest, changed, total = 0.0, 0, 0
+    for n, t in before.items():
+        if n not in now:
+            continue
+        after = now[n].detach().cpu()
+        a, b = (t, after) if dtype is None else (t.to(dtype), after.to(dtype))
+        diff = a.float() - b.float()
+        biggest = max(biggest, float(diff.abs().max()) if diff.numel() else 0.0)
+        changed += int((diff != 0).sum())
+        total += diff.numel()
+    return {"param_delta": biggest, "param_changed_frac": changed / total if total else 0.0}
+
+
+def add_lora(cfg: StageBase, model):  # noqa: ANN001, ANN201 - peft.PeftModel
+    """Wrap ``model`` in LoRA adapters for a stage that builds its own trainer (cpt, kd): a 4-bit base
+    is prepared for k-bit training, and under gradient checkpointing the embeddings' outputs require
+    grad, so checkpointed blocks see an input that needs gradients although every base weight is frozen."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    lora = peft_config(cfg)
+    assert lora is not None, "add_lora on a full fine-tuning stage"
+    if cfg.quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora)
 
 
 def save_model_artifact(cfg: StageBase, trainer, tokenizer, base_path: Path, out_uri: str,  # noqa: ANN001
@@ -248,6 +315,7 @@ def save_model_artifact(cfg: StageBase, trainer, tokenizer, base_path: Path, out
 
     out = Path(out_uri)
     model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+    dtype = saved_dtype(cfg, base_path)
     if cfg.adapters:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -258,9 +326,9 @@ def save_model_artifact(cfg: StageBase, trainer, tokenizer, base_path: Path, out
         extra = {"num_labels": 1} if kind == "reward" else {}
         base = auto.from_pretrained(str(base_path), dtype=torch.float32, **extra)
         merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
-        merged.save_pretrained(out, safe_serialization=True)
-    else:
-        model.save_pretrained(out, safe_serialization=True)
+        merged.to(dtype).save_pretrained(out, safe_serialization=True)
+    else:  # training is over: the fp32 master copy is cast to the dtype the base was released in
+        model.to(dtype).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(
         {"method": method, "base_model": str(base_path), **cfg.model_dump(mode="json")}, sort_keys=False))

@@ -294,11 +294,17 @@ def _on_cuda() -> bool:
 def train_and_save(trainer, cfg: StageBase, ctx: StepContext, base: Path, out_uri: str,  # noqa: ANN001
                    method: str, kind: str = "causal") -> dict[str, float]:
     """fit() plus the bookkeeping every stage wants: parameter change, counts, and rank-0 save."""
-    from nexus_core.train.common import is_main_process, param_delta, param_snapshot, save_model_artifact
+    from nexus_core.train.common import (
+        is_main_process,
+        param_delta,
+        param_snapshot,
+        save_model_artifact,
+        saved_dtype,
+    )
 
     before = param_snapshot(trainer.model)
     metrics = fit(trainer, cfg, ctx)
-    metrics["param_delta"] = param_delta(before, trainer.model)
+    metrics.update(param_delta(before, trainer.model, None if cfg.adapters else saved_dtype(cfg, base)))
     metrics["trainable_params"] = float(sum(t.numel() for t in before.values()))
     metrics["total_params"] = float(sum(p.numel() for p in trainer.model.parameters()))
     if is_main_process():

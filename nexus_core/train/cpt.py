@@ -21,19 +21,20 @@ from nexus_core.context import StepContext
 from nexus_core.contract import model as model_input  # `model` names the trainer's model here
 from nexus_core.contract import step, table
 from nexus_core.errors import InputError
-from nexus_core.models.io import load_tokenizer
+from nexus_core.train.chat import stage_tokenizer
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
+    add_lora,
     checkpoint_dir,
     is_main_process,
     load_model,
     model_dir,
     param_delta,
     param_snapshot,
-    peft_config,
     preflight,
     save_model_artifact,
+    saved_dtype,
     trainer_kwargs,
 )
 from nexus_core.train.data import layout, load_rows
@@ -123,7 +124,7 @@ def _train(cfg: CPTConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: St
     from nexus_core.train.control import fit
 
     base = model_dir(inputs["model"])
-    tokenizer = load_tokenizer(base)
+    tokenizer = stage_tokenizer(cfg, base)  # a chat_template setting is carried to the trained model
     overrides, context = {}, AutoConfig.from_pretrained(str(base)).max_position_embeddings
     if cfg.rope_scaling:
         overrides["rope_scaling"] = {"rope_type": cfg.rope_scaling.type, "factor": cfg.rope_scaling.factor,
@@ -142,18 +143,14 @@ def _train(cfg: CPTConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: St
         dataset = Dataset.from_list(list(pack(df[cfg.text_column].drop_nulls().to_list(), tokenizer, block)))
     model = load_model(cfg, base, config_overrides=overrides)
     if cfg.adapters:
-        from peft import get_peft_model
-
-        lora = peft_config(cfg)
-        assert lora is not None  # cfg.adapters
-        model = get_peft_model(model, lora)
+        model = add_lora(cfg, model)
     args = TrainingArguments(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir)))
     trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,  # pyright: ignore[reportArgumentType] - datasets' IterableDataset is what Trainer streams
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     before = param_snapshot(trainer.model)
     metrics = fit(trainer, cfg, ctx)
-    metrics.update(param_delta=param_delta(before, trainer.model), streamed=float(streamed),
-                   context_length=float(context))
+    metrics.update(param_delta(before, trainer.model, None if cfg.adapters else saved_dtype(cfg, base)),
+                   streamed=float(streamed), context_length=float(context))
     if is_main_process():
         save_model_artifact(cfg, trainer, tokenizer, base, out_uri, "cpt")
         if overrides:  # merged weights must carry the scaled RoPE config

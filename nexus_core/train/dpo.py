@@ -14,7 +14,7 @@ from nexus_core.artifacts import ArtifactRef
 from nexus_core.context import StepContext
 from nexus_core.contract import model as model_input  # `model` names the trainers' models here
 from nexus_core.contract import step, table
-from nexus_core.models.io import load_tokenizer
+from nexus_core.train.chat import check_template, stage_tokenizer, template_reads
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
@@ -52,10 +52,12 @@ class DPOResult(TrainResult):
 
 @step(area="train", kind="model", inputs={
     "model": model_input(description="the policy to tune (and, with LoRA, its reference)"),
-    "data": table("chosen", "rejected")})
+    "data": table("chosen", "rejected")}, reads=template_reads)
 def run_dpo(cfg: DPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> DPOResult:
     """Check inputs, train, save."""
     check_table(inputs, "dpo", "preference")
+    if cfg.chat:
+        check_template(cfg, model_dir(inputs["model"]), "dpo")
     preflight(cfg)
     m = run_stage(_train, cfg, inputs, out_uri, "dpo", ctx)
     return DPOResult.from_metrics(m)
@@ -73,5 +75,5 @@ def _train(cfg: DPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: St
     args = TrlDPOConfig(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), beta=cfg.beta,
                                          loss_type=[cfg.loss_type], max_length=cfg.max_length))
     trainer = DPOTrainer(model=load_model(cfg, base), args=args, train_dataset=dataset,
-                         processing_class=load_tokenizer(base), peft_config=peft_config(cfg))
+                         processing_class=stage_tokenizer(cfg, base), peft_config=peft_config(cfg))
     return train_and_save(trainer, cfg, ctx, base, out_uri, "dpo")

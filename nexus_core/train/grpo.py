@@ -18,6 +18,7 @@ from nexus_core.contract import model as model_input  # `model` names the traine
 from nexus_core.contract import step, table
 from nexus_core.errors import InputError
 from nexus_core.models.io import load_tokenizer
+from nexus_core.train.chat import check_template, stage_tokenizer, template_reads
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
@@ -61,7 +62,7 @@ class GRPOResult(TrainResult):
     "model": model_input(description="the policy"),
     "data": table(one_of=contract_layouts("prompt"), description="prompts (and 'answer' for exact_match)"),
     "reward_model": model_input(optional=True, description="a reward model (from the reward stage) to score with"),
-})
+}, reads=template_reads)
 def run_grpo(cfg: GRPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> GRPOResult:
     """Check the rows against the rewards, train, save."""
     df, where = load_rows(need(inputs, "data", "grpo"))
@@ -77,6 +78,8 @@ def run_grpo(cfg: GRPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, c
     if (cfg.batch_size * cfg.grad_accum) % cfg.num_generations:
         problems.append(f"batch_size*grad_accum ({cfg.batch_size * cfg.grad_accum}) must be a multiple of "
                         f"num_generations ({cfg.num_generations})")
+    if cfg.chat:
+        check_template(cfg, model_dir(inputs["model"]), "grpo")
     preflight(cfg, problems)
     m = run_stage(_train, cfg, inputs, out_uri, "grpo", ctx)
     return GRPOResult.from_metrics(m, reward_mean=m.get("reward_mean", 0.0))
@@ -107,7 +110,7 @@ def _train(cfg: GRPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: S
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, beta=cfg.beta,
         reward_weights=cfg.reward_weights, generation_batch_size=cfg.batch_size * cfg.grad_accum))
     trainer = GRPOTrainer(model=load_model(cfg, base), reward_funcs=funcs, args=args, train_dataset=dataset,
-                          processing_class=load_tokenizer(base), reward_processing_classes=reward_tokenizers,
+                          processing_class=stage_tokenizer(cfg, base), reward_processing_classes=reward_tokenizers,
                           peft_config=peft_config(cfg))
     metrics = train_and_save(trainer, cfg, ctx, base, out_uri, "grpo")
     rewards_logged = [h["reward"] for h in trainer.state.log_history if "reward" in h]

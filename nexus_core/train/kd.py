@@ -27,13 +27,14 @@ from nexus_core.contract import step, table
 from nexus_core.errors import InputError
 from nexus_core.models.io import load_tokenizer
 from nexus_core.models.losses import distill_kl
+from nexus_core.train.chat import check_template, encode_chat, stage_tokenizer, template_reads
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
+    add_lora,
     checkpoint_dir,
     load_model,
     model_dir,
-    peft_config,
     preflight,
     trainer_kwargs,
 )
@@ -130,11 +131,13 @@ def _entries(value: Any) -> list[dict[str, Any]]:
     # a prompt and a response column: SFT data, or teacher collection rows (user_prompt/response)
     "data": table(one_of=[(p, r) for p in PROMPT_COLS for r in RESPONSE_COLS]),
     "teacher": model_input(optional=True, description="the teacher model (source=model)"),
-})
+}, reads=template_reads)
 def run_kd(cfg: KDConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> KDResult:
-    """Check rows and tokenizers, train, save."""
+    """Check rows, chat template and tokenizers, train, save."""
     if cfg.source == "model":
         need(inputs, "teacher", "kd")
+    if cfg.chat:
+        check_template(cfg, model_dir(inputs["model"]), "kd")
     rows, where = _rows(cfg, inputs)
     check_tokenizers(cfg, inputs, rows, where)
     preflight(cfg)
@@ -143,9 +146,16 @@ def run_kd(cfg: KDConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: 
 
 
 def encode(cfg: KDConfig, row: dict[str, Any], tokenizer, tmap: dict[str, int] | None) -> dict[str, Any]:  # noqa: ANN001
-    """input_ids/labels (prompt masked), plus the teacher's top-k ids/logprobs per label position."""
+    """input_ids/labels (prompt masked), plus the teacher's top-k ids/logprobs per label position.
+
+    With a teacher model and ``chat``, the whole exchange is rendered by the template (its end-of-turn
+    token joins the labels); stored logprobs fix the response's tokens, so only the prompt is rendered."""
     msgs = ([{"role": "system", "content": row["system_prompt"]}] if row.get("system_prompt") else [])
     msgs.append({"role": "user", "content": row["prompt"]})
+    if cfg.chat and tmap is None:
+        enc = encode_chat(tokenizer, [*msgs, {"role": "assistant", "content": row["response"]}], cfg.max_length)
+        return {"input_ids": enc["input_ids"],
+                "labels": [t if m else -100 for t, m in zip(enc["input_ids"], enc["assistant_masks"], strict=True)]}
     prompt = (tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True) if cfg.chat
               else tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
     prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
@@ -221,14 +231,14 @@ def _train(cfg: KDConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: Ste
     from nexus_core.train.control import train_and_save
 
     base = model_dir(inputs["model"])
-    tokenizer = load_tokenizer(base)
+    tokenizer = stage_tokenizer(cfg, base)
     rows, _ = _rows(cfg, inputs)
     tmap = _token_map(tokenizer) if cfg.source == "logprobs" else None
     dataset = Dataset.from_list([encode(cfg, r, tokenizer, tmap) for r in rows])
     teacher = None
     if cfg.source == "model":
         teacher = load_model(cfg.model_copy(update={"finetune": "full", "load_in_4bit": False}),
-                             model_dir(inputs["teacher"], "teacher"))
+                             model_dir(inputs["teacher"], "teacher"), frozen=True)
         teacher.eval().requires_grad_(False)
 
     class KDTrainer(Trainer):
@@ -244,11 +254,7 @@ def _train(cfg: KDConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: Ste
 
     model = load_model(cfg, base)
     if cfg.adapters:
-        from peft import get_peft_model
-
-        lora = peft_config(cfg)
-        assert lora is not None  # cfg.adapters
-        model = get_peft_model(model, lora)
+        model = add_lora(cfg, model)
     args = TrainingArguments(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), remove_unused_columns=False))
     trainer = KDTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                         data_collator=collate(tokenizer.pad_token_id))

@@ -15,7 +15,7 @@ from nexus_core.context import StepContext
 from nexus_core.contract import model as model_input  # `model` names the trainers' models here
 from nexus_core.contract import step, table
 from nexus_core.errors import InputError
-from nexus_core.models.io import load_tokenizer
+from nexus_core.train.chat import check_template, stage_tokenizer, template_reads
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
@@ -52,13 +52,15 @@ class ORPOResult(TrainResult):
 
 @step(area="train", kind="model", inputs={
     "model": model_input(description="the policy to tune"),
-    "data": table(one_of=[("prompt", "chosen", "rejected"), ("input", "chosen", "rejected")])})
+    "data": table(one_of=[("prompt", "chosen", "rejected"), ("input", "chosen", "rejected")])}, reads=template_reads)
 def run_orpo(cfg: ORPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
              ctx: StepContext) -> ORPOResult:
     """Check inputs, train, save."""
     df, where = check_table(inputs, "orpo", "preference")
     if "prompt" not in df.columns and "input" not in df.columns:
         raise InputError(f"{where}: method 'orpo' needs column prompt (or input) besides chosen/rejected")
+    if cfg.chat:
+        check_template(cfg, model_dir(inputs["model"]), "orpo")
     preflight(cfg)
     m = run_stage(_train, cfg, inputs, out_uri, "orpo", ctx)
     return ORPOResult.from_metrics(m)
@@ -77,5 +79,5 @@ def _train(cfg: ORPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: S
     args = TrlORPOConfig(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), beta=cfg.beta,
                                           max_length=cfg.max_length, remove_unused_columns=False))
     trainer = ORPOTrainer(model=load_model(cfg, base), args=args, train_dataset=dataset,
-                          processing_class=load_tokenizer(base), peft_config=peft_config(cfg))
+                          processing_class=stage_tokenizer(cfg, base), peft_config=peft_config(cfg))
     return train_and_save(trainer, cfg, ctx, base, out_uri, "orpo")

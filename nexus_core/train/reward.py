@@ -14,7 +14,7 @@ from nexus_core.artifacts import ArtifactRef
 from nexus_core.context import StepContext
 from nexus_core.contract import model as model_input  # `model` names the trainers' models here
 from nexus_core.contract import step, table
-from nexus_core.models.io import load_tokenizer
+from nexus_core.train.chat import check_template, stage_tokenizer, template_reads
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
@@ -51,11 +51,13 @@ class RewardResult(TrainResult):
 
 @step(area="train", kind="model", inputs={
     "model": model_input(description="the base of the reward model"),
-    "data": table("chosen", "rejected")})
+    "data": table("chosen", "rejected")}, reads=template_reads)
 def run_reward(cfg: RewardConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
                ctx: StepContext) -> RewardResult:
     """Check inputs, train, save."""
     check_table(inputs, "reward", "preference")
+    if cfg.chat:
+        check_template(cfg, model_dir(inputs["model"]), "reward")
     preflight(cfg)
     m = run_stage(_train, cfg, inputs, out_uri, "reward", ctx)
     return RewardResult.from_metrics(m)
@@ -68,7 +70,7 @@ def _train(cfg: RewardConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx:
     from nexus_core.train.control import train_and_save
 
     base = model_dir(inputs["model"])
-    tokenizer = load_tokenizer(base)
+    tokenizer = stage_tokenizer(cfg, base)
     df, where = load_rows(inputs["data"])
     dataset = to_dataset(preference_records(df, where, "reward", cfg.chat))
     args = TrlRewardConfig(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir),
