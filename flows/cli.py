@@ -81,6 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from nexus_core.io import DataQuery
+    from nexus_core.serve import server_config
     from nexus_core.serve.app import create_app, hash_api_key
 
     models: dict[str, str] = {}
@@ -100,9 +101,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not sep or name not in models:
             raise NexusError(f"--draft {spec!r}: expected SERVED_NAME=DIR with SERVED_NAME one of {sorted(models)}")
         drafts[name] = where if Path(where).exists() else str(DataQuery().ref(where).path)
-    app = create_app(models, api_key_hashes=hashes, max_batch_size=args.max_batch_size, draft_models=drafts)
+    app = create_app(models, api_key_hashes=hashes, max_batch_size=args.max_batch_size, draft_models=drafts,
+                     max_body_bytes=int(args.max_body_mb * 2**20), request_timeout_s=args.request_timeout,
+                     max_queue=args.max_queue, max_request_rows=args.max_request_rows)
     print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.Server(server_config(app, args.host, args.port, timeout_keep_alive=args.timeout_keep_alive,
+                                 header_timeout_s=args.header_timeout,
+                                 limit_concurrency=args.limit_concurrency)).run()
     return 0
 
 
@@ -198,7 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
     serve.add_argument("--api-key-env", default=None,
                        help="environment variable holding the accepted API key(s), comma-separated")
-    serve.add_argument("--max-batch-size", type=int, default=16, help="most rows in one generate batch")
+    serve.add_argument("--max-batch-size", type=int, default=16, help="most rows decoded together (continuous batching)")
+    serve.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies get 413")
+    serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds a generation may take (504)")
+    serve.add_argument("--max-queue", type=int, default=256, help="requests waiting for a batch slot before 429")
+    serve.add_argument("--max-request-rows", type=int, default=256, help="most prompts x n in one request (400)")
+    serve.add_argument("--timeout-keep-alive", type=int, default=5, help="idle keep-alive connections close after")
+    serve.add_argument("--header-timeout", type=float, default=10.0,
+                       help="connections without a complete request head after this many seconds are closed")
+    serve.add_argument("--limit-concurrency", type=int, default=1024, help="open connections beyond this get 503")
     serve.add_argument("--draft", action="append", metavar="NAME=DIR",
                        help="speculative decoding: a smaller draft model (same tokenizer) for served model NAME")
     serve.set_defaults(func=cmd_serve)

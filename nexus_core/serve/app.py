@@ -8,6 +8,18 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``
 ``logprobs``/``top_logprobs``, ``n``, ``stop``, ``seed``), ``GET /v1/models``, ``GET /health``,
 ``GET /metrics`` (Prometheus). Errors are OpenAI-shaped JSON bodies with a 4xx status; the server
 stays up. API keys are only ever held as sha256 hex digests.
+
+Limits (each a ``create_app`` argument; ``nexus serve`` flags): a request body over ``max_body_bytes``
+gets 413 (its ``Content-Length`` is checked first, then the body is read in chunks and never held
+past the limit), a body not received within ``body_timeout_s`` 408, a generation past
+``request_timeout_s`` 504 (its rows leave the batch), more than ``max_queue`` requests waiting for a
+batch slot 429 with ``Retry-After``, more than ``max_request_rows`` rows (prompts × n) 400. Every
+request is checked on its own before it reaches the batch (token ids inside the vocabulary, prompt
+plus ``max_tokens`` inside the context, parameters in range, no nesting deeper than JSON allows), so
+a bad request gets its 4xx and its batch mates are not touched. Parsing, chat templating and
+tokenising run in worker threads, never on the event loop. ``response_format`` (other than text) and
+``tools`` are refused with 400: this server does not constrain decoding or call tools. A client
+that disconnects cancels its generation, streaming or not.
 """
 
 from __future__ import annotations
@@ -24,6 +36,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from nexus_core.serve.engine import Engine, GenRequest, Sampling
 
@@ -37,9 +51,10 @@ class APIError(Exception):
     """An error answered as an OpenAI-style JSON body."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+                 param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         """The JSON body: ``{"error": {"message", "type", "param", "code"}}``."""
@@ -56,7 +71,7 @@ class _Common(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass")
     n: int = Field(default=1, ge=1, le=16, description="Choices per prompt")
     stop: str | list[str] | None = Field(default=None, description="Stop strings (not included in the output)")
-    seed: int | None = Field(default=None, description="Seed for reproducible sampling")
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1, description="Seed for reproducible sampling")
     stream: bool = Field(default=False, description="Answer as server-sent events")
     stream_options: dict[str, Any] | None = Field(default=None, description="include_usage: send a final usage chunk")
     ignore_eos: bool = Field(default=False, description="vLLM extension: keep generating past EOS up to max_tokens")
@@ -75,6 +90,8 @@ class CompletionRequest(_Common):
     """Body of ``POST /v1/completions``."""
 
     prompt: str | list[str] | list[int] = Field(description="Prompt text, texts, or token ids")
+    best_of: int | None = Field(default=None, ge=1, le=1, description="Not supported beyond 1")
+    suffix: str | None = Field(default=None, max_length=0, description="Not supported; must be empty")
     logprobs: int | None = Field(default=None, ge=0, le=20, description="Alternatives per token (legacy API)")
     echo: bool = Field(default=False, description="Not supported; must be false")
 
@@ -101,17 +118,24 @@ class Metrics:
                            registry=self.registry)
 
 
+MAX_STOP = 16  # stop strings per request
+MAX_PROMPTS = 256  # prompts in one completions request
+
+
 def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = None, max_batch_size: int = 16,
                batch_wait_s: float = 0.005, default_max_tokens: int = 256, dtype: str = "float32",
-               draft_models: dict[str, str] | None = None, device: str | None = None) -> FastAPI:
+               draft_models: dict[str, str] | None = None, device: str | None = None,
+               max_body_bytes: int = 8 * 2**20, body_timeout_s: float = 30.0, request_timeout_s: float = 600.0,
+               max_queue: int = 256, max_request_rows: int = 256) -> FastAPI:
     """An OpenAI-compatible FastAPI app serving ``models`` (served name → local HF model or adapter dir).
 
     Models load now, so a bad directory fails here with an ``InputError`` naming it. With
     ``api_key_hashes`` (sha256 hex digests, see :func:`hash_api_key`) every ``/v1`` call needs
     ``Authorization: Bearer <key>`` whose digest is listed; ``/health`` and ``/metrics`` stay open.
     ``draft_models`` (served name → smaller model dir with the same tokenizer) turns on speculative
-    decoding for that model's single greedy requests. ``device`` defaults to CUDA when available
-    (int8 CPU variants stay on the CPU).
+    decoding for single greedy requests on an idle engine. ``device`` defaults to CUDA when available
+    (int8 CPU variants stay on the CPU). ``max_batch_size`` is the most rows decoded together; the
+    other limits are described in the module docstring.
     """
     metrics = Metrics()
     engines: dict[str, Engine] = {}
@@ -123,24 +147,17 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
     app = FastAPI(title="Nexus OpenAI-compatible server", docs_url=None, redoc_url=None)
     app.state.engines = engines
     app.state.metrics = metrics
+    limits = _Limits(max_body_bytes, body_timeout_s, request_timeout_s, max_queue, max_request_rows)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         if exc.status != 500:  # 500s are counted where they happen, with their model
             metrics.requests.labels(request.url.path, "", str(exc.status)).inc()
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Response:
-        if hashes and request.url.path.startswith("/v1"):
-            auth = request.headers.get("authorization", "")
-            key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-            digest = hash_api_key(key) if key else ""
-            if not any(hmac.compare_digest(digest, h) for h in hashes):
-                metrics.requests.labels(request.url.path, "", "401").inc()
-                return JSONResponse(APIError(401, "invalid or missing API key", "authentication_error",
-                                             "invalid_api_key").body(), status_code=401)
-        return await call_next(request)
+    # A plain ASGI middleware (not BaseHTTPMiddleware): the endpoint sees the client's own receive
+    # channel, so a disconnect reaches it and cancels the generation.
+    app.add_middleware(_AuthMiddleware, hashes=hashes, metrics=metrics)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -156,46 +173,67 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
+        # Names only: where a model lives on this machine is none of the client's business.
         return {"object": "list", "data": [{"id": n, "object": "model", "created": e.created, "owned_by": "nexus",
-                                            "root": e.path, "max_model_len": e.context_length}
+                                            "max_model_len": e.context_length}
                                            for n, e in engines.items()]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        body = await _parse(request, ChatRequest)
+        body = await _parse(request, ChatRequest, limits)
         eng = _engine(engines, body.model)
-        try:
-            prompts = [eng.chat_prompt(_normalise_messages(body.messages))]
-        except APIError:
-            raise
-        except Exception as exc:  # a template that rejects these messages is the caller's problem
-            raise APIError(400, f"messages could not be rendered with the chat template: {exc}",
-                           param="messages") from exc
+        _refuse_unsupported(body)
+        _check_queue(eng, limits)
+        _check_rows(1, body.n, limits)
         top = body.top_logprobs or 0
         if top and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        messages = _normalise_messages(body.messages)
+        _check_text_length(eng, sum(len(m["content"]) for m in messages), "messages")
+        try:
+            prompts = [await run_in_threadpool(eng.chat_prompt, messages)]
+        except Exception as exc:  # a template that rejects these messages is the caller's problem
+            raise APIError(400, f"messages could not be rendered with the chat template: {exc}",
+                           param="messages") from exc
         sampling = _sampling(body, eng, prompts, body.max_completion_tokens or body.max_tokens or default_max_tokens,
                              body.logprobs, top)
-        return await _respond(request, "chat", body, eng, prompts, sampling, metrics)
+        return await _respond(request, "chat", body, eng, prompts, sampling, metrics, limits)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = await _parse(request, CompletionRequest)
+        body = await _parse(request, CompletionRequest, limits)
         eng = _engine(engines, body.model)
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
+        _refuse_unsupported(body)
+        _check_queue(eng, limits)
         p = body.prompt
         if isinstance(p, str):
-            prompts = [eng.text_prompt(p)]
+            texts: list[str] | None = [p]
         elif p and all(isinstance(x, int) for x in p):
-            prompts = [list(p)]
+            texts = None
         else:
-            prompts = [eng.text_prompt(x) for x in p]
+            texts = list(p)  # pyright: ignore[reportAssignmentType] - a list of strings here
+        if texts is not None and len(texts) > MAX_PROMPTS:
+            raise APIError(400, f"{len(texts)} prompts; at most {MAX_PROMPTS} per request", param="prompt")
+        _check_rows(1 if texts is None else len(texts), body.n, limits)
+        prompts: list[list[int]]
+        if texts is None:
+            ids = [int(t) for t in p]
+            prompts = [ids]
+            bad = [t for t in ids if not 0 <= t < eng.vocab_size]
+            if bad:
+                raise APIError(400, f"prompt holds token ids outside the vocabulary [0, {eng.vocab_size}): "
+                                    f"{bad[:5]}", param="prompt", code="invalid_token_id")
+        else:
+            for t in texts:
+                _check_text_length(eng, len(t), "prompt")
+            prompts = await run_in_threadpool(lambda: [eng.text_prompt(t) for t in texts])
         if not prompts or any(not x for x in prompts):
             raise APIError(400, "prompt is empty", param="prompt")
         lp = body.logprobs
         sampling = _sampling(body, eng, prompts, body.max_tokens or 16, lp is not None, lp or 0)
-        return await _respond(request, "text", body, eng, prompts, sampling, metrics)
+        return await _respond(request, "text", body, eng, prompts, sampling, metrics, limits)
 
     def close() -> None:
         for eng in engines.values():
@@ -206,19 +244,121 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
     return app
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
-    raw = await request.body()
+class _Limits:
+    def __init__(self, max_body_bytes: int, body_timeout_s: float, request_timeout_s: float, max_queue: int,
+                 max_request_rows: int):
+        self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
+        self.request_timeout_s, self.max_queue, self.max_request_rows = request_timeout_s, max_queue, max_request_rows
+
+
+class _AuthMiddleware:
+    """Bearer-key check on ``/v1`` paths against sha256 digests (plain ASGI)."""
+
+    def __init__(self, app: Any, hashes: list[str], metrics: Metrics):
+        self.app, self.hashes, self.metrics = app, hashes, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.hashes and scope["path"].startswith("/v1"):
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+            digest = hash_api_key(key) if key else ""
+            if not any(hmac.compare_digest(digest, h) for h in self.hashes):
+                self.metrics.requests.labels(scope["path"], "", "401").inc()
+                resp = JSONResponse(APIError(401, "invalid or missing API key", "authentication_error",
+                                             "invalid_api_key").body(), status_code=401)
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# The rest of a refused body is not read: close the connection after the answer instead of keeping it.
+_CLOSE = {"Connection": "close"}
+
+
+async def _read_body(request: Request, limits: _Limits) -> bytes:
+    """The body, read in chunks and refused (413) as soon as it passes the limit; 408 if it is too slow."""
+    limit = limits.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is {int(declared)} bytes; the limit is {limit}", code="body_too_large",
+                       headers=_CLOSE)
+    buf = bytearray()
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):
+            async for chunk in request.stream():
+                if len(buf) + len(chunk) > limit:
+                    raise APIError(413, f"request body is over the limit of {limit} bytes", code="body_too_large",
+                                   headers=_CLOSE)
+                buf += chunk
+    except TimeoutError:
+        raise APIError(408, f"request body not received within {limits.body_timeout_s:g}s",
+                       code="request_timeout", headers=_CLOSE) from None
+    except ClientDisconnect:
+        raise APIError(400, "client disconnected while sending the body") from None
+    return bytes(buf)
+
+
+def _decode_json(raw: bytes, model: type[BaseModel]) -> Any:
     try:
         data = json.loads(raw or b"")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"malformed JSON body: {exc}", code="invalid_json") from exc
+    except RecursionError:
+        raise APIError(400, "JSON body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}"
+                             for e in exc.errors()[:10])
         raise APIError(400, f"invalid request: {problems}") from exc
+    except RecursionError:
+        raise APIError(400, "JSON body is nested too deeply", code="invalid_json") from None
+
+
+async def _parse(request: Request, model: type[BaseModel], limits: _Limits) -> Any:
+    raw = await _read_body(request, limits)
+    if len(raw) < 64 * 1024:  # small bodies: a thread hop costs more than the parse
+        return _decode_json(raw, model)
+    return await run_in_threadpool(_decode_json, raw, model)
+
+
+def _refuse_unsupported(body: _Common) -> None:
+    """Fields the OpenAI API defines that this server cannot honour: 400, never silently ignored."""
+    extra = body.model_extra or {}
+    fmt = extra.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise APIError(400, "response_format is not supported by this server (no constrained decoding); "
+                            "omit it or use {\"type\": \"text\"}", param="response_format")
+    for key in ("tools", "functions"):
+        if extra.get(key):
+            raise APIError(400, f"{key} are not supported by this server (no tool calling)", param=key)
+    for key in ("tool_choice", "function_call"):
+        if extra.get(key) not in (None, "none"):
+            raise APIError(400, f"{key} is not supported by this server (no tool calling)", param=key)
+
+
+def _check_queue(eng: Engine, limits: _Limits) -> None:
+    waiting = eng.queue_depth()
+    if waiting >= limits.max_queue:
+        # Rough wait: the queue drains about a batch per request time; one second is a fair first retry.
+        raise APIError(429, f"{waiting} requests are waiting for {eng.name!r}; retry later", "rate_limit_error",
+                       code="queue_full", headers={"Retry-After": "1"})
+
+
+def _check_rows(prompts: int, n: int, limits: _Limits) -> None:
+    if prompts * n > limits.max_request_rows:
+        raise APIError(400, f"{prompts} prompts × n={n} = {prompts * n} sequences; at most "
+                            f"{limits.max_request_rows} per request", param="n")
+
+
+def _check_text_length(eng: Engine, chars: int, param: str) -> None:
+    # No token is longer than max_token_chars characters, so this text has at least chars / that many
+    # tokens: refuse what cannot fit without paying for tokenising it.
+    if chars / eng.max_token_chars > eng.context_length:
+        raise APIError(400, f"{param} is at least {chars // eng.max_token_chars} tokens; the model's context is "
+                            f"{eng.context_length}", code="context_length_exceeded", param=param)
 
 
 def _engine(engines: dict[str, Engine], name: str) -> Engine:
@@ -233,11 +373,15 @@ def _engine(engines: dict[str, Engine], name: str) -> Engine:
 def _normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise APIError(400, f"messages[{i}]: needs a role", param="messages")
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+            content = "".join(part["text"] for part in content
+                              if isinstance(part, dict) and isinstance(part.get("text"), str))
+        if content is not None and not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content: must be a string or a list of text parts",
+                           param="messages")
         out.append({"role": m["role"], "content": content or ""})
     return out
 
@@ -250,19 +394,50 @@ def _sampling(body: _Common, eng: Engine, prompts: list[list[int]], max_tokens: 
         raise APIError(400, f"prompt is {longest} tokens; the model's context is {eng.context_length}",
                        code="context_length_exceeded", param="messages")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOP or any(len(s) > 256 for s in stop):
+        raise APIError(400, f"at most {MAX_STOP} stop strings of at most 256 characters", param="stop")
     return Sampling(max_tokens=min(max_tokens, room), temperature=body.temperature, top_p=body.top_p,
                     stop=[s for s in stop if s], seed=body.seed, logprobs=logprobs, top_logprobs=top,
                     ignore_eos=body.ignore_eos)
 
 
+async def _next_event(request: Request, req: GenRequest, deadline: float, poll_disconnect: bool) -> tuple:
+    """The engine's next event for ``req``; cancels it and raises when the client left or time ran out."""
+    events: asyncio.Queue = req.events  # pyright: ignore[reportAssignmentType] - set before submit
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            req.cancelled = True
+            raise _Timeout
+        # Events may arrive every few milliseconds: look at the connection on a clock, not on silence.
+        if poll_disconnect and now - req.checked_at >= 0.25:
+            req.checked_at = now
+            if await request.is_disconnected():
+                req.cancelled = True
+                raise _Disconnected
+        try:
+            return await asyncio.wait_for(events.get(), timeout=min(deadline - now, 0.25))
+        except TimeoutError:
+            continue
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _Disconnected(Exception):
+    pass
+
+
 async def _respond(request: Request, kind: str, body: _Common, eng: Engine, prompts: list[list[int]],
-                   sampling: Sampling, metrics: Metrics) -> Response:
+                   sampling: Sampling, metrics: Metrics, limits: _Limits) -> Response:
     endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
     req = GenRequest(prompts=prompts, sampling=sampling, n=body.n, loop=asyncio.get_running_loop(),
                      events=asyncio.Queue())
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     start = time.perf_counter()
+    deadline = time.monotonic() + limits.request_timeout_s
     eng.submit(req)
     total = len(prompts) * body.n
     include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -281,8 +456,16 @@ async def _respond(request: Request, kind: str, body: _Common, eng: Engine, prom
                     for i in range(total):
                         yield _sse(_chat_chunk(rid, created, eng.name, i, {"role": "assistant", "content": ""}))
                 while remaining:
-                    ev = await req.events.get()  # pyright: ignore[reportOptionalMemberAccess] - the engine sets events on submit
+                    # starlette cancels this generator when the client disconnects (finally: cancelled)
+                    try:
+                        ev = await _next_event(request, req, deadline, poll_disconnect=False)
+                    except _Timeout:
+                        metrics.requests.labels(endpoint, eng.name, "504").inc()
+                        yield _sse(APIError(504, f"generation took longer than {limits.request_timeout_s:g}s",
+                                            "timeout_error", code="request_timeout").body())
+                        break
                     if ev[0] == "error":
+                        metrics.requests.labels(endpoint, eng.name, "500").inc()
                         yield _sse(APIError(500, ev[1], "server_error").body())
                         break
                     if ev[0] == "token":
@@ -304,12 +487,13 @@ async def _respond(request: Request, kind: str, body: _Common, eng: Engine, prom
                             yield _sse(_chat_chunk(rid, created, eng.name, idx, {}, finish=reason))
                         else:
                             yield _sse(_text_chunk(rid, created, eng.name, idx, "", finish=reason))
-                u = _usage(usage, body.n)
-                done_metrics(u["prompt_tokens"], u["completion_tokens"])
-                if include_usage:
-                    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-                    yield _sse({"id": rid, "object": obj, "created": created, "model": eng.name, "choices": [],
-                                "usage": u})
+                if not remaining:
+                    u = _usage(usage, body.n)
+                    done_metrics(u["prompt_tokens"], u["completion_tokens"])
+                    if include_usage:
+                        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+                        yield _sse({"id": rid, "object": obj, "created": created, "model": eng.name, "choices": [],
+                                    "usage": u})
                 yield "data: [DONE]\n\n"
             finally:
                 req.cancelled = True  # client went away or we are done: free the batch rows
@@ -323,7 +507,15 @@ async def _respond(request: Request, kind: str, body: _Common, eng: Engine, prom
     usage: dict[int, tuple[int, int]] = {}
     try:
         while len(finish) < total:
-            ev = await req.events.get()  # pyright: ignore[reportOptionalMemberAccess] - the engine sets events on submit
+            try:
+                ev = await _next_event(request, req, deadline, poll_disconnect=True)
+            except _Timeout:
+                metrics.requests.labels(endpoint, eng.name, "504").inc()
+                raise APIError(504, f"generation took longer than {limits.request_timeout_s:g}s", "timeout_error",
+                               code="request_timeout") from None
+            except _Disconnected:
+                metrics.requests.labels(endpoint, eng.name, "499").inc()  # nginx's "client closed request"
+                return Response(status_code=499)
             if ev[0] == "error":
                 metrics.requests.labels(endpoint, eng.name, "500").inc()
                 raise APIError(500, ev[1], "server_error")

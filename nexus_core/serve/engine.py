@@ -1,24 +1,50 @@
-"""Generation engine behind the server: loads one local model, groups waiting requests into batches.
+"""Generation engine behind the server: one local model, continuous (iteration-level) batching.
 
-A single worker thread per model owns the model. Requests go into a queue; the worker takes the first
-one, waits a few milliseconds for more, and decodes all of them together (left-padded, one forward
-pass per token for the whole batch, KV cache). Each row has its own sampling parameters, stop strings
-and token budget, and its tokens are pushed back to the caller's asyncio loop as they are produced,
-so streaming and non-streaming requests share one code path.
+A single worker thread per model owns the model and runs one loop; every turn of it is one decoding
+step for the whole running batch:
+
+1. new requests are taken from the inbox; cancelled ones (client gone, timeout) leave the batch;
+2. free batch slots (``max_batch_size`` rows) are filled from the waiting requests, one row per
+   request in turn, requests with no running row first; a request's ``prompt × n`` rows are thus
+   split over as many steps as the slots allow. When the batch is full and a request has no row
+   running, the newest row of the request holding the most rows is *preempted*: it leaves the batch
+   keeping its tokens, and later rejoins by recomputing its context (prompt + tokens so far), so a
+   short request never waits for a long many-row generation to end;
+3. joining rows are prefilled together (left-padded, one forward pass) and their KV cache is merged
+   into the running batch's;
+4. every running row samples its next token from its logits (its own temperature, top-p, seed,
+   stop strings, budget); finished and failed rows leave;
+5. one forward pass over the remaining rows with their last token gives the next logits.
+
+The KV cache is one transformers ``DynamicCache`` for the batch, **left-padded with per-row
+positions**: a row's keys sit at the right end of the time axis, an attention mask hides the padding
+on its left, and ``position_ids`` are each row's own token count, so a row's tokens do not depend on
+its batch mates. Joining rows are padded on the left to the batch's cache length (or the batch to
+theirs); when rows leave, columns that are padding for every remaining row are cut off, so the cache
+is as long as the longest running context.
+
+A failure while prefilling a group of requests is retried request by request, so only the request
+that fails gets an error; an error while sampling a row fails only that row's request. Tokens are
+pushed to the caller's asyncio loop as they are produced, so streaming and non-streaming requests
+share one code path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nexus_core.models.io import load_causal_lm
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,6 +67,7 @@ class GenRequest:
 
     Events go to ``events`` on the caller's loop: ``("token", index, text, [logprob entries])``,
     ``("done", index, finish_reason, prompt_tokens, completion_tokens)``, ``("error", message)``.
+    Setting ``cancelled`` makes its rows leave the batch at the next decoding step.
     """
 
     prompts: list[list[int]]
@@ -50,6 +77,10 @@ class GenRequest:
     events: asyncio.Queue | None = None
     cancelled: bool = False
     enqueued_at: float = field(default_factory=time.perf_counter)
+    started: bool = False  # a row of it has joined the batch (it no longer counts as queued)
+    waiting: deque = field(default_factory=deque)  # rows not in the batch (not yet, or preempted)
+    running: int = 0  # rows in the batch now
+    checked_at: float = 0.0  # when the server last looked whether the client is still connected
 
     def emit(self, event: tuple) -> None:
         """Hand an event to the caller's loop from the worker thread."""
@@ -68,10 +99,11 @@ class _Row:
     sent: int = 0  # characters of ``text`` already emitted
     pending_lp: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False
+    joined: int = 0  # decoding step at which it (last) joined the batch
 
 
 class Engine:
-    """One served model: its tokenizer, a request queue and the batching worker thread."""
+    """One served model: its tokenizer, a request inbox and the continuous-batching worker thread."""
 
     def __init__(self, name: str, path: str | Path, *, max_batch_size: int = 16, batch_wait_s: float = 0.005,
                  dtype: str = "float32", on_batch: Any = None, draft_path: str | Path | None = None,
@@ -89,19 +121,32 @@ class Engine:
         self.model.to(self.device)
         if self.draft is not None:
             self.draft.to(self.device)
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = max(1, max_batch_size)
         self.batch_wait_s = batch_wait_s
-        self.on_batch = on_batch  # callback(rows, tokens) for metrics
+        self.on_batch = on_batch  # callback(rows, tokens) for metrics, once per decoding step
         self.created = int(time.time())
         cfg = self.model.config
         self.context_length = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        # Token ids a prompt may hold: rows of the embedding matrix (a tokenizer may know more).
+        self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         eos = {self.tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])}
         self.eos_ids = {e for e in eos if e is not None}
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = next(iter(self.eos_ids), 0)
-        self._queue: queue.Queue[GenRequest | None] = queue.Queue()
+        # Longest token in characters: a text of c characters has at least c / this many tokens.
+        self.max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
+        self._inbox: queue.Queue[GenRequest | None] = queue.Queue()
+        self._queued = 0  # submitted requests with no row started yet
+        self._lock = threading.Lock()
+        # Worker-thread state: waiting requests (arrival order), running rows and their batch tensors.
+        self._pending: list[GenRequest] = []
+        self._active: list[_Row] = []
+        self._cache: Any = None  # DynamicCache, batch dimension aligned with _active
+        self._mask: Any = None  # attention mask [rows, cache length + 0]
+        self._logits: Any = None  # [rows, vocab] on the host: each row's next-token distribution
+        self._step = 0
         self._thread = threading.Thread(target=self._worker, name=f"nexus-serve-{name}", daemon=True)
         self._thread.start()
 
@@ -119,105 +164,279 @@ class Engine:
         return self.tokenizer(text)["input_ids"]
 
     def queue_depth(self) -> int:
-        """Requests waiting for a batch slot."""
-        return self._queue.qsize()
+        """Requests waiting for their first batch slot."""
+        return self._queued
+
+    def running_rows(self) -> int:
+        """Rows in the running batch."""
+        return len(self._active)
 
     def submit(self, req: GenRequest) -> None:
-        """Queue a request; the worker will batch it with whatever else is waiting."""
-        self._queue.put(req)
+        """Queue a request; its rows join the running batch at the next decoding steps."""
+        for p_i, prompt in enumerate(req.prompts):
+            for k in range(req.n):
+                req.waiting.append(_Row(req=req, index=p_i * req.n + k, prompt=prompt))
+        with self._lock:
+            self._queued += 1
+        self._inbox.put(req)
 
     def close(self) -> None:
-        """Stop the worker thread after the current batch."""
-        self._queue.put(None)
+        """Stop the worker thread after the current step."""
+        self._inbox.put(None)
         self._thread.join(timeout=30)
 
     # -- worker ----------------------------------------------------------------------------------
     def _worker(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
+            if not self._take_inbox():
                 return
-            batch = [first]
-            rows = len(first.prompts) * first.n
-            deadline = time.perf_counter() + self.batch_wait_s
-            while rows < self.max_batch_size:
-                remaining = deadline - time.perf_counter()
-                try:
-                    nxt = self._queue.get(timeout=max(remaining, 0)) if remaining > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)  # shut down after this batch
-                    break
-                batch.append(nxt)
-                rows += len(nxt.prompts) * nxt.n
             try:
-                self._run_batch(batch)
-            except Exception as exc:  # a broken batch must not kill the server
-                for req in batch:
-                    req.emit(("error", f"generation failed: {type(exc).__name__}: {exc}"))
+                self._iteration()
+            except Exception as exc:  # a broken step fails the running requests, never the server
+                log.exception("serve %s: decoding step failed", self.name)
+                for req in {id(r.req): r.req for r in self._active}.values():
+                    self._fail(req, f"generation failed: {type(exc).__name__}: {exc}")
+                self._active, self._cache, self._mask, self._logits = [], None, None, None
 
-    def _run_batch(self, batch: list[GenRequest]) -> None:
+    def _take_inbox(self) -> bool:
+        """Move new requests to the waiting list; block while there is nothing to do. False: shut down."""
+        idle = not self._active and not self._pending
+        try:
+            first = self._inbox.get() if idle else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        items = [first]
+        if idle and first is not None and self.batch_wait_s > 0:
+            time.sleep(self.batch_wait_s)  # let a burst of simultaneous requests prefill together
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        for item in items:
+            if item is None:
+                return False
+            self._pending.append(item)
+        return True
+
+    def _iteration(self) -> None:
+        self._drop_cancelled()
+        if self._speculative_candidate():
+            return
+        joining = self._admit()
+        if joining:
+            self._join(joining)
+        if not self._active:
+            return
+        self._step += 1
+        self._sample()
+        if self._active:
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        for req in self._pending:
+            if req.cancelled:
+                req.waiting.clear()
+                self._dequeue(req)
+        self._pending = [r for r in self._pending if r.waiting]
+        if any(r.req.cancelled for r in self._active):
+            self._keep([i for i, r in enumerate(self._active) if not r.req.cancelled])
+
+    def _dequeue(self, req: GenRequest) -> None:
+        if not req.started:
+            req.started = True
+            with self._lock:
+                self._queued -= 1
+
+    def _admit(self) -> list[_Row]:
+        """Rows that join the batch now: free slots, one row per waiting request in turn."""
+        starving = [r for r in self._pending if r.running == 0 and r.waiting]
+        free = self.max_batch_size - len(self._active)
+        if starving and free < len(starving):
+            self._preempt(len(starving) - max(free, 0))
+            free = self.max_batch_size - len(self._active)
+        # Requests with no running row first, then the others, each in arrival order.
+        order = starving + [r for r in self._pending if r.running > 0 and r.waiting]
+        joining: list[_Row] = []
+        while free > 0 and any(r.waiting for r in order):
+            for req in order:
+                if free == 0:
+                    break
+                if req.waiting:
+                    row = req.waiting.popleft()
+                    row.joined = self._step
+                    req.running += 1
+                    self._dequeue(req)
+                    joining.append(row)
+                    free -= 1
+        self._pending = [r for r in self._pending if r.waiting]
+        return joining
+
+    def _preempt(self, count: int) -> None:
+        """Take ``count`` rows out of the batch (they keep their tokens and rejoin later)."""
+        out: set[int] = set()
+        for _ in range(count):
+            held: dict[int, list[int]] = {}
+            for i, r in enumerate(self._active):
+                if i not in out:
+                    held.setdefault(id(r.req), []).append(i)
+            biggest = max(held.values(), key=len, default=[])
+            if len(biggest) < 2:
+                break  # every request holds one row: nothing to take without starving another
+            victim = max(biggest, key=lambda i: (self._active[i].joined, i))  # least work to redo
+            out.add(victim)
+        if not out:
+            return
+        for i in sorted(out, reverse=True):
+            row = self._active[i]
+            row.req.running -= 1
+            row.req.waiting.appendleft(row)
+            if row.req not in self._pending:
+                self._pending.append(row.req)
+        self._pending.sort(key=lambda r: r.enqueued_at)
+        self._keep([i for i in range(len(self._active)) if i not in out])
+
+    def _keep(self, keep: list[int]) -> None:
+        """Shrink the batch to rows ``keep`` (cache, mask, logits), cutting all-padding columns."""
         import torch
 
-        rows: list[_Row] = []
-        for req in batch:
-            for p_i, prompt in enumerate(req.prompts):
-                for k in range(req.n):
-                    gen = None
-                    if req.sampling.seed is not None:
-                        gen = torch.Generator().manual_seed(req.sampling.seed + k)
-                    rows.append(_Row(req=req, index=p_i * req.n + k, prompt=prompt, generator=gen))
-        if self.draft is not None and len(rows) == 1 and self._speculative_ok(rows[0]):
-            self._run_speculative(rows[0])
+        self._active = [self._active[i] for i in keep]
+        if not self._active:
+            self._cache = self._mask = self._logits = None
             return
-        width = max(len(r.prompt) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: every row's next token lands in the last column
-            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
-            attn[i, width - len(r.prompt):] = 1
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        dev = self.device
-        ids, attn, pos = ids.to(dev), attn.to(dev), pos.to(dev)
-        budget = max(r.req.sampling.max_tokens for r in rows)
-        produced = 0
-        with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[:, -1, :].float().cpu()  # sampling and logprobs happen on the host
-            last_pos = pos[:, -1]
-            for _step in range(budget):
-                next_ids = torch.full((len(rows),), self.pad_id, dtype=torch.long)
-                logprobs = torch.log_softmax(logits, dim=-1)
-                for i, r in enumerate(rows):
-                    if r.done or r.req.cancelled:
-                        r.done = True
-                        continue
-                    tok = self._pick(logits[i], r)
-                    next_ids[i] = tok
-                    produced += 1
-                    self._advance(r, tok, logprobs[i])
-                if all(r.done for r in rows):
-                    break
-                attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=torch.long, device=dev)], dim=1)
-                last_pos = last_pos + 1
-                out = self.model(input_ids=next_ids[:, None].to(dev), attention_mask=attn,
-                                 position_ids=last_pos[:, None], past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                logits = out.logits[:, -1, :].float().cpu()
-        for r in rows:
-            if not r.done:
-                self._finish(r, "length")
-        if self.on_batch is not None:
-            self.on_batch(len(rows), produced)
+        idx = torch.tensor(keep, dtype=torch.long)
+        mask = self._mask[idx.to(self._mask.device)]
+        first = int(mask.any(0).long().argmax())  # first column some remaining row uses
+        layers = [(k[idx.to(k.device)][..., first:, :], v[idx.to(v.device)][..., first:, :])
+                  for k, v in _layers(self._cache)]
+        self._cache = _cache(layers)
+        self._mask = mask[:, first:]
+        self._logits = self._logits[idx]
 
-    @staticmethod
-    def _speculative_ok(row: _Row) -> bool:
+    def _join(self, rows: list[_Row]) -> None:
+        """Prefill ``rows`` (their full context) and merge them into the running batch."""
+        try:
+            cache, mask, logits = self._prefill(rows)
+        except Exception as exc:
+            by_req: dict[int, list[_Row]] = {}
+            for r in rows:
+                by_req.setdefault(id(r.req), []).append(r)
+            if len(by_req) == 1:
+                log.warning("serve %s: prefill failed: %s", self.name, exc)
+                self._fail(rows[0].req, f"generation failed: {type(exc).__name__}: {exc}")
+                return
+            for group in by_req.values():  # isolate the request that breaks the batch
+                self._join(group)
+            return
+        self._merge(rows, cache, mask, logits)
+
+    def _prefill(self, rows: list[_Row]) -> tuple[Any, Any, Any]:
+        import torch
+
+        contexts = [r.prompt + r.ids for r in rows]
+        width = max(len(c) for c in contexts)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, c in enumerate(contexts):
+            ids[i, width - len(c):] = torch.tensor(c, dtype=torch.long)
+            mask[i, width - len(c):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        dev = self.device
+        with torch.inference_mode():
+            out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                             use_cache=True)
+        return out.past_key_values, mask.to(dev), out.logits[:, -1, :].float().cpu()
+
+    def _merge(self, rows: list[_Row], cache: Any, mask: Any, logits: Any) -> None:
+        import torch
+
+        for r in rows:
+            if r.generator is None and r.req.sampling.seed is not None:
+                seed = (r.req.sampling.seed + r.index) % 2**64
+                r.generator = torch.Generator().manual_seed(seed)
+        if not self._active:
+            self._active, self._cache, self._mask, self._logits = list(rows), cache, mask, logits
+            return
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+
+        def pad(t: Any, by: int) -> Any:  # zeros on the left of the time axis (dim -2 of keys/values)
+            return t if by == 0 else torch.nn.functional.pad(t, (0, 0, by, 0))
+
+        layers = [(torch.cat([pad(k0, width - old_len), pad(k1, width - new_len)]),
+                   torch.cat([pad(v0, width - old_len), pad(v1, width - new_len)]))
+                  for (k0, v0), (k1, v1) in zip(_layers(self._cache), _layers(cache), strict=True)]
+        self._cache = _cache(layers)
+        self._mask = torch.cat([torch.nn.functional.pad(self._mask, (width - old_len, 0)),
+                                torch.nn.functional.pad(mask, (width - new_len, 0))])
+        self._logits = torch.cat([self._logits, logits])
+        self._active.extend(rows)
+
+    def _sample(self) -> None:
+        import torch
+
+        logits = self._logits
+        need_lp = any(r.req.sampling.logprobs for r in self._active)
+        logprobs = torch.log_softmax(logits, dim=-1) if need_lp else None
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        produced = 0
+        for i, r in enumerate(self._active):
+            if r.done or r.req.cancelled:
+                continue
+            try:
+                s = r.req.sampling
+                tok = greedy[i] if s.temperature <= 0 else self._pick(logits[i], r)
+                produced += 1
+                self._advance(r, tok, None if logprobs is None else logprobs[i])
+            except Exception as exc:  # this row's request fails; its batch mates go on
+                self._fail(r.req, f"generation failed: {type(exc).__name__}: {exc}")
+        if self.on_batch is not None:
+            self.on_batch(len(self._active), produced)
+        finished = [i for i, r in enumerate(self._active) if r.done or r.req.cancelled]
+        if finished:
+            for i in finished:
+                self._active[i].req.running -= 1
+            gone = set(finished)
+            self._keep([i for i in range(len(self._active)) if i not in gone])
+
+    def _decode(self) -> None:
+        import torch
+
+        dev = self.device
+        last = torch.tensor([[r.ids[-1]] for r in self._active], dtype=torch.long, device=dev)
+        pos = torch.tensor([[len(r.prompt) + len(r.ids) - 1] for r in self._active], dtype=torch.long, device=dev)
+        mask = torch.cat([self._mask, torch.ones((len(self._active), 1), dtype=self._mask.dtype, device=dev)], dim=1)
+        with torch.inference_mode():
+            out = self.model(input_ids=last, attention_mask=mask, position_ids=pos, past_key_values=self._cache,
+                             use_cache=True)
+        self._cache, self._mask = out.past_key_values, mask
+        self._logits = out.logits[:, -1, :].float().cpu()
+
+    def _fail(self, req: GenRequest, message: str) -> None:
+        if not req.cancelled:
+            req.emit(("error", message))
+        req.cancelled = True  # its other rows leave at the next step
+        req.waiting.clear()
+        self._dequeue(req)
+
+    # -- speculative decoding (one greedy request on an idle engine) ------------------------------
+    def _speculative_candidate(self) -> bool:
+        if self.draft is None or self._active or len(self._pending) != 1:
+            return False
+        req = self._pending[0]
+        s = req.sampling
         # Assisted generation in transformers is exact for greedy decoding of one sequence and does not
         # return per-token alternatives; other requests take the batched path.
-        s = row.req.sampling
-        return s.temperature <= 0 and not s.logprobs and row.req.n == 1
+        if len(req.waiting) != 1 or req.n != 1 or s.temperature > 0 or s.logprobs or req.waiting[0].ids:
+            return False
+        self._pending = []
+        row = req.waiting.popleft()
+        self._dequeue(req)
+        try:
+            self._run_speculative(row)
+        except Exception as exc:
+            self._fail(req, f"generation failed: {type(exc).__name__}: {exc}")
+        return True
 
     def _run_speculative(self, r: _Row) -> None:
         import torch
@@ -237,6 +456,7 @@ class Engine:
         if self.on_batch is not None:
             self.on_batch(1, len(r.ids))
 
+    # -- per-row decoding ---------------------------------------------------------------------------
     def _pick(self, logits: Any, row: _Row) -> int:
         import torch
 
@@ -256,7 +476,7 @@ class Engine:
 
     def _advance(self, r: _Row, tok: int, logprobs: Any) -> None:
         s = r.req.sampling
-        if s.logprobs:
+        if s.logprobs and logprobs is not None:
             entry: dict[str, Any] = {"token": self._token_text(tok), "id": tok,
                                      "logprob": _finite(float(logprobs[tok])), "top_logprobs": []}
             if s.top_logprobs:
@@ -295,6 +515,17 @@ class Engine:
             self._flush(r, len(r.text))
         r.done = True
         r.req.emit(("done", r.index, reason, len(r.prompt), len(r.ids)))
+
+
+def _layers(cache: Any) -> list[tuple[Any, Any]]:
+    """(keys, values) per layer of a DynamicCache, each ``[rows, heads, time, head_dim]``."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache(layers: list[tuple[Any, Any]]) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=layers)
 
 
 def _finite(x: float) -> float:
