@@ -55,6 +55,9 @@ class NexusTask(Task):
     for a GPU task on a shared machine, ``gpu``."""
 
     def __init__(self, *args: Any, call_tags: TagsFn | None = None, gpu: bool = False, **kwargs: Any):
+        # Task() defaults log_prints to False where @task defaults it to None (inherit the flow's):
+        # a flow's log_prints=True must still route this task's prints into its run log
+        kwargs.setdefault("log_prints", None)
         super().__init__(*args, **kwargs)
         self.call_tags = call_tags
         self.gpu = gpu

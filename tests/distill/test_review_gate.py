@@ -11,6 +11,7 @@ import pytest
 from flows.common import load_flow_config
 from flows.distill import DistillConfig, distill
 from nexus_core.distill import review_store
+from nexus_core.store import local_path
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +33,7 @@ def test_review_page_resumes_paused_flow(prefect_harness, repo, monkeypatch):
     assert "result" not in out  # really waiting
 
     # A second reviewer labels the first row at the same time: append-only, nothing lost.
-    first_row = pl.read_parquet(f"{req.dataset_uri}/data.parquet")["row_id"][0]
+    first_row = pl.read_parquet(local_path(req.dataset_uri) / "data.parquet")["row_id"][0]
     review_store.add_label(req.dataset_uri, first_row, "reject", "bob", note="parallel reviewer")
 
     monkeypatch.setattr("getpass.getuser", lambda: "alice")  # the reviewer is the identity: the OS user locally
@@ -49,7 +50,7 @@ def test_review_page_resumes_paused_flow(prefect_harness, repo, monkeypatch):
     worker.join(timeout=240)
     result = out["result"]
     reviewed = pl.read_parquet(result.artifacts['reviewed'].path / "data.parquet")
-    ids = pl.read_parquet(f"{req.dataset_uri}/data.parquet")["row_id"].to_list()[:3]
+    ids = pl.read_parquet(local_path(req.dataset_uri) / "data.parquet")["row_id"].to_list()[:3]
     got = {r["row_id"]: r for r in reviewed.filter(pl.col("row_id").is_in(ids)).iter_rows(named=True)}
     assert [got[i]["decision"] for i in ids] == ["accept", "reject", "accept"]
     assert got[ids[0]]["reviewer"] == "alice" and got[ids[2]]["reviewed_output"] == "An edited answer by the reviewer."
@@ -93,7 +94,7 @@ def test_regenerated_rows_go_back_to_review_before_packaging(prefect_harness, re
 
     submit(waiting_for("filtered"), "alice")  # no labels: filter-rejected rows go to regeneration
     req = waiting_for("recheck")  # the second gate holds only the rows regeneration rescued
-    queue = pl.read_parquet(f"{req.dataset_uri}/data.parquet")
+    queue = pl.read_parquet(local_path(req.dataset_uri) / "data.parquet")
     assert queue.height >= 2 and queue["keep"].all() and (queue["attempts"] >= 1).all()
     from streamlit.testing.v1 import AppTest
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -145,3 +146,94 @@ print(json.dumps(out))
     assert collect["teachers"]["teacher.model"] and collect["git_sha"] and collect["prefect_flow_run_id"]
     assert any(n["files_read"] for n in lin["chain"]), "no step recorded the files it read (prompt hashes)"
     assert os.environ.get("NEXUS_DATA") != store  # the test never pointed this process at the bucket
+
+
+FLOW_SRC = '''
+from prefect import flow
+
+from nexus_core.artifacts import raw_ref
+from nexus_core.corpus.ingest import IngestConfig
+from tasks.ingest import ingest
+
+
+@flow(name="durable")
+def durable(src: str) -> str:
+    result = ingest(IngestConfig(sources=[src], required_columns=["text"]), {"source_0": raw_ref(src)},
+                    name="durable")
+    return f"{result.ref.uri} reused={result.reused}"
+'''
+
+
+def test_gpu_pool_machine_disk_is_wiped_yet_results_survive(s3: dict[str, str], tmp_path: Path,
+                                                              prefect_harness: None) -> None:
+    """A RunPod pool (fake cloud, the provider's documented API): each flow run gets a machine that runs
+    the real `prefect flow-run execute` with the env the worker launched it with; its disk (NEXUS_HOME,
+    PREFECT_HOME) is deleted after the run. The artifact is in the store, and the next machine reuses it."""
+    import asyncio
+    import uuid
+
+    from prefect.client.orchestration import get_client
+
+    from infra.workers import RunPodWorker
+    from tests.infra.fake_clouds import FakeClouds
+    from tests.infra.test_workers import KEY, template
+
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "durable.py").write_text(FLOW_SRC)
+    raw = job / "rows.jsonl"
+    raw.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5)))
+    store = f"s3://{BUCKET}/gpu-pool"
+    machine_env = {**s3, "NEXUS_DATA": store, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+    async def play_machine(clouds: FakeClouds, run_id: str, disk: Path) -> int:
+        """Wait for the pod, then be it: run its start command with its env on a disk of its own."""
+        for _ in range(2000):
+            pods = [p for p in clouds.pods.values() if p["name"] == f"nexus-{run_id}" and p["runtime"]]
+            if pods:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("no pod came up")
+        pod = pods[0]
+        env = {"PATH": f"{BIN}:{os.environ['PATH']}", "HOME": str(disk), **pod["env"],
+               "NEXUS_HOME": str(disk / "nexus"), "PREFECT_HOME": str(disk / "prefect")}
+        command = shlex.split(pod["dockerStartCmd"][-1])  # `bash -lc CMD` in the image; here CMD with our prefect
+        assert command[:3] == ["prefect", "flow-run", "execute"], command
+        proc = await asyncio.create_subprocess_exec(str(BIN / "prefect"), *command[1:], cwd=job, env=env,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0, out.decode()[-3000:]
+        return proc.returncode
+
+    async def one_run(clouds: FakeClouds, disk: Path) -> str:
+        tmpl = template(RunPodWorker, clouds, launch_timeout_s=30, pending_timeout_s=240)
+        pool = f"pool-{uuid.uuid4().hex[:8]}"
+        async with get_client() as client:
+            flow_id = await client.create_flow_from_name("durable")
+            dep = await client.create_deployment(flow_id=flow_id, name=f"d-{uuid.uuid4().hex[:6]}", path=str(job),
+                                                 entrypoint="durable.py:durable")
+            run = await client.create_flow_run_from_deployment(dep, parameters={"src": str(raw)})
+        async with RunPodWorker(work_pool_name=pool, base_job_template=tmpl) as worker:
+            cfg = await worker.job_configuration.from_template_and_values(tmpl, {"env": machine_env},
+                                                                           client=worker.client)
+            cfg.prepare_for_flow_run(run)
+            result, _ = await asyncio.gather(worker.run(run, cfg), play_machine(clouds, str(run.id), disk))
+            after = await worker.client.read_flow_run(run.id)
+        assert result.status_code == 0 and after.state.is_completed(), after.state
+        assert clouds.live() == []  # the machine was terminated
+        return str(run.id)
+
+    os.environ["RUNPOD_API_KEY"] = KEY
+    try:
+        with FakeClouds(api_key=KEY) as clouds:
+            asyncio.run(one_run(clouds, tmp_path / "machine-1"))
+            shutil.rmtree(tmp_path / "machine-1")  # the provider reclaims the disk
+            fs = _fs(s3)
+            first = sorted(fs.glob(f"{BUCKET}/gpu-pool/processed/*/*/manifest.json"))
+            assert first == [f"{BUCKET}/gpu-pool/processed/corpus/durable_v1/manifest.json"], first
+            asyncio.run(one_run(clouds, tmp_path / "machine-2"))
+            shutil.rmtree(tmp_path / "machine-2")
+            assert sorted(fs.glob(f"{BUCKET}/gpu-pool/processed/*/*/manifest.json")) == first  # reused
+    finally:
+        os.environ.pop("RUNPOD_API_KEY", None)

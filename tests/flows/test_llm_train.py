@@ -34,7 +34,8 @@ def test_stages_chain_and_register_with_lineage(tiny_run):
         name, version = result.registered[stage].split("/")
         mv = client.get_model_version(name, version)
         m = read_manifest(result.artifacts[stage].uri)
-        assert mv.source.endswith(result.artifacts[stage].uri.rsplit("/", 1)[-1])
+        assert mv.tags["nexus.artifact_uri"] == result.artifacts[stage].uri  # store-relative
+        assert mv.source.endswith("/registered_model")  # an mlflow.transformers model in the run's artifacts
         assert mv.run_id == m.mlflow_run_id
         assert mv.tags["nexus.digest"] == m.digest
         assert m.inputs["data"].digest[:12] in mv.tags["nexus.inputs"]  # lineage to the dataset
