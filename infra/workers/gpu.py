@@ -351,7 +351,11 @@ class GPUCloudWorker(BaseWorker, abc.ABC):
 
     def _record_cost(self, flow_run: FlowRun, gpu: str | None, cfg: GPUJobConfiguration,
                      seconds: float, log: Any) -> None:
-        """Machine time × price into the cost ledger; a missing price is a warning, not a crash."""
+        """Machine time × price into the cost ledger; a missing price is a warning, not a crash.
+
+        The steps that ran on the machine already charged their own GPU time (the runner prices each
+        step from the machine env, in a ledger shared through NEXUS_CATALOG_URL): the machine's row
+        holds only the rest (start-up, image pull, idle), so nothing is counted twice."""
         if not gpu:
             return
         try:
@@ -359,10 +363,13 @@ class GPUCloudWorker(BaseWorker, abc.ABC):
 
             row = costs.price(self.provider, gpu)
             units = cfg.gpu_count if row.unit == "gpu" else 1
+            total = costs.gpu_cost(self.provider, gpu, seconds, units)
+            charged = min(costs.step_gpu_usd(str(flow_run.id), self.provider), total)
+            rest = 1.0 - charged / total if total else 1.0
             catalog.add(catalog.CostRow(
                 flow_name=None, flow_run_id=str(flow_run.id), step=f"infra.{self.provider}.machine",
-                provider=self.provider, kind="gpu", model=gpu, gpu_seconds=seconds * cfg.gpu_count,
-                usd=costs.gpu_cost(self.provider, gpu, seconds, units)))
+                provider=self.provider, kind="gpu", model=gpu, gpu_seconds=seconds * cfg.gpu_count * rest,
+                usd=total - charged))
         except Exception as exc:  # noqa: BLE001 - the ledger must never keep a machine alive
             log.warning(f"cost not recorded for {gpu}: {exc}")
 

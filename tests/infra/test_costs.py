@@ -266,6 +266,20 @@ def test_gpu_seconds_are_priced_per_step_into_ledger_and_manifest(monkeypatch, p
     assert res.cost.usd == pytest.approx(manifest.cost["usd"])
     # what a worker's machine row must leave out so the machine's time is not counted twice
     assert costs.step_gpu_usd(run_id, "runpod") == pytest.approx(gpu.usd)
+    # and the worker's own row for the machine (10 s up, 2 GPUs) holds only the time no step charged
+    import logging
+    import types
+
+    from infra.workers.runpod_worker import RunPodWorker
+
+    cfg = RunPodWorker.job_configuration.model_validate({
+        "image": "nexus-gpu:test", "gpu_types": ["NVIDIA A100 80GB PCIe"], "gpu_count": 2, "api_key_env": "X"})
+    RunPodWorker(work_pool_name="p")._record_cost(types.SimpleNamespace(id=run_id), "NVIDIA A100 80GB PCIe", cfg,
+                                                  10.0, logging.getLogger("test"))
+    machine_row = next(r for r in catalog.costs() if r.flow_run_id == run_id and r.step == "infra.runpod.machine")
+    assert machine_row.usd == pytest.approx(20.0 - gpu.usd, rel=1e-3)
+    assert machine_row.gpu_seconds == pytest.approx(20.0 - gpu.gpu_seconds, rel=1e-3)
+    assert sum(r.usd for r in catalog.costs() if r.flow_run_id == run_id and r.kind == "gpu") == pytest.approx(20.0)
     # the next run of the step is estimated from this one: its whole last run time (publishing included)
     # × this machine's price, plus its API bill
     estimate, basis = costs.estimate_step_usd("tests.infra.test_costs.run_paid_step", on=costs.machine())
