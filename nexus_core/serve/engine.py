@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nexus_core.errors import InputError
 from nexus_core.models.io import load_causal_lm
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,12 @@ class Engine:
         self.path = str(path)
         self.model, self.tokenizer = load_causal_lm(path, dtype)
         # Speculative decoding: a smaller model with the same tokenizer proposes tokens, this one verifies.
-        self.draft = load_causal_lm(draft_path, dtype)[0] if draft_path else None
+        self.draft = None
+        if draft_path:
+            self.draft, draft_tok = load_causal_lm(draft_path, dtype)
+            if draft_tok.get_vocab() != self.tokenizer.get_vocab():  # would fail every request later
+                raise InputError(f"draft model {draft_path}: its tokenizer differs from {path}'s; speculative "
+                                 f"decoding needs the same vocabulary")
         int8 = any(".quantized" in type(m).__module__ for m in self.model.modules())
         # torch.ao int8 kernels are CPU-only; everything else goes to the GPU when there is one.
         self.device = device or ("cuda" if torch.cuda.is_available() and not int8 else "cpu")
@@ -328,7 +334,12 @@ class Engine:
             for group in by_req.values():  # isolate the request that breaks the batch
                 self._join(group)
             return
-        self._merge(rows, cache, mask, logits)
+        try:
+            self._merge(rows, cache, mask, logits)
+        except Exception as exc:  # these rows are in no list any more: answer their requests here
+            for req in {id(r.req): r.req for r in rows}.values():
+                self._fail(req, f"generation failed: {type(exc).__name__}: {exc}")
+            raise
 
     def _prefill(self, rows: list[_Row]) -> tuple[Any, Any, Any]:
         import torch

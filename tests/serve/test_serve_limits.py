@@ -215,3 +215,14 @@ def test_request_timeout_is_504_and_frees_the_batch(tiny_llm: Path) -> None:
                 pass
         _wait_for(lambda: eng.running_rows() == 0, timeout=5)
     app.state.close()
+
+
+def test_draft_with_another_tokenizer_is_refused_at_start(tiny_llm: Path, tmp_path: Path) -> None:
+    from nexus_core.errors import InputError
+    from nexus_core.models.tiny import TinyLLMConfig, build_tiny_llm
+
+    other = build_tiny_llm(tmp_path / "other", ["zebra quagga okapi", "entirely different words here"] * 10,
+                           TinyLLMConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                         num_key_value_heads=2))
+    with pytest.raises(InputError, match="tokenizer differs"):
+        create_app({"tiny": str(tiny_llm)}, draft_models={"tiny": str(other)})
