@@ -226,3 +226,31 @@ def test_draft_with_another_tokenizer_is_refused_at_start(tiny_llm: Path, tmp_pa
                                          num_key_value_heads=2))
     with pytest.raises(InputError, match="tokenizer differs"):
         create_app({"tiny": str(tiny_llm)}, draft_models={"tiny": str(other)})
+
+
+def test_health_answers_while_a_large_request_is_tokenised(server: str) -> None:
+    """256 prompts of ~6,000 characters (1.5 MB): tokenising takes a while, in a worker thread."""
+    from tests.conftest import TINY_TEXTS
+
+    text = (" ".join(TINY_TEXTS) * 20)[:6000]
+    result: dict[str, object] = {}
+
+    def big() -> None:
+        t0 = time.perf_counter()
+        result["status"] = httpx.post(f"{server}/completions", json={"model": "tiny", "prompt": [text] * 256},
+                                      timeout=120).status_code
+        result["seconds"] = time.perf_counter() - t0
+
+    worker = threading.Thread(target=big)
+    worker.start()
+    health = []
+    with httpx.Client(timeout=30) as http:
+        while worker.is_alive():
+            t0 = time.perf_counter()
+            assert http.get(server.removesuffix("/v1") + "/health").status_code == 200
+            health.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+    worker.join()
+    assert result["status"] == 400  # each prompt is longer than the context once tokenised
+    assert len(health) >= 3
+    assert max(health) < max(0.25, float(result["seconds"]) / 3), (max(health), result["seconds"])  # type: ignore[arg-type]
