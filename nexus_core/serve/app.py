@@ -509,8 +509,7 @@ async def _respond(request: Request, kind: str, body: _Common, eng: Engine, prom
         while len(finish) < total:
             try:
                 ev = await _next_event(request, req, deadline, poll_disconnect=True)
-            except _Timeout:
-                metrics.requests.labels(endpoint, eng.name, "504").inc()
+            except _Timeout:  # counted by the APIError handler
                 raise APIError(504, f"generation took longer than {limits.request_timeout_s:g}s", "timeout_error",
                                code="request_timeout") from None
             except _Disconnected:
