@@ -14,12 +14,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def first_run(prefect_harness, repo):
+def first_run(prefect_harness, repo, tmp_path_factory):
     import os
 
     os.chdir(repo)  # presets name files from the repo root
+    # a store of its own: other tests' runs of the same preset would otherwise be reused (rightly),
+    # and their steps' MLflow runs are not in this lifecycle's tree
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NEXUS_DATA", str(tmp_path_factory.mktemp("lifecycle-store")))
     cfg = load_flow_config(LifecycleConfig, str(repo / "configs/presets/tiny.yaml"), ["name=lc"])
-    return cfg, lifecycle(cfg)
+    yield cfg, lifecycle(cfg)
+    mp.undo()
 
 
 def _ancestors(run_id: str) -> list[str]:
