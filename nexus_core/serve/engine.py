@@ -430,14 +430,15 @@ class Engine:
         req.waiting.clear()
         self._dequeue(req)
 
-    # -- speculative decoding (one greedy request on an idle engine) ------------------------------
+    # -- speculative decoding (one greedy request on an idle engine) -------------------------------
     def _speculative_candidate(self) -> bool:
         if self.draft is None or self._active or len(self._pending) != 1:
             return False
         req = self._pending[0]
         s = req.sampling
         # Assisted generation in transformers is exact for greedy decoding of one sequence and does not
-        # return per-token alternatives; other requests take the batched path.
+        # return per-token alternatives; other requests take the batched path. A row handed over to the
+        # batch (it has tokens already) stays there.
         if len(req.waiting) != 1 or req.n != 1 or s.temperature > 0 or s.logprobs or req.waiting[0].ids:
             return False
         self._pending = []
@@ -450,22 +451,49 @@ class Engine:
         return True
 
     def _run_speculative(self, r: _Row) -> None:
+        """Assisted generation for one row, streamed as tokens are accepted. When another request
+        arrives it stops, and the row joins the batch with the tokens it has (recomputed like a
+        preempted row), so speculation never holds up other clients."""
         import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
-        s = r.req.sampling
+        engine, s = self, r.req.sampling
+
+        class Streamer:  # transformers' streamer protocol: put(token ids) per accepted chunk, end()
+            prompt_seen = False
+
+            def put(self, value: Any) -> None:
+                if not self.prompt_seen:  # generate() first hands over the prompt
+                    self.prompt_seen = True
+                    return
+                for tok in value.reshape(-1).tolist():
+                    if r.done:
+                        return
+                    engine._advance(r, int(tok), None)
+
+            def end(self) -> None:
+                pass
+
+        class Interrupt(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                stop = r.done or r.req.cancelled or not engine._inbox.empty()
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
         ids = torch.tensor([r.prompt], device=self.device)
         with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), assistant_model=self.draft,
-                                      max_new_tokens=s.max_tokens, do_sample=False, pad_token_id=self.pad_id,
-                                      eos_token_id=None if s.ignore_eos else sorted(self.eos_ids))
-        for tok in out[0, ids.shape[1]:].tolist():
-            self._advance(r, tok, None)
-            if r.done:
-                break
-        if not r.done:
-            self._finish(r, "length")
+            self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), assistant_model=self.draft,
+                                max_new_tokens=s.max_tokens, do_sample=False, pad_token_id=self.pad_id,
+                                eos_token_id=None if s.ignore_eos else sorted(self.eos_ids), streamer=Streamer(),
+                                stopping_criteria=StoppingCriteriaList([Interrupt()]))
         if self.on_batch is not None:
             self.on_batch(1, len(r.ids))
+        if r.done or r.req.cancelled:
+            return
+        if len(r.ids) >= s.max_tokens:
+            self._finish(r, "length")
+        else:  # interrupted by a new request: go on in the batch
+            r.req.waiting.appendleft(r)
+            self._pending.append(r.req)
 
     # -- per-row decoding ---------------------------------------------------------------------------
     def _pick(self, logits: Any, row: _Row) -> int:

@@ -19,6 +19,18 @@ from nexus_core.serve import serve_in_thread
 from nexus_core.serve.app import create_app
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    # The server decodes in this process: on a shared 2-core machine, torch's spinning worker threads
+    # make tiny-model steps 10x slower and timings noisy. Restored afterwards.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_llm: Path) -> Iterator[str]:
     app = create_app({"tiny": str(tiny_llm)}, body_timeout_s=1.0)
