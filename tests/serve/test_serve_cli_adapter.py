@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +41,13 @@ def test_serves_a_peft_adapter_dir(tmp_path: Path, tiny_model: Path) -> None:
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,6 +73,24 @@ def test_nexus_serve_subcommand_with_api_key_env(tiny_model: Path) -> None:
                           headers={"Authorization": "Bearer k2"}, timeout=60).status_code == 200
         assert httpx.post(f"{base}/v1/chat/completions", json=body,
                           headers={"Authorization": "Bearer k3"}).status_code == 401
+        # an authenticated 64 MB body: 413, and the server process's memory stays flat
+        rss = [_rss_mb(proc.pid)]
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                rss.append(_rss_mb(proc.pid))
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        piece = b"x" * 2**16
+        r = httpx.post(f"{base}/v1/completions", content=(piece for _ in range(1024)), timeout=60,
+                       headers={"Authorization": "Bearer k1", "Content-Type": "application/json"})
+        done.set()
+        watcher.join()
+        assert r.status_code == 413
+        assert max(rss) - rss[0] < 200, f"server RSS grew {max(rss) - rss[0]:.0f} MB"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
