@@ -133,6 +133,16 @@ class Engine:
         self.created = int(time.time())
         cfg = self.model.config
         self.context_length = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        # transformers keeps only the last window - 1 keys of a sliding-window layer, which the batch's
+        # left-padded cache cannot follow: such models are served within their window, where sliding
+        # and full attention are the same.
+        text_cfg = cfg.get_text_config(decoder=True)
+        window = getattr(text_cfg, "sliding_window", None) or getattr(text_cfg, "attention_chunk_size", None)
+        layer_types = getattr(text_cfg, "layer_types", None)
+        sliding = (window is not None and layer_types is None) or any(
+            t in ("sliding_attention", "chunked_attention") for t in layer_types or [])
+        if sliding and window:
+            self.context_length = min(self.context_length, int(window) - 1)
         # Token ids a prompt may hold: rows of the embedding matrix (a tokenizer may know more).
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)

@@ -166,3 +166,37 @@ def test_speculative_decoding_streams_and_yields_to_new_requests(tiny_llm: Path,
     app.state.close()
     assert len([p for p in pieces if p]) > 5 and "".join(pieces) == expected
     assert len(short) == 1 and short[0]
+
+
+def test_sliding_window_model_is_served_within_its_window_exactly(tiny_llm: Path, tmp_path: Path) -> None:
+    """transformers keeps only a sliding layer's last window - 1 keys, which a left-padded batch cache cannot
+    follow: such a model's context is capped to its window, where its batched tokens equal ``generate``'s."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_llm)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=24, eos_token_id=tok.eos_token_id,
+                                             bos_token_id=tok.bos_token_id))
+    model.save_pretrained(tmp_path / "mistral")
+    tok.save_pretrained(tmp_path / "mistral")
+    app = create_app({"m": str(tmp_path / "mistral")})
+    assert app.state.engines["m"].context_length == 23
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    with serve_in_thread(app) as url:
+        client = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
+
+        async def both() -> list:
+            return await asyncio.gather(*[client.completions.create(model="m", prompt=p, max_tokens=100, temperature=0,
+                                                                    extra_body={"ignore_eos": True}) for p in prompts])
+
+        answers = asyncio.run(both())
+    app.state.close()
+    for p, a in zip(prompts, answers, strict=True):
+        n = 23 - len(p)  # max_tokens is clamped to what the window leaves
+        ref = model.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
+        assert a.usage.completion_tokens == n
+        assert a.choices[0].text == tok.decode(ref[0, len(p):], skip_special_tokens=True)
