@@ -6,7 +6,6 @@ import asyncio
 import statistics
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -14,28 +13,10 @@ import pytest
 
 from nexus_core.serve import serve_in_thread
 from nexus_core.serve.app import create_app
+from tests.serve.helpers import one_torch_thread, wait_for  # noqa: F401 - one_torch_thread: autouse fixture
 
 LONG = "What is the capital of France?"
 SHORT = "Name a primary colour."
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    # The server decodes in this process: on a shared 2-core machine, torch's spinning worker threads
-    # make tiny-model steps 10x slower and timings noisy. Restored afterwards.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _wait_for(cond, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def test_short_request_joins_a_long_many_row_generation(tiny_llm: Path) -> None:
@@ -63,7 +44,7 @@ def test_short_request_joins_a_long_many_row_generation(tiny_llm: Path) -> None:
 
         runner = threading.Thread(target=long_run)
         runner.start()
-        _wait_for(lambda: len(stamps) >= 30)
+        wait_for(lambda: len(stamps) >= 30)
         t0 = time.perf_counter()
         short = client.completions.create(prompt=SHORT, max_tokens=2, **greedy)
         latency = time.perf_counter() - t0
@@ -92,7 +73,7 @@ def test_streaming_client_that_leaves_frees_its_rows(tiny_llm: Path) -> None:
                 break
         assert eng.running_rows() == 8
         stream.close()
-        _wait_for(lambda: eng.running_rows() == 0, timeout=5)
+        wait_for(lambda: eng.running_rows() == 0, timeout=5)
     app.state.close()
 
 
@@ -162,7 +143,7 @@ def test_speculative_decoding_streams_and_yields_to_new_requests(tiny_llm: Path,
             if len(pieces) == 5:  # speculating now (nothing else is running): another client arrives
                 assert eng.running_rows() == 0
                 short.append(client.completions.create(prompt=SHORT, max_tokens=2, **greedy).choices[0].text)
-                _wait_for(lambda: eng.running_rows() == 1)  # the long row was handed over to the batch, goes on
+                wait_for(lambda: eng.running_rows() == 1)  # the long row was handed over to the batch, goes on
     app.state.close()
     assert len([p for p in pieces if p]) > 5 and "".join(pieces) == expected
     assert len(short) == 1 and short[0]

@@ -17,18 +17,7 @@ import pytest
 
 from nexus_core.serve import serve_in_thread
 from nexus_core.serve.app import create_app
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    # The server decodes in this process: on a shared 2-core machine, torch's spinning worker threads
-    # make tiny-model steps 10x slower and timings noisy. Restored afterwards.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.serve.helpers import one_torch_thread, wait_for  # noqa: F401 - one_torch_thread: autouse fixture
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +156,6 @@ def test_idle_and_slow_connections_are_closed(server: str) -> None:
     assert httpx.get(server.removesuffix("/v1") + "/health").status_code == 200
 
 
-def _wait_for(cond, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
 def test_queue_limit_429_with_retry_after_and_disconnect_cancels(tiny_llm: Path) -> None:
     """One row at a time: a 16-row request holds the batch, the next waits, the third gets 429. Clients
     that give up (non-streaming) cancel their generation: the batch and the queue empty."""
@@ -192,17 +174,17 @@ def test_queue_limit_429_with_retry_after_and_disconnect_cancels(tiny_llm: Path)
 
         running = threading.Thread(target=call)
         running.start()
-        _wait_for(lambda: eng.running_rows() == 1)
+        wait_for(lambda: eng.running_rows() == 1)
         queued = threading.Thread(target=call)
         queued.start()
-        _wait_for(lambda: eng.queue_depth() == 1)
+        wait_for(lambda: eng.queue_depth() == 1)
         with pytest.raises(openai.RateLimitError) as err:
             _client(url).completions.create(model="tiny", prompt="What", max_tokens=2)
         assert err.value.response.headers["retry-after"] == "1"
         running.join()
         queued.join()
         assert gave_up == ["yes", "yes"]
-        _wait_for(lambda: eng.running_rows() == 0 and eng.queue_depth() == 0, timeout=5)
+        wait_for(lambda: eng.running_rows() == 0 and eng.queue_depth() == 0, timeout=5)
         ok = _client(url).completions.create(model="tiny", prompt="What", max_tokens=2)
         assert ok.usage is not None and ok.usage.completion_tokens >= 1
         prom = httpx.get(url.removesuffix("/v1") + "/metrics").text
@@ -225,7 +207,7 @@ def test_request_timeout_is_504_and_frees_the_batch(tiny_llm: Path) -> None:
         with pytest.raises(openai.APIError, match="longer than 0.5s"):
             for _ in stream:
                 pass
-        _wait_for(lambda: eng.running_rows() == 0, timeout=5)
+        wait_for(lambda: eng.running_rows() == 0, timeout=5)
     app.state.close()
 
 
