@@ -27,7 +27,16 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from nexus_core.store import MANIFEST, Store, cache_path, local_path, owner_tag, scratch_dir, store_for
+from nexus_core.store import (
+    MANIFEST,
+    Store,
+    cache_path,
+    local_path,
+    locate,
+    owner_tag,
+    scratch_dir,
+    store_for,
+)
 
 # a staging dir's name says which process builds it, so a later run can sweep it once that process is gone
 _STAGING = re.compile(r"\.staging-(?P<host>.+)-(?P<pid>\d+)-[^-]*$")
@@ -253,17 +262,12 @@ def read_manifest(uri: str | Path, root: Path | str | None = None) -> Manifest:
     """Load ``manifest.json`` of an artifact (store-relative URI, local directory or fsspec URI)."""
     from nexus_core.errors import InputError
 
-    uri = str(uri)
-    if uri.startswith("processed/"):
-        store, rel = store_for(root), uri
-    elif "://" in uri and not uri.startswith("file://"):
-        parent, _, rel = uri.rstrip("/").rpartition("/")
-        store = store_for(parent)
+    store, rel = locate(str(uri), root)
+    if store is not None:
+        where, text = store.full(f"{rel}/{MANIFEST}"), store.read_text(f"{rel}/{MANIFEST}")
     else:
-        store, rel = None, uri.removeprefix("file://")
-    where = store.full(f"{rel}/{MANIFEST}") if store else str(Path(rel) / MANIFEST)
-    text = store.read_text(f"{rel}/{MANIFEST}") if store else (
-        (Path(rel) / MANIFEST).read_text(encoding="utf-8") if (Path(rel) / MANIFEST).is_file() else None)
+        path = Path(rel) / MANIFEST
+        where, text = str(path), path.read_text(encoding="utf-8") if path.is_file() else None
     if text is None:
         raise InputError(f"{uri}: not an artifact (no {MANIFEST}; an interrupted run?)")
     try:

@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,17 @@ def scratch_dir(kind: str) -> Path:
     return path
 
 
+def locate(uri: str, root: str | Path | None = None) -> tuple[Store | None, str]:
+    """Which store holds ``uri``, and its path inside: the configured store (or ``root``) for a
+    store-relative URI, the parent location for a ``scheme://`` URI, None for a plain local path."""
+    if is_store_relative(uri):
+        return store_for(root), uri
+    if is_remote_url(uri):
+        parent, _, name = uri.rstrip("/").rpartition("/")
+        return store_for(parent), name
+    return None, uri.removeprefix("file://")
+
+
 def local_path(uri: str, digest: str | None = None) -> Path:
     """A local directory or file holding ``uri``'s content (see the module docstring for URI forms).
 
@@ -178,15 +190,12 @@ def local_path(uri: str, digest: str | None = None) -> Path:
     URIs) the content is downloaded once into ``NEXUS_HOME/store-cache`` and, when ``digest`` is given,
     checked against it before use.
     """
-    if is_store_relative(uri):
-        store = store_for()
-        if store.root is not None:
-            return store.root / uri
-        return _cached(store, uri, digest)
-    if is_remote_url(uri):
-        parent, _, name = uri.rstrip("/").rpartition("/")
-        return _cached(store_for(parent), name, digest)
-    return Path(uri.removeprefix("file://"))
+    store, rel = locate(uri)
+    if store is None:
+        return Path(rel)
+    if store.root is not None:
+        return store.root / rel
+    return _cached(store, rel, digest)
 
 
 def cache_path(rel: str, digest: str | None = None) -> Path:
@@ -194,30 +203,13 @@ def cache_path(rel: str, digest: str | None = None) -> Path:
     return scratch_dir("store-cache") / (rel.replace("/", "__") + (f"-{digest[:12]}" if digest else ""))
 
 
-def _cached(store: Store, rel: str, digest: str | None) -> Path:
-    """Download ``rel`` (a directory or one file) from a remote ``store`` into the local cache once;
-    verify an artifact's ``digest`` if given. Downloads land in a temp name and are renamed into place."""
-    from nexus_core.artifacts import dir_digest
-    from nexus_core.errors import InputError
-
-    target = cache_path(rel, digest)
-    name = target.name
-    if target.exists():
-        return target
-    src = store._path(rel)
-    if not store.fs.exists(src):
-        raise InputError(f"{store.full(rel)}: not found in the store")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+def fill_once(target: Path, fill: Callable[[Path], None]) -> Path:
+    """``target``, made by ``fill(tmp)`` into a fresh directory beside it and renamed into place, so a
+    reader never sees half a download. When another process finished first, its copy is kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        if not store.fs.isdir(src):
-            store.fs.get_file(src, str(tmp / "file"))
-            os.replace(tmp / "file", target)
-            return target
-        store.get_tree(rel, tmp)
-        if digest and (tmp / MANIFEST).is_file():
-            got, _ = dir_digest(tmp)
-            if got != digest:
-                raise InputError(f"{store.full(rel)}: digest mismatch after download ({got[:12]} != {digest[:12]})")
+        fill(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished the same download first
@@ -225,6 +217,34 @@ def _cached(store: Store, rel: str, digest: str | None) -> Path:
         return target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cached(store: Store, rel: str, digest: str | None) -> Path:
+    """Download ``rel`` (a directory or one file) from a remote ``store`` into the local cache once;
+    verify an artifact's ``digest`` if given."""
+    from nexus_core.artifacts import dir_digest
+    from nexus_core.errors import InputError
+
+    target = cache_path(rel, digest)
+    if target.exists():
+        return target
+    src = store._path(rel)
+    if not store.fs.exists(src):
+        raise InputError(f"{store.full(rel)}: not found in the store")
+    if not store.fs.isdir(src):
+        tmp_file = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        store.fs.get_file(src, str(tmp_file))
+        os.replace(tmp_file, target)
+        return target
+
+    def download(tmp: Path) -> None:
+        store.get_tree(rel, tmp)
+        if digest and (tmp / MANIFEST).is_file():
+            got, _ = dir_digest(tmp)
+            if got != digest:
+                raise InputError(f"{store.full(rel)}: digest mismatch after download ({got[:12]} != {digest[:12]})")
+
+    return fill_once(target, download)
 
 
 def owner_tag() -> str:

@@ -134,7 +134,7 @@ def resolve_registry_model(spec: str, role: str = "model") -> ArtifactRef:
     from mlflow.artifacts import download_artifacts
 
     from nexus_core import lineage
-    from nexus_core.store import scratch_dir
+    from nexus_core.store import fill_once, scratch_dir
 
     body = spec[len(_MODELS_URI):]
     client = lineage.client()
@@ -149,18 +149,14 @@ def resolve_registry_model(spec: str, role: str = "model") -> ArtifactRef:
         raise InputError(f"{role} {spec!r}: not in the MLflow model registry ({str(exc).splitlines()[0]})") from None
     digest = mv.tags.get("nexus.digest") or f"mlflow:{mv.name}/{mv.version}"
     target = scratch_dir("store-cache") / f"registry__{mv.name}__v{mv.version}"
-    if not (target / "model" / "config.json").is_file():  # MLflow's layout: model/ holds the checkpoint
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(tmp))
-            if not (tmp / "model" / "config.json").is_file():
-                raise InputError(f"{role} {spec!r}: version {mv.version} is not a transformers model "
-                                 f"(registered before models were logged with mlflow.transformers?)")
-            try:
-                tmp.rename(target)
-            except OSError:  # another process finished the same download first
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def download(tmp: Path) -> None:
+        download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(tmp))
+        if not (tmp / "model" / "config.json").is_file():  # MLflow's layout: model/ holds the checkpoint
+            raise InputError(f"{role} {spec!r}: version {mv.version} is not a transformers model "
+                             f"(registered before models were logged with mlflow.transformers?)")
+
+    if not (target / "model" / "config.json").is_file():
+        fill_once(target, download)
     return ArtifactRef(uri=str(target / "model"), kind="model", name=f"{mv.name}@v{mv.version}", version=0,
                        digest=digest)
