@@ -392,9 +392,6 @@ def _q(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-from nexus_core.trace import _PROMPT_KEYS, _TEACHER_KEYS  # noqa: E402 - beside the graph that uses them
-
-
 def lineage_graph(uri: str, max_nodes: int = 200) -> tuple[str, list[dict[str, Any]]]:
     """Graphviz DOT of an artifact's ancestry (walking manifests' input refs), plus one row per node.
 
@@ -404,6 +401,7 @@ def lineage_graph(uri: str, max_nodes: int = 200) -> tuple[str, list[dict[str, A
     from nexus_core.artifacts import read_manifest
     from nexus_core.config import flatten
     from nexus_core.errors import InputError
+    from nexus_core.trace import PROMPT_KEYS, TEACHER_KEYS
 
     labels = label_counts()
     by_uri: dict[str, Counter[str]] = {}
@@ -431,13 +429,13 @@ def lineage_graph(uri: str, max_nodes: int = 200) -> tuple[str, list[dict[str, A
         for key, value in sorted(flat.items()):
             if not isinstance(value, str) or not value:
                 continue
-            if key.endswith(_TEACHER_KEYS) or key == "model":
+            if key.endswith(TEACHER_KEYS) or key == "model":
                 node = f"model:{value}"
                 lines.append(f'{_q(node)} [label={_q("teacher/judge: " + value)}, shape=ellipse, style=filled, '
                              f'fillcolor="#fdd0a2"];')
                 lines.append(f'{_q(node)} -> {_q(cur)} [label={_q(key)}, style=dashed];')
                 nodes.append({"node": value, "kind": "teacher", "step": key, "uri": None, "mlflow_run_id": None})
-            elif key.rsplit(".", 1)[-1] in _PROMPT_KEYS:
+            elif key.rsplit(".", 1)[-1] in PROMPT_KEYS:
                 node = f"prompt:{value}"
                 lines.append(f'{_q(node)} [label={_q(key.rsplit(".", 1)[-1] + ": " + value)}, shape=note, '
                              f'style=filled, fillcolor="#fff7bc"];')

@@ -20,8 +20,8 @@ from nexus_core.artifacts import ArtifactRef, Manifest, read_manifest
 from nexus_core.config import flatten
 from nexus_core.errors import InputError
 
-_TEACHER_KEYS = ("teacher.model", "judge.model")
-_PROMPT_KEYS = ("template", "templates", "prompts_dir", "prompt", "rubric", "rules")
+TEACHER_KEYS = ("teacher.model", "judge.model")
+PROMPT_KEYS = ("template", "templates", "prompts_dir", "prompt", "rubric", "rules")
 
 
 class Node(BaseModel):
@@ -103,9 +103,9 @@ def _reviews(m: Manifest) -> dict[str, Any] | None:
 
 def _node(m: Manifest) -> Node:
     flat = flatten(m.config)
-    teachers = {k: v for k, v in flat.items() if isinstance(v, str) and v and k.endswith(_TEACHER_KEYS)}
+    teachers = {k: v for k, v in flat.items() if isinstance(v, str) and v and k.endswith(TEACHER_KEYS)}
     prompts = {k: v for k, v in flat.items()
-               if isinstance(v, str) and v and k.rsplit(".", 1)[-1] in _PROMPT_KEYS}
+               if isinstance(v, str) and v and k.rsplit(".", 1)[-1] in PROMPT_KEYS}
     return Node(
         uri=m.uri, name=m.name, version=m.version, kind=m.kind, digest=m.digest, step=m.step, rows=m.rows,
         config_hash=m.config_hash, code_hash=m.code_hash, git_sha=m.code_version.get("git_sha"),
