@@ -165,7 +165,8 @@ def durable(src: str) -> str:
 
 
 def test_gpu_pool_machine_disk_is_wiped_yet_results_survive(s3: dict[str, str], tmp_path: Path,
-                                                              prefect_harness: None) -> None:
+                                                              prefect_harness: None,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A RunPod pool (fake cloud, the provider's documented API): each flow run gets a machine that runs
     the real `prefect flow-run execute` with the env the worker launched it with; its disk (NEXUS_HOME,
     PREFECT_HOME) is deleted after the run. The artifact is in the store, and the next machine reuses it."""
@@ -224,16 +225,16 @@ def test_gpu_pool_machine_disk_is_wiped_yet_results_survive(s3: dict[str, str], 
         assert clouds.live() == []  # the machine was terminated
         return str(run.id)
 
-    os.environ["RUNPOD_API_KEY"] = KEY
-    try:
-        with FakeClouds(api_key=KEY) as clouds:
-            asyncio.run(one_run(clouds, tmp_path / "machine-1"))
-            shutil.rmtree(tmp_path / "machine-1")  # the provider reclaims the disk
-            fs = _fs(s3)
-            first = sorted(fs.glob(f"{BUCKET}/gpu-pool/processed/*/*/manifest.json"))
-            assert first == [f"{BUCKET}/gpu-pool/processed/corpus/durable_v1/manifest.json"], first
-            asyncio.run(one_run(clouds, tmp_path / "machine-2"))
-            shutil.rmtree(tmp_path / "machine-2")
-            assert sorted(fs.glob(f"{BUCKET}/gpu-pool/processed/*/*/manifest.json")) == first  # reused
-    finally:
-        os.environ.pop("RUNPOD_API_KEY", None)
+    # the worker records each machine's time in the ledger: a catalog of this test's own, so the
+    # session's ledger (read by other tests' cost totals) is not changed by it
+    monkeypatch.setenv("NEXUS_CATALOG_URL", f"sqlite:///{tmp_path / 'worker-catalog.db'}")
+    monkeypatch.setenv("RUNPOD_API_KEY", KEY)
+    with FakeClouds(api_key=KEY) as clouds:
+        asyncio.run(one_run(clouds, tmp_path / "machine-1"))
+        shutil.rmtree(tmp_path / "machine-1")  # the provider reclaims the disk
+        fs = _fs(s3)
+        first = sorted(fs.glob(f"{BUCKET}/gpu-pool/processed/*/*/manifest.json"))
+        assert first == [f"{BUCKET}/gpu-pool/processed/corpus/durable_v1/manifest.json"], first
+        asyncio.run(one_run(clouds, tmp_path / "machine-2"))
+        shutil.rmtree(tmp_path / "machine-2")
+        assert sorted(fs.glob(f"{BUCKET}/gpu-pool/processed/*/*/manifest.json")) == first  # reused
