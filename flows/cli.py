@@ -4,7 +4,7 @@
     nexus data ls [AREA]                    list datasets and their versions
     nexus data show NAME[@vN]               manifest, schema and sample rows of one dataset
     nexus doctor [CONFIG] [key=value ...]   dependencies, accelerator, disk space, configured models
-    nexus serve MODEL [--port N] [--api-key-env VAR]   OpenAI-compatible server for local models
+    nexus serve MODEL [--port N] [--api-key-env VAR] [--engine vllm]   OpenAI-compatible server for local models
     nexus costs [--by flow_name,step,provider] [--flow NAME] [--run ID] [--json]   spend report
     nexus leaderboard [--dataset NAME] [--judge heuristic|llm] [--json]   evaluation reports ranked per dataset and judge kind
     nexus lineage MODEL[@ALIAS|/V] [--json]  a registered model (or artifact) back to its raw files
@@ -75,19 +75,31 @@ def cmd_data_show(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve local model dirs (or artifact specs like ``models/tiny_base@v1``) behind an OpenAI-compatible API."""
+    """Serve local model dirs, artifact specs (``models/tiny_base@v1``) or registry entries
+    (``models:/NAME@ALIAS``) behind an OpenAI-compatible API; ``--engine vllm`` puts our front (auth,
+    limits) before vLLM servers started as child processes, which stop when this server stops."""
     import os
 
     import uvicorn
 
-    from nexus_core.io import DataQuery
+    from nexus_core.models.io import resolve_model
     from nexus_core.serve import server_config
-    from nexus_core.serve.app import create_app, hash_api_key
+    from nexus_core.serve.app import hash_api_key
+
+    if args.engine == "vllm":  # before any model is resolved or downloaded
+        from nexus_core.serve.vllm import check_vllm, vllm_python
+
+        check_vllm(vllm_python(args.vllm_python))
+
+    def resolve(where: str) -> str:
+        return where if Path(where).exists() else str(resolve_model(where).path)
 
     models: dict[str, str] = {}
     for spec in args.model:
         name, _, where = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        path = where if Path(where).exists() else str(DataQuery().ref(where).path)
+        path = resolve(where)
+        if not name and where.startswith("models:/"):  # a registry entry answers as its registered name
+            name = where.removeprefix("models:/").split("@", 1)[0].split("/", 1)[0]
         models[name or Path(path).name] = path
     hashes = None
     if args.api_key_env:
@@ -100,14 +112,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name, sep, where = spec.partition("=")
         if not sep or name not in models:
             raise NexusError(f"--draft {spec!r}: expected SERVED_NAME=DIR with SERVED_NAME one of {sorted(models)}")
-        drafts[name] = where if Path(where).exists() else str(DataQuery().ref(where).path)
-    app = create_app(models, api_key_hashes=hashes, max_batch_size=args.max_batch_size, draft_models=drafts,
-                     max_body_bytes=int(args.max_body_mb * 2**20), request_timeout_s=args.request_timeout,
-                     max_queue=args.max_queue, max_request_rows=args.max_request_rows)
-    print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1")
-    uvicorn.Server(server_config(app, args.host, args.port, timeout_keep_alive=args.timeout_keep_alive,
-                                 header_timeout_s=args.header_timeout,
-                                 limit_concurrency=args.limit_concurrency)).run()
+        drafts[name] = resolve(where)
+    limits = {"max_body_bytes": int(args.max_body_mb * 2**20), "request_timeout_s": args.request_timeout,
+              "max_queue": args.max_queue, "max_request_rows": args.max_request_rows}
+    upstreams: list = []
+    if args.engine == "vllm":
+        import signal
+
+        def _exit(signum: int, frame: object) -> None:
+            raise SystemExit(0)
+
+        # SIGTERM (and uvicorn, which re-raises it after its shutdown) must unwind through the
+        # `finally` below, or the engine processes outlive us.
+        signal.signal(signal.SIGTERM, _exit)
+    try:
+        if args.engine == "vllm":
+            import shlex
+
+            from nexus_core.serve.proxy import create_proxy_app
+            from nexus_core.serve.vllm import start_vllm
+
+            upstreams, key = start_vllm(models, drafts=drafts, python=args.vllm_python,
+                                        max_num_seqs=args.max_batch_size,
+                                        gpu_memory_utilization=args.gpu_memory_utilization,
+                                        extra_args=[a for x in args.vllm_arg or [] for a in shlex.split(x)],
+                                        startup_timeout_s=args.engine_startup_timeout)
+            app = create_proxy_app(upstreams, api_key_hashes=hashes, upstream_api_key=key,
+                                   max_in_flight=args.max_batch_size, **limits)
+        else:
+            from nexus_core.serve.app import create_app
+
+            app = create_app(models, api_key_hashes=hashes, max_batch_size=args.max_batch_size, draft_models=drafts,
+                             **limits)
+        print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1 (engine: {args.engine})", flush=True)
+        uvicorn.Server(server_config(app, args.host, args.port, timeout_keep_alive=args.timeout_keep_alive,
+                                     header_timeout_s=args.header_timeout,
+                                     limit_concurrency=args.limit_concurrency)).run()
+    finally:
+        for up in upstreams:
+            up.stop()
     return 0
 
 
@@ -214,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--limit-concurrency", type=int, default=1024, help="open connections beyond this get 503")
     serve.add_argument("--draft", action="append", metavar="NAME=DIR",
                        help="speculative decoding: a smaller draft model (same tokenizer) for served model NAME")
+    serve.add_argument("--engine", choices=["embedded", "vllm"], default="embedded",
+                       help="embedded: this process decodes (CPU or one GPU); vllm: vLLM servers as child processes "
+                            "behind this one's auth and limits (needs the vllm package)")
+    serve.add_argument("--vllm-python", default=None,
+                       help="interpreter with vllm installed (default: $NEXUS_VLLM_PYTHON, else this one)")
+    serve.add_argument("--vllm-arg", action="append", metavar="ARGS",
+                       help="extra vLLM server arguments, e.g. --vllm-arg='--tensor-parallel-size 2' (repeatable)")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="vllm: share of GPU memory for all served models together")
+    serve.add_argument("--engine-startup-timeout", type=float, default=900.0,
+                       help="vllm: seconds each engine may take to answer /health")
     serve.set_defaults(func=cmd_serve)
     costs = sub.add_parser("costs", help="GPU and API spend by flow, step and provider", parents=[common])
     costs.add_argument("--by", default="flow_name,step,provider",
