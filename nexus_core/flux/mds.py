@@ -7,6 +7,10 @@ checks them before anything reads the data.
 Layouts: a precompute writes one MDS directory per *shard group* (``groups/<k>/``), so an interrupted
 run resumes group by group. ``nested`` keeps the group directories and writes a root ``index.json``
 pointing into them; ``flat`` moves every shard into the root (``g<k>.shard.<n>.mds``).
+
+Image columns (``png``/``jpeg``) also take :class:`Encoded` bytes, already in the column's format: a
+writer thread pool can then encode images in parallel (and at its own JPEG quality) instead of the
+writer re-encoding every image on one thread.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +28,50 @@ from nexus_core.errors import InputError
 
 HASHES = "shard_hashes.json"
 INDEX = "index.json"
+IMAGE_ENCODINGS = ("png", "jpeg")
+
+
+class Encoded(bytes):
+    """Image bytes already encoded as the column's ``png``/``jpeg`` format: written unchanged."""
+
+
+@cache
+def _writer_class() -> type:
+    """MDSWriter that writes :class:`Encoded` values of image columns as they are (streaming imported lazily)."""
+    import numpy as np
+    from streaming import MDSWriter
+    from streaming.base.format.mds.encodings import mds_encode
+
+    class Writer(MDSWriter):
+        def encode_sample(self, sample: dict[str, Any]) -> bytes:  # as MDSWriter's, plus the pass-through
+            sizes, data = [], []
+            for key, encoding, size in zip(self.column_names, self.column_encodings, self.column_sizes,
+                                           strict=True):
+                value = sample[key]
+                if isinstance(value, Encoded) and encoding in IMAGE_ENCODINGS:
+                    datum = bytes(value)
+                else:
+                    datum = mds_encode(encoding, value)
+                if size is None:
+                    sizes.append(len(datum))
+                elif size != len(datum):
+                    raise KeyError(f"column {key!r}: {len(datum)} bytes, but {encoding} is fixed at {size}")
+                data.append(datum)
+            return np.array(sizes, np.uint32).tobytes() + b"".join(data)
+
+    return Writer
 
 
 def write_mds(out_dir: str | Path, columns: dict[str, str], rows: Iterable[dict[str, Any]],
               size_limit: int | str = 1 << 26) -> int:
-    """Write ``rows`` as MDS shards under ``out_dir`` and record their hashes; return the row count."""
-    from streaming import MDSWriter
+    """Write ``rows`` as MDS shards under ``out_dir`` and record their hashes; return the row count.
 
+    ``rows`` is consumed lazily (a generator streams: only the open shard is held in memory).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = 0
-    with MDSWriter(out=str(out), columns=columns, size_limit=size_limit) as writer:
+    with _writer_class()(out=str(out), columns=columns, size_limit=size_limit) as writer:
         for row in rows:
             writer.write(row)
             n += 1
