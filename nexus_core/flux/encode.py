@@ -16,17 +16,35 @@ if TYPE_CHECKING:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def images_to_tensor(images: list[Any], resolution: int) -> torch.Tensor:
-    """PIL images → ``(B, 3, res, res)`` float tensor in [-1, 1] (center crop + resize)."""
+def images_to_tensor(images: list[Any], size: int | tuple[int, int]) -> torch.Tensor:
+    """PIL images → ``(B, 3, H, W)`` float tensor in [-1, 1] (center crop + resize to ``size``: a square
+    side, or ``(height, width)``; an image already that size is taken as it is)."""
     import numpy as np
     import torch
     from PIL import Image, ImageOps
 
+    h, w = (size, size) if isinstance(size, int) else size
     arrs = []
     for im in images:
-        im = ImageOps.fit(im.convert("RGB"), (resolution, resolution), Image.Resampling.BICUBIC)
+        im = im.convert("RGB")
+        if im.size != (w, h):
+            im = ImageOps.fit(im, (w, h), Image.Resampling.BICUBIC)
         arrs.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+def mask_to_grid(mask: Any, size: tuple[int, int], factor: int) -> Any:
+    """A grayscale PIL mask (white = train on it) → float16 ``(H/factor, W/factor)`` array in [0, 1]: fitted
+    to ``size`` like its image, then average-pooled onto the stored latent grid (``factor`` = VAE x patch)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    h, w = size
+    im = mask.convert("L")
+    if im.size != (w, h):
+        im = ImageOps.fit(im, (w, h), Image.Resampling.BILINEAR)
+    a = np.asarray(im, dtype=np.float32) / 255.0
+    return a.reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3)).astype(np.float16)
 
 
 def encode_images(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
