@@ -288,7 +288,8 @@ def curves(run_ids: list[str], names: dict[str, str] | None = None,
 
 def leaderboard() -> pl.DataFrame:
     """Evaluation reports per (dataset, judge kind), LLM judges first, ranked within each group (gates
-    passed, coverage, score; ``rank`` restarts per group), with their metrics flattened into columns."""
+    passed, coverage, score; ``rank`` restarts per group), with their metrics flattened into columns and
+    lm-evaluation-harness results as ``harness.<task>.<metric>`` columns (shown, never ranked on)."""
     from nexus_core import catalog
 
     rows, group, rank = [], None, 0
@@ -298,6 +299,8 @@ def leaderboard() -> pl.DataFrame:
         rank += 1
         metrics = {f"metric.{k}": v for k, v in json.loads(r.metrics_json or "{}").items()
                    if isinstance(v, int | float)}
+        metrics |= {f"harness.{task}.{k}": v for task, values in json.loads(r.harness_json or "{}").items()
+                    for k, v in values.items() if isinstance(v, int | float)}
         rows.append({"rank": rank, "dataset": r.dataset_name, "judge_kind": r.judge_kind, "model": r.model_name,
                      "score": r.score, "coverage": r.coverage, "gate": "pass" if r.gate_passed else "fail",
                      "judge": r.judge, "rubric": r.rubric, "run_id": r.run_id,

@@ -1,6 +1,7 @@
 """The evaluate flow: score a model on a validation set, judge it on the rubric, decide the gates.
 
     (dataset file ─► ingest) ─► predict ─► score ─► judge ─► gates ─► report (+ leaderboard) ─► feedback
+                             └► harness (optional: lm-evaluation-harness tasks) ──┘
 
 ``model`` and ``dataset`` come from an upstream flow (the lifecycle passes ArtifactRefs) or from the
 config (a path, an artifact directory, or ``[area/]name[@vN]``). With no model at all, the offline
@@ -21,6 +22,7 @@ from nexus_core.corpus.ingest import IngestConfig
 from nexus_core.errors import ConfigError
 from nexus_core.evaluate.feedback import FeedbackConfig, run_feedback
 from nexus_core.evaluate.gates import GatesConfig, rubric_problems, run_gates
+from nexus_core.evaluate.harness import HarnessConfig, harness_problems, run_harness
 from nexus_core.evaluate.judge import JudgeConfig, run_judge
 from nexus_core.evaluate.predict import PredictConfig, run_predict
 from nexus_core.evaluate.records import eval_run_id
@@ -33,6 +35,7 @@ from nexus_core.train.base_model import BaseModelConfig
 from tasks.base_model import base_model
 from tasks.evaluate_feedback import evaluate_feedback
 from tasks.evaluate_gates import evaluate_gates
+from tasks.evaluate_harness import evaluate_harness
 from tasks.evaluate_judge import evaluate_judge
 from tasks.evaluate_predict import evaluate_predict
 from tasks.evaluate_report import evaluate_report
@@ -55,6 +58,8 @@ class EvaluateConfig(FlowConfig):
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="Metrics to compute")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Rubric judge (llm or heuristic)")
     gates: GatesConfig = Field(default_factory=GatesConfig, description="Quality gates")
+    harness: HarnessConfig | None = Field(default=None, description="lm-evaluation-harness tasks from local task "
+                                          "files, reported beside the rubric; null (default) skips them")
     report: ReportConfig = Field(default_factory=ReportConfig, description="Report settings")
     feedback: FeedbackConfig | None = Field(default_factory=FeedbackConfig,
                                             description="Failed samples → teacher inputs; null disables")
@@ -63,12 +68,14 @@ class EvaluateConfig(FlowConfig):
 def check_evaluate(cfg: EvaluateConfig, model: ArtifactRef | None, dataset: ArtifactRef) -> list[str]:
     """Check the model, the validation set and the files every step reads before anything runs; the plan."""
     planned = [(run_predict, cfg.predict, {"model": model, "dataset": dataset}, "predict"),
+               *([(run_harness, cfg.harness, {"model": model}, "harness")] if cfg.harness is not None else []),
                (run_score, cfg.score, {}, "score"), (run_judge, cfg.judge, {}, "judge"),
                (run_gates, cfg.gates, {}, "gates"), (run_report, cfg.report, {}, "report"),
                *([(run_feedback, cfg.feedback, {}, "feedback")] if cfg.feedback is not None else [])]
     check_plan(planned)
     rubric = load_rubric(cfg.judge.rubric)
     problems = rubric_problems(cfg.gates, rubric.names, f"{rubric.name!r} ({cfg.judge.rubric})")
+    problems += harness_problems(cfg.harness)
     if problems:
         raise ConfigError(problems)
     return [label for _, _, _, label in planned]
@@ -104,18 +111,23 @@ def evaluate(cfg: EvaluateConfig, model: ArtifactRef | None = None,
                                                                          "dry_run"}))
         preds = steps["predict"] = evaluate_predict(cfg.predict.model_copy(update={"run_id": pred_id}), model,
                                                     dataset, name=cfg.name)
+        harness = None
+        if cfg.harness is not None:  # standard tasks on the same model, kept apart from the rubric scores
+            harness = steps["harness"] = evaluate_harness(cfg.harness, model, name=cfg.name)
         scores = steps["score"] = evaluate_score(cfg.score, preds.ref, name=cfg.name)
         judged = steps["judge"] = evaluate_judge(cfg.judge, preds.ref, name=cfg.name)
         gates = steps["gates"] = evaluate_gates(cfg.gates, judged.ref, scores.ref, name=cfg.name)
         report = steps["report"] = evaluate_report(cfg.report.model_copy(update={"run_id": run_id}), preds.ref,
-                                                   scores.ref, judged.ref, gates.ref, name=cfg.name)
+                                                   scores.ref, judged.ref, gates.ref,
+                                                   harness=harness.ref if harness else None, name=cfg.name)
         if cfg.feedback is not None:
             steps["feedback"] = evaluate_feedback(cfg.feedback, judged.ref, name=cfg.name)
     return EvaluateResult.from_steps(
         "evaluate", steps, mlflow_run_id, gate_passed=gates.passed, failed_gates=gates.failed_gates,
         gate_values=gates.values, run_id=run_id, judge=judged.label, judge_kind=judged.judge_kind,
         score=report.score, coverage=judged.coverage, unparseable=judged.unparseable, metrics=scores.values, report=f"{report.ref.uri}/{report.report_file}",
-        feedback_samples=steps["feedback"].failed_samples if "feedback" in steps else 0)
+        feedback_samples=steps["feedback"].failed_samples if "feedback" in steps else 0,
+        harness=harness.tasks if harness else {})
 
 
 if __name__ == "__main__":

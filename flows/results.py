@@ -93,6 +93,8 @@ class EvaluateResult(FlowResult):
     metrics: dict[str, Any] = Field(default_factory=dict)
     report: str | None = Field(default=None, description="Path of the report JSON")
     feedback_samples: int = 0
+    harness: dict[str, dict[str, float | None]] = Field(default_factory=dict, description="lm-evaluation-harness "
+                                                        "task → metric → value (beside the rubric, not in score)")
 
 
 class CompressResult(FlowResult):

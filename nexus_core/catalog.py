@@ -133,6 +133,7 @@ class EvalReportRow(SQLModel, table=True):
     rubric: str | None = None  # name@vN: scores on different rubrics are not comparable either
     gate_passed: bool = False
     metrics_json: str = "{}"
+    harness_json: str | None = None  # lm-eval task → metric → value (and stderr, n); never part of `score`
     report_uri: str = Field(unique=True)
     flow_run_id: str | None = None
     created_at: datetime = Field(default_factory=_now, index=True)
@@ -157,7 +158,8 @@ def _engine_for(url: str) -> Engine:
 
 # Columns added after a table first shipped: (table, column, SQL type). create_all never alters an
 # existing table, so a catalog made by an older version gets them here (nullable, so old rows stay valid).
-_ADDED_COLUMNS = [("eval_reports", "coverage", "FLOAT"), ("eval_reports", "rubric", "VARCHAR")]
+_ADDED_COLUMNS = [("eval_reports", "coverage", "FLOAT"), ("eval_reports", "rubric", "VARCHAR"),
+                  ("eval_reports", "harness_json", "VARCHAR")]
 
 
 def _add_missing_columns(engine: Engine) -> None:

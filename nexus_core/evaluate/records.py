@@ -20,6 +20,18 @@ def eval_run_id(model: ArtifactRef, dataset: ArtifactRef, config_hash: str) -> s
     return f"{safe}-v{model.version}-{h}"
 
 
+def harness_values(harness: dict | None) -> dict[str, dict[str, float | int | None]]:
+    """A report's harness section, flat per task: each metric's value and ``<metric>_stderr``, and ``n``
+    (what the leaderboard shows beside, never inside, the rubric score)."""
+    out: dict[str, dict[str, float | int | None]] = {}
+    for task, t in ((harness or {}).get("tasks") or {}).items():
+        row: dict[str, float | int | None] = {"n": t.get("n")}
+        for name, m in (t.get("metrics") or {}).items():
+            row[name], row[f"{name}_stderr"] = m.get("value"), m.get("stderr")
+        out[task] = row
+    return out
+
+
 def record_report(report: ArtifactRef, flow_run_id: str | None = None) -> catalog.EvalReportRow:
     """Add the report to the leaderboard (idempotent) and log its JSON and tables to its MLflow run."""
     manifest = read_manifest(report.uri)
@@ -32,6 +44,7 @@ def record_report(report: ArtifactRef, flow_run_id: str | None = None) -> catalo
         judge=data["judge"].get("name"), judge_kind=data["judge"]["kind"], score=data.get("score"),
         coverage=data.get("coverage"), rubric=data["judge"].get("rubric"),
         gate_passed=bool(data["gate_passed"]), metrics_json=json.dumps(data.get("metrics") or {}),
+        harness_json=json.dumps(harness_values(data.get("harness"))),
         report_uri=report.uri, flow_run_id=flow_run_id,
     )
     catalog.add_eval_report(row)

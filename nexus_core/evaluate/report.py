@@ -1,7 +1,8 @@
 """Report: one ``eval_report_<run_id>.json`` tying model, dataset, metrics, judge verdicts and gates together.
 
 Also writes ``data.parquet``: a one-row summary (what the leaderboard reads) and ``worst.parquet``:
-the lowest-scored samples, for people reading the report.
+the lowest-scored samples, for people reading the report. Standard tasks run by the harness step, when
+given, go in their own ``harness`` section (and ``harness_json`` column), never into the rubric score.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from nexus_core.artifacts import ArtifactRef, atomic_write_json, now_iso, read_m
 from nexus_core.config import NexusModel
 from nexus_core.context import StepContext
 from nexus_core.contract import directory, step, table
+from nexus_core.evaluate.records import harness_values
 from nexus_core.evaluate.rubric import HEURISTIC_LABEL, judged_dimensions
 from nexus_core.io import load_table, schema_of, write_parquet
 from nexus_core.runner import StepResult
@@ -51,6 +53,7 @@ def _ref_info(ref: ArtifactRef | None) -> dict | None:
     "scores": directory(description="the score step's output (metrics.json)"),
     "judged": table(description="the judge step's artifact"),
     "gates": directory(description="the gates step's output (gates.json)"),
+    "harness": directory(optional=True, description="the harness step's output (harness.json), if it ran"),
 })
 def run_report(cfg: ReportConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> ReportResult:
     """Assemble the report from the predictions, scores, judged and gates artifacts."""
@@ -81,6 +84,7 @@ def run_report(cfg: ReportConfig, *, inputs: dict[str, ArtifactRef], out_uri: st
     worst = worst.head(cfg.worst_samples).select(keep)
 
     pred_manifest = read_manifest(inputs["predictions"].uri)
+    harness = json.loads((inputs["harness"].path / "harness.json").read_text()) if "harness" in inputs else None
     report = {
         "run_id": cfg.run_id,
         "created_at": now_iso(),
@@ -99,6 +103,7 @@ def run_report(cfg: ReportConfig, *, inputs: dict[str, ArtifactRef], out_uri: st
         "methodology_share": float(judged["has_methodology"].mean() or 0.0) if "has_methodology" in judged.columns else None,  # pyright: ignore[reportArgumentType] - polars' mean() is typed as any literal
         "gates": gates["gates"],
         "gate_passed": bool(gates["passed"]),
+        "harness": harness,
         "score": score,
         "worst_samples": worst.to_dicts(),
     }
@@ -113,6 +118,7 @@ def run_report(cfg: ReportConfig, *, inputs: dict[str, ArtifactRef], out_uri: st
         "score": score, "gate_passed": report["gate_passed"], "rows": judged.height, "coverage": coverage,
         "rubric": judge_result.get("rubric"),
         "metrics_json": json.dumps(scores["values"]),
+        "harness_json": json.dumps(harness_values(harness)),
         **{f"{d}_median": (None if s["median"] is None else float(s["median"])) for d, s in summary.items()},
     }])
     write_parquet(row, out / "data.parquet")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from flows.common import load_flow_config
@@ -223,3 +224,44 @@ def test_a_judge_usable_on_one_row_in_eight_fails_the_gates_and_ranks_below_full
     assert thin.coverage == 0.125 and thin.score == 5.0
     full = next(r for r in llm if r.coverage == 1.0)
     assert full.score == 4.0 and llm.index(full) < llm.index(thin)  # a lower score on every row ranks higher
+
+
+def test_harness_tasks_sit_beside_the_rubric_in_report_and_leaderboard(first):
+    """configs/eval/tiny_harness.yaml: lm-evaluation-harness tasks on the same model, offline from the task
+    files in the repo; their numbers (value, stderr, n) go into the report's own section, the harness step's
+    MLflow run and the leaderboard's harness columns, never into the rubric score or its metrics."""
+    from dashboards.lib import leaderboard
+
+    _, result = first
+    cfg = load_flow_config(EvaluateConfig, str(REPO / "configs/eval/tiny_harness.yaml"),
+                           [f"dataset={REPO / 'data/raw/eval/tiny_validation.jsonl'}", "name=evt"])
+    ev = evaluate(cfg, model=result.artifacts["model"], dataset=result.artifacts["dataset"])
+    assert list(ev.artifacts) == ["predict", "harness", "score", "judge", "gates", "report", "feedback"]
+    for step in ("predict", "score", "judge"):
+        assert ev.artifacts[step] == result.artifacts[step]
+    assert ev.harness.keys() == {"nexus_tiny_science_mc", "nexus_tiny_science_qa"}
+    assert ev.harness["nexus_tiny_science_mc"].keys() == {"acc", "acc_norm"}
+    assert ev.harness["nexus_tiny_science_qa"].keys() == {"exact_match,first_word"}
+    assert ev.score == result.score and ev.metrics == result.metrics  # the rubric side is untouched
+
+    report = json.loads((ev.artifacts["report"].path / Path(ev.report).name).read_text())
+    tasks = report["harness"]["tasks"]
+    assert report["harness"]["library"].startswith("lm_eval 0.4.")
+    assert (tasks["nexus_tiny_science_mc"]["n"], tasks["nexus_tiny_science_qa"]["n"]) == (8, 6)
+    assert tasks["nexus_tiny_science_mc"]["file"] == "configs/eval/harness/tiny_science_mc.yaml"
+    acc = tasks["nexus_tiny_science_mc"]["metrics"]["acc"]
+    assert acc["value"] == ev.harness["nexus_tiny_science_mc"]["acc"] and acc["stderr"] is not None
+    assert report["metrics"] == result.metrics
+
+    harness_run = lineage.client().get_run(read_manifest(ev.artifacts["harness"].uri).mlflow_run_id)
+    assert harness_run.data.metrics["harness.nexus_tiny_science_mc.acc"] == acc["value"]
+    assert harness_run.data.tags["mlflow.parentRunId"] == ev.mlflow_run_id
+
+    row = next(r for r in catalog.leaderboard(dataset_name="evt_validation") if r.report_uri == ev.artifacts["report"].uri)
+    board = json.loads(row.harness_json or "{}")
+    assert board["nexus_tiny_science_mc"]["acc"] == acc["value"] and board["nexus_tiny_science_mc"]["n"] == 8
+    assert board["nexus_tiny_science_mc"]["acc_stderr"] == acc["stderr"]
+    assert not any(k.startswith("nexus_tiny") for k in json.loads(row.metrics_json))
+    table = leaderboard().filter(pl.col("report_uri") == ev.artifacts["report"].uri)
+    assert table["harness.nexus_tiny_science_qa.exact_match,first_word"].to_list() == [
+        ev.harness["nexus_tiny_science_qa"]["exact_match,first_word"]]

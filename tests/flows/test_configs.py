@@ -17,6 +17,7 @@ from flows.lifecycle import LifecycleConfig
 from flows.llm_train import LLMTrainConfig
 from nexus_core.distill.prompts import load_template
 from nexus_core.distill.rules import load_rules
+from nexus_core.evaluate.harness import task_files
 from nexus_core.evaluate.rubric import load_rubric
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,6 +30,7 @@ DATA_FILES = {
     "distill/filters.yaml": lambda p: load_rules(p),
     "distill/prompts/*.yaml": lambda p: load_template(p.parent, p.stem),
     "eval/rubric.json": lambda p: load_rubric(p),
+    "eval/harness/*.yaml": lambda p: all(f.is_file() for f in task_files(p)),  # lm-eval task files
 }
 # configs that need run-specific values from the command line (as the README shows)
 REQUIRED_OVERRIDES = {"flux/klein4b/run1.yaml": ["precomputed_data_dir=/tmp/x", "output_dir=/tmp/y"]}
