@@ -104,3 +104,82 @@ def test_nexus_doctor_cli_exit_code(capsys):
     rc = main(["doctor", str(REPO / "configs/flux/tiny.yaml"), "--min-free-gb", "1e9"])
     out = capsys.readouterr().out
     assert rc == 1 and "[FAIL] disk" in out and "[ok  ] pipeline" in out
+
+
+# ------------------------------------------------------------ flow preflight (before any work)
+
+
+def _flux_cfg(*overrides):
+    return load_config(REPO / "configs/flux/tiny.yaml", FluxConfig, list(overrides))
+
+
+def test_flow_preflight_reports_every_problem_at_once(tmp_path):
+    from flows.flux import preflight
+
+    cfg = _flux_cfg(f"data.source={tmp_path / 'missing'}", "train.resolution=30",
+                    f"data.extra_sources=[{{source: {tmp_path / 'nope'}, repeats: 2}}]")
+    with pytest.raises(ConfigError) as err:
+        preflight(cfg)
+    assert err.value.problems == [
+        "train.resolution: 30 but precompute.resolution is 32 (training reads latents made at the precompute resolution)",
+        f"data.source: {tmp_path / 'missing'} does not exist",
+        f"data.extra_sources.0.source: {tmp_path / 'nope'} does not exist",
+        "train.resolution: 30 is not a multiple of 4 (VAE x patch factor of the pipeline)"]  # tiny: VAE 2 x patch 2
+    images = tmp_path / "imgs"
+    images.mkdir()
+    preflight(_flux_cfg(f"data.source={images}"))  # the tiny preset itself passes
+
+
+def test_flow_preflight_reads_the_factor_from_the_pipelines_vae_config(tmp_path, monkeypatch):
+    from flows.flux import preflight
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = tmp_path / "pipe"
+    (pipe / "vae").mkdir(parents=True)
+    (pipe / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))  # Klein: 16
+    images = tmp_path / "imgs"
+    images.mkdir()
+    base = ["pipeline.tiny=null", f"pipeline.pretrained_model_name_or_path={pipe}", f"data.source={images}"]
+    with pytest.raises(ConfigError) as err:
+        preflight(_flux_cfg(*base, "train.resolution=40", "precompute.resolution=40", "model.dit=nobody/not-cached-xyz",
+                            "prepare.buckets.enabled=true", "prepare.buckets.divisible=8", "prepare.buckets.step=8",
+                            "prepare.size=40"))
+    problems = err.value.problems
+    assert problems[0].startswith("model.dit: nobody/not-cached-xyz cannot be loaded here")
+    assert problems[1].startswith("prepare.buckets: ") and "not multiples of 16" in problems[1]
+    assert problems[2:] == ["train.resolution: 40 is not a multiple of 16 (VAE x patch factor of the pipeline)",
+                            "precompute.resolution: 40 is not a multiple of 16 (VAE x patch factor of the pipeline)"]
+    preflight(_flux_cfg(*base, "train.resolution=48", "precompute.resolution=48"))
+    with pytest.raises(ConfigError, match=r"pipeline.pretrained_model_name_or_path: .*gone cannot be loaded here"):
+        preflight(_flux_cfg(*base[:1], f"pipeline.pretrained_model_name_or_path={tmp_path / 'gone'}", base[2]))
+
+
+def test_precomputed_data_dir_skips_data_checks_but_must_be_a_precompute(tmp_path):
+    from flows.flux import preflight
+
+    with pytest.raises(ConfigError) as err:
+        preflight(_flux_cfg(f"precomputed_data_dir={tmp_path}", "data.source=null", "precompute.resolution=64"))
+    assert err.value.problems == [f"precomputed_data_dir: {tmp_path} is not a flux precompute artifact (no flux_meta.json)"]
+
+
+def test_extra_sources_belong_in_the_data_section(tmp_path):
+    with pytest.raises(ConfigError, match="prepare.extra_sources: set data.extra_sources"):
+        _flux_cfg(f"prepare.extra_sources=[{{source: {tmp_path}}}]")
+
+
+@pytest.mark.slow
+def test_cli_preflight_fails_with_one_error_line_before_any_step(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NEXUS_DATA": str(tmp_path / "data"), "NEXUS_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "flux", "configs/flux/tiny.yaml",
+                          f"data.source={tmp_path / 'missing'}", "train.resolution=30"],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: invalid config:"], out.stderr[-2000:]
+    assert f"data.source: {tmp_path / 'missing'} does not exist" in out.stderr
+    assert "train.resolution: 30 is not a multiple of 4" in out.stderr and "Traceback" not in out.stderr
+    assert not list((tmp_path / "data").rglob("manifest.json"))  # not even the tiny pipeline was built
