@@ -43,3 +43,20 @@ def test_corrupt_or_missing_shard_is_named(tmp_path):
     first.unlink()
     with pytest.raises(InputError, match="missing"):
         verify_shards(root)
+
+
+def test_encoded_image_bytes_are_written_unchanged(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from nexus_core.flux.mds import Encoded
+
+    img = Image.new("RGB", (8, 8), (10, 200, 30))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95)
+    write_mds(tmp_path / "mds", {"image": "jpeg", "plain": "png"},
+              [{"image": Encoded(buf.getvalue()), "plain": img}])
+    row = next(iter_samples(tmp_path / "mds", tmp_path / "cache"))
+    assert row["image"].quantization == Image.open(io.BytesIO(buf.getvalue())).quantization  # not re-encoded at 75
+    assert row["plain"].getpixel((0, 0)) == (10, 200, 30)

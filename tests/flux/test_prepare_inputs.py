@@ -148,3 +148,30 @@ def test_class_dir_is_used_whole_when_num_class_images_is_0(tmp_path):
     capped = _prepare(cfg.model_copy(update={"num_class_images": 2}), inst, tmp_path / "b", class_dir=raw_ref(cls))
     table = pl.read_parquet(tmp_path / "b" / "data.parquet")
     assert capped.kept == 4 and table["subset"].to_list() == ["instance", "instance", "class", "class"]
+
+
+def test_prepare_memory_does_not_grow_with_the_dataset(tmp_path):
+    """Peak Python memory while preparing 64 incompressible images stays well under their encoded total
+    (holding every encoded image before writing, as prepare once did, exceeds it). Fixed costs (a 1 MB
+    hashing buffer) stay under the bound too."""
+    import tracemalloc
+
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)).save(src / f"{i:03d}.png")
+        (src / f"{i:03d}.txt").write_text("noise")
+    encoded = sum(p.stat().st_size for p in src.glob("*.png"))  # ~77 KB each; stored at the same size
+    _prepare(PrepareConfig(size=160, num_proc=2), src, tmp_path / "warm")  # imports and caches outside the trace
+    tracemalloc.start()
+    try:
+        res = _prepare(PrepareConfig(size=160, num_proc=2, shard_size_limit=65536), src, tmp_path / "out")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert res.kept == 64
+    assert peak < encoded / 2.5, (peak, encoded)
