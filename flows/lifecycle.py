@@ -8,13 +8,16 @@ here, nested in the Prefect UI and in MLflow), also runnable alone with ``nexus 
 named in ``deployments`` runs as a run of that deployment on its work pool (:mod:`flows.sections`):
 teacher collection on a CPU pool, training on a GPU pool. The lifecycle's ``budget_usd`` covers every
 section, wherever it runs.
+
+The feedback loop is opt-in (``feedback.use``): the next run's distill stage then also takes the samples
+the previous evaluation failed (``evaluate/<name>_feedback``, its newest version, resolved at the start).
 """
 
 from __future__ import annotations
 
 from prefect import flow
 from prefect.runtime import flow_run
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from flows.common import flow_lineage, main
 from flows.compress import CompressConfig, check_compress, compress
@@ -23,13 +26,26 @@ from flows.evaluate import EvaluateConfig, check_evaluate, evaluate
 from flows.llm_train import LLMTrainConfig, check_stages, llm_train, queue, referenced_models
 from flows.results import FlowResult, LifecycleResult
 from flows.sections import SectionDeployments, run_section
-from nexus_core.artifacts import raw_ref
-from nexus_core.config import FlowConfig
+from nexus_core.artifacts import ArtifactRef, raw_ref
+from nexus_core.config import FlowConfig, NexusModel
 from nexus_core.corpus.ingest import IngestConfig
+from nexus_core.evaluate.records import latest_feedback
 from nexus_core.io import resolve_ref
 from nexus_core.train.base_model import BaseModelConfig, pretrained_ref
 from tasks.base_model import base_model
 from tasks.ingest import ingest
+
+
+class FeedbackLoopConfig(NexusModel):
+    """Whether distill also takes the samples the previous evaluation failed (the loop closed)."""
+
+    use: bool = Field(default=False, description=(
+        "Add the newest evaluate/<evaluation>_feedback artifact, when there is one with samples, to distill's "
+        "sources. Off by default: a run that uses it differs from the run before (distill's inputs change, "
+        "so distill and everything after it run again instead of coming from cache), and an offline "
+        "recorded teacher answers only prompts it has recorded (others count as offline misses)"))
+    evaluation: str | None = Field(default=None, description="Evaluation whose feedback to take; default: the "
+                                                             "evaluate section's name")
 
 
 class LifecycleConfig(FlowConfig):
@@ -44,6 +60,33 @@ class LifecycleConfig(FlowConfig):
     compress: CompressConfig | None = Field(default=None, description="Compression; its release runs only if gates pass")
     deployments: SectionDeployments = Field(default_factory=SectionDeployments,
                                             description="Sections to run as deployment runs on work pools")
+    feedback: FeedbackLoopConfig = Field(default_factory=FeedbackLoopConfig,
+                                         description="Feed the previous evaluation's failed samples to distill")
+
+    @model_validator(mode="after")
+    def _feedback_has_a_source_and_a_use(self) -> LifecycleConfig:
+        if self.feedback.use and self.distill is None:
+            raise ValueError("feedback.use needs a distill section (the feedback goes to its sources)")
+        if self.feedback.use and not (self.feedback.evaluation or self.evaluate):
+            raise ValueError("feedback.use: name the evaluation (feedback.evaluation) or add an evaluate section")
+        return self
+
+
+def with_feedback(cfg: LifecycleConfig) -> tuple[LifecycleConfig, ArtifactRef | None, str | None]:
+    """``cfg`` with the previous evaluation's feedback artifact added to distill's sources (by its
+    store-relative URI, so this run's own evaluation cannot change what distill reads) when
+    ``feedback.use`` is on and there is one; that artifact; the line to log (None when the loop is off)."""
+    if not cfg.feedback.use or cfg.distill is None:
+        return cfg, None, None
+    evaluation = cfg.feedback.evaluation or (cfg.evaluate.name if cfg.evaluate else "")
+    named = [s for s in cfg.distill.sources if f"{evaluation}_feedback" in s]
+    if named:
+        return cfg, None, f"feedback: distill's sources already name {named[0]}; left as written"
+    ref, note = latest_feedback(evaluation)
+    if ref is None:
+        return cfg, None, note
+    distill_cfg = cfg.distill.model_copy(update={"sources": [*cfg.distill.sources, ref.uri]})
+    return cfg.model_copy(update={"distill": distill_cfg}), ref, note
 
 
 def check_lifecycle(cfg: LifecycleConfig) -> list[str]:
@@ -73,10 +116,14 @@ def lifecycle(cfg: LifecycleConfig) -> LifecycleResult:
     """
     with flow_lineage(cfg) as mlflow_run_id:
         sources = {f"source_{i}": raw_ref(path) for i, path in enumerate(cfg.corpus.sources)}
+        cfg, feedback, note = with_feedback(cfg)
+        if note:
+            print(note)
+        fed_back = feedback.uri if feedback else None
         plan = check_lifecycle(cfg)
         if cfg.dry_run:
             print("lifecycle plan:\n  " + "\n  ".join(plan))
-            return LifecycleResult.planned("lifecycle", plan, mlflow_run_id)
+            return LifecycleResult.planned("lifecycle", plan, mlflow_run_id, feedback_source=fed_back)
         corpus = ingest(cfg.corpus, sources, name=f"{cfg.name}_corpus")
         base = base_model(cfg.base_model, corpus.ref, name=f"{cfg.name}_base",
                           pretrained=pretrained_ref(cfg.base_model))
@@ -114,7 +161,7 @@ def lifecycle(cfg: LifecycleConfig) -> LifecycleResult:
         verdict = {None: "not evaluated", True: "promoted", False: "rejected by gates"}[passed]
     return LifecycleResult(flow="lifecycle", artifacts=artifacts, reused=reused, flow_run_id=flow_run.get_id(),
                            mlflow_run_id=mlflow_run_id, model=model, verdict=verdict,
-                           base_model_parameters=base.parameters, stages=stages)
+                           base_model_parameters=base.parameters, stages=stages, feedback_source=fed_back)
 
 
 if __name__ == "__main__":

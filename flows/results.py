@@ -125,3 +125,5 @@ class LifecycleResult(FlowResult):
     verdict: str = "not evaluated"
     base_model_parameters: int | None = None
     stages: dict[str, dict[str, Any]] = Field(default_factory=dict, description="stage → its flow's summary")
+    feedback_source: str | None = Field(default=None, description="The previous evaluation's feedback artifact "
+                                                                  "distill took (feedback.use), if any")

@@ -32,6 +32,24 @@ def harness_values(harness: dict | None) -> dict[str, dict[str, float | int | No
     return out
 
 
+def latest_feedback(evaluation: str) -> tuple[ArtifactRef | None, str]:
+    """The newest ``evaluate/<evaluation>_feedback`` artifact, if it holds failed samples, and one line
+    saying what was found (the lifecycle logs it). A newest version with no samples returns None: that
+    evaluation failed nothing, and older failures were another model's."""
+    from nexus_core.io import DataQuery
+
+    name = f"{evaluation}_feedback"
+    info = next((i for i in DataQuery().list("evaluate") if i.name == name), None)
+    if info is None:
+        return None, f"feedback: no evaluate/{name} artifact yet; distill runs on its own sources"
+    manifest = read_manifest(info.latest_uri)
+    spec = f"evaluate/{name}@v{manifest.version}"
+    if not manifest.rows:
+        return None, f"feedback: {spec} holds no failed samples; nothing to add to distill's sources"
+    return manifest.ref(), (f"feedback: distill's sources gain {spec}: {manifest.rows} sample(s) that "
+                            f"evaluation failed, asked of the teacher again")
+
+
 def record_report(report: ArtifactRef, flow_run_id: str | None = None) -> catalog.EvalReportRow:
     """Add the report to the leaderboard (idempotent) and log its JSON and tables to its MLflow run."""
     manifest = read_manifest(report.uri)

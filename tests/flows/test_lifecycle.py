@@ -74,3 +74,32 @@ def test_second_run_is_served_from_cache(first_run):
     again = lifecycle(cfg)
     assert again.artifacts == result.artifacts
     assert again.flow_run_id != result.flow_run_id
+
+
+def test_feedback_loop_feeds_the_previous_evaluations_failures_to_distill(first_run):
+    """``feedback.use``: the next run's distill stage also asks the teacher about the samples this run's
+    evaluation failed (its feedback artifact, pinned by URI), and filters judge the answers; off (the
+    default), the second run above is served from cache. (The tiny validation set is made of the corpus's
+    own abstracts, so the recorded teacher's answers repeat the first run's and the exact-duplicate
+    filter drops them: the SFT rows stay the same here.)"""
+    from flows.lifecycle import FeedbackLoopConfig
+    from nexus_core.io import read_table
+
+    cfg, result = first_run
+    fb = result.artifacts["evaluate.feedback"]
+    assert fb.rows  # the tiny model fails samples
+    # distill only: the stage the loop feeds (kept short; the other stages are the first run's)
+    on = cfg.model_copy(update={"feedback": FeedbackLoopConfig(use=True, evaluation=cfg.evaluate.name),
+                                "train": None, "evaluate": None, "compress": None})
+    run = lifecycle(on)
+    assert run.feedback_source == fb.uri
+    inputs = read_manifest(run.artifacts["distill.teacher_inputs"].uri)
+    assert fb.digest in {r.digest for r in inputs.inputs.values()}
+    assert inputs.result["rows_per_source"][fb.name] == fb.rows
+    assert run.artifacts["distill.teacher_inputs"].version == result.artifacts["distill.teacher_inputs"].version + 1
+    first, again = result.stages["distill"], run.stages["distill"]
+    assert again["collected_ok"] + again["collected_failed"] == first["collected_ok"] + first["collected_failed"] \
+        + fb.rows * 2  # two prompt templates per fed-back sample, each asked of the teacher
+    filtered = read_table(run.artifacts["distill.filtered"].path / "data.parquet")
+    fed = filtered.filter(filtered["source_file"] == fb.name)
+    assert fed.height == fb.rows * 2 and set(fed["status"]) == {"ok"} and fed["keep"].is_not_null().all()
