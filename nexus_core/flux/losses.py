@@ -99,10 +99,36 @@ def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -
 
 
 def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, *,
-                       base: BaseLoss = "mse", weighting: Weighting = "none", huber_c: float = 0.1) -> torch.Tensor:
-    """Per-sample weighted loss, shape ``(batch,)``: the element loss averaged over each sample."""
-    per = base_loss(pred, target, base, huber_c).reshape(pred.shape[0], -1).mean(dim=1)
-    return per * loss_weighting(sigmas, weighting)
+                       base: BaseLoss = "mse", weighting: Weighting = "none", huber_c: float = 0.1,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample weighted loss, shape ``(batch,)``: the element loss averaged over each sample.
+
+    ``mask`` (``(batch, tokens)``, 1 = train on this token) restricts the average to the masked
+    tokens of ``pred``/``target`` (``(batch, tokens, channels)``); a sample with an empty mask adds 0.
+    """
+    return masked_mean(base_loss(pred, target, base, huber_c), mask) * loss_weighting(sigmas, weighting)
+
+
+def masked_mean(elements: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of each sample's ``(tokens, channels)`` elements, over the tokens where ``mask`` is set."""
+    if mask is None:
+        return elements.reshape(elements.shape[0], -1).mean(dim=1)
+    m = mask.to(elements.dtype).unsqueeze(-1)
+    total = (elements * m).reshape(elements.shape[0], -1).sum(dim=1)
+    return total / (m.reshape(m.shape[0], -1).sum(dim=1) * elements.shape[-1]).clamp_min(1.0)
+
+
+def resolution_shift(sigmas: torch.Tensor, image_seq_len: int, *, base_seq_len: int = 256,
+                     max_seq_len: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15) -> torch.Tensor:
+    """Resolution-dependent time shift (SD3/Flux): more noise for more image tokens.
+
+    ``mu`` is linear in the token count between (``base_seq_len``, ``base_shift``) and
+    (``max_seq_len``, ``max_shift``) -- the numbers of the pipeline's scheduler config -- and
+    ``sigma' = e**mu / (e**mu + 1/sigma - 1)``, the shift the scheduler applies at inference.
+    """
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    mu = base_shift + slope * (image_seq_len - base_seq_len)
+    return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
 
 
 def prior_preservation_loss(per_sample: torch.Tensor, prior_weight: float) -> torch.Tensor:

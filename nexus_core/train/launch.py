@@ -27,16 +27,24 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
 from nexus_core.context import StepContext, log
 from nexus_core.errors import StepError
 from nexus_core.logs import hash_functions_quietly
-from nexus_core.train.common import StageBase
 from nexus_core.train.multinode import accelerate_flags, nodes_from_env, watch_launch
 
-TrainFn = Callable[[Any, dict[str, ArtifactRef], str, StepContext], dict[str, float]]
+TrainFn = Callable[[Any, dict[str, ArtifactRef], str, StepContext], dict[str, Any]]
+
+
+class Launchable(Protocol):
+    """A training config run_stage can launch: an LLM stage or the flux train step."""
+
+    num_processes: int
+    isolate: bool
+
+    def model_dump(self, *, mode: str) -> dict[str, Any]: ...  # noqa: D102 - pydantic's
 # Prefix of the children's log lines on their stderr, so the parent can tell them from other output.
 CHILD_LOG_MARK = "[nexus-train] "
 # Prefix of rank 0's progress reports ([fraction, message] as JSON), passed on to the parent's ctx.progress.
@@ -45,8 +53,8 @@ CHILD_PROGRESS_MARK = "[nexus-progress] "
 _ONE_MULTINODE_LAUNCH = threading.Lock()
 
 
-def run_stage(train_fn: TrainFn, cfg: StageBase, inputs: dict[str, ArtifactRef], out_uri: str,
-              method: str, ctx: StepContext) -> dict[str, float]:
+def run_stage(train_fn: TrainFn, cfg: Launchable, inputs: dict[str, ArtifactRef], out_uri: str,
+              method: str, ctx: StepContext) -> dict[str, Any]:
     """Run ``train_fn`` here, in one child process (``cfg.isolate``), or under ``accelerate launch``
     (``cfg.num_processes`` > 1, or any stage in a multi-node job: ``cfg.num_processes`` per node,
     on every node, see :mod:`nexus_core.train.multinode`). A child process gets the signal controller

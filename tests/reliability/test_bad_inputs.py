@@ -269,5 +269,5 @@ def test_cli_non_utf8_caption_names_the_caption_file(repo, tmp_path):
     Image.new("RGB", (32, 32), (255, 0, 0)).save(images / "a.png")
     (images / "a.txt").write_bytes(b"a red caf\xe9")
     out = nexus("run", "flux", "configs/flux/tiny.yaml", f"data.source={images}", env=_env(tmp_path), cwd=repo)
-    _fails_once(out, f"error: {images}: no usable images", f"caption: {images / 'a.txt'}: not valid UTF-8")
+    _fails_once(out, f"error: flux prepare: caption: {images / 'a.txt'}: not valid UTF-8")
     assert _manifests(tmp_path, "flux") == []  # the tiny pipeline it builds first is a valid artifact
