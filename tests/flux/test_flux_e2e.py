@@ -86,6 +86,9 @@ def test_saved_lora_loads_into_the_pipeline_and_changes_its_output(flow_run):
     before = render()
     pipe.load_lora_weights(str(result.artifacts["train"].path), weight_name="transformer_lora.safetensors")
     after = render()
+    scales = {n: m.scaling["default_0"] for n, m in pipe.transformer.named_modules() if hasattr(m, "scaling")}
+    assert set(scales.values()) == {4.0}  # tiny.yaml: rank 4, alpha 16
+    assert "single_transformer_blocks.0.attn.to_qkv_mlp_proj" in scales
     assert before.shape == after.shape == (32, 32, 3)
     assert np.abs(before - after).max() > 1e-4
 
