@@ -78,79 +78,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve local model dirs, artifact specs (``models/tiny_base@v1``) or registry entries
     (``models:/NAME@ALIAS``) behind an OpenAI-compatible API; ``--engine vllm`` puts our front (auth,
     limits) before vLLM servers started as child processes, which stop when this server stops."""
-    import os
-
-    import uvicorn
-
-    from nexus_core.models.io import resolve_model
-    from nexus_core.serve import server_config
-    from nexus_core.serve.app import hash_api_key
+    from nexus_core.serve.launch import ServeConfig, serve_models
 
     if args.engine == "vllm":  # before any model is resolved or downloaded
         from nexus_core.serve.vllm import check_vllm, vllm_python
 
         check_vllm(vllm_python(args.vllm_python))
-
-    def resolve(where: str) -> str:
-        return where if Path(where).exists() else str(resolve_model(where).path)
-
     models: dict[str, str] = {}
     for spec in args.model:
         name, _, where = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        path = resolve(where)
         if not name and where.startswith("models:/"):  # a registry entry answers as its registered name
             name = where.removeprefix("models:/").split("@", 1)[0].split("/", 1)[0]
-        models[name or Path(path).name] = path
-    hashes = None
-    if args.api_key_env:
-        keys = [k for k in os.environ.get(args.api_key_env, "").split(",") if k]
-        if not keys:
-            raise NexusError(f"--api-key-env {args.api_key_env}: variable is unset or empty")
-        hashes = [hash_api_key(k) for k in keys]  # only hashes are kept in memory
+        elif not name:
+            from nexus_core.models.io import resolve_model
+
+            name = Path(where if Path(where).exists() else resolve_model(where).path).name
+        models[name] = where
     drafts = {}
     for spec in args.draft or []:
         name, sep, where = spec.partition("=")
         if not sep or name not in models:
             raise NexusError(f"--draft {spec!r}: expected SERVED_NAME=DIR with SERVED_NAME one of {sorted(models)}")
-        drafts[name] = resolve(where)
-    limits = {"max_body_bytes": int(args.max_body_mb * 2**20), "request_timeout_s": args.request_timeout,
-              "max_queue": args.max_queue, "max_request_rows": args.max_request_rows}
-    upstreams: list = []
-    if args.engine == "vllm":
-        import signal
-
-        def _exit(signum: int, frame: object) -> None:
-            raise SystemExit(0)
-
-        # SIGTERM (and uvicorn, which re-raises it after its shutdown) must unwind through the
-        # `finally` below, or the engine processes outlive us.
-        signal.signal(signal.SIGTERM, _exit)
-    try:
-        if args.engine == "vllm":
-            import shlex
-
-            from nexus_core.serve.proxy import create_proxy_app
-            from nexus_core.serve.vllm import start_vllm
-
-            upstreams, key = start_vllm(models, drafts=drafts, python=args.vllm_python,
-                                        max_num_seqs=args.max_batch_size,
-                                        gpu_memory_utilization=args.gpu_memory_utilization,
-                                        extra_args=[a for x in args.vllm_arg or [] for a in shlex.split(x)],
-                                        startup_timeout_s=args.engine_startup_timeout)
-            app = create_proxy_app(upstreams, api_key_hashes=hashes, upstream_api_key=key,
-                                   max_in_flight=args.max_batch_size, **limits)
-        else:
-            from nexus_core.serve.app import create_app
-
-            app = create_app(models, api_key_hashes=hashes, max_batch_size=args.max_batch_size, draft_models=drafts,
-                             **limits)
-        print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1 (engine: {args.engine})", flush=True)
-        uvicorn.Server(server_config(app, args.host, args.port, timeout_keep_alive=args.timeout_keep_alive,
-                                     header_timeout_s=args.header_timeout,
-                                     limit_concurrency=args.limit_concurrency)).run()
-    finally:
-        for up in upstreams:
-            up.stop()
+        drafts[name] = where
+    serve_models(ServeConfig(
+        models=models, drafts=drafts, engine=args.engine, host=args.host, port=args.port, api_key_env=args.api_key_env,
+        max_batch_size=args.max_batch_size, max_body_mb=args.max_body_mb, request_timeout_s=args.request_timeout,
+        max_queue=args.max_queue, max_request_rows=args.max_request_rows, timeout_keep_alive=args.timeout_keep_alive,
+        header_timeout_s=args.header_timeout, limit_concurrency=args.limit_concurrency,
+        vllm_python=args.vllm_python, vllm_args=args.vllm_arg or [],
+        gpu_memory_utilization=args.gpu_memory_utilization, engine_startup_timeout_s=args.engine_startup_timeout))
     return 0
 
 

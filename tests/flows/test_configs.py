@@ -15,6 +15,7 @@ from flows.evaluate import EvaluateConfig
 from flows.flux import FluxConfig
 from flows.lifecycle import LifecycleConfig
 from flows.llm_train import LLMTrainConfig
+from flows.serve import ServeFlowConfig
 from nexus_core.distill.prompts import load_template
 from nexus_core.distill.rules import load_rules
 from nexus_core.evaluate.harness import task_files
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 # configs/<dir>/... holds configs of this flow
 FLOW_DIRS = {"presets": LifecycleConfig, "distill": DistillConfig, "train": LLMTrainConfig,
-             "compress": CompressConfig, "eval": EvaluateConfig, "flux": FluxConfig}
+             "compress": CompressConfig, "eval": EvaluateConfig, "flux": FluxConfig, "serve": ServeFlowConfig}
 # data files that are not flow configs, each with its own loader
 DATA_FILES = {
     "distill/filters.yaml": lambda p: load_rules(p),

@@ -118,3 +118,12 @@ def test_nexus_serve_engine_vllm_end_to_end(tiny_llm: Path, tmp_path: Path) -> N
     assert "engine: vllm" in out
     with pytest.raises(ProcessLookupError):  # the engine went with the server
         os.kill(rec["pid"], 0)
+
+
+def test_serving_beyond_loopback_needs_api_keys(tiny_llm: Path) -> None:
+    from nexus_core.serve.launch import ServeConfig, serve_models
+
+    with pytest.raises(NexusError, match="beyond loopback needs API keys"):
+        serve_models(ServeConfig(models={"tiny": str(tiny_llm)}, host="0.0.0.0"))
+    with pytest.raises(NexusError, match="drafts for \\['other'\\]"):
+        serve_models(ServeConfig(models={"tiny": str(tiny_llm)}, drafts={"other": str(tiny_llm)}))
