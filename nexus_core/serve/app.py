@@ -298,7 +298,8 @@ async def _read_body(request: Request, limits: _Limits) -> bytes:
     return bytes(buf)
 
 
-def _decode_json(raw: bytes, model: type[BaseModel]) -> Any:
+def decode_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or a 400 saying why not (malformed, too deeply nested, not an object)."""
     try:
         data = json.loads(raw or b"")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -307,6 +308,11 @@ def _decode_json(raw: bytes, model: type[BaseModel]) -> Any:
         raise APIError(400, "JSON body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _decode_json(raw: bytes, model: type[BaseModel]) -> Any:
+    data = decode_json_object(raw)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

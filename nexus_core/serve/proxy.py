@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from nexus_core.errors import NexusError
-from nexus_core.serve.app import APIError, Metrics, _AuthMiddleware, _Limits, _read_body
+from nexus_core.serve.app import APIError, Metrics, _AuthMiddleware, _Limits, _read_body, decode_json_object
 
 
 @dataclass
@@ -201,7 +201,7 @@ def create_proxy_app(upstreams: list[Upstream], *, api_key_hashes: list[str] | N
 
     async def forward(request: Request, endpoint: str) -> Response:
         raw = await _read_body(request, limits)
-        data = _decode(raw) if len(raw) < 64 * 1024 else await run_in_threadpool(_decode, raw)
+        data = decode_json_object(raw) if len(raw) < 64 * 1024 else await run_in_threadpool(decode_json_object, raw)
         name = data.get("model")
         up = by_name.get(name) if isinstance(name, str) else None
         if up is None and isinstance(name, str):  # litellm users sometimes keep the provider prefix
@@ -343,18 +343,6 @@ def _unreachable(up: Upstream, exc: Exception) -> APIError:
 
 def _sse_error(status: int, message: str, type_: str, code: str) -> bytes:
     return f"data: {json.dumps(APIError(status, message, type_, code).body())}\n\n".encode()
-
-
-def _decode(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw or b"")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"malformed JSON body: {exc}", code="invalid_json") from exc
-    except RecursionError:
-        raise APIError(400, "JSON body is nested too deeply", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object", code="invalid_json")
-    return data
 
 
 def _check_rows(data: dict[str, Any], limits: _Limits) -> None:
