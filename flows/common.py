@@ -93,7 +93,7 @@ _recovered: set[str] = set()  # NEXUS_HOME values this process has already swept
 def recover_from_crashes() -> None:
     """Clean up after runs that were killed, once per process and home (every flow start calls it):
 
-    - MLflow runs left RUNNING by a dead process on this host are marked FAILED, and the Prefect flow
+    - MLflow runs left RUNNING by a dead process on this host are marked KILLED, and the Prefect flow
       runs they belong to are set to Crashed (a killed process could not report either);
     - staging directories of dead processes are deleted;
     - the catalog gets a row for every published artifact that lacks one (a kill between publishing

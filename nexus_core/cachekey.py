@@ -133,11 +133,27 @@ def step_key(fn: Callable[..., Any], cfg: Any, inputs: Mapping[str, ArtifactRef 
     ``extra`` holds anything else the caller's result depends on (a task's artifact name); ``code``
     is :func:`code_hash` of ``fn`` and ``files`` is :func:`files_read` when the caller has them already.
     """
+    return _key(fn, cfg, inputs, config_hash(cfg, runtime=False), extra, code, files)
+
+
+def resume_key(fn: Callable[..., Any], cfg: Any, inputs: Mapping[str, ArtifactRef | None],
+               code: str | None = None, files: dict[str, str] | None = None) -> str:
+    """The key of a step's work dir (where its checkpoints wait for a re-run): :func:`step_key` less
+    the config fields marked :data:`~nexus_core.config.RESUME_NEUTRAL` (a training stage's
+    ``max_steps``, ``epochs``, ``num_processes``, checkpoint interval). A killed run re-started with
+    more steps or another process count finds its checkpoints; anything else that changes the result
+    (data, model, method, hyper-parameters, code, files read) starts a new work dir. For a config
+    with no such field it equals the step key."""
+    return _key(fn, cfg, inputs, config_hash(cfg, runtime=False, resume_neutral=False), None, code, files)
+
+
+def _key(fn: Callable[..., Any], cfg: Any, inputs: Mapping[str, ArtifactRef | None], config: str,
+         extra: dict[str, Any] | None, code: str | None, files: dict[str, str] | None) -> str:
     refs = {k: v for k, v in inputs.items() if v is not None}
     files = files if files is not None else files_read(fn, cfg, refs)
     parts = {
         "step": f"{fn.__module__}.{fn.__name__}",
-        "config": config_hash(cfg, runtime=False),
+        "config": config,
         "inputs": {k: v.digest for k, v in sorted(refs.items())},
         "code": code or code_hash(fn),
         # paths are machine-specific: the files' contents count, in the order the contract lists them

@@ -325,34 +325,45 @@ def runtime_field(default: Any, description: str, **kwargs: Any) -> Any:
     return Field(default=default, description=description, json_schema_extra={"nexus_runtime": True}, **kwargs)
 
 
-def _without_runtime(value: Any, dumped: Any) -> Any:
-    """``dumped`` (the JSON dump of ``value``) less the fields declared with :func:`runtime_field`, at
-    any depth. Walking the dump keeps each field's JSON form (a :data:`ConfigPath` relative to the root)."""
+RESUME_NEUTRAL: dict[str, Any] = {"nexus_resume_neutral": True}
+"""``json_schema_extra`` of a config field that changes a step's result but not whether its checkpoints
+still apply (how long it trains, how many processes share the batch, how often it checkpoints): kept
+in the cache key, left out of the work-dir key (:func:`nexus_core.cachekey.resume_key`), so a killed
+run re-started with another value continues from its checkpoints. Runtime fields are left out of both."""
+
+
+def _without_flagged(value: Any, dumped: Any, flags: tuple[str, ...]) -> Any:
+    """``dumped`` (the JSON dump of ``value``) less the fields whose ``json_schema_extra`` sets any of
+    ``flags`` (``nexus_runtime``: :func:`runtime_field`; ``nexus_resume_neutral``: :data:`RESUME_NEUTRAL`),
+    at any depth. Walking the dump keeps each field's JSON form (a :data:`ConfigPath` relative to the root)."""
     if isinstance(value, BaseModel) and isinstance(dumped, dict):
         out = {}
         for name, info in type(value).model_fields.items():
             extra = info.json_schema_extra
-            if name not in dumped or (isinstance(extra, dict) and extra.get("nexus_runtime")):
+            if name not in dumped or (isinstance(extra, dict) and any(extra.get(f) for f in flags)):
                 continue
-            out[name] = _without_runtime(getattr(value, name), dumped[name])
+            out[name] = _without_flagged(getattr(value, name), dumped[name], flags)
         return out
     if isinstance(value, dict) and isinstance(dumped, dict) and len(value) == len(dumped):
-        return {key: _without_runtime(v, d) for v, (key, d) in zip(value.values(), dumped.items(), strict=True)}
+        return {key: _without_flagged(v, d, flags)
+                for v, (key, d) in zip(value.values(), dumped.items(), strict=True)}
     if isinstance(value, list | tuple) and isinstance(dumped, list) and len(value) == len(dumped):
-        return [_without_runtime(v, d) for v, d in zip(value, dumped, strict=True)]
+        return [_without_flagged(v, d, flags) for v, d in zip(value, dumped, strict=True)]
     return dumped
 
 
 def config_hash(cfg: BaseModel | dict[str, Any], exclude: set[str] | frozenset[str] = frozenset(),
-                runtime: bool = True) -> str:
+                runtime: bool = True, resume_neutral: bool = True) -> str:
     """Stable sha256 of a config (top-level keys in ``exclude`` left out), 16 hex chars.
 
-    ``runtime=False`` also leaves out fields declared with :func:`runtime_field` (cache keys).
+    ``runtime=False`` also leaves out fields declared with :func:`runtime_field` (cache keys);
+    ``resume_neutral=False`` also those marked :data:`RESUME_NEUTRAL` (work-dir keys).
     """
     if isinstance(cfg, BaseModel):
         data = cfg.model_dump(mode="json")
-        if not runtime:
-            data = _without_runtime(cfg, data)
+        flags = (() if runtime else ("nexus_runtime",)) + (() if resume_neutral else ("nexus_resume_neutral",))
+        if flags:
+            data = _without_flagged(cfg, data, flags)
     else:
         data = dict(cfg)
     data = {k: v for k, v in data.items() if k not in exclude}

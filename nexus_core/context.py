@@ -3,8 +3,9 @@
 A step never searches for its MLflow run, work dir or progress bar; it gets them here:
 
 - ``run``: the step's MLflow run (``None`` when the step is called directly, outside the runner);
-- ``work_dir``: a stable directory for checkpoints and scratch files, keyed by the step's cache key,
-  so a killed run finds its checkpoints again; the runner deletes it once the artifact is published;
+- ``work_dir``: a stable directory for checkpoints and scratch files, keyed by the step's resume key
+  (its cache key less resume-neutral fields such as ``max_steps``), so a killed run finds its
+  checkpoints again; the runner deletes it once the artifact is published;
 - ``log_metrics`` / ``log_file``: batched MLflow logging (no-ops without a run);
 - ``progress(done, total, message)``: progress of a long step (a Prefect progress artifact under a
   flow, updated at most once a second; a log line at most every 5 s otherwise).

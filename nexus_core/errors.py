@@ -23,3 +23,8 @@ class InputError(NexusError):
 
 class StepError(NexusError):
     """A step failed for a reason the user can act on (not a per-row failure, which is data)."""
+
+
+class Killed(StepError):
+    """A step's training process was ended by a signal (SIGKILL from the OOM killer or an operator, a
+    pre-empted node): its MLflow run is marked KILLED, not FAILED, and a re-run resumes from its checkpoints."""

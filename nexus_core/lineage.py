@@ -50,23 +50,33 @@ def _owner_tags() -> dict[str, str]:
     return {"nexus.host": socket.gethostname(), "nexus.pid": str(os.getpid())}
 
 
-def reap_crashed_runs() -> list[dict[str, str]]:
-    """Mark FAILED every RUNNING MLflow run whose process on this host is gone (a killed run), tagged
-    ``nexus.crashed``. Returns ``{"mlflow_run_id", "prefect_flow_run_id", "kind"}`` for each, so the
-    caller can also end the Prefect flow runs they belong to."""
+def _orphaned(tags: dict[str, str]) -> str | None:
+    """Why a RUNNING run's owner is known to be gone (its process on this host has ended), else None
+    (alive, or on another host where we cannot tell)."""
     from nexus_core.artifacts import process_alive
 
-    c, host, reaped = client(), socket.gethostname(), []
+    host, pid = socket.gethostname(), tags.get("nexus.pid", "")
+    if tags.get("nexus.host") != host or not pid.isdigit() or process_alive(int(pid)):
+        return None
+    return f"process {pid} on {host} ended without finishing the run"
+
+
+def reap_crashed_runs() -> list[dict[str, str]]:
+    """Mark KILLED every RUNNING MLflow run whose process on this host is gone (killed: SIGKILL, the
+    OOM killer, a power cut), tagged ``nexus.crashed``. Returns ``{"mlflow_run_id",
+    "prefect_flow_run_id", "kind"}`` for each, so the caller can also end the Prefect flow runs they
+    belong to."""
+    c, reaped = client(), []
     experiments = [e.experiment_id for e in c.search_experiments()]
     if not experiments:
         return []
     for run in c.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=1000):
         tags = run.data.tags
-        pid = tags.get("nexus.pid", "")
-        if tags.get("nexus.host") != host or not pid.isdigit() or process_alive(int(pid)):
+        why = _orphaned(tags)
+        if why is None:
             continue
-        c.set_tag(run.info.run_id, "nexus.crashed", f"process {pid} on {host} ended without finishing the run")
-        c.set_terminated(run.info.run_id, "FAILED")
+        c.set_tag(run.info.run_id, "nexus.crashed", why)
+        c.set_terminated(run.info.run_id, "KILLED")
         reaped.append({"mlflow_run_id": run.info.run_id, "kind": tags.get("nexus.kind", ""),
                        "prefect_flow_run_id": tags.get("prefect.flow_run_id", "")})
     return reaped
@@ -142,9 +152,34 @@ def start_flow_run(flow_name: str, prefect_flow_run_id: str | None, config: dict
     return run.info.run_id
 
 
-def end_run(run_id: str, ok: bool = True) -> None:
-    """Mark a run finished or failed."""
-    client().set_terminated(run_id, "FINISHED" if ok else "FAILED")
+def end_run(run_id: str, ok: bool = True, status: str | None = None) -> None:
+    """Mark a run finished or failed (or with an explicit MLflow ``status``: KILLED)."""
+    client().set_terminated(run_id, status or ("FINISHED" if ok else "FAILED"))
+
+
+def end_status(exc: BaseException) -> str:
+    """The MLflow status of a run its block left by ``exc``: KILLED for a signal (Ctrl-C, SystemExit, a
+    training child killed by a signal: :class:`~nexus_core.errors.Killed`), FAILED for any other error."""
+    from nexus_core.errors import Killed
+
+    return "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit | Killed) else "FAILED"
+
+
+def end_orphaned_run(run_id: str) -> bool:
+    """Mark KILLED the run of an earlier attempt at a step (its id kept in the step's work dir) if it is
+    still RUNNING and its process on this host is gone; returns whether it did. A re-run uses this
+    for its own predecessor, whether or not a flow start has reaped crashed runs since."""
+    c = client()
+    try:
+        run = c.get_run(run_id)
+    except Exception:  # noqa: BLE001 - deleted, or from another tracking store: nothing to mark
+        return False
+    why = _orphaned(run.data.tags) if run.info.status == "RUNNING" else None
+    if why is None:
+        return False
+    c.set_tag(run_id, "nexus.crashed", why)
+    c.set_terminated(run_id, "KILLED")
+    return True
 
 
 def parent_run_for(prefect_flow_run_id: str | None) -> str | None:
@@ -221,7 +256,9 @@ def step_run(step: str, config: dict[str, Any], tags: dict[str, Any], flow_name:
              prefect_flow_run_id: str | None = None) -> Iterator[StepRun]:
     """An MLflow run for one step execution, nested under its flow's run when there is one.
 
-    Marked FAILED if the block raises, FINISHED otherwise.
+    Marked FINISHED when the block ends, KILLED if it is interrupted by a signal, FAILED if it raises
+    (:func:`end_status`). A process killed outright cannot mark its run: the next flow start
+    (:func:`reap_crashed_runs`) or the step's re-run (:func:`end_orphaned_run`) marks it KILLED.
     """
     parent = parent_run_for(prefect_flow_run_id)
     all_tags = {"mlflow.runName": step.rsplit(".", 1)[-1], "nexus.kind": "step", "nexus.step": step,
@@ -236,8 +273,8 @@ def step_run(step: str, config: dict[str, Any], tags: dict[str, Any], flow_name:
     token = _current_step_run.set(handle.run_id)
     try:
         yield handle
-    except BaseException:
-        end_run(handle.run_id, ok=False)
+    except BaseException as exc:
+        end_run(handle.run_id, status=end_status(exc))
         raise
     finally:
         _current_step_run.reset(token)

@@ -18,7 +18,10 @@ small result. :func:`run_step` wraps it:
    next reuse (or ``catalog.repair`` at the start of every flow) adds.
 
 If the step raises, the staging directory is removed: no manifest, earlier versions untouched; the
-work dir stays, so a re-run resumes from its checkpoints.
+work dir stays, so a re-run resumes from its checkpoints. The work dir is keyed by
+:func:`~nexus_core.cachekey.resume_key` (the cache key less resume-neutral fields such as a training
+stage's ``max_steps``), and holds ``attempt.json``, the MLflow run of the last attempt: a re-run marks
+that run KILLED if its process died without ending it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from nexus_core import catalog, lineage
 from nexus_core.artifacts import (
     ArtifactRef,
     Manifest,
+    atomic_write_json,
     code_version,
     dir_digest,
     list_versions,
@@ -46,7 +50,7 @@ from nexus_core.artifacts import (
     staging_dir,
     version_uri,
 )
-from nexus_core.cachekey import code_hash, files_read, step_key
+from nexus_core.cachekey import code_hash, files_read, resume_key, step_key
 from nexus_core.config import config_dict, config_hash
 from nexus_core.context import ProgressFn, StepContext, log
 from nexus_core.contract import check_inputs, contract_of
@@ -95,8 +99,25 @@ def step_name(fn: Callable[..., Any]) -> str:
 
 def work_dir_for(area: str, name: str, key: str) -> Path:
     """The stable work dir of a step execution: ``<work root>/<area>/<name>-<key>`` (``NEXUS_WORK``,
-    default ``NEXUS_HOME/work``)."""
+    default ``NEXUS_HOME/work``); ``key`` is the step's :func:`~nexus_core.cachekey.resume_key`."""
     return work_root() / area / f"{name}-{key[:16]}"
+
+
+ATTEMPT_FILE = "attempt.json"
+
+
+def _previous_attempt(work: Path) -> str | None:
+    """The MLflow run of the last attempt in this work dir, marked KILLED if its process died
+    (SIGKILL, OOM) and left it RUNNING; returns its id for the new run's ``nexus.previous_attempt`` tag."""
+    import json
+
+    try:
+        run_id = json.loads((work / ATTEMPT_FILE).read_text())["mlflow_run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if lineage.end_orphaned_run(run_id):
+        log.info("the previous attempt's MLflow run %s was left RUNNING by a killed process: marked KILLED", run_id)
+    return run_id
 
 
 def find_reusable(area: str, name: str, key: str) -> Manifest | None:
@@ -150,6 +171,7 @@ def run_step(
     code = code_hash(fn)
     reads = files_read(fn, cfg, refs)
     key = step_key(fn, cfg, refs, code=code, files=reads)
+    work = work_dir_for(area, name, resume_key(fn, cfg, refs, code=code, files=reads))
 
     existing = find_reusable(area, name, key)
     if existing is not None:
@@ -172,15 +194,15 @@ def run_step(
     staging = staging_dir(area, name)
     version_info = code_version()
     tags = {"nexus.config_hash": chash, "nexus.code_hash": code, "nexus.cache_key": key, "prefect.task_run_id": context.task_run_id,
-            "mlflow.source.git.commit": version_info["git_sha"]}
+            "mlflow.source.git.commit": version_info["git_sha"], "nexus.previous_attempt": _previous_attempt(work)}
     mlflow_run_id = None
     try:
         with lineage.step_run(step, cfg_dict, tags, context.flow_name, context.flow_run_id) as run:
             mlflow_run_id = run.run_id
             run.log_inputs(refs)
             run.log_params({f"file.{Path(p).name}": d for p, d in reads.items()})  # prompt template hashes
-            work = work_dir_for(area, name, key)
             work.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(work / ATTEMPT_FILE, {"mlflow_run_id": run.run_id, "cache_key": key})
             ctx = StepContext(step=step, work_dir=work, run=run, on_progress=context.progress)
             ctx.info(f"pid {os.getpid()}, work dir {work}")
             hash_functions_quietly()  # no bytecode from dill in the step's log

@@ -16,7 +16,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_text
-from nexus_core.config import NexusModel, PathOrName, runtime_field
+from nexus_core.config import RESUME_NEUTRAL, ConfigPath, NexusModel, PathOrName, runtime_field
 from nexus_core.costs import Cost
 from nexus_core.errors import InputError, StepError
 from nexus_core.runner import StepResult
@@ -37,7 +37,8 @@ class CheckpointSpec(NexusModel):
     """How often to checkpoint and how many checkpoints to keep."""
 
     save_steps: int = Field(default=50, ge=1, description="Write a checkpoint every N optimizer steps")
-    save_total_limit: int = Field(default=2, ge=1, description="Keep at most this many checkpoints")
+    save_total_limit: int = Field(default=2, ge=1, description="Keep at most this many checkpoints (older ones are "
+                                  "deleted only once the newest is marked complete); all go once the model is published")
 
 
 class ControlSpec(NexusModel):
@@ -57,8 +58,10 @@ class StageBase(NexusModel):
         default="lora", description="full: all weights; lora: adapters; qlora: adapters on a 4-bit base (GPU)")
     load_in_4bit: bool = Field(default=False, description="Load the base in 4-bit (bitsandbytes); implied by qlora")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape for lora/qlora")
-    max_steps: int = Field(default=-1, description="Optimizer steps; -1 trains for `epochs` instead")
-    epochs: float = Field(default=1.0, gt=0, description="Passes over the data when max_steps is -1")
+    max_steps: int = Field(default=-1, description="Optimizer steps; -1 trains for `epochs` instead",
+                           json_schema_extra=RESUME_NEUTRAL)
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the data when max_steps is -1",
+                          json_schema_extra=RESUME_NEUTRAL)
     learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate")
     lr_scheduler: str = Field(default="linear", description="transformers scheduler name")
     warmup_ratio: float = Field(default=0.0, ge=0, le=1, description="Share of steps spent warming up")
@@ -80,11 +83,20 @@ class StageBase(NexusModel):
     # Runtime fields (how a stage runs, not what it produces) stay out of the cache key, so changing
     # them reuses a finished model and finds the same work dir's checkpoints.
     logging_steps: int = runtime_field(1, "Log loss/lr/grad-norm every N steps", ge=1)
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing")
+    # Resume-neutral fields (RESUME_NEUTRAL: max_steps, epochs, num_processes, checkpoint) change the
+    # result but not whether checkpoints apply: left out of the work dir's key, so a killed run
+    # re-started with more steps or processes continues from its checkpoints.
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing",
+                                       json_schema_extra=RESUME_NEUTRAL)
+    resume_from: ConfigPath | None = Field(
+        default=None, description="Start from this checkpoint (a checkpoint-N dir of a stage of the same method, or "
+                                  "a checkpoints dir: its newest complete one) instead of step 0; the stage's own "
+                                  "newer checkpoints win after a kill")
     control: ControlSpec = Field(default_factory=ControlSpec, description="Pause/cooldown/GPU guard",
                                  json_schema_extra={"nexus_runtime": True})
     num_processes: int = Field(default=1, ge=1, description="Data-parallel processes per node (>1 launches "
-                               "accelerate); a multi-node job (NEXUS_NNODES) runs this many on every node")
+                               "accelerate); a multi-node job (NEXUS_NNODES) runs this many on every node",
+                               json_schema_extra=RESUME_NEUTRAL)
     isolate: bool = runtime_field(False, "Train in a child process even with one process: signal control "
                                          "under Prefect worker threads, memory returned when done")
     distributed: Literal["ddp", "fsdp"] = Field(default="ddp", description="Strategy when num_processes > 1")
@@ -143,6 +155,11 @@ def preflight(cfg: StageBase, problems: list[str] | None = None) -> None:
             problems.append("finetune=qlora needs the bitsandbytes package (pip install bitsandbytes)")
     if cfg.precision == "fp16" and not gpu:
         problems.append("precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+    if cfg.resume_from:
+        try:
+            resume_checkpoint(cfg)
+        except InputError as exc:
+            problems.append(str(exc))
     if problems:
         raise StepError("cannot start training:\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -166,6 +183,37 @@ def last_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resume_checkpoint(cfg: StageBase) -> Path | None:
+    """The checkpoint ``cfg.resume_from`` names, checked: it exists, is complete (its marker and
+    ``trainer_state.json``) and was written by a stage of the same method. A ``checkpoints`` dir (or a
+    work dir holding one) gives its newest complete checkpoint. InputError naming ``resume_from``."""
+    from nexus_core import checkpoints
+
+    if not cfg.resume_from:
+        return None
+    path = Path(cfg.resume_from)
+    where = f"resume_from: {path}"
+    if not path.is_dir():
+        raise InputError(f"{where}: no such checkpoint directory")
+    if (path / "checkpoints").is_dir():  # a stage's work dir
+        path = path / "checkpoints"
+    if not path.name.startswith("checkpoint-"):  # a checkpoints dir: its newest complete checkpoint
+        newest = [p for _, p in checkpoints.complete(path, remove_partial=False) if (p / "trainer_state.json").is_file()]
+        if not newest:
+            raise InputError(f"{where}: holds no complete checkpoint-N directory")
+        path = newest[-1]
+    mark = checkpoints.marker(path)
+    if mark is None or not (path / "trainer_state.json").is_file():
+        raise InputError(f"{where}: not a complete training checkpoint (no {checkpoints.COMPLETE_MARKER} marker or "
+                         "trainer_state.json: a kill while it was written)")
+    method, wanted = mark.get("method"), getattr(cfg, "method", None)
+    if method and wanted and method != wanted:
+        raise InputError(f"{where}: written by a {method} stage; this stage is {wanted}")
+    if not method:
+        logger.warning("%s: the checkpoint does not record its method; resuming as %s", where, wanted)
+    return path
+
+
 # ---------------------------------------------------------------- trainer arguments
 
 
@@ -186,7 +234,9 @@ def trainer_kwargs(cfg: StageBase, output_dir: Path, **extra: Any) -> dict[str, 
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_ratio=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, logging_steps=cfg.logging_steps, save_strategy="steps",
-        save_steps=cfg.checkpoint.save_steps, save_total_limit=cfg.checkpoint.save_total_limit,
+        # No rotation by the Trainer: it deletes old checkpoints before the controller marks the new one
+        # complete, so a kill in between could leave none; the controller rotates after marking.
+        save_steps=cfg.checkpoint.save_steps, save_total_limit=None,
         seed=cfg.seed, data_seed=cfg.seed, report_to=[], disable_tqdm=True, bf16=use_bf16(cfg),
         fp16=cfg.precision == "fp16", gradient_checkpointing=cfg.gradient_checkpointing,
         # Non-reentrant checkpointing needs no input that requires grad (frozen embeddings under LoRA).

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 
 from nexus_core import checkpoints
-from nexus_core.train.common import StageBase, last_checkpoint, peak_memory_mb
+from nexus_core.errors import StepError
+from nexus_core.train.common import StageBase, last_checkpoint, peak_memory_mb, resume_checkpoint
 
 if TYPE_CHECKING:
     from nexus_core.context import StepContext
@@ -70,6 +71,8 @@ class TrainingController(TrainerCallback):
 
     def __init__(self, cfg: StageBase, poll_s: float = 0.1):
         self.cfg = cfg.control
+        self.total_limit = cfg.checkpoint.save_total_limit
+        self.method: str | None = getattr(cfg, "method", None)
         self.poll_s = poll_s
         self.paused = False
         self.save_requested = False
@@ -133,11 +136,16 @@ class TrainingController(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        """The trainer finished writing checkpoint-N: mark it complete (resume only trusts marked ones)."""
+        """The trainer finished writing checkpoint-N: mark it complete (resume only trusts marked ones),
+        then rotate out the oldest beyond ``save_total_limit`` (never the best one) — in this order, so
+        a kill at any moment leaves a complete checkpoint (the trainer's own rotation is off: it runs
+        before this hook)."""
         if state.is_world_process_zero:
-            ckpt = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+            root = Path(str(args.output_dir))
+            ckpt = root / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                checkpoints.mark_complete(ckpt, state.global_step)
+                checkpoints.mark_complete(ckpt, state.global_step, self.method)
+                checkpoints.rotate(root, self.total_limit, keep=state.best_model_checkpoint)
         return control
 
 
@@ -244,8 +252,11 @@ def fit(trainer, cfg: StageBase, ctx: StepContext | None = None) -> dict[str, fl
         trainer.add_callback(ProgressReporter(ctx))
     ckpt_dir = Path(trainer.args.output_dir)
     work = ckpt_dir.parent
-    resume = last_checkpoint(ckpt_dir)
+    resume = last_checkpoint(ckpt_dir) or resume_checkpoint(cfg)  # its own (after a kill), else resume_from
     resumed_from = int(resume.name.rsplit("-", 1)[-1]) if resume else 0
+    if resume and 0 < cfg.max_steps < resumed_from:
+        raise StepError(f"max_steps={cfg.max_steps}: the checkpoint to resume from is at step {resumed_from} "
+                        f"({resume}); raise max_steps, or delete {ckpt_dir} to start over")
     who = f"pid {os.getpid()}"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         who += f" (rank {os.environ.get('RANK', '0')})"
@@ -259,6 +270,10 @@ def fit(trainer, cfg: StageBase, ctx: StepContext | None = None) -> dict[str, fl
         info(f"resuming from step {resumed_from} ({resume})")
     else:
         info(f"no complete checkpoint in {ckpt_dir}: starting at step 0")
+        for other in _other_attempts(work):
+            log.warning("checkpoints of an earlier run of this stage with other data, model, hyper-parameters or "
+                        "code are in %s (not resumed: they would train something else); set resume_from: %s to "
+                        "continue from them", other, other)
     t0 = time.monotonic()
     try:
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -283,6 +298,23 @@ def fit(trainer, cfg: StageBase, ctx: StepContext | None = None) -> dict[str, fl
 
         metrics.update(check_ranks(trainer.model, sharded=cfg.distributed == "fsdp", info=info))
     return metrics
+
+
+def _other_attempts(work: Path) -> list[Path]:
+    """Newest complete checkpoint of each other work dir of the same step name (``<name>-<key>``): a run
+    killed before its config or code changed, which the new key no longer finds."""
+    from nexus_core.settings import work_root
+
+    name = work.name.rpartition("-")[0]
+    if not name or not work.parent.is_dir() or not work.resolve().is_relative_to(work_root()):  # a runner's work dir only
+        return []
+    found = []
+    for other in sorted(work.parent.iterdir()):
+        if other != work and other.name.rpartition("-")[0] == name:  # never deletes anything: it may be running
+            done = [p for _, p in checkpoints.complete(other / "checkpoints", remove_partial=False)
+                    if (p / "trainer_state.json").is_file()]
+            found += done[-1:]
+    return found
 
 
 def _on_cuda() -> bool:

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
 from nexus_core.context import StepContext, log
-from nexus_core.errors import StepError
+from nexus_core.errors import Killed, StepError
 from nexus_core.logs import hash_functions_quietly
 from nexus_core.train.multinode import accelerate_flags, nodes_from_env, watch_launch
 
@@ -114,6 +114,9 @@ def run_stage(train_fn: TrainFn, cfg: Launchable, inputs: dict[str, ArtifactRef]
                     log.info("%s", line.split(CHILD_LOG_MARK, 1)[1].rstrip())
     if problems:
         raise StepError(f"{method}: multi-node training stopped: {problems[0]}\n{''.join(tail)[-3000:]}")
+    if proc.returncode is not None and proc.returncode < 0:  # ended by a signal: the MLflow run reads KILLED
+        raise Killed(f"{method}: training in {what} was killed by signal {-proc.returncode} "
+                     f"(exit {proc.returncode}); re-run to resume from its last checkpoint:\n{''.join(tail)[-3000:]}")
     if proc.returncode != 0 or not result_path.is_file():
         raise StepError(f"{method}: training in {what} failed (exit {proc.returncode}):\n{''.join(tail)[-3000:]}")
     return json.loads(result_path.read_text())

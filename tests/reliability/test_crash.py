@@ -2,7 +2,7 @@
 
 - killed between publishing an artifact and cataloguing it: the next reuse (or the next flow start)
   adds the missing catalog row;
-- killed in the middle of a step (SIGKILL): the next start marks its MLflow runs FAILED and its Prefect
+- killed in the middle of a step (SIGKILL): the next start marks its MLflow runs KILLED and its Prefect
   flow run Crashed, and deletes its staging directory; earlier versions are untouched;
 - several first runs at once on a fresh home: every one succeeds (schema creation is locked).
 """
@@ -96,7 +96,7 @@ def test_a_killed_flow_is_marked_crashed_and_its_staging_swept(prefect_harness, 
 
     for r in running:
         after = c.get_run(r.info.run_id)
-        assert after.info.status == "FAILED" and "nexus.crashed" in after.data.tags
+        assert after.info.status == "KILLED" and "nexus.crashed" in after.data.tags
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(flow_run_id).state.type.value == "CRASHED"
     assert not staging[0].exists()

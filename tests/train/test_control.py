@@ -1,8 +1,10 @@
-"""Running safely: a killed stage resumes from its checkpoint; SIGUSR1 pauses/resumes; SIGUSR2 saves;
-a 2-process data-parallel run on CPU (gloo) through accelerate launch."""
+"""Running safely: a killed stage resumes from its checkpoint (also with another max_steps, isolate or
+cooldown, or from an explicit resume_from) and its MLflow run reads KILLED; SIGUSR1 pauses/resumes;
+SIGUSR2 saves; a 2-process data-parallel run on CPU (gloo) through accelerate launch."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -11,11 +13,13 @@ import threading
 import pytest
 from transformers import TrainerCallback
 
-from nexus_core.cachekey import step_key
+from nexus_core import lineage
+from nexus_core.artifacts import read_manifest
+from nexus_core.cachekey import resume_key
 from nexus_core.checkpoints import COMPLETE_MARKER
 from nexus_core.context import StepContext
-from nexus_core.errors import StepError
-from nexus_core.runner import run_step, work_dir_for
+from nexus_core.errors import Killed
+from nexus_core.runner import ATTEMPT_FILE, run_step, work_dir_for
 from nexus_core.train.common import checkpoint_dir, last_checkpoint
 from nexus_core.train.control import KILL_AT_STEP_ENV, fit
 from nexus_core.train.sft import SFTConfig, build_trainer, run_sft
@@ -30,24 +34,38 @@ def test_killed_stage_resumes_from_its_checkpoint(tiny_model, refs, monkeypatch,
                     checkpoint={"save_steps": 2})
     inputs = {"model": tiny_model, "data": refs["sft"]}
     monkeypatch.setenv(KILL_AT_STEP_ENV, "3")
-    with pytest.raises(StepError, match=r"exit -9"):
+    with pytest.raises(Killed, match=r"exit -9"):
         run_step(run_sft, cfg, name="t_resume", inputs=inputs)
-    # The runner's work dir for this step (keyed by its cache key) holds the child's checkpoints.
-    work = work_dir_for("train", "t_resume", step_key(run_sft, cfg, inputs))
+    # The runner's work dir for this step (keyed by its resume key) holds the child's checkpoints.
+    work = work_dir_for("train", "t_resume", resume_key(run_sft, cfg, inputs))
+    killed_run = json.loads((work / ATTEMPT_FILE).read_text())["mlflow_run_id"]
+    assert lineage.client().get_run(killed_run).info.status == "KILLED"  # not left RUNNING, not FAILED
     child_pid = int((work / "train.pid").read_text())  # where an operator sends SIGUSR1/2
     assert child_pid != os.getpid()
     # The child's own log lines reach this process's log: its pid and work dir.
     assert f"training in pid {child_pid}, work dir {work}" in caplog.text
     ckpt = last_checkpoint(checkpoint_dir(work))
     assert ckpt is not None and ckpt.name == "checkpoint-2"
-    # The re-run continues at step 2 (optimizer, scheduler, RNG restored by the trainer) instead of step 0.
-    caplog.clear()
     monkeypatch.delenv(KILL_AT_STEP_ENV)
-    r = run_step(run_sft, cfg, name="t_resume", inputs=inputs)
+    # Another learning rate is another work dir: it starts over, unless told where to resume from.
+    other = cfg.model_copy(update={"learning_rate": 1e-4, "isolate": False, "max_steps": 3, "resume_from": str(ckpt)})
+    r = run_step(run_sft, other, name="t_resume_lr", inputs=inputs)
+    assert (r.resumed_from_step, r.steps) == (2, 3)
+    assert ckpt.is_dir()  # resume_from only reads the checkpoint
+    # The re-run continues at step 2 (optimizer, scheduler, RNG restored by the trainer) instead of step 0,
+    # although isolate, max_steps and the cooldown changed: they do not change what a checkpoint holds.
+    caplog.clear()
+    longer = cfg.model_copy(update={"isolate": False, "max_steps": 6,
+                                    "control": cfg.control.model_copy(update={"cooldown_every": 100})})
+    assert work_dir_for("train", "t_resume", resume_key(run_sft, longer, inputs)) == work
+    r = run_step(run_sft, longer, name="t_resume", inputs=inputs)
     assert r.resumed_from_step == 2
-    assert r.steps == 5
+    assert r.steps == 6
     assert r.metrics["param_delta"] > 0
     assert f"resuming from step 2 ({ckpt})" in caplog.text
+    assert r.ref is not None
+    run = lineage.client().get_run(read_manifest(r.ref.uri).mlflow_run_id)
+    assert (run.info.status, run.data.tags["nexus.previous_attempt"]) == ("FINISHED", killed_run)
     assert not work.exists()  # published: the runner removed the checkpoints
 
 
