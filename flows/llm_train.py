@@ -4,9 +4,14 @@ model and producing a registered model artifact.
     nexus run llm_train configs/train/tiny.yaml                    # tiny base + SFT(LoRA) → DPO → KD, offline
     nexus run llm_train configs/train/sft_lora.yaml base_model=models/my_base@v1 datasets.sft=distill/sft@v2
     nexus run llm_train configs/train/tiny.yaml --dry-run          # check every stage's data, print the queue
+    nexus run llm_train configs/train/omni_tiny.yaml               # tiny base + SigLIP (omni) → mm_align → mm_sft
 
 Every stage's dataset (and any model named by path, spec or hub id) is checked against its step's
-contract before the first stage starts, so a bad DPO dataset stops the run before SFT trains.
+contract before the first stage starts, so a bad DPO dataset stops the run before SFT trains, and against the
+modalities of the model it trains (``images`` data on a text-only model: "modality validation failed").
+
+An ``omni:`` section composes the base with a vision encoder (``configs/encoders.yaml``) before the
+queue starts; its stages are then ``mm_align`` / ``mm_sft`` on ``messages`` + ``images`` data.
 
 In the lifecycle it takes the base model and the distilled dataset(s) as refs.
 """
@@ -34,6 +39,9 @@ from nexus_core.train.cpt import CPTConfig, run_cpt
 from nexus_core.train.dpo import DPOConfig, run_dpo
 from nexus_core.train.grpo import GRPOConfig, run_grpo
 from nexus_core.train.kd import KDConfig, run_kd
+from nexus_core.train.mm_train import MMAlignConfig, MMSFTConfig, run_mm_train
+from nexus_core.train.modalities import detect_modalities, queue_modality_problems
+from nexus_core.train.omni import OmniConfig, run_omni, vision_ref
 from nexus_core.train.orpo import ORPOConfig, run_orpo
 from nexus_core.train.reward import RewardConfig, run_reward
 from nexus_core.train.sft import SFTConfig, run_sft
@@ -43,13 +51,15 @@ from tasks.train_cpt import train_cpt
 from tasks.train_dpo import train_dpo
 from tasks.train_grpo import train_grpo
 from tasks.train_kd import train_kd
+from tasks.train_mm import train_mm
+from tasks.train_omni import train_omni
 from tasks.train_orpo import train_orpo
 from tasks.train_register import train_register
 from tasks.train_reward import train_reward
 from tasks.train_sft import train_sft
 
-AnyStage = Annotated[SFTConfig | CPTConfig | DPOConfig | ORPOConfig | GRPOConfig | RewardConfig | KDConfig,
-                     Field(discriminator="method")]
+AnyStage = Annotated[SFTConfig | CPTConfig | DPOConfig | ORPOConfig | GRPOConfig | RewardConfig | KDConfig
+                     | MMAlignConfig | MMSFTConfig, Field(discriminator="method")]
 
 
 class Stage(NexusModel):
@@ -62,7 +72,7 @@ class Stage(NexusModel):
     teacher: PathOrName | None = Field(default=None, description="kd source=model: an earlier stage, 'base', or a path/spec")
     reward_model: PathOrName | None = Field(default=None, description="grpo: an earlier reward stage, or a path/spec")
     train: AnyStage = Field(description="The method and its hyper-parameters (method: sft|cpt|dpo|orpo|grpo|"
-                                        "reward|kd)")
+                                        "reward|kd|mm_align|mm_sft)")
 
 
 class LLMTrainConfig(FlowConfig):
@@ -73,6 +83,8 @@ class LLMTrainConfig(FlowConfig):
                                                      "flow gets a base_model ref; else a tiny base is built")
     corpus: IngestConfig | None = Field(default=None, description="Raw corpus the tiny base's tokenizer is trained on")
     tiny_base: BaseModelConfig = Field(default_factory=BaseModelConfig, description="Tiny base built when no model")
+    omni: OmniConfig | None = Field(default=None, description="Compose the base with a vision encoder (omni "
+                                    "conversion) before the stages; none: the base as it is")
     datasets: dict[str, PathOrName] = Field(default_factory=dict, description="Dataset key → file, dir or spec")
     stages: list[Stage] = Field(default_factory=list, description="The stage queue, run in order")
     quick: bool = Field(default=False, description="Run every stage for `quick_steps` steps (smoke test of a recipe)")
@@ -98,7 +110,7 @@ def _quick(stage: AnyStage, steps: int) -> AnyStage:
 
 
 STEPS = {"sft": run_sft, "cpt": run_cpt, "dpo": run_dpo, "orpo": run_orpo, "grpo": run_grpo,
-         "reward": run_reward, "kd": run_kd}
+         "reward": run_reward, "kd": run_kd, "mm_align": run_mm_train, "mm_sft": run_mm_train}
 
 
 def queue(cfg: LLMTrainConfig) -> list[str]:
@@ -136,10 +148,13 @@ def check_stages(cfg: LLMTrainConfig, base: ArtifactRef | None, data: dict[str, 
     (the lifecycle's distill) and are checked when they exist; stages not trained yet are unknown (None).
     A stage rendering chats on a model without a chat template (and no ``chat_template:``) stops the run."""
     problems = queue_template_problems(cfg.stages, base, named, data)
+    problems += queue_modality_problems(cfg.stages, base_modalities(cfg, base), named, data)
     if problems:
         raise ConfigError(problems)
     known: dict[str, ArtifactRef | None] = {"base": base, **named}
     planned = []
+    if cfg.omni is not None:  # the omni step's inputs: the base, when known, and the vision encoder
+        planned.append((run_omni, cfg.omni, {"model": base, "vision": vision_ref(cfg.omni)}, "omni"))
     for s in cfg.stages:
         inputs = {"data": data.get(s.dataset), "model": _model(s.model, known, f"stages.{s.name}.model"),
                   "teacher": _model(s.teacher, known, f"stages.{s.name}.teacher"),
@@ -147,6 +162,13 @@ def check_stages(cfg: LLMTrainConfig, base: ArtifactRef | None, data: dict[str, 
         planned.append((STEPS[s.train.method], s.train, inputs, f"stage {s.name}"))
         known[s.name] = None  # later stages may use this one; its model does not exist yet
     check_plan(planned)
+
+
+def base_modalities(cfg: LLMTrainConfig, base: ArtifactRef | None) -> list[str]:
+    """What the stages' base takes: the base model's modalities (a tiny base: text), plus vision once the
+    omni section has composed it with a vision encoder."""
+    has = detect_modalities(base.path) if base is not None else ["text"]
+    return has + ["vision"] if cfg.omni is not None and "vision" not in has else has
 
 
 @flow(name="llm_train", log_prints=True)
@@ -165,7 +187,9 @@ def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
         if cfg.dry_run:
             described = describe_model(base.path) if base else {"modalities": ["text"],
                                                                "architecture": "tiny (built at run)"}
-            print(f"base model: {described}\nstage queue:\n  " + "\n  ".join(queue(cfg)))
+            omni = (f"omni: vision encoder {cfg.omni.vision_spec()} → modalities "
+                    f"{', '.join(base_modalities(cfg, base))}\n") if cfg.omni else ""
+            print(f"base model: {described}\n{omni}stage queue:\n  " + "\n  ".join(queue(cfg)))
             return LLMTrainResult.planned("llm_train", queue(cfg), mlflow_run_id, base_model=described)
         if base is None:
             if cfg.corpus is None:
@@ -174,6 +198,9 @@ def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
             steps["ingest"] = ingest(cfg.corpus, sources, name=f"{cfg.name}_corpus")
             steps["base_model"] = base_model_task(cfg.tiny_base, steps["ingest"].ref, name=f"{cfg.name}_base")
             base = steps["base_model"].ref
+        if cfg.omni is not None:
+            steps["omni"] = train_omni(cfg.omni, base, vision_ref(cfg.omni), name=f"{cfg.name}_omni")
+            base = steps["omni"].ref
         models: dict[str, ArtifactRef | None] = {"base": base, **named}
         current, registered = base, {}
         for s in cfg.stages:
@@ -195,6 +222,8 @@ def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
                 r = train_grpo(*args, name=name, reward_model=rm)
             elif t.method == "reward":
                 r = train_reward(*args, name=name)
+            elif t.method in ("mm_align", "mm_sft"):
+                r = train_mm(*args, name=name)
             else:
                 r = train_kd(*args, name=name, teacher=ref)
             steps[s.name], models[s.name] = r, r.ref
@@ -204,7 +233,7 @@ def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
                 reg_name = f"{cfg.registry_prefix}-{cfg.name}-{s.name}"
                 registered[s.name] = f"{reg_name}/{train_register(r.ref, reg_name, s.name, flow_run.get_id())}"
     losses = {k: round(r.metrics.get("final_loss", float("nan")), 4)
-              for k, r in steps.items() if k not in ("ingest", "base_model")}
+              for k, r in steps.items() if k not in ("ingest", "base_model", "omni")}
     return LLMTrainResult.from_steps("llm_train", steps, mlflow_run_id, final_model=current, registered=registered,
                                      losses=losses)
 

@@ -20,6 +20,7 @@ from nexus_core.distill.prompts import load_template
 from nexus_core.distill.rules import load_rules
 from nexus_core.evaluate.harness import task_files
 from nexus_core.evaluate.rubric import load_rubric
+from nexus_core.train.encoders import load_encoders
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -32,6 +33,7 @@ DATA_FILES = {
     "distill/prompts/*.yaml": lambda p: load_template(p.parent, p.stem),
     "eval/rubric.json": lambda p: load_rubric(p),
     "eval/harness/*.yaml": lambda p: all(f.is_file() for f in task_files(p)),  # lm-eval task files
+    "encoders.yaml": lambda p: load_encoders(p).encoders["vision"],  # the omni stage's encoder choices
 }
 # configs that need run-specific values from the command line (as the README shows)
 REQUIRED_OVERRIDES = {"flux/klein4b/run1.yaml": ["precomputed_data_dir=/tmp/x", "output_dir=/tmp/y"]}

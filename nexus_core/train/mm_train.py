@@ -1,0 +1,211 @@
+"""Multimodal training stages on a composed (omni) or any LLaVA-style model, as LLaVA trains them:
+
+- ``mm_align`` — projector alignment on caption pairs: the vision tower and the LLM are frozen, only
+  ``multi_modal_projector`` learns to map image features into the LLM's embedding space.
+- ``mm_sft`` — visual instruction tuning: LoRA adapters on the LLM's linear layers (never the tower's
+  or the projector's), the projector trained in full beside them (peft ``modules_to_save``);
+  ``train_vision_tower`` unfreezes the tower too. ``finetune: full`` trains the whole LLM instead.
+
+Data: ``messages`` + ``images`` rows (:mod:`nexus_core.train.mm_data`). Before any work the stage checks
+that the model takes every modality the data needs (``modality validation failed`` otherwise) and reads
+every image. Training runs in ``transformers.Trainer`` under the same controller as the text stages
+(:func:`nexus_core.train.control.fit`: pause/resume signals, checkpoints in the step's work dir, resume).
+
+Output: the model artifact: the merged model + processor at the root (``AutoModelForImageTextToText``
+/ ``AutoProcessor`` load it), ``adapter/`` for LoRA (adapters + the trained projector), config.yaml.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from nexus_core.artifacts import ArtifactRef, atomic_write_text
+from nexus_core.config import PathOrName
+from nexus_core.context import StepContext
+from nexus_core.contract import model as model_input
+from nexus_core.contract import step, table
+from nexus_core.errors import InputError
+from nexus_core.train.common import (
+    StageBase,
+    TrainResult,
+    checkpoint_dir,
+    model_dir,
+    param_delta,
+    param_snapshot,
+    preflight,
+    saved_dtype,
+    trainer_kwargs,
+    use_bf16,
+)
+from nexus_core.train.data import load_rows
+from nexus_core.train.launch import run_stage
+from nexus_core.train.mm_data import MMCollator, encode_mm, mm_records
+from nexus_core.train.modalities import detect_modalities, modality_problems, needed_by_columns
+
+PROJECTOR = "multi_modal_projector"
+
+
+class MMStageBase(StageBase):
+    """What both multimodal stages share besides the common hyper-parameters."""
+
+    media_dir: PathOrName | None = Field(default=None, description="Folder the rows' media paths are relative "
+                                         "to (default: the data file's folder, or the dataset artifact's)")
+    max_skipped: float = Field(default=0.0, ge=0, le=1, description="Share of rows with bad media that may be "
+                               "skipped and counted; 0: the first bad row stops the stage")
+    train_vision_tower: bool = Field(default=False, description="Unfreeze the vision tower too")
+    assistant_only_loss: bool = Field(default=True, description="Loss on the assistant turns only")
+
+    @model_validator(mode="after")
+    def _no_4bit(self) -> MMStageBase:
+        if self.quantized:
+            raise ValueError("finetune: qlora / load_in_4bit is not built for the multimodal stages yet")
+        return self
+
+
+class MMAlignConfig(MMStageBase):
+    """Projector alignment: only the projector trains."""
+
+    method: Literal["mm_align"] = Field(default="mm_align", description="Stage method")
+    finetune: Literal["full", "lora", "qlora"] = Field(default="full", description="Must be full: the projector's "
+                                                       "own weights train, nothing else")
+    learning_rate: float = Field(default=1e-3, gt=0, description="Peak learning rate (LLaVA aligns at 1e-3)")
+
+    @model_validator(mode="after")
+    def _full(self) -> MMAlignConfig:
+        if self.finetune != "full":
+            raise ValueError("finetune: mm_align trains the projector's full weights; set finetune: full")
+        return self
+
+
+class MMSFTConfig(MMStageBase):
+    """Visual instruction tuning: LoRA on the LLM (or full), projector trainable."""
+
+    method: Literal["mm_sft"] = Field(default="mm_sft", description="Stage method")
+
+
+class MMResult(TrainResult):
+    """A trained multimodal model."""
+
+    trainable_params: int = 0
+    total_params: int = 0
+    skipped_rows: int = 0
+
+
+def media_root(cfg: MMStageBase, data: ArtifactRef) -> Path:
+    """Where relative media paths point: ``media_dir``, else the data file's folder (or the artifact dir)."""
+    if cfg.media_dir:
+        return Path(cfg.media_dir)
+    return data.path.parent if data.path.is_file() else data.path
+
+
+def check_modalities(model_path: Path, columns: list[str], method: str) -> None:
+    """Stop before work when the data needs a modality the model lacks."""
+    problems = modality_problems(needed_by_columns(columns), detect_modalities(model_path), f"model {model_path}",
+                                 method)
+    if problems:
+        raise InputError(problems[0])
+
+
+@step(area="train", kind="model", inputs={"model": model_input(description="a model with a vision tower"),
+                                          "data": table(one_of=[("messages", "images")])})
+def run_mm_train(cfg: MMAlignConfig | MMSFTConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
+                 ctx: StepContext) -> MMResult:
+    """Check modalities and every image, train (here or in child processes), save the model artifact."""
+    base = model_dir(inputs.get("model"))
+    df, where = load_rows(inputs["data"])
+    check_modalities(base, df.columns, cfg.method)
+    _, skipped = mm_records(df, where, media_root(cfg, inputs["data"]), cfg.max_skipped)
+    if skipped:
+        ctx.info(f"{cfg.method}: skipped {skipped} of {df.height} rows with bad media (max_skipped={cfg.max_skipped})")
+    preflight(cfg)
+    m = run_stage(_train, cfg, inputs, out_uri, cfg.method, ctx)
+    return MMResult.from_metrics(m, method=cfg.method, trainable_params=int(m["trainable_params"]),
+                                 total_params=int(m["total_params"]), skipped_rows=skipped)
+
+
+def lora_targets(model) -> str:  # noqa: ANN001
+    """A peft regex for the LLM's linear layers only (not the tower's, not the projector's)."""
+    import torch
+
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, mod in model.model.language_model.named_modules()
+                     if isinstance(mod, torch.nn.Linear)})
+    return rf"^model\.language_model\..*\.({'|'.join(map(re.escape, leaves))})$"
+
+
+def prepare_model(cfg: MMAlignConfig | MMSFTConfig, base: Path):  # noqa: ANN201
+    """The model with the stage's trainable set: projector (always), LoRA or full LLM (mm_sft), tower."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    dtype = torch.bfloat16 if cfg.precision == "pure_bf16" or (cfg.adapters and use_bf16(cfg)) else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=dtype)
+    model.requires_grad_(False)
+    if cfg.method == "mm_sft" and cfg.adapters:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=lora_targets(model), modules_to_save=[PROJECTOR])
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, lora)
+        inner: Any = model.base_model.model
+    else:
+        inner = model
+        getattr(inner.model, PROJECTOR).requires_grad_(True)
+        if cfg.method == "mm_sft":  # full: the whole LLM
+            inner.model.language_model.requires_grad_(True)
+            inner.lm_head.requires_grad_(True)
+    if cfg.train_vision_tower:
+        inner.model.vision_tower.requires_grad_(True)
+    return model
+
+
+def _train(cfg: MMAlignConfig | MMSFTConfig, inputs: dict[str, ArtifactRef], out_uri: str,
+           ctx: StepContext) -> dict[str, float]:
+    """One process's share of the stage; rank 0 saves the artifact."""
+    from datasets import Dataset
+    from transformers import AutoProcessor, Trainer, TrainingArguments
+
+    from nexus_core.train.common import is_main_process
+    from nexus_core.train.control import fit
+
+    base = model_dir(inputs["model"])
+    df, where = load_rows(inputs["data"])
+    records, _ = mm_records(df, where, media_root(cfg, inputs["data"]), cfg.max_skipped)
+    processor = AutoProcessor.from_pretrained(str(base))
+    model = prepare_model(cfg, base)
+    seq = int(model.config.image_seq_length)
+    rows = []
+    for i, r in enumerate(records):
+        try:
+            rows.append(encode_mm(processor.tokenizer, r, seq, cfg.max_length, cfg.assistant_only_loss))
+        except InputError as exc:
+            raise InputError(f"{where}: row {i}: {exc}") from None
+    args = TrainingArguments(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), remove_unused_columns=False))
+    collator = MMCollator(processor.image_processor, processor.tokenizer.pad_token_id)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collator,
+                      processing_class=processor)
+    before = param_snapshot(model)
+    metrics = fit(trainer, cfg, ctx)
+    metrics.update(param_delta(before, model))
+    metrics["trainable_params"] = float(sum(t.numel() for t in before.values()))
+    metrics["total_params"] = float(sum(p.numel() for p in model.parameters()))
+    if is_main_process():
+        save(cfg, trainer.accelerator.unwrap_model(trainer.model), processor, base, Path(out_uri))
+    return metrics
+
+
+def save(cfg: MMAlignConfig | MMSFTConfig, model, processor, base: Path, out: Path) -> None:  # noqa: ANN001
+    """Merged weights + processor at the root (in the base's dtype), ``adapter/`` for LoRA, config.yaml."""
+    if cfg.method == "mm_sft" and cfg.adapters:
+        model.save_pretrained(out / "adapter", safe_serialization=True)
+        model = model.merge_and_unload()
+    model.to(saved_dtype(cfg, base)).save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(
+        {"method": cfg.method, "base_model": str(base), **cfg.model_dump(mode="json")}, sort_keys=False))
