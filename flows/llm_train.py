@@ -18,7 +18,7 @@ In the lifecycle it takes the base model and the distilled dataset(s) as refs.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -45,6 +45,7 @@ from nexus_core.train.omni import OmniConfig, run_omni, vision_ref
 from nexus_core.train.orpo import ORPOConfig, run_orpo
 from nexus_core.train.reward import RewardConfig, run_reward
 from nexus_core.train.sft import SFTConfig, run_sft
+from nexus_core.train.steer import EVAL_INPUT, Steering
 from tasks.base_model import base_model as base_model_task
 from tasks.ingest import ingest
 from tasks.train_cpt import train_cpt
@@ -62,17 +63,47 @@ AnyStage = Annotated[SFTConfig | CPTConfig | DPOConfig | ORPOConfig | GRPOConfig
                      | MMAlignConfig | MMSFTConfig, Field(discriminator="method")]
 
 
+class DatasetShare(NexusModel):
+    """One dataset of a stage's mix."""
+
+    ref: PathOrName = Field(description="Key in `datasets`, or a dataset path / artifact spec")
+    weight: float = Field(default=1.0, gt=0, description="Share of the training rows drawn from it (weight / sum)")
+
+
 class Stage(NexusModel):
     """One stage of the queue: a method config plus where its inputs come from."""
 
     name: str = Field(pattern=r"^[a-z0-9_]+$", description="Stage name (artifact train/<run>_<name>_vN)")
-    dataset: str = Field(description="Key in `datasets` (or the flow's datasets parameter) to train on")
+    dataset: str = Field(description="Key in `datasets` (or the flow's datasets parameter) to train on; with "
+                                     "`datasets:` it may be left out (the first one's ref)")
+    datasets: list[DatasetShare] | None = Field(default=None, description="sft/dpo/orpo/reward: several datasets "
+                                                "mixed by weight (the step's data, data_1, ... inputs)")
+    eval_dataset: PathOrName | None = Field(default=None, description="sft/dpo/orpo/reward: key in `datasets` (or a "
+                                            "path/spec) to evaluate on, instead of an eval_split")
     model: PathOrName | None = Field(default=None, description="Input model: an earlier stage's name or a path/spec "
                                                 "(default: the previous causal-LM stage, else the base)")
     teacher: PathOrName | None = Field(default=None, description="kd source=model: an earlier stage, 'base', or a path/spec")
     reward_model: PathOrName | None = Field(default=None, description="grpo: an earlier reward stage, or a path/spec")
     train: AnyStage = Field(description="The method and its hyper-parameters (method: sft|cpt|dpo|orpo|grpo|"
                                         "reward|kd|mm_align|mm_sft)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_dataset(cls, data: Any) -> Any:
+        """``datasets:`` names the stage's ``dataset`` (its first ref) unless that is given and differs."""
+        if isinstance(data, dict) and data.get("datasets"):
+            first = data["datasets"][0]
+            ref = first.get("ref") if isinstance(first, dict) else getattr(first, "ref", None)
+            if data.get("dataset") not in (None, ref):
+                raise ValueError("dataset: set either dataset or datasets (whose first ref is the dataset)")
+            data = {**data, "dataset": ref}
+        return data
+
+    def data_inputs(self, data: dict[str, ArtifactRef]) -> dict[str, ArtifactRef | None]:
+        """The step's data inputs: ``data`` (and ``data_1``, ... when mixing) and ``eval_data``."""
+        keys = [d.ref for d in self.datasets] if self.datasets else [self.dataset]
+        out = {("data" if i == 0 else f"data_{i}"): data.get(k) for i, k in enumerate(keys)}
+        return out | ({EVAL_INPUT: data.get(self.eval_dataset)} if self.eval_dataset else {})
 
 
 class LLMTrainConfig(FlowConfig):
@@ -100,13 +131,34 @@ class LLMTrainConfig(FlowConfig):
                 raise ValueError(f"stages[{i}].name: duplicate stage {s.name!r}")
             if s.train.method == "kd" and s.train.source == "model" and not s.teacher:
                 raise ValueError(f"stages[{i}].teacher: kd with source=model needs a teacher")
+            steerable = isinstance(s.train, Steering)
+            for key, used in (("datasets", s.datasets), ("eval_dataset", s.eval_dataset)):
+                if used and not steerable:
+                    raise ValueError(f"stages[{i}].{key}: only sft, dpo, orpo and reward stages mix datasets or "
+                                     f"evaluate; this one is {s.train.method}")
+            if s.datasets and isinstance(s.train, Steering) and s.train.data_weights is not None:
+                raise ValueError(f"stages[{i}].train.data_weights: set the weights in stages[{i}].datasets")
             seen.append(s.name)
         return self
 
 
 def _quick(stage: AnyStage, steps: int) -> AnyStage:
+    evals = {"eval_steps": steps} if isinstance(stage, Steering) and stage.eval_steps else {}
     return stage.model_copy(update={"max_steps": steps, "checkpoint": stage.checkpoint.model_copy(
-        update={"save_steps": steps})})
+        update={"save_steps": steps}), **evals})
+
+
+def stage_datasets(cfg: LLMTrainConfig, data: dict[str, ArtifactRef]) -> dict[str, ArtifactRef]:
+    """``data`` plus every ``datasets:``/``eval_dataset`` ref of a stage that is not a key of it,
+    resolved as a path or artifact spec (an error names the stage's key)."""
+    out = dict(data)
+    for s in cfg.stages:
+        refs = [(f"stages.{s.name}.datasets[{i}].ref", d.ref) for i, d in enumerate(s.datasets or [])]
+        refs += [(f"stages.{s.name}.eval_dataset", s.eval_dataset)] if s.eval_dataset else []
+        for key, spec in refs:
+            if spec not in out:
+                out[spec] = resolve_ref(spec, key)
+    return out
 
 
 STEPS = {"sft": run_sft, "cpt": run_cpt, "dpo": run_dpo, "orpo": run_orpo, "grpo": run_grpo,
@@ -115,7 +167,9 @@ STEPS = {"sft": run_sft, "cpt": run_cpt, "dpo": run_dpo, "orpo": run_orpo, "grpo
 
 def queue(cfg: LLMTrainConfig) -> list[str]:
     """The stage queue in words (dry runs print it)."""
-    return [f"{i + 1}. {s.name}: {s.train.method} ({s.train.finetune}) on {s.dataset}"
+    return [f"{i + 1}. {s.name}: {s.train.method} ({s.train.finetune}) on "
+            + (" + ".join(f"{d.ref} x{d.weight:g}" for d in s.datasets) if s.datasets else s.dataset)
+            + (f", eval on {s.eval_dataset}" if s.eval_dataset else "")
             + (f", teacher={s.teacher}" if s.teacher else "") + (f", reward_model={s.reward_model}" if s.reward_model else "")
             + f", max_steps={cfg.quick_steps if cfg.quick else s.train.max_steps}" for i, s in enumerate(cfg.stages)]
 
@@ -156,10 +210,14 @@ def check_stages(cfg: LLMTrainConfig, base: ArtifactRef | None, data: dict[str, 
     if cfg.omni is not None:  # the omni step's inputs: the base, when known, and the vision encoder
         planned.append((run_omni, cfg.omni, {"model": base, "vision": vision_ref(cfg.omni)}, "omni"))
     for s in cfg.stages:
-        inputs = {"data": data.get(s.dataset), "model": _model(s.model, known, f"stages.{s.name}.model"),
+        step_data = s.data_inputs(data)
+        inputs = {"data": step_data.pop("data"), EVAL_INPUT: step_data.pop(EVAL_INPUT, None),
+                  "model": _model(s.model, known, f"stages.{s.name}.model"),
                   "teacher": _model(s.teacher, known, f"stages.{s.name}.teacher"),
                   "reward_model": _model(s.reward_model, known, f"stages.{s.name}.reward_model")}
         planned.append((STEPS[s.train.method], s.train, inputs, f"stage {s.name}"))
+        for i, ref in enumerate(step_data.values(), 1):  # mixed-in datasets: the same contract as `data`
+            planned.append((STEPS[s.train.method], s.train, {"data": ref}, f"stage {s.name} (datasets[{i}])"))
         known[s.name] = None  # later stages may use this one; its model does not exist yet
     check_plan(planned)
 
@@ -178,6 +236,7 @@ def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
     with flow_lineage(cfg) as mlflow_run_id:
         steps: dict = {}
         data = {k: resolve_ref(v, f"datasets.{k}") for k, v in cfg.datasets.items()} | dict(datasets or {})
+        data = stage_datasets(cfg, data)
         missing = sorted({s.dataset for s in cfg.stages} - set(data))
         if missing:
             raise ConfigError([f"stages: dataset(s) {', '.join(missing)} not in datasets ({', '.join(data)})"])
@@ -210,18 +269,24 @@ def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
             rm = _model(s.reward_model, models, f"stages.{s.name}.reward_model")
             args = (t, model, data[s.dataset])
             name = f"{cfg.name}_{s.name}"
+            step_data = s.data_inputs(data)
+            steer = {"more_data": {k: v for k, v in step_data.items() if k.startswith("data_")} or None,
+                     "eval_data": step_data.get(EVAL_INPUT)}
+            if s.datasets and isinstance(t, Steering):
+                t = t.model_copy(update={"data_weights": [d.weight for d in s.datasets]})
+                args = (t, model, data[s.dataset])
             if t.method == "sft":
-                r = train_sft(*args, name=name)
+                r = train_sft(*args, name=name, **steer)
             elif t.method == "cpt":
                 r = train_cpt(*args, name=name)
             elif t.method == "dpo":
-                r = train_dpo(*args, name=name)
+                r = train_dpo(*args, name=name, **steer)
             elif t.method == "orpo":
-                r = train_orpo(*args, name=name)
+                r = train_orpo(*args, name=name, **steer)
             elif t.method == "grpo":
                 r = train_grpo(*args, name=name, reward_model=rm)
             elif t.method == "reward":
-                r = train_reward(*args, name=name)
+                r = train_reward(*args, name=name, **steer)
             elif t.method in ("mm_align", "mm_sft"):
                 r = train_mm(*args, name=name)
             else:

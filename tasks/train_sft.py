@@ -9,7 +9,9 @@ from tasks.common import nexus_task, run_context
 
 
 @nexus_task(run_sft, name="train-sft", gpu=True)
-def train_sft(cfg: SFTConfig, model: ArtifactRef, data: ArtifactRef, name: str = "sft") -> SFTResult:
+def train_sft(cfg: SFTConfig, model: ArtifactRef, data: ArtifactRef, name: str = "sft",
+              more_data: dict[str, ArtifactRef] | None = None,
+              eval_data: ArtifactRef | None = None) -> SFTResult:
     """Train ``model`` on ``data`` into ``train/<name>_vN`` (resumes from its checkpoints if killed)."""
-    return run_step(run_sft, cfg, name=name, inputs={"model": model, "data": data},
-                    context=run_context())
+    inputs = {"model": model, "data": data, **(more_data or {}), "eval_data": eval_data}  # data_1, ...: mixed in
+    return run_step(run_sft, cfg, name=name, inputs=inputs, context=run_context())

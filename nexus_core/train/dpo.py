@@ -1,7 +1,9 @@
 """DPO: direct preference optimisation on chosen/rejected pairs with trl.DPOTrainer.
 
-Inputs: ``model`` and ``data`` (``chosen``/``rejected``, optional ``prompt``). With LoRA the frozen
-base serves as the reference model (no second copy in memory).
+Inputs: ``model`` and ``data`` (``chosen``/``rejected``, optional ``prompt``); more datasets to mix in
+as ``data_1``, ... (``data_weights``) and an optional ``eval_data`` (or ``eval_split``): see
+:mod:`nexus_core.train.steer`. With LoRA the frozen base serves as the reference model (no second
+copy in memory).
 """
 
 from __future__ import annotations
@@ -25,16 +27,22 @@ from nexus_core.train.common import (
     preflight,
     trainer_kwargs,
 )
-from nexus_core.train.data import (
-    check_table,
-    load_rows,
-    preference_records,
-    to_dataset,
-)
+from nexus_core.train.data import load_rows, preference_records, to_dataset
 from nexus_core.train.launch import run_stage
+from nexus_core.train.steer import (
+    EVAL_INPUT,
+    EvalResult,
+    Steering,
+    callbacks,
+    check_tables,
+    eval_kwargs,
+    eval_metrics,
+    steer_problems,
+    steered_records,
+)
 
 
-class DPOConfig(StageBase):
+class DPOConfig(StageBase, Steering):
     """Direct preference optimisation."""
 
     method: Literal["dpo"] = Field(default="dpo", description="Stage method")
@@ -44,7 +52,7 @@ class DPOConfig(StageBase):
     learning_rate: float = Field(default=5e-5, gt=0, description="Peak learning rate")
 
 
-class DPOResult(TrainResult):
+class DPOResult(TrainResult, EvalResult):
     """A preference-tuned model."""
 
     method: str = "dpo"
@@ -52,15 +60,17 @@ class DPOResult(TrainResult):
 
 @step(area="train", kind="model", inputs={
     "model": model_input(description="the policy to tune (and, with LoRA, its reference)"),
-    "data": table("chosen", "rejected")}, reads=template_reads)
+    "data": table("chosen", "rejected"),
+    EVAL_INPUT: table("chosen", "rejected", optional=True, description="pairs to evaluate on")}, reads=template_reads)
 def run_dpo(cfg: DPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> DPOResult:
     """Check inputs, train, save."""
-    check_table(inputs, "dpo", "preference")
+    problems = steer_problems(cfg, inputs)
+    check_tables(inputs, "dpo", "preference")
     if cfg.chat:
         check_template(cfg, model_dir(inputs["model"]), "dpo")
-    preflight(cfg)
+    preflight(cfg, problems)
     m = run_stage(_train, cfg, inputs, out_uri, "dpo", ctx)
-    return DPOResult.from_metrics(m)
+    return DPOResult.from_metrics(m, **EvalResult.fields(m))
 
 
 def _train(cfg: DPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> dict[str, float]:
@@ -70,10 +80,13 @@ def _train(cfg: DPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: St
     from nexus_core.train.control import train_and_save
 
     base = model_dir(inputs["model"])
-    df, where = load_rows(inputs["data"])
-    dataset = to_dataset(preference_records(df, where, "dpo", cfg.chat))
+    rows, held, found = steered_records(cfg, inputs, lambda ref: preference_records(*load_rows(ref), "dpo", cfg.chat))
+    eval_dataset = to_dataset(held) if held else None
     args = TrlDPOConfig(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), beta=cfg.beta,
-                                         loss_type=[cfg.loss_type], max_length=cfg.max_length))
-    trainer = DPOTrainer(model=load_model(cfg, base), args=args, train_dataset=dataset,
-                         processing_class=stage_tokenizer(cfg, base), peft_config=peft_config(cfg))
-    return train_and_save(trainer, cfg, ctx, base, out_uri, "dpo")
+                                         loss_type=[cfg.loss_type], max_length=cfg.max_length,
+                                         **eval_kwargs(cfg, eval_dataset is not None)))
+    trainer = DPOTrainer(model=load_model(cfg, base), args=args, train_dataset=to_dataset(rows),
+                         eval_dataset=eval_dataset, processing_class=stage_tokenizer(cfg, base),
+                         peft_config=peft_config(cfg), callbacks=callbacks(cfg))
+    metrics = train_and_save(trainer, cfg, ctx, base, out_uri, "dpo")
+    return {**metrics, **found, **eval_metrics(trainer, cfg)}

@@ -4,6 +4,10 @@ reward: the PPO use case, since trl no longer ships PPO).
 
 Inputs: ``model``, ``data`` (``prompt`` or ``input``; ``answer`` for exact_match) and optionally
 ``reward_model`` (an artifact from the reward stage).
+
+Custom rewards are named by import path (``reward_funcs: ["my_pkg.rewards:brevity"]``), in trl's
+shape ``f(prompts, completions, **dataset_columns) -> list[float]``; they are imported before
+training starts (an error names the path) and their source files join the cache key.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from nexus_core.train.common import (
 )
 from nexus_core.train.data import contract_layouts, layout, load_rows, need, prompt_records, to_dataset
 from nexus_core.train.launch import run_stage
+from nexus_core.train.steer import callable_files, resolve_callable
 
 Rule = Literal["exact_match", "format", "length"]
 
@@ -40,7 +45,11 @@ class GRPOConfig(StageBase):
 
     method: Literal["grpo"] = Field(default="grpo", description="Stage method")
     rewards: list[Rule] = Field(default_factory=lambda: ["exact_match"], description="Rule rewards to sum")
-    reward_weights: list[float] | None = Field(default=None, description="Weight per reward (rules, then reward model)")
+    reward_funcs: list[str] = Field(default_factory=list, description="Your own reward functions by import path "
+                                    "('package.module:function', trl's reward signature); their source files "
+                                    "join the cache key")
+    reward_weights: list[float] | None = Field(default=None, description="Weight per reward (rules, reward_funcs, "
+                                               "then the reward model)")
     format_pattern: str = Field(default=r"<think>.*</think>", description="Regex the format reward checks for")
     max_chars: int = Field(default=400, ge=1, description="Length reward: penalty starts beyond this many characters")
     num_generations: int = Field(default=4, ge=2, description="Completions sampled per prompt (the group)")
@@ -62,16 +71,18 @@ class GRPOResult(TrainResult):
     "model": model_input(description="the policy"),
     "data": table(one_of=contract_layouts("prompt"), description="prompts (and 'answer' for exact_match)"),
     "reward_model": model_input(optional=True, description="a reward model (from the reward stage) to score with"),
-}, reads=template_reads)
+}, reads=lambda cfg, inputs: [*template_reads(cfg, inputs), *callable_files(cfg.reward_funcs, "reward_funcs")])
 def run_grpo(cfg: GRPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> GRPOResult:
     """Check the rows against the rewards, train, save."""
     df, where = load_rows(need(inputs, "data", "grpo"))
     layout(df, "prompt", where, "grpo")
     if "exact_match" in cfg.rewards and "answer" not in df.columns:
         raise InputError(f"{where}: reward 'exact_match' needs column answer; has: {', '.join(df.columns)}")
-    if not cfg.rewards and "reward_model" not in inputs:
-        raise InputError("grpo: no rewards configured and no 'reward_model' input")
-    n_rewards = len(cfg.rewards) + ("reward_model" in inputs)
+    for i, path in enumerate(cfg.reward_funcs):  # before any compute: a typo fails here, naming the path
+        resolve_callable(path, f"reward_funcs[{i}]")
+    if not cfg.rewards and not cfg.reward_funcs and "reward_model" not in inputs:
+        raise InputError("grpo: no rewards, no reward_funcs and no 'reward_model' input")
+    n_rewards = len(cfg.rewards) + len(cfg.reward_funcs) + ("reward_model" in inputs)
     problems = []
     if cfg.reward_weights is not None and len(cfg.reward_weights) != n_rewards:
         problems.append(f"reward_weights: {len(cfg.reward_weights)} weights for {n_rewards} rewards")
@@ -98,6 +109,7 @@ def _train(cfg: GRPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: S
     rule = {"exact_match": rewards.exact_match, "format": rewards.format_reward(cfg.format_pattern),
             "length": rewards.length_penalty(cfg.max_chars)}
     funcs: list = [rule[name] for name in cfg.rewards]
+    funcs += [resolve_callable(path, f"reward_funcs[{i}]") for i, path in enumerate(cfg.reward_funcs)]
     reward_tokenizers: list = [None] * len(funcs)
     if "reward_model" in inputs:
         from transformers import AutoModelForSequenceClassification

@@ -1,7 +1,9 @@
 """ORPO: odds-ratio preference optimisation (SFT + preference in one loss, no reference model) with
 ``trl.experimental.orpo.ORPOTrainer``.
 
-Inputs: ``model`` and ``data`` (``prompt``/``chosen``/``rejected``).
+Inputs: ``model`` and ``data`` (``prompt``/``chosen``/``rejected``); more datasets to mix in as
+``data_1``, ... (``data_weights``) and an optional ``eval_data`` (or ``eval_split``): see
+:mod:`nexus_core.train.steer`.
 """
 
 from __future__ import annotations
@@ -26,16 +28,22 @@ from nexus_core.train.common import (
     preflight,
     trainer_kwargs,
 )
-from nexus_core.train.data import (
-    check_table,
-    load_rows,
-    preference_records,
-    to_dataset,
-)
+from nexus_core.train.data import load_rows, preference_records, to_dataset
 from nexus_core.train.launch import run_stage
+from nexus_core.train.steer import (
+    EVAL_INPUT,
+    EvalResult,
+    Steering,
+    callbacks,
+    check_tables,
+    eval_kwargs,
+    eval_metrics,
+    steer_problems,
+    steered_records,
+)
 
 
-class ORPOConfig(StageBase):
+class ORPOConfig(StageBase, Steering):
     """Odds-ratio preference optimisation."""
 
     method: Literal["orpo"] = Field(default="orpo", description="Stage method")
@@ -44,7 +52,10 @@ class ORPOConfig(StageBase):
     learning_rate: float = Field(default=8e-5, gt=0, description="Peak learning rate")
 
 
-class ORPOResult(TrainResult):
+ORPO_LAYOUTS = [("prompt", "chosen", "rejected"), ("input", "chosen", "rejected")]
+
+
+class ORPOResult(TrainResult, EvalResult):
     """A preference-tuned model."""
 
     method: str = "orpo"
@@ -52,18 +63,20 @@ class ORPOResult(TrainResult):
 
 @step(area="train", kind="model", inputs={
     "model": model_input(description="the policy to tune"),
-    "data": table(one_of=[("prompt", "chosen", "rejected"), ("input", "chosen", "rejected")])}, reads=template_reads)
+    "data": table(one_of=ORPO_LAYOUTS),
+    EVAL_INPUT: table(one_of=ORPO_LAYOUTS, optional=True, description="pairs to evaluate on")}, reads=template_reads)
 def run_orpo(cfg: ORPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
              ctx: StepContext) -> ORPOResult:
     """Check inputs, train, save."""
-    df, where = check_table(inputs, "orpo", "preference")
-    if "prompt" not in df.columns and "input" not in df.columns:
-        raise InputError(f"{where}: method 'orpo' needs column prompt (or input) besides chosen/rejected")
+    problems = steer_problems(cfg, inputs)
+    for name, df, where in check_tables(inputs, "orpo", "preference"):
+        if "prompt" not in df.columns and "input" not in df.columns:
+            raise InputError(f"{where} ({name}): method 'orpo' needs column prompt (or input) besides chosen/rejected")
     if cfg.chat:
         check_template(cfg, model_dir(inputs["model"]), "orpo")
-    preflight(cfg)
+    preflight(cfg, problems)
     m = run_stage(_train, cfg, inputs, out_uri, "orpo", ctx)
-    return ORPOResult.from_metrics(m)
+    return ORPOResult.from_metrics(m, **EvalResult.fields(m))
 
 
 def _train(cfg: ORPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> dict[str, float]:
@@ -73,11 +86,14 @@ def _train(cfg: ORPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: S
     from nexus_core.train.control import train_and_save
 
     base = model_dir(inputs["model"])
-    df, where = load_rows(inputs["data"])
-    dataset = to_dataset(preference_records(df, where, "orpo", cfg.chat))
+    rows, held, found = steered_records(cfg, inputs, lambda ref: preference_records(*load_rows(ref), "orpo", cfg.chat))
+    eval_dataset = to_dataset(held) if held else None
     # The experimental trainer tokenizes chosen and rejected itself; it needs remove_unused_columns off.
     args = TrlORPOConfig(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), beta=cfg.beta,
-                                          max_length=cfg.max_length, remove_unused_columns=False))
-    trainer = ORPOTrainer(model=load_model(cfg, base), args=args, train_dataset=dataset,
-                          processing_class=stage_tokenizer(cfg, base), peft_config=peft_config(cfg))
-    return train_and_save(trainer, cfg, ctx, base, out_uri, "orpo")
+                                          max_length=cfg.max_length, remove_unused_columns=False,
+                                          **eval_kwargs(cfg, eval_dataset is not None)))
+    trainer = ORPOTrainer(model=load_model(cfg, base), args=args, train_dataset=to_dataset(rows),
+                          eval_dataset=eval_dataset, processing_class=stage_tokenizer(cfg, base),
+                          peft_config=peft_config(cfg), callbacks=callbacks(cfg))
+    metrics = train_and_save(trainer, cfg, ctx, base, out_uri, "orpo")
+    return {**metrics, **found, **eval_metrics(trainer, cfg)}

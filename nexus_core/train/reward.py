@@ -1,7 +1,9 @@
 """Reward model: a sequence-classification head trained on chosen/rejected pairs with trl.RewardTrainer.
 
 This is how the PPO use case is served (trl no longer ships PPO): train a reward model here, then run
-a GRPO stage with ``reward_model`` pointing at it (RL against the learned reward).
+a GRPO stage with ``reward_model`` pointing at it (RL against the learned reward). Several datasets
+mix by ``data_weights`` (``data_1``, ...); ``eval_split`` or an ``eval_data`` input evaluates (eval
+loss and accuracy): see :mod:`nexus_core.train.steer`.
 """
 
 from __future__ import annotations
@@ -25,16 +27,22 @@ from nexus_core.train.common import (
     preflight,
     trainer_kwargs,
 )
-from nexus_core.train.data import (
-    check_table,
-    load_rows,
-    preference_records,
-    to_dataset,
-)
+from nexus_core.train.data import load_rows, preference_records, to_dataset
 from nexus_core.train.launch import run_stage
+from nexus_core.train.steer import (
+    EVAL_INPUT,
+    EvalResult,
+    Steering,
+    callbacks,
+    check_tables,
+    eval_kwargs,
+    eval_metrics,
+    steer_problems,
+    steered_records,
+)
 
 
-class RewardConfig(StageBase):
+class RewardConfig(StageBase, Steering):
     """Reward-model training."""
 
     method: Literal["reward"] = Field(default="reward", description="Stage method")
@@ -43,7 +51,7 @@ class RewardConfig(StageBase):
     learning_rate: float = Field(default=5e-5, gt=0, description="Peak learning rate")
 
 
-class RewardResult(TrainResult):
+class RewardResult(TrainResult, EvalResult):
     """A reward model (AutoModelForSequenceClassification, one label)."""
 
     method: str = "reward"
@@ -51,16 +59,18 @@ class RewardResult(TrainResult):
 
 @step(area="train", kind="model", inputs={
     "model": model_input(description="the base of the reward model"),
-    "data": table("chosen", "rejected")}, reads=template_reads)
+    "data": table("chosen", "rejected"),
+    EVAL_INPUT: table("chosen", "rejected", optional=True, description="pairs to evaluate on")}, reads=template_reads)
 def run_reward(cfg: RewardConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
                ctx: StepContext) -> RewardResult:
     """Check inputs, train, save."""
-    check_table(inputs, "reward", "preference")
+    problems = steer_problems(cfg, inputs)
+    check_tables(inputs, "reward", "preference")
     if cfg.chat:
         check_template(cfg, model_dir(inputs["model"]), "reward")
-    preflight(cfg)
+    preflight(cfg, problems)
     m = run_stage(_train, cfg, inputs, out_uri, "reward", ctx)
-    return RewardResult.from_metrics(m)
+    return RewardResult.from_metrics(m, **EvalResult.fields(m))
 
 
 def _train(cfg: RewardConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> dict[str, float]:
@@ -71,13 +81,17 @@ def _train(cfg: RewardConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx:
 
     base = model_dir(inputs["model"])
     tokenizer = stage_tokenizer(cfg, base)
-    df, where = load_rows(inputs["data"])
-    dataset = to_dataset(preference_records(df, where, "reward", cfg.chat))
+    rows, held, found = steered_records(cfg, inputs,
+                                        lambda ref: preference_records(*load_rows(ref), "reward", cfg.chat))
+    eval_dataset = to_dataset(held) if held else None
     args = TrlRewardConfig(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir),
                                             max_length=cfg.max_length,
-                                            center_rewards_coefficient=cfg.center_rewards_coefficient))
+                                            center_rewards_coefficient=cfg.center_rewards_coefficient,
+                                            **eval_kwargs(cfg, eval_dataset is not None)))
     model = load_model(cfg, base, kind="reward")
     model.config.pad_token_id = tokenizer.pad_token_id
-    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                            peft_config=peft_config(cfg, task_type="SEQ_CLS"))
-    return train_and_save(trainer, cfg, ctx, base, out_uri, "reward", kind="reward")
+    trainer = RewardTrainer(model=model, args=args, train_dataset=to_dataset(rows), eval_dataset=eval_dataset,
+                            processing_class=tokenizer, peft_config=peft_config(cfg, task_type="SEQ_CLS"),
+                            callbacks=callbacks(cfg))
+    metrics = train_and_save(trainer, cfg, ctx, base, out_uri, "reward", kind="reward")
+    return {**metrics, **found, **eval_metrics(trainer, cfg)}

@@ -7,7 +7,9 @@ on the assistant turns found by rendering prefixes (:mod:`nexus_core.train.chat`
 without ``{% generation %}`` markers (Qwen2.5, Llama 3) train on the assistant's tokens only.
 
 Inputs: ``model`` (HF model dir artifact) and ``data`` (table with messages | input/output |
-prompt/completion | text, or capability data such as tool calls or reasoning: ``train.capabilities``).
+prompt/completion | text, or capability data such as tool calls or reasoning: ``train.capabilities``);
+more datasets to mix in as ``data_1``, ``data_2``, ... (``data_weights``) and an optional ``eval_data``
+(or ``eval_split``): see :mod:`nexus_core.train.steer`.
 Output: the fine-tuned model artifact (see ``save_model_artifact``).
 """
 
@@ -34,11 +36,22 @@ from nexus_core.train.common import (
     preflight,
     trainer_kwargs,
 )
-from nexus_core.train.data import check_table, contract_layouts, layout, load_rows, sft_records, to_dataset
+from nexus_core.train.data import contract_layouts, layout, load_rows, sft_records, to_dataset
 from nexus_core.train.launch import run_stage
+from nexus_core.train.steer import (
+    EVAL_INPUT,
+    EvalResult,
+    Steering,
+    callbacks,
+    check_tables,
+    eval_kwargs,
+    eval_metrics,
+    steer_problems,
+    steered_records,
+)
 
 
-class SFTConfig(StageBase):
+class SFTConfig(StageBase, Steering):
     """Supervised fine-tuning."""
 
     method: Literal["sft"] = Field(default="sft", description="Stage method")
@@ -53,7 +66,7 @@ class SFTConfig(StageBase):
                                       "by rendering prefixes: any chat template, no {% generation %} markers needed)")
 
 
-class SFTResult(TrainResult):
+class SFTResult(TrainResult, EvalResult):
     """A fine-tuned model."""
 
     method: str = "sft"
@@ -63,15 +76,20 @@ class SFTResult(TrainResult):
 
 @step(area="train", kind="model", inputs={
     "model": model_input(description="the model to fine-tune"),
-    "data": table(one_of=contract_layouts("sft"))}, reads=template_reads)
+    "data": table(one_of=contract_layouts("sft")),
+    EVAL_INPUT: table(one_of=contract_layouts("sft"), optional=True, description="rows to evaluate on")},
+    reads=template_reads)
 def run_sft(cfg: SFTConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> SFTResult:
-    """Check the data's rows and the chat template, train (here or under accelerate), save the model artifact."""
-    df, where = check_table(inputs, "sft", "sft")
-    if renders_chats(cfg, layout(df, "sft", where, "sft")):
-        check_template(cfg, model_dir(inputs["model"]), "sft")
-    preflight(cfg)
+    """Check every dataset's rows and the chat template, train (here or under accelerate), save the model artifact."""
+    problems = steer_problems(cfg, inputs)
+    for _, df, where in check_tables(inputs, "sft", "sft"):
+        if renders_chats(cfg, layout(df, "sft", where, "sft")):
+            check_template(cfg, model_dir(inputs["model"]), "sft")
+            break
+    preflight(cfg, problems)
     m = run_stage(_train, cfg, inputs, out_uri, "sft", ctx)
-    return SFTResult.from_metrics(m, trainable_params=int(m["trainable_params"]), total_params=int(m["total_params"]))
+    return SFTResult.from_metrics(m, trainable_params=int(m["trainable_params"]), total_params=int(m["total_params"]),
+                                  **EvalResult.fields(m))
 
 
 def renders_chats(cfg: SFTConfig, cols: tuple[str, ...]) -> bool:
@@ -94,29 +112,48 @@ def tokenize_chats(cfg: SFTConfig, records: list[dict], tokenizer) -> list[dict[
     return kept
 
 
-def build_trainer(cfg: SFTConfig, inputs: dict[str, ArtifactRef], output_dir: Path):  # noqa: ANN201
-    """The trl SFTTrainer for this stage (also used by bench/train_sft.py and bench/train_gpu.py)."""
+def _records(cfg: SFTConfig, ref: ArtifactRef) -> list[dict]:
+    df, where = load_rows(ref)
+    return sft_records(df, where, "sft", cfg.chat)
+
+
+def _is_chat(record: dict) -> bool:
+    return "messages" in record or isinstance(record.get("prompt"), list)
+
+
+def build_trainer(cfg: SFTConfig, inputs: dict[str, ArtifactRef], output_dir: Path,  # noqa: ANN201
+                  data_metrics: dict[str, float] | None = None):
+    """The trl SFTTrainer for this stage (also used by bench/train_sft.py and bench/train_gpu.py);
+    ``data_metrics`` (when given) receives the rows trained and held out, and drawn per dataset."""
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
     base = model_dir(inputs["model"])
-    df, where = load_rows(inputs["data"])
-    records = sft_records(df, where, "sft", cfg.chat)
+    records, held, found = steered_records(cfg, inputs, lambda ref: _records(cfg, ref))
     tokenizer = stage_tokenizer(cfg, base)
-    chats = "messages" in records[0] or isinstance(records[0].get("prompt"), list)
-    dataset = to_dataset(tokenize_chats(cfg, records, tokenizer) if chats else records)
+    chats = {_is_chat(r) for r in records + held}
+    if len(chats) > 1:
+        raise InputError("sft: the datasets mix chat rows (messages, prompt/response) with plain text rows; "
+                         "train them in separate stages")
+    chat = chats == {True}
+    dataset = to_dataset(tokenize_chats(cfg, records, tokenizer) if chat else records)
+    eval_dataset = (to_dataset(tokenize_chats(cfg, held, tokenizer) if chat else held)) if held else None
     args = TrlSFTConfig(**trainer_kwargs(
         cfg, output_dir, max_length=cfg.max_length, packing=cfg.packing, packing_strategy=cfg.packing_strategy,
         completion_only_loss=cfg.completion_only_loss if "prompt" in dataset.column_names else None,
-        assistant_only_loss=False, dataset_num_proc=None))
+        assistant_only_loss=False, dataset_num_proc=None, **eval_kwargs(cfg, eval_dataset is not None)))
     model = load_model(cfg, base)
-    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      peft_config=peft_config(cfg))
+    if data_metrics is not None:
+        data_metrics.update(found)
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                      processing_class=tokenizer, peft_config=peft_config(cfg), callbacks=callbacks(cfg))
 
 
 def _train(cfg: SFTConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> dict[str, float]:
     """One process's share of the stage; rank 0 saves the artifact."""
     from nexus_core.train.control import train_and_save
 
-    trainer = build_trainer(cfg, inputs, checkpoint_dir(ctx.work_dir))
-    return train_and_save(trainer, cfg, ctx, model_dir(inputs["model"]), out_uri, "sft")
+    data_metrics: dict[str, float] = {}
+    trainer = build_trainer(cfg, inputs, checkpoint_dir(ctx.work_dir), data_metrics)
+    metrics = train_and_save(trainer, cfg, ctx, model_dir(inputs["model"]), out_uri, "sft")
+    return {**metrics, **data_metrics, **eval_metrics(trainer, cfg)}

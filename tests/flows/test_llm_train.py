@@ -79,3 +79,42 @@ def test_a_bad_later_dataset_stops_the_run_before_the_first_stage(tiny_run, tmp_
     assert "chosen/rejected" in str(err.value)
     assert {s: list_versions("train", f"bad_{s}") for s in ("sft", "dpo", "kd")} == before == {
         "sft": [], "dpo": [], "kd": []}
+
+
+def _mix_config(cfg, repo, name: str, **stage) -> LLMTrainConfig:
+    return LLMTrainConfig.model_validate({
+        **cfg.model_dump(include={"datasets"}), "name": name, "quick": True, "quick_steps": 2,
+        "stages": [{"name": "sft", "train": {"method": "sft", "finetune": "lora", "batch_size": 4}, **stage}]})
+
+
+def test_a_stage_mixes_datasets_by_weight_and_evaluates_on_its_eval_dataset(tiny_run, repo):
+    """datasets: [{ref, weight}] reaches the step as data, data_1 (both in the manifest) with the weights in
+    its config; eval_dataset as its eval_data (eval loss in the result); refs may be keys or paths."""
+    cfg, result = tiny_run
+    reasoning = str(repo / "data/raw/train/reasoning.jsonl")
+    mix = _mix_config(cfg, repo, "mix", datasets=[{"ref": "chat", "weight": 3}, {"ref": reasoning, "weight": 1}],
+                      eval_dataset="chat")
+    assert mix.stages[0].dataset == "chat"
+    out = llm_train(mix, base_model=result.artifacts["base_model"])
+    m = read_manifest(out.artifacts["sft"].uri)
+    assert m.inputs["data"].name == "chat.jsonl" and m.inputs["data_1"].name == "reasoning.jsonl"
+    assert m.inputs["eval_data"].name == "chat.jsonl"
+    assert m.config["data_weights"] == [3.0, 1.0]
+    assert m.result["eval_loss"] is not None and m.result["metrics"]["eval_rows"] == 8
+    assert (m.result["metrics"]["mix_rows_data"], m.result["metrics"]["mix_rows_data_1"]) == (12, 4)
+
+
+def test_a_bad_mix_ref_is_named_before_training(tiny_run, repo):
+    from nexus_core.errors import InputError
+
+    cfg, result = tiny_run
+    base = result.artifacts["base_model"]
+    bad = _mix_config(cfg, repo, "badmix", datasets=[{"ref": "chat"}, {"ref": "no_such_dataset@v9"}])
+    with pytest.raises(InputError, match=r"stages\.sft\.datasets\[1\]\.ref 'no_such_dataset@v9'"):
+        llm_train(bad, base_model=base)
+    prefs = _mix_config(cfg, repo, "badmix", datasets=[{"ref": "chat"}, {"ref": "prefs"}])
+    with pytest.raises(InputError, match=r"stage sft \(datasets\[1\]\).*prefs\.jsonl"):
+        llm_train(prefs, base_model=base)
+    with pytest.raises(ValueError, match=r"stages\[0\]\.datasets: only sft, dpo, orpo and reward"):
+        LLMTrainConfig.model_validate({"stages": [{"name": "c", "datasets": [{"ref": "chat"}],
+                                                   "train": {"method": "cpt"}}]})

@@ -85,12 +85,17 @@ def test_cpt_streams_large_corpus_and_scales_rope(tiny_model, refs):
 
 
 @pytest.mark.parametrize(("fn", "cfg", "lora"), [
-    (run_dpo, DPOConfig(finetune="lora", **FAST), True),
+    (run_dpo, DPOConfig(finetune="lora", eval_split=0.25, **FAST), True),
     (run_orpo, ORPOConfig(finetune="full", **FAST), False),
 ])
 def test_preference_methods(tiny_model, refs, fn, cfg, lora):
     r = run_step(fn, cfg, name=f"t_{cfg.method}", inputs={"model": tiny_model, "data": refs["prefs"]})
     _check_model(r, str(tiny_model.path), lora=lora)
+    if cfg.eval_split:  # 2 of 8 pairs held out; evaluated at the checkpoint (step 2) and on the final weights
+        assert r.metrics["eval_rows"] == 2 and r.metrics["evaluations"] == 1
+        assert r.eval_loss is not None and math.isfinite(r.eval_loss) and not r.stopped_early
+    else:
+        assert r.eval_loss is None and "eval_rows" in r.metrics and r.metrics["eval_rows"] == 0
 
 
 def test_reward_model_then_grpo_against_it(tiny_model, refs):
@@ -102,11 +107,15 @@ def test_reward_model_then_grpo_against_it(tiny_model, refs):
     scorer = AutoModelForSequenceClassification.from_pretrained(str(rm.ref.path))
     assert scorer(torch.tensor([[1, 2, 3]])).logits.shape == (1, 1)
     cfg = GRPOConfig(finetune="lora", rewards=["exact_match", "format"], num_generations=2,
-                     max_completion_length=6, **FAST)
+                     reward_funcs=["tests.train.custom_rewards:brevity"], max_completion_length=6, **FAST)
     r = run_step(run_grpo, cfg, name="t_grpo",
                  inputs={"model": tiny_model, "data": refs["math"], "reward_model": rm.ref})
     _check_model(r, str(tiny_model.path), lora=True)
-    assert read_manifest(r.ref.uri).inputs["reward_model"].digest == rm.ref.digest
+    manifest = read_manifest(r.ref.uri)
+    assert manifest.inputs["reward_model"].digest == rm.ref.digest
+    assert any(f.endswith("custom_rewards.py") for f in manifest.files)  # its source is in the cache key
+    metrics = lineage.client().get_run(manifest.mlflow_run_id).data.metrics
+    assert "train/rewards/brevity/mean" in metrics  # the function named by import path scored completions
 
 
 def test_kd_from_teacher_model_and_from_stored_logprobs(tiny_model, refs, tmp_path):
