@@ -14,6 +14,11 @@
   refused with that reason rather than trained with a wrong mask. The tokens whose characters
   overlap a span (found through the fast tokenizer's offsets) carry the loss, the turn's end-of-turn
   token included, so the model learns to stop.
+- Tools: a conversation with ``tools`` (a capability row's tool definitions) and structured assistant
+  ``tool_calls`` is rendered by the template's own tool format (``apply_chat_template(tools=…)``:
+  Qwen2.5's ``<tools>`` system block and ``<tool_call>`` JSON, say). A template with no tool format
+  (one that never reads ``tools``) would drop them silently, so those get the text form instead
+  (:func:`nexus_core.train.capabilities.tools_as_text`).
 """
 
 from __future__ import annotations
@@ -108,9 +113,23 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], tools: Any =
     return full, spans
 
 
+def supports_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template has a tool format (reads ``tools``, or is a set of named
+    templates with a ``tool_use`` one)."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        return "tool_use" in template or any("tools" in t for t in template.values())
+    return bool(template) and "tools" in template
+
+
 def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], max_length: int, assistant_only: bool = True,
                 tools: Any = None) -> dict[str, list[int]]:
-    """``input_ids`` and ``assistant_masks`` (1 = in the loss) of one conversation, cut at ``max_length``."""
+    """``input_ids`` and ``assistant_masks`` (1 = in the loss) of one conversation, cut at ``max_length``;
+    ``tools`` and structured tool calls through the template's tool format, or as text (module docstring)."""
+    if (tools or any(m.get("tool_calls") for m in messages)) and not supports_tools(tokenizer):
+        from nexus_core.train.capabilities import tools_as_text
+
+        messages, tools = tools_as_text(messages, tools), None
     text, spans = assistant_spans(tokenizer, messages, tools)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])[:max_length]

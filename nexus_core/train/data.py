@@ -25,7 +25,7 @@ import polars as pl
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.errors import InputError
 from nexus_core.io import load_table, read_table
-from nexus_core.train.capabilities import CAPABILITY_KEYS, detect_capability, to_messages
+from nexus_core.train.capabilities import CAPABILITY_KEYS, detect_capability, to_chat
 
 Use = Literal["sft", "preference", "prompt", "text"]
 
@@ -99,8 +99,8 @@ def sft_records(df: pl.DataFrame, where: str, method: str = "sft", chat: bool = 
     cols = layout(df, "sft", where, method)
     rows = df.to_dicts()
     if cols == ("capability",):
-        cap = detect_capability(df.columns)
-        return [{"messages": to_messages(r, cap)} for r in rows]
+        cap = detect_capability(df.columns)  # tool rows also carry their tools (for apply_chat_template)
+        return [{"messages": m} | ({"tools": t} if t else {}) for m, t in (to_chat(r, cap) for r in rows)]
     if cols == ("messages",):
         return [{"messages": _as_messages(r["messages"])} for r in rows]
     if cols == ("text",):

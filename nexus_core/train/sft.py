@@ -102,7 +102,8 @@ def tokenize_chats(cfg: SFTConfig, records: list[dict], tokenizer) -> list[dict[
     rows = []
     for r in records:
         if "messages" in r:
-            rows.append(encode_chat(tokenizer, r["messages"], cfg.max_length, cfg.assistant_only_loss))
+            rows.append(encode_chat(tokenizer, r["messages"], cfg.max_length, cfg.assistant_only_loss,
+                                    tools=r.get("tools")))
         else:
             rows.append(encode_chat(tokenizer, r["prompt"] + r["completion"], cfg.max_length,
                                     cfg.completion_only_loss))

@@ -41,6 +41,40 @@ def test_capability_rows_render_as_chat():
     assert cot == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r\nAnswer: 4"}]
 
 
+TOOL_ROW = {"input": "rate of plot 3?", "output": "",
+            "tools": json.dumps([{"type": "function", "function": {"name": "get_rate", "description": "Soil rate",
+                                  "parameters": {"type": "object", "properties": {"plot": {"type": "integer"}}}}}]),
+            "tool_calls": json.dumps([{"type": "function",
+                                       "function": {"name": "get_rate", "arguments": '{"plot": 3}'}}])}
+
+
+def test_tool_rows_render_through_the_templates_own_tool_format(tiny_model):
+    import polars as pl
+
+    from nexus_core.models.io import load_tokenizer
+    from nexus_core.train.chat import encode_chat, supports_tools, template_file
+
+    (record,) = sft_records(pl.DataFrame([TOOL_ROW]), "tools.jsonl")
+    assert record["tools"][0]["function"]["name"] == "get_rate"  # passed to apply_chat_template(tools=...)
+    assert record["messages"][-1]["tool_calls"] == [
+        {"type": "function", "function": {"name": "get_rate", "arguments": {"plot": 3}}}]
+    tok = load_tokenizer(tiny_model.path)
+    tok.chat_template = template_file("qwen2.5").read_text()
+    assert supports_tools(tok)
+    enc = encode_chat(tok, record["messages"], 2048, tools=record["tools"])
+    text = tok.decode(enc["input_ids"])
+    assert "# Tools" in text and '"description": "Soil rate"' in text  # Qwen2.5's <tools> system block
+    assert '<tool_call>\n{"name": "get_rate", "arguments": {"plot": 3}}\n</tool_call>' in text
+    loss = tok.decode([t for t, m in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if m])
+    assert '"arguments": {"plot": 3}' in loss and "Soil rate" not in loss  # the call is learned, the tools are not
+
+    tok.chat_template = template_file("chatml").read_text()  # no tool format: the text form, not dropped
+    assert not supports_tools(tok)
+    text = tok.decode(encode_chat(tok, record["messages"], 2048, tools=record["tools"])["input_ids"])
+    assert "You can call these tools" in text and "Soil rate" in text
+    assert '<tool_call>{"arguments": {"plot": 3}, "name": "get_rate"}</tool_call>' in text
+
+
 def test_sft_records_use_capability_format_for_raw_capability_data():
     df = read_table(REPO / "data/raw/train/reasoning.jsonl")
     rows = sft_records(df, "reasoning.jsonl")
