@@ -13,6 +13,7 @@ from flows.compress import CompressConfig
 from flows.distill import DistillConfig
 from flows.evaluate import EvaluateConfig
 from flows.flux import FluxConfig
+from flows.image_gen import ImageGenConfig
 from flows.lifecycle import LifecycleConfig
 from flows.llm_train import LLMTrainConfig
 from flows.serve import ServeFlowConfig
@@ -26,7 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 # configs/<dir>/... holds configs of this flow
 FLOW_DIRS = {"presets": LifecycleConfig, "distill": DistillConfig, "train": LLMTrainConfig,
-             "compress": CompressConfig, "eval": EvaluateConfig, "flux": FluxConfig, "serve": ServeFlowConfig}
+             "compress": CompressConfig, "eval": EvaluateConfig, "flux": FluxConfig, "serve": ServeFlowConfig,
+             "image_gen": ImageGenConfig}
 # data files that are not flow configs, each with its own loader
 DATA_FILES = {
     "distill/filters.yaml": lambda p: load_rules(p),
