@@ -188,16 +188,22 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
         top = body.top_logprobs or 0
         if top and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-        messages = _normalise_messages(body.messages)
-        _check_text_length(eng, sum(len(m["content"]) for m in messages), "messages")
+        messages, images = _normalise_messages(body.messages, eng.vision)
+        _check_text_length(eng, sum(len(_text_of(m["content"])) for m in messages), "messages")
+        pixels = None
         try:
-            prompts = [await run_in_threadpool(eng.chat_prompt, messages)]
+            if images:
+                ids, pixels = await run_in_threadpool(eng.image_chat_prompt, messages, images)
+                prompts = [ids]
+            else:
+                prompts = [await run_in_threadpool(eng.chat_prompt, [{**m, "content": _text_of(m["content"])}
+                                                                     for m in messages])]
         except Exception as exc:  # a template that rejects these messages is the caller's problem
             raise APIError(400, f"messages could not be rendered with the chat template: {exc}",
                            param="messages") from exc
         sampling = _sampling(body, eng, prompts, body.max_completion_tokens or body.max_tokens or default_max_tokens,
                              body.logprobs, top)
-        return await _respond(request, "chat", body, eng, prompts, sampling, metrics, limits)
+        return await _respond(request, "chat", body, eng, prompts, sampling, metrics, limits, pixels)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -376,20 +382,55 @@ def _engine(engines: dict[str, Engine], name: str) -> Engine:
     return eng
 
 
-def _normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
+def _normalise_messages(messages: list[dict[str, Any]], vision: bool = False) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Messages with string content, or (for a model that takes images) text and image parts; and the
+    images of the ``image_url`` parts (data URIs), decoded, in order. Other parts are dropped."""
+    out, images = [], []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise APIError(400, f"messages[{i}]: needs a role", param="messages")
         content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(part["text"] for part in content
-                              if isinstance(part, dict) and isinstance(part.get("text"), str))
-        if content is not None and not isinstance(content, str):
-            raise APIError(400, f"messages[{i}].content: must be a string or a list of text parts",
+        if isinstance(content, list):  # OpenAI content parts: text, and images for a model that takes them
+            parts: list[dict[str, Any]] = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image_url":
+                    if not vision:
+                        raise APIError(400, f"messages[{i}].content[{j}]: this model takes text only (no vision "
+                                            f"encoder); image parts are refused", param="messages")
+                    images.append(_data_uri_image(part.get("image_url"), f"messages[{i}].content[{j}]"))
+                    parts.append({"type": "image"})
+                elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                    parts.append({"type": "text", "text": part["text"]})
+            content = parts if images and vision else "".join(p.get("text", "") for p in parts)
+        if content is not None and not isinstance(content, str | list):
+            raise APIError(400, f"messages[{i}].content: must be a string or a list of content parts",
                            param="messages")
         out.append({"role": m["role"], "content": content or ""})
-    return out
+    return out, images
+
+
+def _text_of(content: str | list[dict[str, Any]]) -> str:
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+
+
+def _data_uri_image(value: Any, where: str) -> Any:
+    """The PIL image of an ``image_url`` part's ``data:image/...;base64,`` URL (the server fetches nothing)."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url.startswith("data:image/") or ";base64," not in url:
+        raise APIError(400, f"{where}: image_url must be a data:image/...;base64 URI (this server fetches no URLs)",
+                       param="messages")
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1], validate=True))) as im:
+            return im.convert("RGB")
+    except (binascii.Error, OSError, UnidentifiedImageError, ValueError) as exc:
+        raise APIError(400, f"{where}: the image cannot be decoded ({type(exc).__name__})", param="messages") from exc
 
 
 def _sampling(body: _Common, eng: Engine, prompts: list[list[int]], max_tokens: int, logprobs: bool,
@@ -436,10 +477,10 @@ class _Disconnected(Exception):
 
 
 async def _respond(request: Request, kind: str, body: _Common, eng: Engine, prompts: list[list[int]],
-                   sampling: Sampling, metrics: Metrics, limits: _Limits) -> Response:
+                   sampling: Sampling, metrics: Metrics, limits: _Limits, pixel_values: Any = None) -> Response:
     endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
     req = GenRequest(prompts=prompts, sampling=sampling, n=body.n, loop=asyncio.get_running_loop(),
-                     events=asyncio.Queue())
+                     events=asyncio.Queue(), pixel_values=pixel_values)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     start = time.perf_counter()

@@ -27,6 +27,11 @@ A failure while prefilling a group of requests is retried request by request, so
 that fails gets an error; an error while sampling a row fails only that row's request. Tokens are
 pushed to the caller's asyncio loop as they are produced, so streaming and non-streaming requests
 share one code path.
+
+A model that takes images (a LLaVA-style directory, ``detect_modalities`` says ``vision``) loads with
+``AutoModelForImageTextToText`` and its ``AutoProcessor``; a chat request's images are preprocessed with
+the prompt (:meth:`Engine.image_chat_prompt`) and their ``pixel_values`` go into the prefill of each of
+its rows (again when a preempted row rejoins); decoding steps need only the new tokens.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from nexus_core.errors import InputError
-from nexus_core.models.io import load_causal_lm
+from nexus_core.models.io import from_pretrained_safe, load_causal_lm
+from nexus_core.train.modalities import detect_modalities
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,7 @@ class GenRequest:
     prompts: list[list[int]]
     sampling: Sampling
     n: int = 1
+    pixel_values: Any = None  # the images of prompts[0] (chat requests with image parts), preprocessed
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False
@@ -113,7 +120,18 @@ class Engine:
 
         self.name = name
         self.path = str(path)
-        self.model, self.tokenizer = load_causal_lm(path, dtype)
+        self.vision = (Path(path) / "config.json").is_file() and "vision" in detect_modalities(path)
+        self.processor: Any = None
+        if self.vision:
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            self.processor = AutoProcessor.from_pretrained(str(path))
+            self.model = from_pretrained_safe(AutoModelForImageTextToText, path, dtype=getattr(torch, dtype)).eval()
+            self.tokenizer = self.processor.tokenizer
+            if draft_path:
+                raise InputError(f"draft model {draft_path}: speculative decoding is not built for image models")
+        else:
+            self.model, self.tokenizer = load_causal_lm(path, dtype)
         # Speculative decoding: a smaller model with the same tokenizer proposes tokens, this one verifies.
         self.draft = None
         if draft_path:
@@ -139,7 +157,7 @@ class Engine:
         self.on_batch = on_batch  # callback(rows, tokens) for metrics, once per decoding step
         self.created = int(time.time())
         cfg = self.model.config
-        self.context_length = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        self.context_length = int(getattr(cfg.get_text_config(decoder=True), "max_position_embeddings", 2048) or 2048)
         # transformers keeps only the last window - 1 keys of a sliding-window layer, which the batch's
         # left-padded cache cannot follow: such models are served within their window, where sliding
         # and full attention are the same.
@@ -181,6 +199,13 @@ class Engine:
         else:
             text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages) + "assistant: "
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def image_chat_prompt(self, messages: list[dict[str, Any]], images: list[Any]) -> tuple[list[int], Any]:
+        """Token ids (each image's placeholder expanded) and ``pixel_values`` of a chat whose content parts
+        hold ``{"type": "image"}`` entries, one per image in order."""
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        enc = self.processor(text=[text], images=images, return_tensors="pt")
+        return enc["input_ids"][0].tolist(), enc["pixel_values"]
 
     def text_prompt(self, text: str) -> list[int]:
         """Token ids of a raw completion prompt."""
@@ -370,9 +395,12 @@ class Engine:
             mask[i, width - len(c):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         dev = self.device
+        # every row of a request with images carries their tokens: one copy of its pixels per row, in row order
+        pixels = [r.req.pixel_values for r in rows if r.req.pixel_values is not None]
+        extra = {"pixel_values": torch.cat(pixels).to(dev, self.model.dtype)} if pixels else {}
         with torch.inference_mode():
             out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                             use_cache=True)
+                             use_cache=True, **extra)
         return out.past_key_values, mask.to(dev), out.logits[:, -1, :].float().cpu()
 
     def _merge(self, rows: list[_Row], cache: Any, mask: Any, logits: Any) -> None:
