@@ -16,7 +16,8 @@ Design (image generation driven by an LLM, the DiT and the LLM frozen):
   since Qwen3 hidden states are large). It starts the projector in the space the DiT already reads;
   with two tokenizers it is positional, a prior -- the flow-matching loss is what is optimised.
 * Only the projector trains (AdamW, clipped); checkpoints (projector + optimizer state) go to the
-  step's work dir every ``checkpointing_steps``, and a re-run of a killed run resumes from the newest.
+  step's work dir every ``checkpointing_steps``, and a re-run of a killed run resumes from the newest
+  (``max_steps`` and ``checkpointing_steps`` are resume-neutral: a re-run with more steps resumes too).
 
 Output: ``projector.safetensors`` + ``projector_config.json`` (the LLM and pipeline by URI and digest),
 ``captions.txt`` (the training captions, so renders can say which prompts are new),
@@ -37,7 +38,7 @@ from pydantic import Field
 
 from nexus_core import checkpoints
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
-from nexus_core.config import NexusModel, PathOrName, runtime_field
+from nexus_core.config import RESUME_NEUTRAL, NexusModel, PathOrName, runtime_field
 from nexus_core.context import StepContext
 from nexus_core.contract import directory, model, step
 from nexus_core.errors import ConfigError, InputError
@@ -66,7 +67,8 @@ class ProjectorTrainConfig(NexusModel):
     shift: float = Field(default=1.0, gt=0, description="Time shift of sampled sigmas (>1: more noise)")
     latent_norm: Literal["vae", "dataset"] = Field(default="vae", description="Normalise latents with VAE bn or data stats")
     batch_size: int = Field(default=4, ge=1, description="Samples per optimizer step")
-    max_steps: int = Field(default=1000, ge=1, description="Optimizer steps in total (including resumed ones)")
+    max_steps: int = Field(default=1000, ge=1, description="Optimizer steps in total (including resumed ones)",
+                           json_schema_extra=RESUME_NEUTRAL)
     learning_rate: float = Field(default=1e-4, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(default=0.0, ge=0, description="Decoupled weight decay")
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm")
@@ -74,7 +76,8 @@ class ProjectorTrainConfig(NexusModel):
                                                                   "DiT and LLM (the projector trains in float32)")
     gradient_checkpointing: bool = Field(default=False, description="Recompute DiT activations to save memory")
     seed: int = Field(default=0, description="Seed for init, noise, sigmas and batch order")
-    checkpointing_steps: int = Field(default=500, ge=1, description="Checkpoint every N steps (in the work dir)")
+    checkpointing_steps: int = Field(default=500, ge=1, description="Checkpoint every N steps (in the work dir)",
+                                     json_schema_extra=RESUME_NEUTRAL)
     validation_prompts: list[str] = Field(default_factory=list, description="Prompts rendered at the end")
     validation_inference_steps: int = Field(default=20, ge=1, description="Sampler steps per validation image")
     validation_guidance_scale: float = Field(default=4.0, ge=0, description="Classifier-free guidance (>1 on)")
@@ -179,6 +182,9 @@ def run_projector_train(cfg: ProjectorTrainConfig, *, inputs: dict[str, Artifact
         state, trainer_state = load_checkpoint(found, named)
         optimizer.load_state_dict(state["optimizer"])
         start = int(trainer_state["global_step"])
+        if start >= cfg.max_steps:
+            raise InputError(f"{found}: a checkpoint at step {start}, but projector.max_steps is {cfg.max_steps}; "
+                             "raise max_steps to continue it")
         ctx.info(f"resumed from {found} at step {start}")
 
     cache = ctx.work_dir / f"stream-cache-{uuid.uuid4().hex[:8]}"

@@ -120,6 +120,18 @@ def test_tiny_recipe_renders_pngs_for_prompts_it_was_not_trained_on(prefect_harn
     assert (row["text_ids"][:, 3] == range(spec["max_sequence_length"])).all()  # what the projected embeds get
     assert (root / "validation" / "step_000003_0.png").is_file()
 
+    # a killed run (checkpoint at step 1 left in its work dir) re-run with more steps continues from it
+    from nexus_core.flux.projector_train import run_projector_train
+
+    inputs = {k: result.artifacts[k] for k in ("precompute", "llm", "pipeline")}
+    inputs["precomputed"] = inputs.pop("precompute")
+    short = cfg.projector.model_copy(update={"max_steps": 2, "checkpointing_steps": 1, "validation_prompts": []})
+    ctx = StepContext.detached(work_dir=tmp_path / "work")
+    assert run_projector_train(short, inputs=inputs, out_uri=str(tmp_path / "a"), ctx=ctx).start_step == 0
+    resumed = run_projector_train(short.model_copy(update={"max_steps": 3}), inputs=inputs,
+                                  out_uri=str(tmp_path / "b"), ctx=ctx)
+    assert (resumed.start_step, resumed.global_step) == (1, 3)
+
     captions = set((root / pj.CAPTIONS).read_text().splitlines())
     assert captions == {(images / f"{i:04d}.txt").read_text() for i in range(4)}
     out = result.artifacts["render"].path
