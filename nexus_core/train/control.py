@@ -13,12 +13,14 @@ processes (``isolate`` or ``num_processes > 1``) always have it. The training pr
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -236,14 +238,51 @@ class ProgressReporter(TrainerCallback):
         return control
 
 
+TRAIN_LOCK = "train.lock"
+
+
+@contextlib.contextmanager
+def work_dir_lock(work: Path, holder: bool = True) -> Iterator[None]:
+    """Hold ``<work dir>/train.lock`` (an exclusive ``flock``, released by the kernel when its process
+    dies) while training: a second trainer in the same work dir — a training child that outlived its
+    killed parent, or the same stage started twice — would resume from and overwrite the same
+    checkpoints, so it stops with a StepError instead. Only ``holder`` (rank 0) takes it."""
+    import fcntl
+
+    if not holder:
+        yield
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / TRAIN_LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise StepError(f"another training process (pid {pid}) is still running in {work}: a training child "
+                            f"that outlived its killed parent, or this stage started twice. Stop it (kill {pid}) "
+                            "or wait for it, then re-run to resume from its checkpoints") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield  # closing the file releases the lock
+
+
 def fit(trainer, cfg: StageBase, ctx: StepContext | None = None) -> dict[str, float]:  # noqa: ANN001
     """Train with the controller and MLflow logger, resuming from the newest complete checkpoint in
-    the trainer's output dir (``<work dir>/checkpoints``). Logs through ``ctx`` (the step's log,
-    MLflow run and progress) when given.
+    the trainer's output dir (``<work dir>/checkpoints``), else from ``cfg.resume_from``, holding the
+    work dir's lock (:func:`work_dir_lock`). Logs through ``ctx`` (the step's log, MLflow run and
+    progress) when given.
 
     Returns metrics: final loss, steps, the step resumed from, tokens/s, peak memory, pauses; under
     data parallelism also the nodes that took part and whether every rank ended with the same weights.
     """
+    with work_dir_lock(Path(trainer.args.output_dir).parent, trainer.is_world_process_zero()):
+        return _fit(trainer, cfg, ctx)
+
+
+def _fit(trainer, cfg: StageBase, ctx: StepContext | None) -> dict[str, float]:  # noqa: ANN001
     info = ctx.info if ctx is not None else log.info
     controller, logger = TrainingController(cfg), MlflowLogger(ctx.run if ctx is not None else None)
     trainer.add_callback(controller)

@@ -5,6 +5,7 @@ run does not stay RUNNING. (A real kill-and-resume through the runner: tests/tra
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from types import SimpleNamespace
 
@@ -150,6 +151,31 @@ def test_resume_from_is_checked_and_names_the_key(tmp_path):
     _checkpoint(tmp_path / "w" / "checkpoints", 8)  # unfinished: skipped
     assert resume_checkpoint(SFTConfig(resume_from=str(tmp_path / "w"))).name == "checkpoint-6"
     assert (tmp_path / "w" / "checkpoints" / "checkpoint-8").exists()
+
+
+def test_a_second_trainer_in_the_same_work_dir_is_refused_until_the_first_dies(tmp_path):
+    """A training child that outlived its SIGKILLed parent still holds the work dir: the re-run must
+    not resume from (and overwrite) the checkpoints it is writing."""
+    import subprocess
+    import sys
+
+    from nexus_core.train.control import TRAIN_LOCK, work_dir_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write(str(os.getpid())); f.flush()\n"
+        "print('locked', flush=True); time.sleep(120)"), str(tmp_path / TRAIN_LOCK)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StepError, match=rf"another training process \(pid {holder.pid}\) is still running"):
+            with work_dir_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with work_dir_lock(tmp_path):  # the kernel released the dead holder's lock
+        assert (tmp_path / TRAIN_LOCK).read_text() == str(os.getpid())
 
 
 def test_run_status_killed_for_signals_failed_for_errors():
