@@ -28,6 +28,8 @@ _MARKERS = {
 }
 # data columns (the sharegpt convention) and the modality each needs
 MEDIA_COLUMNS = {"images": "vision", "videos": "video", "audios": "audio"}
+# stage methods that train a model with encoders; the others train text-only causal LMs
+MULTIMODAL_METHODS = ("mm_align", "mm_sft")
 
 
 def _keys(conf: dict[str, Any]) -> set[str]:
@@ -68,7 +70,8 @@ def modality_problems(needs: Iterable[str], has: Iterable[str], model: str, wher
 
 def queue_modality_problems(stages: list[Any], base: list[str] | None, named: dict[str, Any],
                             data: dict[str, Any]) -> list[str]:
-    """Every stage of a queue whose data needs a modality its model lacks, found before the first stage
+    """Every stage of a queue whose data needs a modality its model lacks, or that trains a model with
+    encoders by a text-only method (sft, dpo, ...: they load causal LMs), found before the first stage
     trains. ``base`` is the base model's modalities (None: unknown); a stage's model keeps the modalities of
     its input model. ``stages`` are the flow's stage entries (name, model, dataset, train); ``named`` maps
     model references to resolved refs; ``data`` dataset keys to refs (columns read from schemas only)."""
@@ -86,10 +89,14 @@ def queue_modality_problems(stages: list[Any], base: list[str] | None, named: di
         except InputError:
             cols = None  # the contract check names the data's own problem
         model_has = has.get(source)
+        label = f"model {named[source].uri}" if source in named else (
+            "the base model" if source == "base" else f"the model of stage {source}")
         if cols is not None and model_has is not None:
-            label = f"model {named[source].uri}" if source in named else (
-                "the base model" if source == "base" else f"the model of stage {source}")
             problems += modality_problems(needed_by_columns(cols), model_has, label, f"stages.{s.name}")
+        if model_has is not None and model_has != ["text"] and s.train.method not in MULTIMODAL_METHODS:
+            problems.append(f"stages.{s.name}: modality validation failed: {s.train.method} trains text-only "
+                            f"causal LMs but {label} takes {', '.join(model_has)}; use mm_sft (messages + "
+                            f"images rows; a row's images may be empty)")
         has[s.name] = model_has
         if s.train.method != "reward":  # a reward model is not the next stage's policy
             current = s.name

@@ -166,3 +166,26 @@ def test_bad_media_names_the_row_or_is_a_counted_skip(tmp_path):
     path2 = _rows(tmp_path / "b", [ok], [two])
     with pytest.raises(InputError, match=r"row 0: has 2 <image> placeholder\(s\) for 1 image"):
         mm_records(pl.read_ndjson(path2), str(path2), tmp_path / "b")
+
+
+def test_queue_modality_problems_follow_models_through_the_queue(tmp_path):
+    from types import SimpleNamespace
+
+    from nexus_core.train.modalities import queue_modality_problems
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n')
+    data = {"captions": raw_ref(OMNI_DATA / "captions.jsonl"), "chat": raw_ref(chat)}
+
+    def stage(name: str, method: str, dataset: str) -> SimpleNamespace:
+        return SimpleNamespace(name=name, model=None, dataset=dataset, train=SimpleNamespace(method=method))
+
+    queue = [stage("align", "mm_align", "captions"), stage("vqa", "mm_sft", "captions")]
+    assert queue_modality_problems(queue, ["text", "vision"], {}, data) == []
+    text_base = queue_modality_problems(queue, ["text"], {}, data)
+    assert [p.split(":")[0] for p in text_base] == ["stages.align", "stages.vqa"]
+    assert "the data needs vision but the model of stage align takes text only" in text_base[1]
+    (late,) = queue_modality_problems([*queue, stage("sft", "sft", "chat")], ["text", "vision"], {}, data)
+    assert late.startswith("stages.sft: modality validation failed: sft trains text-only causal LMs but the "
+                           "model of stage vqa takes text, vision")
+    assert queue_modality_problems([stage("sft", "sft", "chat")], None, {}, data) == []  # unknown base
