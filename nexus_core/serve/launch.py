@@ -32,7 +32,7 @@ class ServeConfig(NexusModel):
     engine: Literal["embedded", "vllm"] = Field(default="embedded", description="embedded: this process decodes; "
                                                 "vllm: vLLM servers as child processes behind this one")
     host: str = Field(default="127.0.0.1", description="Interface to bind; any other than loopback needs api_key_env")
-    port: int = Field(default=8000, ge=1, le=65535, description="TCP port")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port (0: any free port)")
     api_key_env: str | None = Field(default=None, description="Environment variable holding the accepted API "
                                     "key(s), comma-separated (only their sha256 digests are kept)")
     max_batch_size: int = Field(default=16, ge=1, description="Most rows decoded together (vLLM: --max-num-seqs)")
