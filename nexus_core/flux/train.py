@@ -13,8 +13,9 @@ optimizer, LR scheduler, EMA and RNG state. They go to ``checkpoint_dir`` or, by
 work dir (``ctx.work_dir``: outside the artifact, kept when a run is killed, removed once the
 artifact is published), every ``checkpointing_steps``, keeping ``checkpoints_total_limit``;
 ``resume_from_checkpoint: latest`` continues from the newest one, including the step count,
-optimizer and batch order (and says so when it finds none). The work dir is keyed by the cache key,
-so re-running a killed run with the same config resumes it; to continue a *finished* run with a
+optimizer and batch order (and says so when it finds none). The work dir is keyed by the resume key
+(the cache key less ``max_steps``, ``num_processes`` and the checkpoint settings), so re-running a
+killed run -- also with more steps or processes -- resumes it; to continue a *finished* run with a
 larger ``max_steps``, set ``checkpoint_dir`` (it is never deleted). ``num_processes`` > 1 trains
 data-parallel under ``accelerate launch`` (nexus_core.train.launch). Output:
 ``transformer_lora.safetensors`` + ``comfyui/transformer_lora.safetensors`` (lora; both at the
@@ -40,7 +41,7 @@ from pydantic import Field
 
 from nexus_core import checkpoints
 from nexus_core.artifacts import ArtifactRef, atomic_write_json
-from nexus_core.config import ConfigPath, NexusModel, PathOrName, runtime_field
+from nexus_core.config import RESUME_NEUTRAL, ConfigPath, NexusModel, PathOrName, runtime_field
 from nexus_core.context import StepContext
 from nexus_core.contract import directory, step
 from nexus_core.errors import ConfigError, InputError
@@ -105,7 +106,8 @@ class TrainConfig(NexusModel):
     latent_norm: Literal["vae", "dataset"] = Field(default="vae", description="Normalise latents with VAE bn or data stats")
     batch_size: int = Field(default=1, ge=1, description="Samples per micro-batch (per process)")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step")
-    max_steps: int = Field(default=1000, ge=1, description="Optimizer steps in total (including resumed ones)")
+    max_steps: int = Field(default=1000, ge=1, description="Optimizer steps in total (including resumed ones)",
+                           json_schema_extra=RESUME_NEUTRAL)
     optimizer: Literal["adamw", "adamw8bit", "prodigy"] = Field(
         default="adamw", description="adamw | adamw8bit (bitsandbytes, CUDA) | prodigy (set learning_rate ~1.0)")
     learning_rate: float = Field(default=1e-4, gt=0, description="Peak learning rate")
@@ -132,12 +134,14 @@ class TrainConfig(NexusModel):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(default="no", description="Autocast dtype")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory")
     num_processes: int = Field(default=1, ge=1, description="Data-parallel processes (GPUs); >1 runs under "
-                               "accelerate launch")
+                               "accelerate launch", json_schema_extra=RESUME_NEUTRAL)
     isolate: bool = runtime_field(False, "Train in a child process even with one process")
     cache_limit: str | None = Field(default="20gb", description="Bound on the local shard cache while reading the "
                                     "precomputed data (mosaicml-streaming's cache_limit); null: no bound")
-    checkpointing_steps: int = Field(default=500, ge=1, description="Save a checkpoint every N optimizer steps")
-    checkpoints_total_limit: int | None = Field(default=3, ge=1, description="Keep at most this many checkpoints")
+    checkpointing_steps: int = Field(default=500, ge=1, description="Save a checkpoint every N optimizer steps",
+                                     json_schema_extra=RESUME_NEUTRAL)
+    checkpoints_total_limit: int | None = Field(default=3, ge=1, description="Keep at most this many checkpoints",
+                                                json_schema_extra=RESUME_NEUTRAL)
     checkpoint_dir: ConfigPath | None = Field(default=None, description="Where checkpoints live (default: the step's work dir, "
                                                          "removed once the artifact is published)")
     resume_from_checkpoint: PathOrName | None = Field(default=None, description="'latest' or a checkpoint directory")
@@ -404,6 +408,9 @@ def train_transformer(cfg: TrainConfig, inputs: dict[str, ArtifactRef], out_uri:
             if ema is not None and state.get("ema"):
                 ema.shadow = state["ema"]
             start = trainer_state["global_step"]
+            if start > cfg.max_steps:
+                raise InputError(f"{path}: a checkpoint at step {start}, past train.max_steps={cfg.max_steps}; "
+                                 "raise max_steps or start without resume_from_checkpoint")
             ctx.info(f"resumed from {path} at step {start}")
 
     # bounded by cache_limit, removed at the end; one per launch, shared by its processes (local rank 0 fills it)

@@ -119,7 +119,7 @@ def test_a_killed_train_run_resumes_from_its_work_dir(flow_run, monkeypatch):
     """Through the runner, without checkpoint_dir: checkpoints live in the step's work dir, which a
     killed run leaves behind and the re-run (same cache key) finds; publishing removes it."""
     import nexus_core.flux.train as train_step
-    from nexus_core.cachekey import step_key
+    from nexus_core.cachekey import resume_key
     from nexus_core.runner import run_step, work_dir_for
 
     cfg, result, _ = flow_run
@@ -135,11 +135,11 @@ def test_a_killed_train_run_resumes_from_its_work_dir(flow_run, monkeypatch):
     monkeypatch.setattr(train_step.checkpoints, "rotate", killed_after_first_checkpoint)
     with pytest.raises(RuntimeError, match="killed"):
         run_step(run_train, train_cfg, name="fe2e_killed", inputs=inputs)
-    work = work_dir_for("models", "fe2e_killed", step_key(run_train, train_cfg, inputs))
+    work = work_dir_for("models", "fe2e_killed", resume_key(run_train, train_cfg, inputs))
     assert [s for s, _ in checkpoints.complete(work / "checkpoints")] == [1]
     monkeypatch.setattr(train_step.checkpoints, "rotate", rotate)
-    resumed = run_step(run_train, train_cfg, name="fe2e_killed", inputs=inputs)
-    assert (resumed.start_step, resumed.global_step, resumed.ref.version) == (1, 2, 1)
+    resumed = run_step(run_train, train_cfg.model_copy(update={"max_steps": 3}), name="fe2e_killed", inputs=inputs)
+    assert (resumed.start_step, resumed.global_step, resumed.ref.version) == (1, 3, 1)  # more steps: same work dir
     assert not work.exists()  # published: its checkpoints are no longer needed
 
 
