@@ -83,15 +83,17 @@ class EvalResult(BaseModel):
 # ---------------------------------------------------------------- checks
 
 
-def check_tables(inputs: dict[str, ArtifactRef], method: str, use: Use) -> list[tuple[str, Any, str]]:
-    """Every data input and the eval input loaded and checked for a column layout of ``use`` (the
-    contract checks only ``data`` and ``eval_data`` by schema). Returns (input name, rows, where)."""
+def check_tables(inputs: dict[str, ArtifactRef], method: str, use: Use,
+                 load: Callable[[ArtifactRef], tuple[Any, str]] = load_rows) -> list[tuple[str, Any, str]]:
+    """Every data input and the eval input loaded (by ``load``: a streamed stage reads only the
+    columns) and checked for a column layout of ``use`` (the contract checks only ``data`` and
+    ``eval_data`` by schema). Returns (input name, rows, where)."""
     tables = [*data_inputs(inputs), *([(EVAL_INPUT, inputs[EVAL_INPUT])] if EVAL_INPUT in inputs else [])]
     if not tables:
         raise InputError(f"{method}: missing input 'data' (have: {', '.join(inputs) or 'none'})")
     out = []
     for name, ref in tables:
-        df, where = load_rows(ref)
+        df, where = load(ref)
         layout(df, use, f"{where} ({name})", method)
         out.append((name, df, where))
     return out

@@ -161,3 +161,45 @@ def test_sft_mixes_datasets_evaluates_and_stops_early(tiny_model, refs, tmp_path
     run_id = manifest.mlflow_run_id
     assert [x.step for x in lineage.client().get_metric_history(run_id, "train/eval_loss")] == [1, 2]
     assert lineage.client().get_run(run_id).data.metrics["eval_loss"] == pytest.approx(r.eval_loss)
+
+
+# ---------------------------------------------------------------- streaming SFT
+
+
+def test_streamed_split_is_by_row_hash():
+    from nexus_core.train.stream import held_out
+
+    rows = [{"input": f"q{i}", "output": f"a{i}"} for i in range(2000)]
+    held = [r for r in rows if held_out(r, 0.1)]
+    assert 150 < len(held) < 250 and held == [r for r in rows if held_out(dict(r), 0.1)]
+    assert not any(held_out(r, 0.0) for r in rows)
+
+
+def test_streamed_sft_needs_max_steps(tiny_model, refs):
+    from nexus_core.errors import StepError
+    from nexus_core.runner import run_step
+    from nexus_core.train.sft import run_sft
+
+    with pytest.raises(StepError, match="max_steps: streamed data"):
+        run_step(run_sft, SFTConfig(stream_threshold_mb=0, max_steps=-1), name="t_sft_stream_bad",
+                 inputs={"model": tiny_model, "data": refs["sft"]})
+
+
+@pytest.mark.slow
+def test_sft_streams_two_mixed_datasets_with_an_eval_split(tiny_model, refs, tmp_path):
+    from nexus_core.runner import run_step
+    from nexus_core.train.sft import SFTConfig as Cfg
+    from nexus_core.train.sft import _records, run_sft
+    from nexus_core.train.stream import held_out
+
+    chats = [{"messages": [{"role": "user", "content": f"Count to {i}."},
+                           {"role": "assistant", "content": " ".join(str(j) for j in range(i))}]}
+             for i in range(1, 17)]
+    extra = raw_ref(_write_jsonl(tmp_path / "counting.jsonl", chats))
+    cfg = Cfg(finetune="lora", max_steps=3, batch_size=4, learning_rate=1e-3, stream_threshold_mb=0,
+              data_weights=[1, 1], eval_split=0.3, checkpoint={"save_steps": 3})
+    r = run_step(run_sft, cfg, name="t_sft_stream", inputs={"model": tiny_model, "data": refs["sft"], "data_1": extra})
+    assert r.streamed and r.steps == 3 and math.isfinite(r.metrics["train_loss"]) and r.metrics["param_delta"] > 0
+    expected = sum(held_out(x, 0.3) for ref in (refs["sft"], extra) for x in _records(cfg, ref))
+    assert expected > 0 and r.metrics["eval_rows"] == expected  # the same rows the hash picks, read once
+    assert r.eval_loss is not None and math.isfinite(r.eval_loss)
