@@ -16,6 +16,7 @@ from flows.flux import FluxConfig
 from flows.image_gen import ImageGenConfig
 from flows.lifecycle import LifecycleConfig
 from flows.llm_train import LLMTrainConfig
+from flows.podcast import PodcastConfig
 from flows.serve import ServeFlowConfig
 from nexus_core.distill.prompts import load_template
 from nexus_core.distill.rules import load_rules
@@ -28,11 +29,13 @@ CONFIGS = REPO / "configs"
 # configs/<dir>/... holds configs of this flow
 FLOW_DIRS = {"presets": LifecycleConfig, "distill": DistillConfig, "train": LLMTrainConfig,
              "compress": CompressConfig, "eval": EvaluateConfig, "flux": FluxConfig, "serve": ServeFlowConfig,
-             "image_gen": ImageGenConfig}
+             "image_gen": ImageGenConfig, "podcast": PodcastConfig}
 # data files that are not flow configs, each with its own loader
 DATA_FILES = {
     "distill/filters.yaml": lambda p: load_rules(p),
     "distill/prompts/*.yaml": lambda p: load_template(p.parent, p.stem),
+    "podcast/filters.yaml": lambda p: load_rules(p),
+    "podcast/prompts/*.yaml": lambda p: load_template(p.parent, p.stem),
     "eval/rubric.json": lambda p: load_rubric(p),
     "eval/harness/*.yaml": lambda p: all(f.is_file() for f in task_files(p)),  # lm-eval task files
     "encoders.yaml": lambda p: load_encoders(p).encoders["vision"],  # the omni stage's encoder choices

@@ -1,0 +1,1 @@
+"""Podcast generation: a document → a two-speaker script (teacher) → speech (TTS) → WAV files + timings."""
