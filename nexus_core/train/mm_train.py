@@ -61,9 +61,12 @@ class MMStageBase(StageBase):
     assistant_only_loss: bool = Field(default=True, description="Loss on the assistant turns only")
 
     @model_validator(mode="after")
-    def _no_4bit(self) -> MMStageBase:
+    def _supported(self) -> MMStageBase:
         if self.quantized:
             raise ValueError("finetune: qlora / load_in_4bit is not built for the multimodal stages yet")
+        if self.chat_template:
+            raise ValueError("chat_template: a multimodal stage renders chats with its model's processor; set "
+                             "chat_template on the omni section instead")
         return self
 
 

@@ -189,3 +189,28 @@ def test_queue_modality_problems_follow_models_through_the_queue(tmp_path):
     assert late.startswith("stages.sft: modality validation failed: sft trains text-only causal LMs but the "
                            "model of stage vqa takes text, vision")
     assert queue_modality_problems([stage("sft", "sft", "chat")], None, {}, data) == []  # unknown base
+
+
+def test_mm_sft_resumes_from_its_checkpoint_in_the_work_dir(aligned, tmp_path):
+    """A stage killed after a checkpoint continues from it (same work dir), LoRA adapters included."""
+    from nexus_core.context import StepContext
+    from nexus_core.train.mm_train import _train
+
+    ctx = StepContext.detached("mm_sft", tmp_path / "work")
+    inputs = {"model": aligned, "data": raw_ref(OMNI_DATA / "instruct.jsonl")}
+    first = _train(MMSFTConfig(finetune="lora", **FAST), inputs, str(tmp_path / "out1"), ctx)
+    again = _train(MMSFTConfig(finetune="lora", **{**FAST, "max_steps": 4}), inputs, str(tmp_path / "out2"), ctx)
+    assert first["resumed_from_step"] == 0 and first["global_step"] == 2
+    assert again["resumed_from_step"] == 2 and again["global_step"] == 4
+    assert (tmp_path / "out2" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_mm_stage_configs_refuse_what_they_do_not_build():
+    from pydantic import ValidationError
+
+    for bad, message in [(dict(finetune="qlora"), "not built for the multimodal stages"),
+                         (dict(chat_template="chatml"), "set chat_template on the omni section")]:
+        with pytest.raises(ValidationError, match=message):
+            MMSFTConfig(**bad)
+    with pytest.raises(ValidationError, match="mm_align trains the projector's full weights"):
+        MMAlignConfig(finetune="lora")
