@@ -4,8 +4,9 @@ Like the tiny LLM and Flux presets it is saved with ``save_pretrained`` and ever
 ``VitsModel.from_pretrained``, the path a real checkpoint takes (``kakao-enterprise/vits-vctk``, a
 multi-speaker VITS, or ``facebook/mms-tts-*``, one voice per checkpoint). Its vocabulary is characters
 (lowercase letters, digits, punctuation), so no phonemizer is needed. With random weights its
-durations are arbitrary: ``speaking_rate`` keeps lines short on CPU and the speech step pads any line
-below its ``min_line_s`` with silence. It speaks noise shaped by text, not words.
+durations are arbitrary (VITS rounds each token up to at least one frame): a 64-sample hop and
+``speaking_rate`` keep lines short on CPU, and the speech step pads any line below its ``min_line_s``
+with silence. It speaks noise shaped by text, not words.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def run_tiny_tts(cfg: TinyTTSConfig, *, inputs: dict[str, ArtifactRef], out_uri:
     config = VitsConfig(
         vocab_size=len(vocab), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=2, ffn_dim=cfg.hidden_size * 2, flow_size=cfg.hidden_size, spectrogram_bins=65,
-        upsample_initial_channel=32, upsample_rates=[8, 8, 4], upsample_kernel_sizes=[16, 16, 8],
+        upsample_initial_channel=32, upsample_rates=[4, 4, 4], upsample_kernel_sizes=[8, 8, 8],
         resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]], prior_encoder_num_flows=2,
         prior_encoder_num_wavenet_layers=2, posterior_encoder_num_wavenet_layers=2, duration_predictor_num_flows=2,
         duration_predictor_filter_channels=32, depth_separable_num_layers=2, wavenet_dilation_rate=1,

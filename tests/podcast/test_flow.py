@@ -47,6 +47,7 @@ def test_tiny_recipe_writes_two_speaker_scripts_and_wavs_a_plain_reader_opens(ti
         assert [t["start_s"] for t in rec["turns"]] == sorted(t["start_s"] for t in rec["turns"])
         assert json.loads((root / rec["wav"].replace(".wav", ".json")).read_text()) == rec
     assert abs(result.audio_seconds - sum(r["duration_s"] for r in records)) < 0.01
+    assert any(t["padded_s"] > 0 for r in records for t in r["turns"])  # the tiny voices need the padding
 
 
 def test_scripts_trace_to_the_teacher_and_feed_an_sft_dataset(tiny_run):
