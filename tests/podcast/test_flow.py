@@ -65,6 +65,18 @@ def test_scripts_trace_to_the_teacher_and_feed_an_sft_dataset(tiny_run):
     assert all("Document:" in i for i in sft["input"])
 
 
+def test_the_podcast_training_recipe_accepts_the_scripts(tiny_run, repo):
+    """configs/train/podcast_tiny.yaml checked against this run's SFT artifact (a dry run: every stage's
+    dataset against its trainer's contract; the training itself is the llm_train flow's, tested there)."""
+    from flows.llm_train import LLMTrainConfig, llm_train
+
+    _, result = tiny_run
+    cfg = load_flow_config(LLMTrainConfig, str(repo / "configs/train/podcast_tiny.yaml"),
+                           ["dry_run=true", f"datasets.podcast={result.sft.uri}"])
+    planned = llm_train(cfg)
+    assert planned.dry_run and planned.plan[0].startswith("1. podcast: sft (lora) on podcast")
+
+
 def test_rerun_is_served_from_cache(tiny_run):
     cfg, first = tiny_run
     again = podcast(cfg)
