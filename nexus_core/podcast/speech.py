@@ -20,7 +20,7 @@ import hashlib
 import json
 import wave
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 from pydantic import Field
@@ -55,6 +55,8 @@ class SpeechConfig(NexusModel):
     noise_scale: float | None = Field(default=None, ge=0, description="VITS sampling noise (null: the model's own)")
     seed: int = Field(default=0, description="Base seed of the per-turn sampling seeds")
     max_episodes: int | None = Field(default=None, ge=1, description="Synthesise at most this many scripts (null: all)")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the voices run (auto: CUDA "
+                                                   "when present); seeded on each, but CPU and CUDA samples differ")
 
 
 class SpeechResult(StepResult):
@@ -102,13 +104,16 @@ def run_speech(cfg: SpeechConfig, *, inputs: dict[str, ArtifactRef], out_uri: st
         raise InputError("speech.voices: no voices configured")
     shared = str(inputs["tts"].path) if "tts" in inputs else None
     loaded: dict[str, tuple[Any, Any]] = {}
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     voices: dict[str, tuple[Any, Any, Voice, str]] = {}
     for name, voice in cfg.voices.items():
         where = voice.model or shared
         if where is None:
             raise InputError(f"speech.voices.{name}: no model (set voices.{name}.model or give the tts input)")
         if where not in loaded:
-            loaded[where] = (VitsModel.from_pretrained(where).eval(), AutoTokenizer.from_pretrained(where))
+            vits: Any = VitsModel.from_pretrained(where)  # transformers' typing of .to() trips pyright
+            vits.eval().to(device)
+            loaded[where] = (vits, AutoTokenizer.from_pretrained(where))
         vits, tok = loaded[where]
         n = vits.config.num_speakers
         if (voice.speaker_id is None) != (n <= 1) or (voice.speaker_id or 0) >= max(n, 1):
@@ -138,13 +143,13 @@ def run_speech(cfg: SpeechConfig, *, inputs: dict[str, ArtifactRef], out_uri: st
         pieces, timed, t, failed = [], [], 0.0, None
         for j, turn in enumerate(turns):
             vits, tok, voice, _ = voices[turn["speaker"]]
-            ids = tok(turn["text"], return_tensors="pt")
+            ids = tok(turn["text"], return_tensors="pt").to(device)
             if ids["input_ids"].shape[-1] == 0 or not any(c.isalnum() for c in turn["text"]):
                 failed = f"turn {j + 1}: nothing the voice can say ({turn['text'][:40]!r})"
                 break
             torch.manual_seed(_seed(cfg.seed, row["row_id"], j))
             with torch.no_grad():
-                audio = vits(**ids, speaker_id=voice.speaker_id).waveform[0].float().numpy()
+                audio = vits(**ids, speaker_id=voice.speaker_id).waveform[0].float().cpu().numpy()
             peak = float(np.abs(audio).max()) if audio.size else 0.0
             audio = (audio / peak * 0.9 if peak > 0 else audio).astype(np.float32)
             short = int(round(cfg.min_line_s * rate)) - audio.size
