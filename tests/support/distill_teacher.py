@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tests.support.openai_stub import Reply, chat_completion
+from tests.support.openai_stub import Reply, chat_completion, record_teacher
 
 WEAK_KINDS = ("short", "citation", "vague", "chatty", "duplicate")
 
@@ -107,38 +107,7 @@ def handler(body: dict[str, Any], n: int) -> Reply:
 
 def record(out: str = "configs/distill/recorded/tiny_teacher.jsonl") -> int:
     """Run the tiny distill flow online against this teacher and write its response cache as JSONL."""
-    import json
-    import os
-    import sqlite3
-    import tempfile
-    from pathlib import Path
-
-    tmp = Path(tempfile.mkdtemp(prefix="nexus-record-"))
-    os.environ["NEXUS_HOME"], os.environ["NEXUS_DATA"] = str(tmp / "home"), str(tmp / "data")
-    from nexus_core.settings import configure_environment
-
-    configure_environment()
-    from prefect.testing.utilities import prefect_test_harness
-
-    from tests.support.openai_stub import StubServer
-
-    with prefect_test_harness(server_startup_timeout=180), StubServer(handler) as stub:
-        from flows.common import load_flow_config
-        from flows.distill import DistillConfig, distill
-
-        cfg = load_flow_config(DistillConfig, "configs/distill/tiny.yaml",
-                               ["teacher.offline=false", f"teacher.api_base={stub.url}", "teacher.recorded_cache=[]"])
-        result = distill(cfg)
-    conn = sqlite3.connect(tmp / "home" / "llm_cache.sqlite")
-    rows = conn.execute("SELECT key, model, response FROM responses ORDER BY key").fetchall()
-    with open(out, "w", encoding="utf-8") as fh:
-        for key, model, response in rows:
-            resp = json.loads(response)
-            for volatile in ("id", "created", "system_fingerprint"):
-                resp.pop(volatile, None)
-            fh.write(json.dumps({"key": key, "model": model, "response": resp}, sort_keys=True) + "\n")
-    print(f"recorded {len(rows)} responses to {out}; summary {result.summary}")
-    return len(rows)
+    return record_teacher(handler, "flows.distill", "distill", "DistillConfig", "configs/distill/tiny.yaml", out)
 
 
 if __name__ == "__main__":

@@ -157,3 +157,41 @@ class StubServer:
     def __exit__(self, *exc: Any) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def record_teacher(handler: Callable[[dict[str, Any], int], Reply], flow_module: str, flow_name: str,
+                   config_class: str, config: str, out: str) -> int:
+    """Run a tiny flow (``flows.<flow_module>.<flow_name>`` with ``config``) online against the stub
+    ``handler`` and write its response cache as JSONL to ``out``: the recorded teacher that keeps the
+    tiny preset offline and deterministic."""
+    import importlib
+    import json
+    import os
+    import sqlite3
+    import tempfile
+    from pathlib import Path
+
+    tmp = Path(tempfile.mkdtemp(prefix="nexus-record-"))
+    os.environ["NEXUS_HOME"], os.environ["NEXUS_DATA"] = str(tmp / "home"), str(tmp / "data")
+    from nexus_core.settings import configure_environment
+
+    configure_environment()
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180), StubServer(handler) as stub:
+        from flows.common import load_flow_config
+
+        module = importlib.import_module(flow_module)
+        cfg = load_flow_config(getattr(module, config_class), config,
+                               ["teacher.offline=false", f"teacher.api_base={stub.url}", "teacher.recorded_cache=[]"])
+        result = getattr(module, flow_name)(cfg)
+    conn = sqlite3.connect(tmp / "home" / "llm_cache.sqlite")
+    rows = conn.execute("SELECT key, model, response FROM responses ORDER BY key").fetchall()
+    with open(out, "w", encoding="utf-8") as fh:
+        for key, model, response in rows:
+            resp = json.loads(response)
+            for volatile in ("id", "created", "system_fingerprint"):
+                resp.pop(volatile, None)
+            fh.write(json.dumps({"key": key, "model": model, "response": resp}, sort_keys=True) + "\n")
+    print(f"recorded {len(rows)} responses to {out}; summary {result.summary}")
+    return len(rows)
