@@ -3,6 +3,7 @@
     nexus run FLOW CONFIG [key=value ...]   run flows/<FLOW>.py on a YAML config
     nexus data ls [AREA]                    list datasets and their versions
     nexus data show NAME[@vN]               manifest, schema and sample rows of one dataset
+    nexus data organize DIR [--out OUT] [--dry-run] [--move]   sort raw data files into OUT/<capability>/
     nexus doctor [CONFIG] [key=value ...]   dependencies, accelerator, disk space, configured models
     nexus serve MODEL [--port N] [--api-key-env VAR] [--engine vllm]   OpenAI-compatible server for local models
     nexus costs [--by flow_name,step,provider] [--flow NAME] [--run ID] [--json]   spend report
@@ -71,6 +72,30 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     print(json.dumps(m.model_dump(mode="json", by_alias=True, exclude={"result", "config"}), indent=2))
     if m.rows is not None:
         print(load_table(m.ref()).head(args.rows))
+    return 0
+
+
+def cmd_data_organize(args: argparse.Namespace) -> int:
+    """Copy (or move) every data file under DIR into OUT/<capability>/ and print file → capability →
+    reason; unknown, unreadable and conflicting files are listed and left in place (exit 0)."""
+    from nexus_core.settings import data_root
+    from nexus_core.train.organize import apply, plan
+
+    src = Path(args.dir)
+    out = Path(args.out) if args.out else data_root() / "raw" / "datasets"
+    placements = plan(src, out, move=args.move)
+    if not args.dry_run:
+        apply(placements)
+    if not placements:
+        print(f"no data files (.jsonl, .jsonl.gz, .jsonl.zst, .ndjson, .json, .parquet) under {src}")
+        return 0
+    width = max(len(str(p.source.relative_to(src))) for p in placements)
+    print(f"{'file':<{width}}  {'capability':<20} {'action':<10} reason")
+    for p in placements:
+        print(f"{str(p.source.relative_to(src)):<{width}}  {p.capability or '-':<20} {p.status:<10} {p.reason}")
+    statuses = ("copy", "move", "copied", "moved", "present", "conflict", "unknown", "unreadable")
+    summary = ", ".join(f"{n} {s}" for s in statuses if (n := sum(p.status == s for p in placements)))
+    print(f"{'dry run, nothing changed: ' if args.dry_run else ''}{summary} → {out}")
     return 0
 
 
@@ -189,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("spec", help="NAME or NAME@vN or AREA/NAME@vN")
     show.add_argument("--rows", type=int, default=5, help="sample rows to print")
     show.set_defaults(func=cmd_data_show)
+    org = data.add_parser("organize", help="sort raw data files into folders by detected capability",
+                          parents=[common])
+    org.add_argument("dir", help="folder of raw data files (searched recursively)")
+    org.add_argument("--out", default=None, help="where the <capability>/ folders go (default: DATA_ROOT/raw/datasets)")
+    org.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
+    org.add_argument("--move", action="store_true", help="move the files instead of copying them")
+    org.set_defaults(func=cmd_data_organize)
 
     doctor = sub.add_parser("doctor", help="check dependencies, accelerator, disk and configured models",
                             parents=[common])

@@ -13,13 +13,13 @@ that any chat template can carry:
 - ``safety``     — ``safety_category`` / ``harm_category``: refusal-style safe completions
 - ``anti_refusal`` — ``over_refusal`` / ``refusal_original``: helpful answers to benign prompts once refused
 
-:func:`organize` files a raw dataset under ``<data root>/raw/datasets/<capability>/``.
+:func:`organize` files a raw dataset under ``<data root>/raw/datasets/<capability>/``
+(:mod:`nexus_core.train.organize`, ``nexus data organize DIR`` for a whole folder).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -134,13 +134,8 @@ def to_messages(row: dict[str, Any], capability: str | None) -> list[dict[str, A
 
 
 def organize(path: str | Path, root: Path | None = None) -> Path:
-    """Copy a raw JSONL/Parquet dataset to ``raw/datasets/<capability>/`` (``general`` if none); returns it."""
-    from nexus_core.io import read_table
+    """Copy a raw dataset file to ``<root>/raw/datasets/<capability>/`` and return it; never overwrites,
+    and an unknown or unreadable file raises InputError (:func:`nexus_core.train.organize.organize_file`)."""
+    from nexus_core.train.organize import organize_file
 
-    src = Path(path)
-    df = read_table(src)
-    capability = detect_capability(df.columns) or "general"
-    dest = (root or data_root()) / "raw" / "datasets" / capability / src.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src, dest)
-    return dest
+    return organize_file(path, (root or data_root()) / "raw" / "datasets")
