@@ -118,12 +118,15 @@ def sft_records(df: pl.DataFrame, where: str, method: str = "sft", chat: bool = 
 
 
 def preference_records(df: pl.DataFrame, where: str, method: str, chat: bool = True) -> list[dict[str, Any]]:
-    """Records for DPO/ORPO/reward trainers: prompt (optional) + chosen + rejected."""
+    """Records for DPO/ORPO/reward trainers: prompt (optional) + chosen + rejected. Rows with a null in
+    any of them are left out (nothing to learn from); InputError when no row is left."""
     layout(df, "preference", where, method)
     has_prompt = "prompt" in df.columns or "input" in df.columns
     pcol = "prompt" if "prompt" in df.columns else "input"
     out = []
     for r in df.to_dicts():
+        if r["chosen"] is None or r["rejected"] is None or (has_prompt and r[pcol] is None):
+            continue
         if has_prompt:
             rec = {"prompt": _user(r[pcol]), "chosen": _assistant(r["chosen"]), "rejected": _assistant(r["rejected"])}
             if not chat:
@@ -131,6 +134,8 @@ def preference_records(df: pl.DataFrame, where: str, method: str, chat: bool = T
         else:
             rec = {"chosen": r["chosen"], "rejected": r["rejected"]}
         out.append(rec)
+    if not out:
+        raise InputError(f"{where}: no usable rows (every chosen/rejected pair has a null)")
     return out
 
 

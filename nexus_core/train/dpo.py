@@ -2,8 +2,9 @@
 
 Inputs: ``model`` and ``data`` (``chosen``/``rejected``, optional ``prompt``); more datasets to mix in
 as ``data_1``, ... (``data_weights``) and an optional ``eval_data`` (or ``eval_split``): see
-:mod:`nexus_core.train.steer`. With LoRA the frozen base serves as the reference model (no second
-copy in memory).
+:mod:`nexus_core.train.steer`. Data files above ``stream_threshold_mb`` are streamed
+(:mod:`nexus_core.train.preference`). With LoRA the frozen base serves as the reference model (no
+second copy in memory).
 """
 
 from __future__ import annotations
@@ -27,22 +28,20 @@ from nexus_core.train.common import (
     preflight,
     trainer_kwargs,
 )
-from nexus_core.train.data import load_rows, preference_records, to_dataset
 from nexus_core.train.launch import run_stage
+from nexus_core.train.preference import PreferenceStreaming, check_preference, preference_data
 from nexus_core.train.steer import (
     EVAL_INPUT,
     EvalResult,
     Steering,
     callbacks,
-    check_tables,
     eval_kwargs,
     eval_metrics,
     steer_problems,
-    steered_records,
 )
 
 
-class DPOConfig(StageBase, Steering):
+class DPOConfig(StageBase, Steering, PreferenceStreaming):
     """Direct preference optimisation."""
 
     method: Literal["dpo"] = Field(default="dpo", description="Stage method")
@@ -56,6 +55,7 @@ class DPOResult(TrainResult, EvalResult):
     """A preference-tuned model."""
 
     method: str = "dpo"
+    streamed: bool = Field(default=False, description="The data was streamed")
 
 
 @step(area="train", kind="model", inputs={
@@ -64,13 +64,12 @@ class DPOResult(TrainResult, EvalResult):
     EVAL_INPUT: table("chosen", "rejected", optional=True, description="pairs to evaluate on")}, reads=template_reads)
 def run_dpo(cfg: DPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> DPOResult:
     """Check inputs, train, save."""
-    problems = steer_problems(cfg, inputs)
-    check_tables(inputs, "dpo", "preference")
+    problems = steer_problems(cfg, inputs) + check_preference(cfg, inputs)[0]
     if cfg.chat:
         check_template(cfg, model_dir(inputs["model"]), "dpo")
     preflight(cfg, problems)
     m = run_stage(_train, cfg, inputs, out_uri, "dpo", ctx)
-    return DPOResult.from_metrics(m, **EvalResult.fields(m))
+    return DPOResult.from_metrics(m, streamed=bool(m.get("streamed")), **EvalResult.fields(m))
 
 
 def _train(cfg: DPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> dict[str, float]:
@@ -80,12 +79,11 @@ def _train(cfg: DPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: St
     from nexus_core.train.control import train_and_save
 
     base = model_dir(inputs["model"])
-    rows, held, found = steered_records(cfg, inputs, lambda ref: preference_records(*load_rows(ref), "dpo", cfg.chat))
-    eval_dataset = to_dataset(held) if held else None
+    train_dataset, eval_dataset, found = preference_data(cfg, inputs)
     args = TrlDPOConfig(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), beta=cfg.beta,
                                          loss_type=[cfg.loss_type], max_length=cfg.max_length,
                                          **eval_kwargs(cfg, eval_dataset is not None)))
-    trainer = DPOTrainer(model=load_model(cfg, base), args=args, train_dataset=to_dataset(rows),
+    trainer = DPOTrainer(model=load_model(cfg, base), args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=stage_tokenizer(cfg, base),
                          peft_config=peft_config(cfg), callbacks=callbacks(cfg))
     metrics = train_and_save(trainer, cfg, ctx, base, out_uri, "dpo")

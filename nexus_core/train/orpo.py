@@ -3,7 +3,8 @@
 
 Inputs: ``model`` and ``data`` (``prompt``/``chosen``/``rejected``); more datasets to mix in as
 ``data_1``, ... (``data_weights``) and an optional ``eval_data`` (or ``eval_split``): see
-:mod:`nexus_core.train.steer`.
+:mod:`nexus_core.train.steer`. Data files above ``stream_threshold_mb`` are streamed
+(:mod:`nexus_core.train.preference`).
 """
 
 from __future__ import annotations
@@ -28,22 +29,21 @@ from nexus_core.train.common import (
     preflight,
     trainer_kwargs,
 )
-from nexus_core.train.data import load_rows, preference_records, to_dataset
+from nexus_core.train.data import to_dataset
 from nexus_core.train.launch import run_stage
+from nexus_core.train.preference import PreferenceStreaming, check_preference, preference_data
 from nexus_core.train.steer import (
     EVAL_INPUT,
     EvalResult,
     Steering,
     callbacks,
-    check_tables,
     eval_kwargs,
     eval_metrics,
     steer_problems,
-    steered_records,
 )
 
 
-class ORPOConfig(StageBase, Steering):
+class ORPOConfig(StageBase, Steering, PreferenceStreaming):
     """Odds-ratio preference optimisation."""
 
     method: Literal["orpo"] = Field(default="orpo", description="Stage method")
@@ -59,6 +59,7 @@ class ORPOResult(TrainResult, EvalResult):
     """A preference-tuned model."""
 
     method: str = "orpo"
+    streamed: bool = Field(default=False, description="The data was streamed")
 
 
 @step(area="train", kind="model", inputs={
@@ -68,15 +69,16 @@ class ORPOResult(TrainResult, EvalResult):
 def run_orpo(cfg: ORPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
              ctx: StepContext) -> ORPOResult:
     """Check inputs, train, save."""
-    problems = steer_problems(cfg, inputs)
-    for name, df, where in check_tables(inputs, "orpo", "preference"):
+    found, tables = check_preference(cfg, inputs)
+    problems = steer_problems(cfg, inputs) + found
+    for name, df, where in tables:
         if "prompt" not in df.columns and "input" not in df.columns:
             raise InputError(f"{where} ({name}): method 'orpo' needs column prompt (or input) besides chosen/rejected")
     if cfg.chat:
         check_template(cfg, model_dir(inputs["model"]), "orpo")
     preflight(cfg, problems)
     m = run_stage(_train, cfg, inputs, out_uri, "orpo", ctx)
-    return ORPOResult.from_metrics(m, **EvalResult.fields(m))
+    return ORPOResult.from_metrics(m, streamed=bool(m.get("streamed")), **EvalResult.fields(m))
 
 
 def _train(cfg: ORPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> dict[str, float]:
@@ -86,14 +88,33 @@ def _train(cfg: ORPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: S
     from nexus_core.train.control import train_and_save
 
     base = model_dir(inputs["model"])
-    rows, held, found = steered_records(cfg, inputs, lambda ref: preference_records(*load_rows(ref), "orpo", cfg.chat))
-    eval_dataset = to_dataset(held) if held else None
+    train_dataset, eval_dataset, found = preference_data(cfg, inputs)
+    streamed = bool(found.get("streamed"))
     # The experimental trainer tokenizes chosen and rejected itself; it needs remove_unused_columns off.
+    # A stream's batches are not dispatched from one process (accelerate would try to measure and
+    # concatenate the string columns), as trl's DPO and reward trainers do for an IterableDataset.
+    stream_kw = {"accelerator_config": {"dispatch_batches": False}} if streamed else {}
     args = TrlORPOConfig(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), beta=cfg.beta,
-                                          max_length=cfg.max_length, remove_unused_columns=False,
+                                          max_length=cfg.max_length, remove_unused_columns=False, **stream_kw,
                                           **eval_kwargs(cfg, eval_dataset is not None)))
-    trainer = ORPOTrainer(model=load_model(cfg, base), args=args, train_dataset=to_dataset(rows),
-                          eval_dataset=eval_dataset, processing_class=stage_tokenizer(cfg, base),
+    # The experimental trainer maps its train dataset with num_proc, which a stream's map does not take:
+    # it is built on the stream's first pair, then given the stream through its own row functions.
+    tokenizer = stage_tokenizer(cfg, base)
+    trainer = ORPOTrainer(model=load_model(cfg, base), args=args,
+                          train_dataset=to_dataset([next(iter(train_dataset))]) if streamed else train_dataset,
+                          eval_dataset=eval_dataset, processing_class=tokenizer,
                           peft_config=peft_config(cfg), callbacks=callbacks(cfg))
+    if streamed:
+        trainer.train_dataset = _orpo_rows(trainer, train_dataset, tokenizer)
     metrics = train_and_save(trainer, cfg, ctx, base, out_uri, "orpo")
     return {**metrics, **found, **eval_metrics(trainer, cfg)}
+
+
+def _orpo_rows(trainer, stream, tokenizer):  # noqa: ANN001, ANN202 - datasets.IterableDataset
+    """The stream prepared as ORPOTrainer prepares an in-memory dataset (prompt extracted, chat template
+    applied, tokenized by the trainer's own ``tokenize_row``), lazily as training reads it."""
+    from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
+
+    return (stream.map(maybe_extract_prompt)
+            .map(maybe_apply_chat_template, fn_kwargs={"processing_class": tokenizer})
+            .map(trainer.tokenize_row))
