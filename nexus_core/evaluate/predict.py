@@ -38,7 +38,7 @@ from nexus_core.errors import InputError
 from nexus_core.io import load_table, schema_of, write_parquet
 from nexus_core.runner import Cost, StepResult
 
-PASS_THROUGH = ("label", "target", "meta", "domain", "title", "abstract", "quality")
+PASS_THROUGH = ("label", "target", "meta", "domain", "title", "abstract", "quality", "harmful")
 
 
 class PredictConfig(NexusModel):

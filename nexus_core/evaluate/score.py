@@ -1,4 +1,8 @@
-"""Metrics: compute the configured metrics (nexus_core.evaluate.metrics registry) on a predictions table."""
+"""Metrics: compute the configured metrics (nexus_core.evaluate.metrics registry) on a predictions table.
+
+Refusal metrics (``refusal_rate_harmful``, ``refusal_rate_benign``) read a ``refused`` column: when the
+predictions lack it, the refusal classifier (:mod:`nexus_core.evaluate.refusal`, ``refusal`` section) adds
+it from each prediction, and the per-prompt records are written to ``refusals.parquet``."""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from nexus_core.config import NexusModel
 from nexus_core.context import StepContext
 from nexus_core.contract import step, table
 from nexus_core.errors import InputError
-from nexus_core.evaluate.metrics import METRICS, compute
+from nexus_core.evaluate.metrics import COLUMNS, METRICS, compute
+from nexus_core.evaluate.refusal import RefusalConfig, classify
 from nexus_core.io import load_table, schema_of, write_parquet
 from nexus_core.runner import StepResult
 
@@ -24,6 +29,8 @@ class ScoreConfig(NexusModel):
     metrics: list[str] = Field(default_factory=lambda: ["exact_match", "perplexity"],
                                description=f"Metric names from nexus_core.evaluate.metrics ({', '.join(sorted(METRICS))})")
     skip_missing: bool = Field(default=False, description="Skip metrics whose columns are absent instead of failing")
+    refusal: RefusalConfig = Field(default_factory=RefusalConfig,
+                                   description="Refusal classifier used by the refusal_rate_* metrics")
 
     @field_validator("metrics")
     @classmethod
@@ -39,6 +46,7 @@ class ScoreResult(StepResult):
 
     values: dict[str, float | None] = Field(default_factory=dict)
     skipped: dict[str, str] = Field(default_factory=dict)
+    refusals_file: str | None = Field(default=None, description="Per-prompt refusal records (refusal metrics only)")
 
 
 # Each metric names the columns it needs (see nexus_core.evaluate.metrics); compute() checks them.
@@ -48,6 +56,12 @@ def run_score(cfg: ScoreConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
     ref = inputs["predictions"]
     preds = load_table(ref)
     where = f"{ref.uri}/data.parquet"
+    refusals_file = None
+    if any("refused" in COLUMNS[n] for n in cfg.metrics) and "refused" not in preds.columns \
+            and not (cfg.skip_missing and "harmful" not in preds.columns):
+        preds, records = classify(preds, cfg.refusal, where)
+        refusals_file = "refusals.parquet"
+        write_parquet(records, Path(out_uri) / refusals_file)
     values: dict[str, float | None] = {}
     skipped: dict[str, str] = {}
     for name in cfg.metrics:
@@ -63,6 +77,8 @@ def run_score(cfg: ScoreConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
                          "n": [preds.height] * len(values)}, schema={"metric": pl.String, "value": pl.Float64,
                                                                      "n": pl.Int64})
     write_parquet(rows, Path(out_uri) / "data.parquet")
-    atomic_write_json(Path(out_uri) / "metrics.json", {"values": values, "skipped": skipped, "rows": preds.height})
+    atomic_write_json(Path(out_uri) / "metrics.json", {"values": values, "skipped": skipped, "rows": preds.height,
+                                                           "refusals_file": refusals_file})
     return ScoreResult(rows=rows.height, columns=schema_of(rows), values=values, skipped=skipped,
+                       refusals_file=refusals_file,
                        metrics={k: v for k, v in values.items() if v is not None})
