@@ -6,6 +6,11 @@ killed run resumes with no duplicate and no lost row, and a re-run asks only for
 missing or failed. A row that still fails after retries is kept with ``status`` and ``error``.
 With ``teacher.processes > 1`` each batch is split over worker processes (``nexus_core/llm/pool.py``)
 that share the cost cap, the rate limit and the response cache.
+
+With ``teacher.top_logprobs: K`` each request asks for ``logprobs=True, top_logprobs=K`` (part of the
+cache key) and every answered row keeps ``choices[0].logprobs.content`` as ``logprobs_json``, what a
+``kd`` stage with ``source: logprobs`` trains from. Answered rows without them are counted
+(``missing_logprobs``) and warned about; a teacher that returns none for a whole batch is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from nexus_core.config import NexusModel
 from nexus_core.context import StepContext
 from nexus_core.contract import step, table
 from nexus_core.distill.prompts import TeacherConfig
-from nexus_core.errors import InputError
+from nexus_core.errors import InputError, StepError
 from nexus_core.llm.client import Completion, LLMClient, check_model, run_async
 from nexus_core.llm.pool import ClientPool
 from nexus_core.runner import Cost, StepResult
@@ -60,6 +65,8 @@ class CollectResult(StepResult):
     skipped: int = 0
     cached: int = 0
     offline_misses: list[str] = Field(default_factory=list, description="row_ids with no cached response offline")
+    missing_logprobs: int = Field(default=0, description="Answered rows without logprobs although "
+                                  "teacher.top_logprobs asked for them")
     stopped_for_cost: bool = False
 
 
@@ -112,11 +119,24 @@ async def _collect(cfg: CollectConfig, src: Path, out: Path, result: CollectResu
                 })
             writer.write_table(pa.Table.from_pylist(records, schema=SCHEMA))
             result.rows = (result.rows or 0) + len(records)
+            if cfg.teacher.top_logprobs:
+                _check_logprobs(cfg, done, result)
             ctx.progress(seen, limit, f"{seen}/{limit} rows asked ({result.ok} ok, {result.failed} failed)")
     finally:
         writer.close()
         client.close()
     return client.spent_usd
+
+
+def _check_logprobs(cfg: CollectConfig, done: list[Completion], result: CollectResult) -> None:
+    """Count answered rows without logprobs; stop when none of the answers so far has any (a provider
+    that ignores ``logprobs``: the rest of the run would pay for rows a kd stage cannot use)."""
+    result.missing_logprobs += sum(c.status == "ok" and not c.logprobs for c in done)
+    if result.ok and result.missing_logprobs == result.ok:
+        raise StepError(f"teacher {cfg.teacher.model}: teacher.top_logprobs is {cfg.teacher.top_logprobs} but none "
+                        f"of the {result.ok} answered row(s) so far came with logprobs; the provider does not "
+                        "return them (its answers are in the response cache). Use a teacher that returns "
+                        "logprobs (nexus serve, vLLM, OpenAI), or set teacher.top_logprobs: 0 for SFT-only data")
 
 
 # Recorded response caches decide what an offline (or partly recorded) run answers: their content is keyed.
@@ -135,6 +155,10 @@ def run_teacher_collect(cfg: CollectConfig, *, inputs: dict[str, ArtifactRef], o
     if result.offline_misses:
         log.warning("offline: %d row(s) have no recorded response: %s", len(result.offline_misses),
                     ", ".join(result.offline_misses[:20]))
+    if result.missing_logprobs:
+        log.warning("teacher %s returned no logprobs for %d of %d answered row(s): their logprobs_json is "
+                    "null, and a kd stage with source: logprobs skips them", cfg.teacher.model,
+                    result.missing_logprobs, result.ok)
     if result.stopped_for_cost:
         log.warning("cost cap %.4f USD reached: %d row(s) skipped, kept with status 'skipped'",
                     cfg.teacher.max_cost_usd, result.skipped)
@@ -146,5 +170,6 @@ def run_teacher_collect(cfg: CollectConfig, *, inputs: dict[str, ArtifactRef], o
     result.cost = Cost(usd=spent, tokens_in=tokens_in, tokens_out=tokens_out,
                        provider=cfg.teacher.model.split("/")[0], model=cfg.teacher.model)
     result.metrics = {"ok": result.ok, "failed": result.failed, "skipped": result.skipped, "cached": result.cached,
-                      "offline_misses": len(result.offline_misses), "usd_spent": spent}
+                      "offline_misses": len(result.offline_misses), "usd_spent": spent,
+                      **({"missing_logprobs": result.missing_logprobs} if cfg.teacher.top_logprobs else {})}
     return result

@@ -3,6 +3,10 @@
 Writes ``data.parquet`` (``meta`` a struct), ``sft.jsonl`` (same records) and a Hugging Face
 ``datasets`` dataset under ``hf/`` (``load_from_disk``). Training accepts any table with
 ``input``/``output``.
+
+When the teacher was asked for logprobs (``teacher.top_logprobs``), each record also keeps
+``logprobs_json``: the teacher's per-token top-k for exactly that ``output`` (null where a reviewer
+edited it), so a ``kd`` stage with ``source: logprobs`` trains on the reviewed rows.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ def _apply_recheck(df: pl.DataFrame, path: Path) -> pl.DataFrame:
         "row_id", re_decision="decision", re_source="decision_source", re_output="reviewed_output")
     joined = df.join(second, on="row_id", how="left")
     labelled = pl.col("re_source") == "human"
+    if "final_logprobs_json" in joined.columns:  # an edited answer is no longer the teacher's
+        joined = joined.with_columns(final_logprobs_json=pl.when(
+            labelled & (pl.col("re_output") != pl.col("final_output"))).then(pl.lit(None, pl.Utf8))
+            .otherwise(pl.col("final_logprobs_json")))
     return joined.with_columns(
         final_keep=pl.col("final_keep") & (pl.col("re_decision").fill_null("accept") == "accept"),
         final_output=pl.when(labelled).then(pl.col("re_output")).otherwise(pl.col("final_output")),
@@ -61,6 +69,8 @@ def run_sft_package(cfg: PackageConfig, *, inputs: dict[str, ArtifactRef], out_u
     """Package the kept rows of ``inputs["regenerated"]`` (after ``inputs["rereviewed"]``, when given)."""
     src = inputs["regenerated"].path / "data.parquet"
     df = read_table(src, columns=REQUIRED)
+    if "final_logprobs_json" in df.columns and df["final_logprobs_json"].null_count() == df.height:
+        df = df.drop("final_logprobs_json")  # no logprobs asked for: the dataset keeps its plain layout
     if "rereviewed" in inputs:
         df = _apply_recheck(df, inputs["rereviewed"].path / "data.parquet")
     df = df.filter(pl.col("final_keep") & pl.col("final_output").is_not_null())
@@ -80,6 +90,8 @@ def run_sft_package(cfg: PackageConfig, *, inputs: dict[str, ArtifactRef], out_u
                        teacher=model, origin=pl.col("origin"), review=pl.col("decision_source"),
                        attempts=pl.col("attempts") if "attempts" in df.columns else pl.lit(0)),
     )
+    if "final_logprobs_json" in df.columns:
+        out = out.with_columns(logprobs_json=df["final_logprobs_json"])
     root = Path(out_uri)
     write_parquet(out, root / "data.parquet")
     write_jsonl(out, root / "sft.jsonl")
@@ -88,5 +100,6 @@ def run_sft_package(cfg: PackageConfig, *, inputs: dict[str, ArtifactRef], out_u
     Dataset.from_list(out.to_dicts()).save_to_disk(str(root / "hf"))
     per_template = dict(out.group_by(pl.col("meta").struct.field("template_name")).len().iter_rows())
     per_domain = dict(out.group_by(pl.col("meta").struct.field("domain")).len().iter_rows())
+    with_lp = {"rows_with_logprobs": out.height - out["logprobs_json"].null_count()} if "logprobs_json" in out.columns else {}
     return PackageResult(rows=out.height, columns=schema_of(out), per_template=per_template,
-                         per_domain=per_domain, metrics={"rows": out.height})
+                         per_domain=per_domain, metrics={"rows": out.height, **with_lp})

@@ -3,6 +3,10 @@
 The stricter template stresses falsifiability and reproducibility and shows the teacher its previous
 answer and why it was rejected. Up to ``max_rounds`` rounds; each attempt (response, verdict,
 reasons) is kept in the row's ``history_json``. Accepted rows pass through unchanged.
+
+``final_logprobs_json`` holds the teacher's logprobs of ``final_output``: the collected ones while the
+output is the collected response, the new answer's after a regeneration, and null for an output a
+reviewer edited (no teacher distribution describes it).
 """
 
 from __future__ import annotations
@@ -57,9 +61,12 @@ def run_regenerate(cfg: RegenerateConfig, *, inputs: dict[str, ArtifactRef], out
     rules, _ = load_rules(cfg.rules)
     tpl = load_template(cfg.prompts_dir, cfg.template)
     accepted = df["decision"] == "accept"
+    lp = df["logprobs_json"] if "logprobs_json" in df.columns else pl.Series([None] * df.height, dtype=pl.Utf8)
     state = {r["row_id"]: {"response": r["reviewed_output"], "keep": r["decision"] == "accept",
-                           "reasons": r["review_reason"] or "", "history": []}
-             for r in df.select("row_id", "reviewed_output", "decision", "review_reason").iter_rows(named=True)}
+                           "reasons": r["review_reason"] or "", "history": [],
+                           "logprobs": lpj if r["reviewed_output"] == r["response"] else None}
+             for r, lpj in zip(df.select("row_id", "reviewed_output", "response", "decision", "review_reason")
+                               .iter_rows(named=True), lp.to_list(), strict=True)}
     by_id = {r["row_id"]: r for r in df.filter(~accepted).iter_rows(named=True)}
     pending = list(by_id)
     attempted = len(pending)
@@ -91,10 +98,13 @@ def run_regenerate(cfg: RegenerateConfig, *, inputs: dict[str, ArtifactRef], out
             st = state[rid]
             st["history"].append({"round": rnd, "response": c.content, "keep": bool(v["keep"]), "reasons": reasons,
                                   "status": c.status, "cache_key": c.key, "cost_usd": c.cost_usd})
+            answer_lp = json.dumps(c.logprobs) if c.logprobs else None
             if v["keep"]:
-                st.update(response=c.content, keep=True, reasons="")
+                st.update(response=c.content, keep=True, reasons="", logprobs=answer_lp)
             else:
-                st.update(response=c.content or st["response"], reasons=reasons)
+                if c.content:
+                    st.update(response=c.content, logprobs=answer_lp)
+                st.update(reasons=reasons)
                 still.append(rid)
         pending = still
     if client is not None:
@@ -103,6 +113,7 @@ def run_regenerate(cfg: RegenerateConfig, *, inputs: dict[str, ArtifactRef], out
     out = df.with_columns(
         final_output=pl.Series([state[r]["response"] for r in ids], dtype=pl.Utf8),
         final_keep=pl.Series([state[r]["keep"] for r in ids], dtype=pl.Boolean),
+        final_logprobs_json=pl.Series([state[r]["logprobs"] for r in ids], dtype=pl.Utf8),
         final_reasons=pl.Series([state[r]["reasons"] for r in ids], dtype=pl.Utf8),
         attempts=pl.Series([len(state[r]["history"]) for r in ids], dtype=pl.Int64),
         history_json=pl.Series([json.dumps(state[r]["history"]) for r in ids], dtype=pl.Utf8),

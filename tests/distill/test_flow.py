@@ -66,7 +66,8 @@ def test_regeneration_keeps_history_and_sft_is_loadable(tiny_run):
     assert [h["round"] for h in hist] == [1, 2] and hist[0]["keep"] is False and hist[0]["reasons"]
     sft_dir = str(result.artifacts["sft"].path)
     records = [json.loads(line) for line in open(f"{sft_dir}/sft.jsonl")]
-    assert records and {"input", "output", "meta"} == set(records[0])
+    assert records and {"input", "output", "meta", "logprobs_json"} == set(records[0])  # tiny asks for top-3
+    assert all(r["logprobs_json"] for r in records)  # each answer's own, regenerated ones included
     assert {"domain", "quality", "template_name"} <= set(records[0]["meta"])
     from datasets import load_from_disk
 
