@@ -20,6 +20,7 @@ from nexus_core.config import RESUME_NEUTRAL, ConfigPath, NexusModel, PathOrName
 from nexus_core.costs import Cost
 from nexus_core.errors import InputError, StepError
 from nexus_core.runner import StepResult
+from nexus_core.train.backends import backend_problems, model_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,21 @@ class StageBase(NexusModel):
                                json_schema_extra=RESUME_NEUTRAL)
     isolate: bool = runtime_field(False, "Train in a child process even with one process: signal control "
                                          "under Prefect worker threads, memory returned when done")
-    distributed: Literal["ddp", "fsdp"] = Field(default="ddp", description="Strategy when num_processes > 1")
+    distributed: Literal["ddp", "fsdp"] = Field(default="ddp", description="Strategy when num_processes > 1: "
+                                                "shorthand for accelerate_config ddp|fsdp (accelerate_config wins)")
+    accelerate_config: PathOrName | None = Field(
+        default=None, description="accelerate config file of a multi-process launch: a name under "
+                                  "configs/accelerate/ (ddp, fsdp, deepspeed_zero2, deepspeed_zero3) or a YAML "
+                                  "path; none: the file named by `distributed`. num_processes still comes from the "
+                                  "stage, precision from `precision`")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flex_attention"] = Field(
+        default="auto", description="Attention kernel of the trained model (from_pretrained's attn_implementation); "
+                                    "auto: transformers' choice (sdpa where supported); flash_attention_2 needs a "
+                                    "GPU and flash_attn (and keeps packed samples apart)",
+        json_schema_extra=RESUME_NEUTRAL)
+    liger_kernel: bool = Field(default=False, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, "
+                               "fused linear cross-entropy): less activation memory; needs a GPU and liger-kernel",
+                               json_schema_extra=RESUME_NEUTRAL)
 
     @model_validator(mode="after")
     def _compatible(self) -> StageBase:
@@ -155,6 +170,7 @@ def preflight(cfg: StageBase, problems: list[str] | None = None) -> None:
             problems.append("finetune=qlora needs the bitsandbytes package (pip install bitsandbytes)")
     if cfg.precision == "fp16" and not gpu:
         problems.append("precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+    problems += backend_problems(cfg, gpu)
     if cfg.resume_from:
         try:
             resume_checkpoint(cfg)
@@ -246,8 +262,9 @@ def trainer_kwargs(cfg: StageBase, output_dir: Path, **extra: Any) -> dict[str, 
         ddp_backend="gloo" if not gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         save_only_model=False,
     )
-    if (cfg.num_processes > 1 or int(os.environ.get("NEXUS_NNODES") or 1) > 1) and cfg.distributed == "fsdp":
-        kw.update(fsdp="full_shard auto_wrap", fsdp_config={"use_orig_params": True})
+    # FSDP / DeepSpeed come from the accelerate config file the launch passes (see backends).
+    if cfg.liger_kernel:
+        kw["use_liger_kernel"] = True
     kw.update(extra)
     return kw
 
@@ -280,7 +297,7 @@ def load_model(cfg: StageBase, path: Path, kind: Literal["causal", "reward"] = "
                        "smaller than half a bf16 step of its weight (about 0.4 % of it) is lost, so most updates "
                        "at fine-tuning learning rates vanish. Use precision=bf16 (fp32 master weights) unless "
                        "memory forces this")
-    kw: dict[str, Any] = {"dtype": torch.bfloat16 if in_bf16 else torch.float32}
+    kw: dict[str, Any] = {"dtype": torch.bfloat16 if in_bf16 else torch.float32, **model_kwargs(cfg)}
     if cfg.quantized:
         from transformers import BitsAndBytesConfig
 
@@ -318,12 +335,13 @@ def saved_dtype(cfg: StageBase, base_path: Path):  # noqa: ANN201 - torch.dtype
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
 
 
-def param_delta(before: dict[str, Any], model, dtype=None) -> dict[str, float]:  # noqa: ANN001
+def param_delta(before: dict[str, Any], model, dtype=None, state: dict[str, Any] | None = None) -> dict[str, float]:  # noqa: ANN001
     """How much training changed the trainable parameters, compared at the resolution they are saved in
     (``dtype``; None: each parameter's own): ``param_delta`` is the largest absolute change,
     ``param_changed_frac`` the share of values that differ (an fp32 master copy that moved by less than
-    half a bf16 step saves as the same bf16 value: that is no change)."""
-    now = dict(model.named_parameters())
+    half a bf16 step saves as the same bf16 value: that is no change). ``state``: the full state dict
+    gathered from sharded ranks (:func:`full_state_dict`), read instead of the model's local shards."""
+    now = dict(model.named_parameters()) if state is None else state
     biggest, changed, total = 0.0, 0, 0
     for n, t in before.items():
         if n not in now:
@@ -354,12 +372,23 @@ def add_lora(cfg: StageBase, model):  # noqa: ANN001, ANN201 - peft.PeftModel
     return get_peft_model(model, lora)
 
 
+def full_state_dict(trainer) -> dict[str, Any] | None:  # noqa: ANN001
+    """The trained model's full state dict when its parameters are sharded over the ranks (FSDP,
+    DeepSpeed): gathered by accelerate, a collective that every rank must call (rank 0 gets the
+    tensors). None when each rank holds the whole model (one process, DDP)."""
+    if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model)
+
+
 def save_model_artifact(cfg: StageBase, trainer, tokenizer, base_path: Path, out_uri: str,  # noqa: ANN001
-                        method: str, kind: Literal["causal", "reward"] = "causal") -> None:
+                        method: str, kind: Literal["causal", "reward"] = "causal",
+                        state: dict[str, Any] | None = None) -> None:
     """Write the model artifact: HF dir at the root (merged weights), ``adapter/`` for LoRA, config.yaml.
 
     LoRA adapters are merged into a freshly loaded full-precision base, so QLoRA stages also produce
-    ordinary weights that ``from_pretrained`` loads anywhere.
+    ordinary weights that ``from_pretrained`` loads anywhere. ``state``: the full state dict gathered
+    from sharded ranks (:func:`full_state_dict`), saved instead of the unwrapped model's own.
     """
     import torch
 
@@ -370,13 +399,16 @@ def save_model_artifact(cfg: StageBase, trainer, tokenizer, base_path: Path, out
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        model.save_pretrained(out / "adapter", safe_serialization=True)
+        model.save_pretrained(out / "adapter", safe_serialization=True, **({"state_dict": state} if state else {}))
         tokenizer.save_pretrained(out / "adapter")
         auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
         extra = {"num_labels": 1} if kind == "reward" else {}
         base = auto.from_pretrained(str(base_path), dtype=torch.float32, **extra)
         merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
         merged.to(dtype).save_pretrained(out, safe_serialization=True)
+    elif state is not None:  # gathered from the shards: cast as below, on the gathered copy
+        model.save_pretrained(out, safe_serialization=True,
+                              state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
     else:  # training is over: the fp32 master copy is cast to the dtype the base was released in
         model.to(dtype).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -299,6 +299,12 @@ def _fit(trainer, cfg: StageBase, ctx: StepContext | None) -> dict[str, float]: 
     who = f"pid {os.getpid()}"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         who += f" (rank {os.environ.get('RANK', '0')})"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the strategy the accelerate config file asked for, or stop
+        from nexus_core.train.backends import launched_strategy_problem
+
+        problem = launched_strategy_problem(cfg, trainer.is_fsdp_enabled, trainer.is_deepspeed_enabled)
+        if problem:
+            raise StepError(f"{type(cfg).__name__}: {problem}")
     controlled = controller.install()  # off (and said so) outside the main thread
     if controlled and trainer.is_world_process_zero():  # where to send SIGUSR1/SIGUSR2 (rank 0 under DDP)
         work.mkdir(parents=True, exist_ok=True)
@@ -333,9 +339,12 @@ def _fit(trainer, cfg: StageBase, ctx: StepContext | None) -> dict[str, float]: 
         "emergency_saves": float(controller.emergency_saves), "thermal_pauses": float(controller.thermal_pauses),
     }
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # which nodes took part; DDP: same weights on every rank
+        from nexus_core.train.backends import accelerate_setup
         from nexus_core.train.multinode import check_ranks
 
-        metrics.update(check_ranks(trainer.model, sharded=cfg.distributed == "fsdp", info=info))
+        metrics.update(check_ranks(trainer.model, sharded=accelerate_setup(cfg).sharded, info=info))
+        # what the launch really ran (the accelerate config file sets it up, the Trainer picks it up)
+        metrics.update(fsdp=float(trainer.is_fsdp_enabled), deepspeed=float(trainer.is_deepspeed_enabled))
     return metrics
 
 
@@ -366,6 +375,7 @@ def train_and_save(trainer, cfg: StageBase, ctx: StepContext, base: Path, out_ur
                    method: str, kind: str = "causal") -> dict[str, float]:
     """fit() plus the bookkeeping every stage wants: parameter change, counts, and rank-0 save."""
     from nexus_core.train.common import (
+        full_state_dict,
         is_main_process,
         param_delta,
         param_snapshot,
@@ -374,10 +384,13 @@ def train_and_save(trainer, cfg: StageBase, ctx: StepContext, base: Path, out_ur
     )
 
     before = param_snapshot(trainer.model)
+    total = float(sum(p.numel() for p in trainer.model.parameters()))  # before FSDP/ZeRO-3 shard them
     metrics = fit(trainer, cfg, ctx)
-    metrics.update(param_delta(before, trainer.model, None if cfg.adapters else saved_dtype(cfg, base)))
+    state = full_state_dict(trainer)  # sharded ranks: gathered on every rank (a collective), else None
+    metrics.update(param_delta(before, trainer.model, None if cfg.adapters else saved_dtype(cfg, base), state))
     metrics["trainable_params"] = float(sum(t.numel() for t in before.values()))
-    metrics["total_params"] = float(sum(p.numel() for p in trainer.model.parameters()))
+    metrics["total_params"] = total
     if is_main_process():
-        save_model_artifact(cfg, trainer, trainer.processing_class, base, out_uri, method, kind)  # type: ignore[arg-type]
+        save_model_artifact(cfg, trainer, trainer.processing_class, base, out_uri, method, kind,  # type: ignore[arg-type]
+                            state=state)
     return metrics

@@ -27,6 +27,7 @@ from nexus_core.train.common import (
     TrainResult,
     add_lora,
     checkpoint_dir,
+    full_state_dict,
     is_main_process,
     load_model,
     model_dir,
@@ -149,10 +150,11 @@ def _train(cfg: CPTConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: St
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     before = param_snapshot(trainer.model)
     metrics = fit(trainer, cfg, ctx)
-    metrics.update(param_delta(before, trainer.model, None if cfg.adapters else saved_dtype(cfg, base)),
+    state = full_state_dict(trainer)  # FSDP/DeepSpeed: gathered on every rank, else None
+    metrics.update(param_delta(before, trainer.model, None if cfg.adapters else saved_dtype(cfg, base), state),
                    streamed=float(streamed), context_length=float(context))
     if is_main_process():
-        save_model_artifact(cfg, trainer, tokenizer, base, out_uri, "cpt")
+        save_model_artifact(cfg, trainer, tokenizer, base, out_uri, "cpt", state=state)
         if overrides:  # merged weights must carry the scaled RoPE config
             from transformers import AutoConfig as _AC
 

@@ -33,6 +33,8 @@ from nexus_core.artifacts import ArtifactRef, atomic_write_json
 from nexus_core.context import StepContext, log
 from nexus_core.errors import Killed, StepError
 from nexus_core.logs import hash_functions_quietly
+from nexus_core.train.backends import launch_flags
+from nexus_core.train.common import StageBase
 from nexus_core.train.multinode import accelerate_flags, nodes_from_env, watch_launch
 
 TrainFn = Callable[[Any, dict[str, ArtifactRef], str, StepContext], dict[str, Any]]
@@ -75,7 +77,10 @@ def run_stage(train_fn: TrainFn, cfg: Launchable, inputs: dict[str, ArtifactRef]
         "out_uri": out_uri, "step": ctx.step, "work_dir": str(ctx.work_dir), "run_id": ctx.run_id,
         "result": str(result_path), "launch_id": uuid.uuid4().hex}
     atomic_write_json(spec_path, spec)  # first: an agent joins only once it sees this spec in the work dir
-    fixed = ["--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu"]
+    # An LLM stage launches with its accelerate config file (DDP, FSDP, DeepSpeed; see backends); the
+    # command line's process and node flags win over the file's. Precision is the Trainer's (autocast).
+    fixed = ["--mixed_precision", "no", "--dynamo_backend", "no",
+             *(launch_flags(cfg) if isinstance(cfg, StageBase) else ["--multi_gpu"])]
     cmd = [sys.executable, "-m", "nexus_core.train.launch", str(spec_path)]
     if nodes.multi:
         flags = [*accelerate_flags(cfg.num_processes, nodes), *fixed]

@@ -22,6 +22,7 @@ from nexus_core.distill.prompts import load_template
 from nexus_core.distill.rules import load_rules
 from nexus_core.evaluate.harness import task_files
 from nexus_core.evaluate.rubric import load_rubric
+from nexus_core.train.backends import load_accelerate_config
 from nexus_core.train.encoders import load_encoders
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,6 +40,7 @@ DATA_FILES = {
     "eval/rubric.json": lambda p: load_rubric(p),
     "eval/harness/*.yaml": lambda p: all(f.is_file() for f in task_files(p)),  # lm-eval task files
     "encoders.yaml": lambda p: load_encoders(p).encoders["vision"],  # the omni stage's encoder choices
+    "accelerate/*.yaml": lambda p: load_accelerate_config(p),  # training launch files, accelerate's own parser
 }
 # configs that need run-specific values from the command line (as the README shows)
 REQUIRED_OVERRIDES = {"flux/klein4b/run1.yaml": ["precomputed_data_dir=/tmp/x", "output_dir=/tmp/y"]}
