@@ -1,7 +1,7 @@
 """SFT throughput and MFU on a GPU for a Qwen2.5-0.5B-shaped model: full (bf16 autocast over fp32
 master weights), LoRA and QLoRA, through the SFT stage's own trainer (``nexus_core.train.sft``).
 
-    python -m bench.train_gpu [--methods full,lora,qlora] [--steps 30] [--warmup 5] [--seq 2048]
+    python -m bench.train_gpu [--methods full,pure_bf16,lora,qlora] [--steps 30] [--warmup 5] [--seq 2048]
                               [--batch 8] [--peak-tflops 989] [--json OUT.json]
 
 No download: the model is built from Qwen2.5-0.5B's published shape (24 layers, width 896, MLP 4864,
@@ -17,6 +17,10 @@ full fine-tuning 6·N + 12·L·d·T (forward 2·N, backward 4·N; attention scor
 context), LoRA and QLoRA 4·N + 8·L·d·T (no weight gradients for the frozen base); the adapters' own
 FLOPs and gradient-checkpointing recomputation are not counted (MFU, not hardware utilisation).
 N = parameters in matrix products (the tied embedding counts once, as the output layer).
+
+``pure_bf16`` (not in the default methods) is full fine-tuning with bf16 weights and no fp32 master copy,
+the setup the stage warns about. For both full rows the table also gives the share of weights that
+moved at bf16 resolution (what a bf16 save keeps) after the run at lr 2e-5: the honest-precision check.
 """
 
 from __future__ import annotations
@@ -94,15 +98,17 @@ def run_one(method: str, args: argparse.Namespace, root: Path) -> dict:
     from transformers import TrainerCallback
 
     from nexus_core.artifacts import raw_ref
-    from nexus_core.train.common import checkpoint_dir
+    from nexus_core.train.common import checkpoint_dir, param_delta, param_snapshot
     from nexus_core.train.control import fit
     from nexus_core.train.sft import SFTConfig, build_trainer
 
     model_dir = build_model(root, shape(args))
     data = make_data(root, rows=max(64, args.steps * args.batch * args.seq // 500))
-    cfg = SFTConfig(finetune=method, precision="bf16", chat_template="qwen2.5",
+    pure = method == "pure_bf16"  # the comparison row: no fp32 master copy (what the issue measured)
+    cfg = SFTConfig(finetune="full" if pure else method, precision="pure_bf16" if pure else "bf16",
+                    chat_template="qwen2.5",
                     max_steps=args.steps, batch_size=args.batch, max_length=args.seq, packing=True,
-                    packing_strategy="wrapped", learning_rate=2e-5 if method == "full" else 2e-4,
+                    packing_strategy="wrapped", learning_rate=2e-5 if method in ("full", "pure_bf16") else 2e-4,
                     gradient_checkpointing=args.gc, lora={"r": 16, "alpha": 32},
                     checkpoint={"save_steps": 100_000}, logging_steps=5)
 
@@ -124,10 +130,14 @@ def run_one(method: str, args: argparse.Namespace, root: Path) -> dict:
     gpu = torch.cuda.is_available()
     if gpu:
         torch.cuda.reset_peak_memory_stats()
+    full = method in ("full", "pure_bf16")
+    before = param_snapshot(trainer.model) if full else {}
+    master = str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad)).removeprefix("torch.")
     m = fit(trainer, cfg)
+    # full fine-tuning: the share of weights that moved at bf16 resolution (what a bf16 save keeps)
+    changed = param_delta(before, trainer.model, torch.bfloat16)["param_changed_frac"] if full else None
     tps = (timer.tok1 - timer.tok0) / (timer.t1 - timer.t0)
     n, layers, d = matmul_params(model_dir)
-    full = method == "full"
     flops_per_token = (6 if full else 4) * n + (12 if full else 8) * layers * d * args.seq
     name = torch.cuda.get_device_name() if gpu else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
@@ -136,7 +146,12 @@ def run_one(method: str, args: argparse.Namespace, root: Path) -> dict:
             "tokens_per_s": round(tps), "tflops": round(tps * flops_per_token / 1e12, 1),
             "mfu": round(tps * flops_per_token / (peak * 1e12), 3) if peak else None,
             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None,
-            "train_loss": round(m["train_loss"], 3), "matmul_params_m": round(n / 1e6, 1)}
+            "train_loss": round(m["train_loss"], 3), "matmul_params_m": round(n / 1e6, 1),
+            "trainable_dtype": master, "changed_frac_bf16": None if changed is None else round(changed, 3)}
+
+
+def _frac(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0%}"
 
 
 def shape(args: argparse.Namespace) -> dict:
@@ -185,16 +200,19 @@ def main() -> None:
         row = next((json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")), None)
         rows.append(row or {"method": method, "failed": (proc.stderr or proc.stdout).strip().splitlines()[-5:]})
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| method | GPU | seq × batch | tokens/s | TFLOP/s | MFU | peak GB |\n|---|---|---|---|---|---|---|")
+    print("\n| method | GPU | seq × batch | tokens/s | TFLOP/s | MFU | peak GB | weights changed (bf16) |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "tokens_per_s" in r:
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "?"
             print(f"| {r['method']} | {r['gpu']} | {r['seq']} × {r['batch']} | {r['tokens_per_s']:,} | "
-                  f"{r['tflops']} | {mfu} | {r['peak_memory_gb']} |")
+                  f"{r['tflops']} | {mfu} | {r['peak_memory_gb']} | {_frac(r.get('changed_frac_bf16'))} |")
         else:
-            print(f"| {r['method']} | – | – | – | – | – | {r.get('skipped') or 'failed'} |")
+            print(f"| {r['method']} | – | – | – | – | – | {r.get('skipped') or 'failed'} | – |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    if any("failed" in r for r in rows):
+        sys.exit("bench.train_gpu: a method failed (its row holds the end of its error)")
 
 
 if __name__ == "__main__":
