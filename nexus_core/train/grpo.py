@@ -8,6 +8,13 @@ Inputs: ``model``, ``data`` (``prompt`` or ``input``; ``answer`` for exact_match
 Custom rewards are named by import path (``reward_funcs: ["my_pkg.rewards:brevity"]``), in trl's
 shape ``f(prompts, completions, **dataset_columns) -> list[float]``; they are imported before
 training starts (an error names the path) and their source files join the cache key.
+
+Generation (the slow half of GRPO) runs through the policy's own ``generate`` by default. With
+``use_vllm: true`` trl generates with vLLM instead: ``vllm_mode: colocate`` starts vLLM inside the
+training process on the same GPU (``vllm_gpu_memory_utilization`` of its memory), ``server`` sends
+prompts to a ``trl vllm-serve`` server (``vllm_server_url``) and syncs the policy's weights to it after
+each step. Both need the ``vllm`` package and a CUDA GPU; the server must answer its ``/health/`` check.
+All of it is checked before training (the server with one request), each problem named.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Literal
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
+from nexus_core.config import RESUME_NEUTRAL, runtime_field
 from nexus_core.context import StepContext
 from nexus_core.contract import model as model_input  # `model` names the trainer's model here
 from nexus_core.contract import step, table
@@ -58,6 +66,16 @@ class GRPOConfig(StageBase):
     beta: float = Field(default=0.0, ge=0, description="KL penalty towards the reference model (0 = none)")
     chat: bool = Field(default=True, description="Format prompts with the chat template")
     learning_rate: float = Field(default=1e-5, gt=0, description="Peak learning rate")
+    # vLLM generation samples differently but leaves checkpoints valid (resume-neutral); where the server
+    # lives changes nothing (runtime: out of both keys).
+    use_vllm: bool = Field(default=False, description="Generate completions with vLLM (trl's use_vllm; needs the "
+                           "vllm package and a CUDA GPU)", json_schema_extra=RESUME_NEUTRAL)
+    vllm_mode: Literal["colocate", "server"] = Field(default="colocate", description="colocate: vLLM in the "
+                                                     "training process; server: a `trl vllm-serve` server",
+                                                     json_schema_extra=RESUME_NEUTRAL)
+    vllm_server_url: str = runtime_field("http://127.0.0.1:8000", "The `trl vllm-serve` server (vllm_mode=server)")
+    vllm_gpu_memory_utilization: float = runtime_field(0.3, "Share of GPU memory vLLM takes (vllm_mode=colocate)",
+                                                       gt=0, le=1)
 
 
 class GRPOResult(TrainResult):
@@ -89,11 +107,52 @@ def run_grpo(cfg: GRPOConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, c
     if (cfg.batch_size * cfg.grad_accum) % cfg.num_generations:
         problems.append(f"batch_size*grad_accum ({cfg.batch_size * cfg.grad_accum}) must be a multiple of "
                         f"num_generations ({cfg.num_generations})")
+    if cfg.use_vllm:
+        problems += vllm_problems(cfg)
     if cfg.chat:
         check_template(cfg, model_dir(inputs["model"]), "grpo")
     preflight(cfg, problems)
     m = run_stage(_train, cfg, inputs, out_uri, "grpo", ctx)
     return GRPOResult.from_metrics(m, reward_mean=m.get("reward_mean", 0.0))
+
+
+def vllm_problems(cfg: GRPOConfig) -> list[str]:
+    """What stops ``use_vllm`` on this machine: the package, a GPU, and (server mode) the server."""
+    import importlib.util
+
+    from nexus_core.train.common import cuda_available
+
+    problems = []
+    if importlib.util.find_spec("vllm") is None:
+        problems.append("use_vllm: the vllm package is not installed (pip install vllm, on a CUDA machine); "
+                        "or set use_vllm: false to generate with the policy itself")
+    if not cuda_available():
+        problems.append("use_vllm: vLLM generation needs a CUDA GPU; this machine has none")
+    if cfg.vllm_mode == "server":
+        import httpx
+
+        url = cfg.vllm_server_url.rstrip("/") + "/health/"
+        try:
+            status = httpx.get(url, timeout=5.0).status_code
+            if status != 200:
+                problems.append(f"use_vllm: vllm_server_url {cfg.vllm_server_url} answered {status} to GET "
+                                "/health/; is it a `trl vllm-serve` server?")
+        except httpx.HTTPError as exc:
+            problems.append(f"use_vllm: vllm_server_url {cfg.vllm_server_url} is not reachable ({exc}); start "
+                            "it with `trl vllm-serve --model <the policy>`")
+    return problems
+
+
+def _vllm_kwargs(cfg: GRPOConfig) -> dict:
+    """trl's GRPOConfig fields for vLLM generation (none when it is off)."""
+    if not cfg.use_vllm:
+        return {}
+    kw: dict = {"use_vllm": True, "vllm_mode": cfg.vllm_mode}
+    if cfg.vllm_mode == "server":
+        kw["vllm_server_base_url"] = cfg.vllm_server_url.rstrip("/")
+    else:
+        kw["vllm_gpu_memory_utilization"] = cfg.vllm_gpu_memory_utilization
+    return kw
 
 
 def _train(cfg: GRPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> dict[str, float]:
@@ -120,7 +179,8 @@ def _train(cfg: GRPOConfig, inputs: dict[str, ArtifactRef], out_uri: str, ctx: S
     args = TrlGRPOConfig(**trainer_kwargs(
         cfg, checkpoint_dir(ctx.work_dir), num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, beta=cfg.beta,
-        reward_weights=cfg.reward_weights, generation_batch_size=cfg.batch_size * cfg.grad_accum))
+        reward_weights=cfg.reward_weights, generation_batch_size=cfg.batch_size * cfg.grad_accum,
+        **_vllm_kwargs(cfg)))
     trainer = GRPOTrainer(model=load_model(cfg, base), reward_funcs=funcs, args=args, train_dataset=dataset,
                           processing_class=stage_tokenizer(cfg, base), reward_processing_classes=reward_tokenizers,
                           peft_config=peft_config(cfg))

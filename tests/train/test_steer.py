@@ -203,3 +203,90 @@ def test_sft_streams_two_mixed_datasets_with_an_eval_split(tiny_model, refs, tmp
     expected = sum(held_out(x, 0.3) for ref in (refs["sft"], extra) for x in _records(cfg, ref))
     assert expected > 0 and r.metrics["eval_rows"] == expected  # the same rows the hash picks, read once
     assert r.eval_loss is not None and math.isfinite(r.eval_loss)
+
+
+# ---------------------------------------------------------------- GRPO generation through vLLM
+
+
+@pytest.fixture()
+def health_server():
+    """A loopback HTTP server: /health/ answers 200 (as `trl vllm-serve` does), anything else 404."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's API
+            self.send_response(200 if self.path == "/health/" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_vllm_generation_is_checked_up_front(health_server, monkeypatch):
+    import importlib.util
+
+    from nexus_core.train import common
+    from nexus_core.train.grpo import _vllm_kwargs, vllm_problems
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "vllm" else real_find_spec(n, *a))
+    monkeypatch.setattr(common, "cuda_available", lambda: False)
+    problems = vllm_problems(GRPOConfig(use_vllm=True))  # colocate: no server to ask
+    assert len(problems) == 2 and "vllm package is not installed" in problems[0] and "CUDA GPU" in problems[1]
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "vllm" else real_find_spec(n, *a))
+    monkeypatch.setattr(common, "cuda_available", lambda: True)
+    assert vllm_problems(GRPOConfig(use_vllm=True, vllm_mode="server", vllm_server_url=health_server + "/")) == []
+    wrong = vllm_problems(GRPOConfig(use_vllm=True, vllm_mode="server", vllm_server_url=health_server + "/v1"))
+    assert wrong == [f"use_vllm: vllm_server_url {health_server}/v1 answered 404 to GET /health/; is it a "
+                     "`trl vllm-serve` server?"]
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    (gone,) = vllm_problems(GRPOConfig(use_vllm=True, vllm_mode="server", vllm_server_url=dead))
+    assert gone.startswith(f"use_vllm: vllm_server_url {dead} is not reachable") and "trl vllm-serve" in gone
+
+    # what reaches trl's GRPOConfig (which accepts these fields)
+    from trl import GRPOConfig as TrlGRPOConfig
+
+    server = _vllm_kwargs(GRPOConfig(use_vllm=True, vllm_mode="server", vllm_server_url=health_server + "/"))
+    assert server == {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": health_server}
+    colocate = _vllm_kwargs(GRPOConfig(use_vllm=True, vllm_gpu_memory_utilization=0.5))
+    assert colocate == {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.5}
+    assert _vllm_kwargs(GRPOConfig()) == {}
+    for kw in (server, colocate):
+        assert TrlGRPOConfig(output_dir="/tmp/unused", use_cpu=True, bf16=False, **kw).use_vllm
+
+
+def test_grpo_with_vllm_stops_before_training_on_this_machine(tiny_model, refs, tmp_path):
+    """No vllm package here (and no GPU): the stage refuses before any launch, naming the problem."""
+    from nexus_core.context import StepContext
+    from nexus_core.errors import StepError
+
+    if __import__("importlib").util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    ctx = StepContext.detached()
+    with pytest.raises(StepError, match="cannot start training:\n  - use_vllm: the vllm package is not installed"):
+        run_grpo(GRPOConfig(use_vllm=True, max_steps=1), inputs={"model": tiny_model, "data": refs["math"]},
+                 out_uri=str(tmp_path / "o"), ctx=ctx)
+    assert not any(ctx.work_dir.iterdir())  # no checkpoints, no launch spec
+
+
+def test_vllm_server_url_is_runtime_and_vllm_use_resume_neutral(refs, tiny_model):
+    from nexus_core.cachekey import resume_key
+
+    inputs = {"model": tiny_model, "data": refs["math"]}
+    base = GRPOConfig(use_vllm=True, vllm_mode="server")
+    moved = GRPOConfig(use_vllm=True, vllm_mode="server", vllm_server_url="http://10.0.0.2:8000")
+    assert step_key(run_grpo, moved, inputs) == step_key(run_grpo, base, inputs)  # where the server runs
+    off = GRPOConfig()
+    assert step_key(run_grpo, off, inputs) != step_key(run_grpo, base, inputs)  # sampling differs
+    assert resume_key(run_grpo, off, inputs) == resume_key(run_grpo, base, inputs)  # checkpoints still apply
