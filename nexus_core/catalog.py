@@ -52,7 +52,7 @@ class StepRunRow(SQLModel, table=True):
     __tablename__ = "step_runs"  # pyright: ignore[reportAssignmentType] - sqlmodel types it declared_attr
     id: int | None = Field(default=None, primary_key=True)
     step: str = Field(index=True)
-    status: str  # completed | reused | failed
+    status: str  # completed | reused | failed | killed (a signal or cancellation ended it)
     config_hash: str
     artifact_uri: str | None = None
     error: str | None = None

@@ -158,11 +158,13 @@ def end_run(run_id: str, ok: bool = True, status: str | None = None) -> None:
 
 
 def end_status(exc: BaseException) -> str:
-    """The MLflow status of a run its block left by ``exc``: KILLED for a signal (Ctrl-C, SystemExit, a
-    training child killed by a signal: :class:`~nexus_core.errors.Killed`), FAILED for any other error."""
+    """The MLflow status of a run its block left by ``exc``: KILLED for a signal or a cancellation (any
+    BaseException that is not an Exception: Ctrl-C, SystemExit from SIGTERM, Prefect's TerminationSignal,
+    a cancelled task; and a training child killed by a signal: :class:`~nexus_core.errors.Killed`),
+    FAILED for any other error."""
     from nexus_core.errors import Killed
 
-    return "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit | Killed) else "FAILED"
+    return "KILLED" if isinstance(exc, Killed) or not isinstance(exc, Exception) else "FAILED"
 
 
 def end_orphaned_run(run_id: str) -> bool:

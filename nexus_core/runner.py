@@ -26,10 +26,13 @@ that run KILLED if its process died without ending it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -148,6 +151,26 @@ def priced_machine(flow_run_id: str | None) -> Machine | None:
     return found
 
 
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """While a step runs, SIGTERM raises SystemExit (exit code 143) instead of ending the process on the
+    spot, so the step's MLflow run is marked KILLED, its staging dir removed and the catalog told.
+    Only where SIGTERM still has Python's default action on the main thread: a Prefect flow run (its
+    own handler raises TerminationSignal, also KILLED) or a host application keeps its handler."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def _exit(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run_step(
     fn: Callable[..., R],
     cfg: BaseModel,
@@ -197,7 +220,7 @@ def run_step(
             "mlflow.source.git.commit": version_info["git_sha"], "nexus.previous_attempt": _previous_attempt(work)}
     mlflow_run_id = None
     try:
-        with lineage.step_run(step, cfg_dict, tags, context.flow_name, context.flow_run_id) as run:
+        with sigterm_exits(), lineage.step_run(step, cfg_dict, tags, context.flow_name, context.flow_run_id) as run:
             mlflow_run_id = run.run_id
             run.log_inputs(refs)
             run.log_params({f"file.{Path(p).name}": d for p, d in reads.items()})  # prompt template hashes
@@ -239,7 +262,7 @@ def run_step(
     except BaseException as exc:
         remove_tree(staging)
         catalog.add(catalog.StepRunRow(
-            step=step, status="failed", config_hash=chash, error=f"{type(exc).__name__}: {exc}"[:2000],
+            step=step, status="killed" if lineage.end_status(exc) == "KILLED" else "failed", config_hash=chash, error=f"{type(exc).__name__}: {exc}"[:2000],
             flow_name=context.flow_name, flow_run_id=context.flow_run_id, task_run_id=context.task_run_id,
             mlflow_run_id=mlflow_run_id, seconds=time.perf_counter() - t0))
         raise

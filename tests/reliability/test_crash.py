@@ -102,6 +102,28 @@ def test_a_killed_flow_is_marked_crashed_and_its_staging_swept(prefect_harness, 
     assert not staging[0].exists()
 
 
+def test_a_sigterm_to_a_steps_process_ends_its_run_killed(fresh_home, tmp_path):
+    """No Prefect, SIGTERM's default action: the runner turns it into SystemExit(143) while the step runs,
+    so the MLflow run reads KILLED (not RUNNING), the catalog says killed and the staging dir is gone."""
+    from nexus_core import lineage
+
+    ready = tmp_path / "ready"
+    child = _child("term", str(ready), fresh_home)
+    deadline = time.monotonic() + 300
+    while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ready.exists(), child.stdout.read() if child.stdout else ""
+    os.kill(child.pid, signal.SIGTERM)
+    assert child.wait(timeout=120) == 143
+    c = lineage.client()
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    assert [(r.data.tags["nexus.step"].rsplit(".", 1)[-1], r.info.status) for r in runs] == [("run_probe", "KILLED")]
+    with catalog.Session(catalog.engine()) as session:
+        rows = list(session.exec(catalog.select(catalog.StepRunRow)))
+    assert [(r.status, r.error) for r in rows] == [("killed", "SystemExit: 143")]
+    assert not list((Path(fresh_home["NEXUS_DATA"]) / "processed" / "probe").glob(".termed.staging-*"))
+
+
 @pytest.mark.slow
 def test_concurrent_first_runs_on_a_fresh_home_all_succeed(fresh_home):
     children = [_child("quick", f"first{i}", fresh_home) for i in range(3)]

@@ -2,6 +2,7 @@
 
     python -m tests.support.crash_child hang READY_FILE   # a flow whose step hangs after writing a file
     python -m tests.support.crash_child quick NAME        # one tiny step through the runner, then exit
+    python -m tests.support.crash_child term READY_FILE   # a step (no flow) that hangs; the parent SIGTERMs it
 
 NEXUS_HOME, NEXUS_DATA, MLFLOW_TRACKING_URI and (for ``hang``) PREFECT_API_URL come from the environment.
 """
@@ -43,6 +44,9 @@ def main() -> None:
     mode, arg = sys.argv[1], sys.argv[2]
     if mode == "quick":
         run_step(run_probe, ProbeConfig(text=arg), name=arg)
+        return
+    if mode == "term":
+        run_step(run_probe, ProbeConfig(ready=arg), name="termed")
         return
     from prefect import flow
 

@@ -181,6 +181,10 @@ def test_a_second_trainer_in_the_same_work_dir_is_refused_until_the_first_dies(t
 def test_run_status_killed_for_signals_failed_for_errors():
     assert lineage.end_status(KeyboardInterrupt()) == "KILLED"
     assert lineage.end_status(Killed("sft: killed by signal 9")) == "KILLED"
+    assert lineage.end_status(SystemExit(143)) == "KILLED"  # SIGTERM outside Prefect (runner.sigterm_exits)
+    from prefect.exceptions import TerminationSignal
+
+    assert lineage.end_status(TerminationSignal(15)) == "KILLED"  # SIGTERM inside a Prefect flow run
     assert lineage.end_status(StepError("bad")) == "FAILED"
     assert lineage.end_status(RuntimeError("boom")) == "FAILED"
 
