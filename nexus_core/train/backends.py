@@ -131,6 +131,11 @@ def backend_problems(cfg: StageBase, gpu: bool) -> list[str]:
                             "(which the Trainer wraps models with) turns FSDP/DeepSpeed on only for accelerator "
                             "devices; on CPU its state is MULTI_CPU, which drops the plugin and would train plain DDP. "
                             "Use accelerate_config: ddp on CPU")
+        if setup.strategy == "fsdp" and cfg.adapters:
+            problems.append(f"{key}: {setup.path} is FSDP, and LoRA/QLoRA under it fails in the first training step "
+                            "(FSDP1 'AssertionError: as_params=True type(prim_param)=Tensor', seen on an H200 with "
+                            "this project's pins, with and without gradient checkpointing); train adapters with "
+                            "accelerate_config: ddp, or use finetune: full under FSDP")
         if setup.strategy == "deepspeed" and cfg.quantized:
             problems.append(f"{key}: DeepSpeed with a 4-bit base (qlora / load_in_4bit) is not supported by this "
                             "stage; use ddp or fsdp")

@@ -95,6 +95,9 @@ def test_missing_packages_and_cpu_only_setups_are_refused_before_training(tiny_m
     assert "liger_kernel: true needs the liger-kernel package" in msg
     msg = _refusal(tiny_model, refs, distributed="fsdp", num_processes=2)
     assert "distributed: " in msg and "fsdp.yaml is FSDP, which needs GPUs here" in msg and "MULTI_CPU" in msg
+    msg = _refusal(tiny_model, refs, distributed="fsdp", num_processes=2, finetune="lora")
+    assert "fsdp.yaml is FSDP, and LoRA/QLoRA under it fails in the first training step" in msg
+    assert "train adapters with accelerate_config: ddp" in msg
     msg = _refusal(tiny_model, refs, distributed="fsdp", accelerate_config="ddp")
     assert "distributed: fsdp, but accelerate_config ddp" in msg and "set only one of them" in msg
 
