@@ -110,3 +110,9 @@ def test_cli_dry_run_flag_becomes_the_dry_run_override():
 
     args = build_parser().parse_args(["run", "llm_train", "configs/train/tiny.yaml", "quick=true", "--dry-run"])
     assert args.dry_run and args.overrides == ["quick=true"]
+
+
+def test_every_training_recipe_is_in_the_recipes_readme():
+    table = (REPO / "configs" / "train" / "README.md").read_text()
+    missing = [p.name for p in sorted((REPO / "configs" / "train").glob("*.yaml")) if f"`{p.name}`" not in table]
+    assert not missing, f"configs/train/README.md does not document: {missing}"
