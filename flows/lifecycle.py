@@ -58,10 +58,23 @@ class LifecycleConfig(FlowConfig):
     train: LLMTrainConfig | None = Field(default=None, description="Training stages; the SFT dataset is dataset `sft`")
     evaluate: EvaluateConfig | None = Field(default=None, description="Evaluation of the trained model, with gates")
     compress: CompressConfig | None = Field(default=None, description="Compression; its release runs only if gates pass")
+    omni: LLMTrainConfig | None = Field(default=None, description="Multimodal conversion of the trained model: an "
+                                        "llm_train config with an `omni:` block (encoders) and mm stages; its base "
+                                        "model is the model training ended with")
     deployments: SectionDeployments = Field(default_factory=SectionDeployments,
                                             description="Sections to run as deployment runs on work pools")
     feedback: FeedbackLoopConfig = Field(default_factory=FeedbackLoopConfig,
                                          description="Feed the previous evaluation's failed samples to distill")
+
+    @model_validator(mode="after")
+    def _omni_composes(self) -> LifecycleConfig:
+        if self.omni is not None and self.omni.omni is None:
+            raise ValueError("omni: needs an `omni:` block naming the encoders (e.g. extends: "
+                             "../train/omni_tiny.yaml); without one it would be plain text training")
+        if self.omni is not None and self.omni.base_model:
+            raise ValueError("omni.base_model: the omni section starts from the model training ended with; "
+                             "leave base_model out (run llm_train on its own for another base)")
+        return self
 
     @model_validator(mode="after")
     def _feedback_has_a_source_and_a_use(self) -> LifecycleConfig:
@@ -105,6 +118,10 @@ def check_lifecycle(cfg: LifecycleConfig) -> list[str]:
         plan += [f"evaluate.{s}" for s in check_evaluate(cfg.evaluate, None, dataset)]
     if cfg.compress:
         plan += [f"compress.{s}" for s in check_compress(cfg.compress, None, None, None)]
+    if cfg.omni:
+        data = {k: resolve_ref(v, f"omni.datasets.{k}") for k, v in cfg.omni.datasets.items()}
+        check_stages(cfg.omni, None, data, referenced_models(cfg.omni))
+        plan += ["omni.compose", *(f"omni.{q}" for q in queue(cfg.omni))]
     return plan
 
 
@@ -158,10 +175,16 @@ def lifecycle(cfg: LifecycleConfig) -> LifecycleResult:
             ccfg = cfg.compress if passed is not False else cfg.compress.model_copy(update={"release": None})
             collect("compress", run_section(compress, ccfg, pools.compress, poll, model=model,
                                                   calibration=corpus.ref))
+        omni_model = None
+        if cfg.omni:  # the trained text model, composed with the encoders and taught to see (or hear)
+            o = run_section(llm_train, cfg.omni, pools.omni, poll, base_model=model)
+            collect("omni", o)
+            omni_model = o.final_model
         verdict = {None: "not evaluated", True: "promoted", False: "rejected by gates"}[passed]
     return LifecycleResult(flow="lifecycle", artifacts=artifacts, reused=reused, flow_run_id=flow_run.get_id(),
                            mlflow_run_id=mlflow_run_id, model=model, verdict=verdict,
-                           base_model_parameters=base.parameters, stages=stages, feedback_source=fed_back)
+                           base_model_parameters=base.parameters, stages=stages, feedback_source=fed_back,
+                           omni_model=omni_model)
 
 
 if __name__ == "__main__":

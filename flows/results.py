@@ -127,3 +127,5 @@ class LifecycleResult(FlowResult):
     stages: dict[str, dict[str, Any]] = Field(default_factory=dict, description="stage → its flow's summary")
     feedback_source: str | None = Field(default=None, description="The previous evaluation's feedback artifact "
                                                                   "distill took (feedback.use), if any")
+    omni_model: ArtifactRef | None = Field(default=None, description="The multimodal model of the omni section, "
+                                                                    "if any")

@@ -25,7 +25,8 @@ from flows.results import FlowResult
 from nexus_core.config import NexusModel, runtime_field
 from nexus_core.errors import NexusError
 
-SECTION_FLOWS = {"distill": "distill", "train": "llm_train", "evaluate": "evaluate", "compress": "compress"}
+SECTION_FLOWS = {"distill": "distill", "train": "llm_train", "evaluate": "evaluate", "compress": "compress",
+                 "omni": "llm_train"}
 
 
 class SectionDeployments(NexusModel):
@@ -40,9 +41,11 @@ class SectionDeployments(NexusModel):
                                  "'evaluate/cpu'); null: run in the lifecycle's process")
     compress: str | None = Field(default=None, description="Deployment of the compress flow, e.g. "
                                  "'compress/runpod-a100'; null: run in the lifecycle's process")
+    omni: str | None = Field(default=None, description="Deployment of the llm_train flow for the omni section, e.g. "
+                             "'llm_train/runpod-a100'; null: run in the lifecycle's process")
     poll_interval_s: float = runtime_field(10.0, "Seconds between checks on a section's deployment run", gt=0)
 
-    @field_validator("distill", "train", "evaluate", "compress")
+    @field_validator("distill", "train", "evaluate", "compress", "omni")
     @classmethod
     def _flow_matches(cls, value: str | None, info: Any) -> str | None:
         flow = SECTION_FLOWS[info.field_name]
