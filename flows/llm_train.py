@@ -5,13 +5,16 @@ model and producing a registered model artifact.
     nexus run llm_train configs/train/sft_lora.yaml base_model=models/my_base@v1 datasets.sft=distill/sft@v2
     nexus run llm_train configs/train/tiny.yaml --dry-run          # check every stage's data, print the queue
     nexus run llm_train configs/train/omni_tiny.yaml               # tiny base + SigLIP (omni) → mm_align → mm_sft
+    nexus run llm_train configs/train/omni_audio_tiny.yaml         # tiny base + Whisper (Qwen2-Audio) → same stages
 
 Every stage's dataset (and any model named by path, spec or hub id) is checked against its step's
 contract before the first stage starts, so a bad DPO dataset stops the run before SFT trains, and against the
 modalities of the model it trains (``images`` data on a text-only model: "modality validation failed").
 
 An ``omni:`` section composes the base with a vision encoder (``configs/encoders.yaml``) before the
-queue starts; its stages are then ``mm_align`` / ``mm_sft`` on ``messages`` + ``images`` data.
+queue starts; its stages are then ``mm_align`` / ``mm_sft`` on ``messages`` + ``images`` data. With
+``audio:`` (and ``vision: none``) it composes the audio sibling (Whisper encoder, Qwen2-Audio class)
+instead, trained on ``messages`` + ``audios`` data.
 
 In the lifecycle it takes the base model and the distilled dataset(s) as refs.
 """
@@ -41,7 +44,7 @@ from nexus_core.train.grpo import GRPOConfig, run_grpo
 from nexus_core.train.kd import KDConfig, run_kd
 from nexus_core.train.mm_train import MMAlignConfig, MMSFTConfig, run_mm_train
 from nexus_core.train.modalities import detect_modalities, queue_modality_problems
-from nexus_core.train.omni import OmniConfig, run_omni, vision_ref
+from nexus_core.train.omni import OmniConfig, audio_ref, run_omni, vision_ref
 from nexus_core.train.orpo import ORPOConfig, run_orpo
 from nexus_core.train.reward import RewardConfig, run_reward
 from nexus_core.train.sft import SFTConfig, run_sft
@@ -208,7 +211,8 @@ def check_stages(cfg: LLMTrainConfig, base: ArtifactRef | None, data: dict[str, 
     known: dict[str, ArtifactRef | None] = {"base": base, **named}
     planned = []
     if cfg.omni is not None:  # the omni step's inputs: the base, when known, and the vision encoder
-        planned.append((run_omni, cfg.omni, {"model": base, "vision": vision_ref(cfg.omni)}, "omni"))
+        planned.append((run_omni, cfg.omni, {"model": base, "vision": vision_ref(cfg.omni),
+                                             "audio": audio_ref(cfg.omni)}, "omni"))
     for s in cfg.stages:
         step_data = s.data_inputs(data)
         inputs = {"data": step_data.pop("data"), EVAL_INPUT: step_data.pop(EVAL_INPUT, None),
@@ -226,7 +230,8 @@ def base_modalities(cfg: LLMTrainConfig, base: ArtifactRef | None) -> list[str]:
     """What the stages' base takes: the base model's modalities (a tiny base: text), plus vision once the
     omni section has composed it with a vision encoder."""
     has = detect_modalities(base.path) if base is not None else ["text"]
-    return has + ["vision"] if cfg.omni is not None and "vision" not in has else has
+    added = "audio" if cfg.omni is not None and cfg.omni.audio else "vision"
+    return has + [added] if cfg.omni is not None and added not in has else has
 
 
 @flow(name="llm_train", log_prints=True)
@@ -246,7 +251,9 @@ def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
         if cfg.dry_run:
             described = describe_model(base.path) if base else {"modalities": ["text"],
                                                                "architecture": "tiny (built at run)"}
-            omni = (f"omni: vision encoder {cfg.omni.vision_spec()} → modalities "
+            enc = f"audio encoder {cfg.omni.audio_spec()}" if cfg.omni and cfg.omni.audio else (
+                f"vision encoder {cfg.omni.vision_spec()}" if cfg.omni else "")
+            omni = (f"omni: {enc} → modalities "
                     f"{', '.join(base_modalities(cfg, base))}\n") if cfg.omni else ""
             print(f"base model: {described}\n{omni}stage queue:\n  " + "\n  ".join(queue(cfg)))
             return LLMTrainResult.planned("llm_train", queue(cfg), mlflow_run_id, base_model=described)
@@ -258,7 +265,8 @@ def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
             steps["base_model"] = base_model_task(cfg.tiny_base, steps["ingest"].ref, name=f"{cfg.name}_base")
             base = steps["base_model"].ref
         if cfg.omni is not None:
-            steps["omni"] = train_omni(cfg.omni, base, vision_ref(cfg.omni), name=f"{cfg.name}_omni")
+            steps["omni"] = train_omni(cfg.omni, base, vision_ref(cfg.omni), name=f"{cfg.name}_omni",
+                                       audio=audio_ref(cfg.omni))
             base = steps["omni"].ref
         models: dict[str, ArtifactRef | None] = {"base": base, **named}
         current, registered = base, {}

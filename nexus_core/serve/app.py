@@ -20,6 +20,11 @@ a bad request gets its 4xx and its batch mates are not touched. Parsing, chat te
 tokenising run in worker threads, never on the event loop. ``response_format`` (other than text) and
 ``tools`` are refused with 400: this server does not constrain decoding or call tools. A client
 that disconnects cancels its generation, streaming or not.
+
+Media in chat content parts: ``image_url`` (``data:image/...;base64`` URIs) for a model that takes
+images, ``input_audio`` (``{"data": <base64 WAV>, "format": "wav"}``, PCM, resampled to the encoder's
+rate, at most its window long) for a model that takes audio; other models, bad base64, another format
+or an undecodable clip get a 400 naming the part.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from nexus_core.serve.engine import Engine, GenRequest, Sampling
+from nexus_core.train.audio import AudioSpec
 
 
 def hash_api_key(key: str) -> str:
@@ -188,11 +194,14 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
         top = body.top_logprobs or 0
         if top and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-        messages, images = _normalise_messages(body.messages, eng.vision)
+        messages, images = _normalise_messages(body.messages, eng.vision, eng.audio)
         _check_text_length(eng, sum(len(_text_of(m["content"])) for m in messages), "messages")
-        pixels = None
+        pixels = clips = None
         try:
-            if images:
+            if images and eng.audio:  # an audio model's media are its clips
+                ids, clips = await run_in_threadpool(eng.audio_chat_prompt, messages, images)
+                prompts = [ids]
+            elif images:
                 ids, pixels = await run_in_threadpool(eng.image_chat_prompt, messages, images)
                 prompts = [ids]
             else:
@@ -203,7 +212,7 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
                            param="messages") from exc
         sampling = _sampling(body, eng, prompts, body.max_completion_tokens or body.max_tokens or default_max_tokens,
                              body.logprobs, top)
-        return await _respond(request, "chat", body, eng, prompts, sampling, metrics, limits, pixels)
+        return await _respond(request, "chat", body, eng, prompts, sampling, metrics, limits, pixels, clips)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -382,9 +391,12 @@ def _engine(engines: dict[str, Engine], name: str) -> Engine:
     return eng
 
 
-def _normalise_messages(messages: list[dict[str, Any]], vision: bool = False) -> tuple[list[dict[str, Any]], list[Any]]:
+def _normalise_messages(messages: list[dict[str, Any]], vision: bool = False,
+                        audio: AudioSpec | None = None) -> tuple[list[dict[str, Any]], list[Any]]:
     """Messages with string content, or (for a model that takes images) text and image parts; and the
-    images of the ``image_url`` parts (data URIs), decoded, in order. Other parts are dropped."""
+    images of the ``image_url`` parts (data URIs), decoded, in order. For a model that takes audio
+    (``audio``: its clips' spec), ``input_audio`` parts likewise, their clips decoded in the list.
+    Other parts are dropped."""
     out, images = [], []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
@@ -400,9 +412,15 @@ def _normalise_messages(messages: list[dict[str, Any]], vision: bool = False) ->
                                             f"encoder); image parts are refused", param="messages")
                     images.append(_data_uri_image(part.get("image_url"), f"messages[{i}].content[{j}]"))
                     parts.append({"type": "image"})
+                elif kind == "input_audio":
+                    if audio is None:
+                        raise APIError(400, f"messages[{i}].content[{j}]: this model takes no audio (no audio "
+                                            f"encoder); input_audio parts are refused", param="messages")
+                    images.append(_input_audio(part.get("input_audio"), audio, f"messages[{i}].content[{j}]"))
+                    parts.append({"type": "audio"})
                 elif isinstance(part, dict) and isinstance(part.get("text"), str):
                     parts.append({"type": "text", "text": part["text"]})
-            content = parts if images and vision else "".join(p.get("text", "") for p in parts)
+            content = parts if images and (vision or audio) else "".join(p.get("text", "") for p in parts)
         if content is not None and not isinstance(content, str | list):
             raise APIError(400, f"messages[{i}].content: must be a string or a list of content parts",
                            param="messages")
@@ -431,6 +449,29 @@ def _data_uri_image(value: Any, where: str) -> Any:
             return im.convert("RGB")
     except (binascii.Error, OSError, UnidentifiedImageError, ValueError) as exc:
         raise APIError(400, f"{where}: the image cannot be decoded ({type(exc).__name__})", param="messages") from exc
+
+
+def _input_audio(value: Any, spec: AudioSpec, where: str) -> Any:
+    """The samples of an ``input_audio`` part (``{"data": <base64>, "format": "wav"}``) at the model's rate."""
+    import base64
+    import binascii
+
+    from nexus_core.train.audio import load_audio
+
+    if not isinstance(value, dict) or not isinstance(value.get("data"), str):
+        raise APIError(400, f"{where}: input_audio must be {{\"data\": <base64>, \"format\": \"wav\"}}",
+                       param="messages")
+    if value.get("format") != "wav":
+        raise APIError(400, f"{where}: input_audio format {value.get('format')!r} is not supported; this server "
+                            f"decodes PCM WAV only (format: wav)", param="messages")
+    try:
+        raw = base64.b64decode(value["data"], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise APIError(400, f"{where}: input_audio data is not valid base64", param="messages") from exc
+    try:
+        return load_audio(raw, spec)
+    except ValueError as exc:
+        raise APIError(400, f"{where}: the audio {exc}", param="messages") from exc
 
 
 def _sampling(body: _Common, eng: Engine, prompts: list[list[int]], max_tokens: int, logprobs: bool,
@@ -477,10 +518,11 @@ class _Disconnected(Exception):
 
 
 async def _respond(request: Request, kind: str, body: _Common, eng: Engine, prompts: list[list[int]],
-                   sampling: Sampling, metrics: Metrics, limits: _Limits, pixel_values: Any = None) -> Response:
+                   sampling: Sampling, metrics: Metrics, limits: _Limits, pixel_values: Any = None,
+                   audio_features: Any = None) -> Response:
     endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
     req = GenRequest(prompts=prompts, sampling=sampling, n=body.n, loop=asyncio.get_running_loop(),
-                     events=asyncio.Queue(), pixel_values=pixel_values)
+                     events=asyncio.Queue(), pixel_values=pixel_values, audio_features=audio_features)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     start = time.perf_counter()

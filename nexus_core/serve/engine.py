@@ -32,6 +32,11 @@ A model that takes images (a LLaVA-style directory, ``detect_modalities`` says `
 ``AutoModelForImageTextToText`` and its ``AutoProcessor``; a chat request's images are preprocessed with
 the prompt (:meth:`Engine.image_chat_prompt`) and their ``pixel_values`` go into the prefill of each of
 its rows (again when a preempted row rejoins); decoding steps need only the new tokens.
+
+A model that takes audio (the omni stage's Qwen2-Audio sibling, ``detect_modalities`` says ``audio``)
+loads with ``AutoModelForSeq2SeqLM`` (the Auto class transformers registers ``qwen2_audio`` under) and its
+``AutoProcessor``; a chat request's clips go through the processor with the prompt
+(:meth:`Engine.audio_chat_prompt`) and their ``input_features`` join the prefill the same way.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from typing import Any
 
 from nexus_core.errors import InputError
 from nexus_core.models.io import from_pretrained_safe, load_causal_lm
+from nexus_core.train.audio import AudioSpec, audio_spec
 from nexus_core.train.modalities import detect_modalities
 
 log = logging.getLogger(__name__)
@@ -81,6 +87,7 @@ class GenRequest:
     sampling: Sampling
     n: int = 1
     pixel_values: Any = None  # the images of prompts[0] (chat requests with image parts), preprocessed
+    audio_features: Any = None  # the clips of prompts[0]: {"input_features", "feature_attention_mask"}
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False
@@ -122,7 +129,18 @@ class Engine:
         self.path = str(path)
         self.vision = (Path(path) / "config.json").is_file() and "vision" in detect_modalities(path)
         self.processor: Any = None
-        if self.vision:
+        # what the model's clips must be (its rate, its encoder's window); None: it takes no audio
+        self.audio: AudioSpec | None = None
+        if (Path(path) / "config.json").is_file() and "audio" in detect_modalities(path):
+            from transformers import AutoModelForSeq2SeqLM, AutoProcessor
+
+            self.processor = AutoProcessor.from_pretrained(str(path))
+            self.model = from_pretrained_safe(AutoModelForSeq2SeqLM, path, dtype=getattr(torch, dtype)).eval()
+            self.tokenizer = self.processor.tokenizer
+            self.audio = audio_spec(path, float("inf"))
+            if draft_path:
+                raise InputError(f"draft model {draft_path}: speculative decoding is not built for audio models")
+        elif self.vision:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
             self.processor = AutoProcessor.from_pretrained(str(path))
@@ -206,6 +224,15 @@ class Engine:
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         enc = self.processor(text=[text], images=images, return_tensors="pt")
         return enc["input_ids"][0].tolist(), enc["pixel_values"]
+
+    def audio_chat_prompt(self, messages: list[dict[str, Any]], clips: list[Any]) -> tuple[list[int], Any]:
+        """Token ids (each clip's placeholder expanded) and the clips' ``input_features`` +
+        ``feature_attention_mask`` of a chat whose content parts hold ``{"type": "audio"}`` entries, one per
+        clip (float samples at the processor's rate) in order."""
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        rate = self.processor.feature_extractor.sampling_rate
+        enc = self.processor(text=[text], audio=clips, sampling_rate=rate, return_tensors="pt")
+        return enc["input_ids"][0].tolist(), {k: enc[k] for k in ("input_features", "feature_attention_mask")}
 
     def text_prompt(self, text: str) -> list[int]:
         """Token ids of a raw completion prompt."""
@@ -398,6 +425,10 @@ class Engine:
         # every row of a request with images carries their tokens: one copy of its pixels per row, in row order
         pixels = [r.req.pixel_values for r in rows if r.req.pixel_values is not None]
         extra = {"pixel_values": torch.cat(pixels).to(dev, self.model.dtype)} if pixels else {}
+        clips = [r.req.audio_features for r in rows if r.req.audio_features is not None]
+        if clips:  # likewise one copy of a request's clips per row
+            extra["input_features"] = torch.cat([c["input_features"] for c in clips]).to(dev, self.model.dtype)
+            extra["feature_attention_mask"] = torch.cat([c["feature_attention_mask"] for c in clips]).to(dev)
         with torch.inference_mode():
             out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                              use_cache=True, **extra)

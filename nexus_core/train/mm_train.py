@@ -2,7 +2,7 @@
 
 - ``mm_align`` — projector alignment on caption pairs: the vision tower and the LLM are frozen, only
   ``multi_modal_projector`` learns to map image features into the LLM's embedding space.
-- ``mm_sft`` — visual instruction tuning: LoRA adapters on the LLM's linear layers (never the tower's
+- ``mm_sft`` — visual (or audio) instruction tuning: LoRA adapters on the LLM's linear layers (never the tower's
   or the projector's), the projector trained in full beside them (peft ``modules_to_save``);
   ``train_vision_tower`` unfreezes the tower too. ``finetune: full`` trains the whole LLM instead.
 
@@ -10,6 +10,11 @@ Data: ``messages`` + ``images`` rows (:mod:`nexus_core.train.mm_data`). Before a
 that the model takes every modality the data needs (``modality validation failed`` otherwise) and reads
 every image. Training runs in ``transformers.Trainer`` under the same controller as the text stages
 (:func:`nexus_core.train.control.fit`: pause/resume signals, checkpoints in the step's work dir, resume).
+
+The audio composite (``Qwen2AudioForConditionalGeneration``, an omni section with ``audio:``) trains the
+same way on ``messages`` + ``audios`` rows (:mod:`nexus_core.train.audio_data`): its ``multi_modal_projector``
+aligns, LoRA goes on its ``language_model``, ``train_vision_tower`` unfreezes its ``audio_tower``; it loads
+with ``AutoModelForSeq2SeqLM``, the Auto class transformers registers ``qwen2_audio`` under.
 
 Output: the model artifact: the merged model + processor at the root (``AutoModelForImageTextToText``
 / ``AutoProcessor`` load it), ``adapter/`` for LoRA (adapters + the trained projector), config.yaml.
@@ -30,6 +35,8 @@ from nexus_core.context import StepContext
 from nexus_core.contract import model as model_input
 from nexus_core.contract import step, table
 from nexus_core.errors import InputError
+from nexus_core.train.audio import AudioSpec, audio_spec, is_audio_model
+from nexus_core.train.audio_data import AudioCollator, audio_records, encode_audio_mm
 from nexus_core.train.common import (
     StageBase,
     TrainResult,
@@ -57,6 +64,10 @@ class MMStageBase(StageBase):
                                          "to (default: the data file's folder, or the dataset artifact's)")
     max_skipped: float = Field(default=0.0, ge=0, le=1, description="Share of rows with bad media that may be "
                                "skipped and counted; 0: the first bad row stops the stage")
+    max_audio_seconds: float = Field(default=30.0, gt=0, description="A longer audio clip is bad media (named "
+                                     "row); the encoder's window (Whisper: 30 s) caps it too")
+    resample_audio: bool = Field(default=True, description="Resample clips to the encoder's rate; false: "
+                                 "another rate is bad media ('wrong sample rate')")
     train_vision_tower: bool = Field(default=False, description="Unfreeze the vision tower too")
     assistant_only_loss: bool = Field(default=True, description="Loss on the assistant turns only")
 
@@ -115,13 +126,21 @@ def check_modalities(model_path: Path, columns: list[str], method: str) -> None:
 
 
 @step(area="train", kind="model", inputs={"model": model_input(description="a model with a vision tower"),
-                                          "data": table(one_of=[("messages", "images")])})
+                                          "data": table(one_of=[("messages", "images"), ("messages", "audios")])})
 def run_mm_train(cfg: MMAlignConfig | MMSFTConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
                  ctx: StepContext) -> MMResult:
     """Check modalities and every image, train (here or in child processes), save the model artifact."""
     base = model_dir(inputs.get("model"))
     df, where = load_rows(inputs["data"])
     check_modalities(base, df.columns, cfg.method)
+    if is_audio_model(base):  # the audio sibling: clips decoded and checked instead of images
+        _, skipped = audio_records(df, where, media_root(cfg, inputs["data"]), stage_audio(cfg, base), cfg.max_skipped)
+        if skipped:
+            ctx.info(f"{cfg.method}: skipped {skipped} of {df.height} rows with bad audio (max_skipped={cfg.max_skipped})")
+        preflight(cfg)
+        m = run_stage(_train, cfg, inputs, out_uri, cfg.method, ctx)
+        return MMResult.from_metrics(m, method=cfg.method, trainable_params=int(m["trainable_params"]),
+                                     total_params=int(m["total_params"]), skipped_rows=skipped)
     _, skipped = mm_records(df, where, media_root(cfg, inputs["data"]), cfg.max_skipped)
     if skipped:
         ctx.info(f"{cfg.method}: skipped {skipped} of {df.height} rows with bad media (max_skipped={cfg.max_skipped})")
@@ -135,18 +154,22 @@ def lora_targets(model) -> str:  # noqa: ANN001
     """A peft regex for the LLM's linear layers only (not the tower's, not the projector's)."""
     import torch
 
-    leaves = sorted({n.rsplit(".", 1)[-1] for n, mod in model.model.language_model.named_modules()
-                     if isinstance(mod, torch.nn.Linear)})
-    return rf"^model\.language_model\..*\.({'|'.join(map(re.escape, leaves))})$"
+    if model.config.model_type == "qwen2_audio":  # Qwen2-Audio: language_model is the whole causal LM
+        llm, prefix = model.language_model.model, r"^language_model\.model\."
+    else:
+        llm, prefix = model.model.language_model, r"^model\.language_model\."
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, mod in llm.named_modules() if isinstance(mod, torch.nn.Linear)})
+    return rf"{prefix}.*\.({'|'.join(map(re.escape, leaves))})$"
 
 
 def prepare_model(cfg: MMAlignConfig | MMSFTConfig, base: Path):  # noqa: ANN201
     """The model with the stage's trainable set: projector (always), LoRA or full LLM (mm_sft), tower."""
     import torch
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, AutoModelForSeq2SeqLM
 
     dtype = torch.bfloat16 if cfg.precision == "pure_bf16" or (cfg.adapters and use_bf16(cfg)) else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=dtype)
+    audio = is_audio_model(base)  # qwen2_audio is registered under AutoModelForSeq2SeqLM
+    model = (AutoModelForSeq2SeqLM if audio else AutoModelForImageTextToText).from_pretrained(str(base), dtype=dtype)
     model.requires_grad_(False)
     if cfg.method == "mm_sft" and cfg.adapters:
         from peft import LoraConfig, get_peft_model
@@ -157,6 +180,11 @@ def prepare_model(cfg: MMAlignConfig | MMSFTConfig, base: Path):  # noqa: ANN201
             model.enable_input_require_grads()
         model = get_peft_model(model, lora)
         inner: Any = model.base_model.model
+    elif audio:  # Qwen2-Audio keeps its parts at the top: projector, language_model (with lm_head)
+        inner = model
+        getattr(inner, PROJECTOR).requires_grad_(True)
+        if cfg.method == "mm_sft":
+            inner.language_model.requires_grad_(True)
     else:
         inner = model
         getattr(inner.model, PROJECTOR).requires_grad_(True)
@@ -164,7 +192,7 @@ def prepare_model(cfg: MMAlignConfig | MMSFTConfig, base: Path):  # noqa: ANN201
             inner.model.language_model.requires_grad_(True)
             inner.lm_head.requires_grad_(True)
     if cfg.train_vision_tower:
-        inner.model.vision_tower.requires_grad_(True)
+        (inner.audio_tower if audio else inner.model.vision_tower).requires_grad_(True)
     return model
 
 
@@ -178,6 +206,8 @@ def _train(cfg: MMAlignConfig | MMSFTConfig, inputs: dict[str, ArtifactRef], out
     from nexus_core.train.control import fit
 
     base = model_dir(inputs["model"])
+    if is_audio_model(base):
+        return _train_audio(cfg, inputs, out_uri, ctx, base)
     df, where = load_rows(inputs["data"])
     records, _ = mm_records(df, where, media_root(cfg, inputs["data"]), cfg.max_skipped)
     processor = AutoProcessor.from_pretrained(str(base))
@@ -212,3 +242,42 @@ def save(cfg: MMAlignConfig | MMSFTConfig, model, processor, base: Path, out: Pa
     processor.save_pretrained(out)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(
         {"method": cfg.method, "base_model": str(base), **cfg.model_dump(mode="json")}, sort_keys=False))
+
+
+def stage_audio(cfg: MMStageBase, base: Path) -> AudioSpec:
+    """How this stage reads clips for the audio model in ``base`` (its rate and window, the stage's limits)."""
+    return audio_spec(base, cfg.max_audio_seconds, cfg.resample_audio)
+
+
+def _train_audio(cfg: MMAlignConfig | MMSFTConfig, inputs: dict[str, ArtifactRef], out_uri: str,
+                 ctx: StepContext, base: Path) -> dict[str, float]:
+    """:func:`_train` for the audio composite: ``audios`` rows, clip tokens, ``input_features`` batches."""
+    from datasets import Dataset
+    from transformers import AutoProcessor, Trainer, TrainingArguments
+
+    from nexus_core.train.common import is_main_process
+    from nexus_core.train.control import fit
+
+    df, where = load_rows(inputs["data"])
+    spec = stage_audio(cfg, base)
+    records, _ = audio_records(df, where, media_root(cfg, inputs["data"]), spec, cfg.max_skipped)
+    processor = AutoProcessor.from_pretrained(str(base))
+    model = prepare_model(cfg, base)
+    rows = []
+    for i, r in enumerate(records):
+        try:
+            rows.append(encode_audio_mm(processor, r, spec, cfg.max_length, cfg.assistant_only_loss))
+        except InputError as exc:
+            raise InputError(f"{where}: row {i}: {exc}") from None
+    args = TrainingArguments(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), remove_unused_columns=False))
+    collator = AudioCollator(processor.feature_extractor, processor.tokenizer.pad_token_id, spec)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collator,
+                      processing_class=processor)
+    before = param_snapshot(model)
+    metrics = fit(trainer, cfg, ctx)
+    metrics.update(param_delta(before, model))
+    metrics["trainable_params"] = float(sum(t.numel() for t in before.values()))
+    metrics["total_params"] = float(sum(p.numel() for p in model.parameters()))
+    if is_main_process():
+        save(cfg, trainer.accelerator.unwrap_model(trainer.model), processor, base, Path(out_uri))
+    return metrics

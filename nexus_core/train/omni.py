@@ -12,11 +12,12 @@ Design (how LLaVA, LLaMA-Factory and TRL build understanding models on transform
   ``<image>`` special token + a chat template that accepts OpenAI-style content parts
   (``{"type": "image"}`` / ``{"type": "text"}``) in front of the LLM's own template (parts are flattened
   to text with ``<image>`` placeholders, then the LLM's template renders as before).
-- **Audio is a documented sibling, not built yet.** No class registered for ``AutoModelForImageTextToText``
-  in transformers 4.57 composes an arbitrary text LLM with both SigLIP and a Whisper encoder
-  (Qwen2.5-Omni's thinker, Phi-4-multimodal and Gemma 3n carry their own text models). The audio path
-  will be ``Qwen2AudioForConditionalGeneration`` (Whisper-style encoder → projector → any causal LM via
-  ``text_config``, ``WhisperFeatureExtractor`` in its processor), a sibling model of the same LLM.
+- **Audio is a documented sibling class** (``audio:``, with ``vision: none``). No class registered for
+  ``AutoModelForImageTextToText`` in transformers 4.57 composes an arbitrary text LLM with both SigLIP and
+  a Whisper encoder (Qwen2.5-Omni's thinker, Phi-4-multimodal and Gemma 3n carry their own text models).
+  The audio path is ``Qwen2AudioForConditionalGeneration`` (Whisper encoder → linear projector → any
+  causal LM via ``text_config``, ``WhisperFeatureExtractor`` in its processor), a sibling model of the
+  same LLM that ``AutoModelForSeq2SeqLM`` / ``AutoProcessor`` load (:mod:`nexus_core.train.audio`).
 
 Weights are assigned, not copied through a random init: the composite is built on the meta device and
 the LLM's and tower's state dicts are assigned into it (a 7B LLM composes in the memory of its weights);
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from nexus_core.artifacts import ArtifactRef, atomic_write_text
 from nexus_core.config import NexusModel, PathOrName
@@ -39,6 +40,7 @@ from nexus_core.context import StepContext
 from nexus_core.contract import model, step
 from nexus_core.errors import InputError
 from nexus_core.runner import StepResult
+from nexus_core.train.audio import TinyAudioConfig, build_tiny_audio, compose_audio
 from nexus_core.train.chat import check_template, stage_tokenizer, template_reads
 from nexus_core.train.encoders import VISION_TYPES, TinyVisionConfig, build_tiny_vision, encoder_spec
 from nexus_core.train.modalities import detect_modalities
@@ -65,7 +67,8 @@ class OmniConfig(NexusModel):
     """Which encoders to compose with the text LLM, and the projector between them."""
 
     vision: str = Field(default="default", description="Vision encoder: a name under encoders.vision in "
-                        "configs/encoders.yaml, or a hub id / dir / NAME@vN; 'tiny' builds one from tiny_vision")
+                        "configs/encoders.yaml, or a hub id / dir / NAME@vN; 'tiny' builds one from tiny_vision; "
+                        "'none' with audio: (an audio model has no vision tower)")
     tiny_vision: TinyVisionConfig = Field(default_factory=TinyVisionConfig,
                                           description="Shape of the tiny vision tower (vision: tiny)")
     projector_act: str = Field(default="gelu", description="Activation between the projector's two layers")
@@ -73,10 +76,30 @@ class OmniConfig(NexusModel):
     chat_template: PathOrName | None = Field(default=None, description="Chat template for an LLM without one "
                                              "(a shipped name or a .jinja file); none: the LLM's own")
     seed: int = Field(default=0, description="Seed for the projector's initial weights")
+    audio: str | None = Field(default=None, description="Audio encoder (Whisper): a name under "
+                              "encoders.audio_input in configs/encoders.yaml, or a hub id / dir / NAME@vN; 'tiny' "
+                              "builds one from tiny_audio. Composes Qwen2AudioForConditionalGeneration, a sibling "
+                              "of the vision model (needs vision: none)")
+    tiny_audio: TinyAudioConfig = Field(default_factory=TinyAudioConfig,
+                                        description="Shape of the tiny Whisper encoder (audio: tiny)")
+
+    @model_validator(mode="after")
+    def _one_modality(self) -> OmniConfig:
+        if self.audio and self.vision != "none":
+            raise ValueError("audio: the audio model (Qwen2-Audio) and the vision model (LLaVA) are sibling classes; "
+                             "transformers has none that composes an arbitrary LLM with both. Set vision: none for "
+                             "an audio model (and compose vision in another config)")
+        if not self.audio and self.vision == "none":
+            raise ValueError("vision: none and no audio: there is nothing to compose")
+        return self
 
     def vision_spec(self) -> str:
         """The reference the ``vision`` choice stands for (``tiny`` for a built one)."""
         return encoder_spec(self.vision, "vision")
+
+    def audio_spec(self) -> str | None:
+        """The reference the ``audio`` choice stands for (``tiny`` for a built one; None: no audio)."""
+        return encoder_spec(self.audio, "audio_input") if self.audio else None
 
 
 class OmniResult(StepResult):
@@ -85,6 +108,7 @@ class OmniResult(StepResult):
     architecture: str
     modalities: list[str]
     image_tokens: int = Field(description="Tokens each image takes in the LLM's sequence")
+    audio_tokens: int = Field(default=0, description="Most tokens one clip takes (an audio model)")
     projector_params: int
 
 
@@ -94,7 +118,15 @@ def vision_ref(cfg: OmniConfig) -> ArtifactRef | None:
     from nexus_core.models.io import resolve_model
 
     spec = cfg.vision_spec()
-    return None if spec == "tiny" else resolve_model(spec, "omni.vision")
+    return None if spec in ("tiny", "none") else resolve_model(spec, "omni.vision")
+
+
+def audio_ref(cfg: OmniConfig) -> ArtifactRef | None:
+    """The ``audio`` input of an omni config (as :func:`vision_ref`); None for tiny or no audio."""
+    from nexus_core.models.io import resolve_model
+
+    spec = cfg.audio_spec()
+    return None if spec in (None, "tiny") else resolve_model(spec, "omni.audio")
 
 
 def parts_template(template: str) -> str:
@@ -103,7 +135,8 @@ def parts_template(template: str) -> str:
 
 
 @step(area="train", kind="model", inputs={"model": model(description="the text LLM to give eyes"),
-                                          "vision": model(optional=True, description="the vision encoder")},
+                                          "vision": model(optional=True, description="the vision encoder"),
+                                          "audio": model(optional=True, description="the audio encoder")},
       reads=template_reads)
 def run_omni(cfg: OmniConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, ctx: StepContext) -> OmniResult:
     """Compose the LLM, the vision tower and a new projector; save model + processor; prove they load."""
@@ -114,6 +147,8 @@ def run_omni(cfg: OmniConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, c
     if has != ["text"]:
         raise InputError(f"omni: model {llm_dir} already takes {', '.join(has)}; omni composes a text-only LLM")
     check_template(cfg, llm_dir, "omni")
+    if cfg.audio:
+        return _run_audio(cfg, llm_dir, inputs, Path(out_uri), ctx)
     if cfg.vision_spec() == "tiny":
         vision_dir = build_tiny_vision(ctx.work_dir / "tiny_vision", cfg.tiny_vision)
     elif "vision" in inputs:
@@ -125,6 +160,24 @@ def run_omni(cfg: OmniConfig, *, inputs: dict[str, ArtifactRef], out_uri: str, c
     ctx.info(f"composed {result.architecture}: {result.image_tokens} tokens per image, "
              f"{result.projector_params} projector parameters")
     return result
+
+
+def _run_audio(cfg: OmniConfig, llm_dir: Path, inputs: dict[str, ArtifactRef], out: Path,
+               ctx: StepContext) -> OmniResult:
+    """The audio sibling: LLM + Whisper encoder + projector as Qwen2AudioForConditionalGeneration."""
+    if cfg.audio_spec() == "tiny":
+        audio_dir = build_tiny_audio(ctx.work_dir / "tiny_audio", cfg.tiny_audio)
+    elif "audio" in inputs:
+        audio_dir = inputs["audio"].path
+    else:
+        raise InputError(f"omni: audio encoder {cfg.audio!r} needs the 'audio' input (resolve it with audio_ref)")
+    made = compose_audio(cfg, llm_dir, audio_dir, out)
+    ctx.info(f"composed {made['architecture']}: up to {made['audio_tokens']} tokens per clip, "
+             f"{made['projector_params']} projector parameters")
+    return OmniResult(architecture=made["architecture"], modalities=detect_modalities(out), image_tokens=0,
+                      audio_tokens=made["audio_tokens"], projector_params=made["projector_params"],
+                      metrics={"parameters": float(made["parameters"]), "audio_tokens": float(made["audio_tokens"]),
+                               "projector_params": float(made["projector_params"])})
 
 
 def compose(cfg: OmniConfig, llm_dir: Path, vision_dir: Path, out: Path) -> OmniResult:
