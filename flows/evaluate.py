@@ -17,7 +17,7 @@ from flows.common import flow_lineage, main
 from flows.results import EvaluateResult
 from nexus_core.artifacts import ArtifactRef
 from nexus_core.config import FlowConfig, PathOrName, config_hash
-from nexus_core.contract import check_plan
+from nexus_core.contract import check_plan, columns_of
 from nexus_core.corpus.ingest import IngestConfig
 from nexus_core.errors import ConfigError
 from nexus_core.evaluate.feedback import FeedbackConfig, run_feedback
@@ -29,6 +29,7 @@ from nexus_core.evaluate.records import eval_run_id
 from nexus_core.evaluate.report import ReportConfig, run_report
 from nexus_core.evaluate.rubric import load_rubric
 from nexus_core.evaluate.score import ScoreConfig, run_score
+from nexus_core.evaluate.vqa import is_vqa, vqa_problems
 from nexus_core.io import resolve_ref
 from nexus_core.models.io import resolve_model
 from nexus_core.train.base_model import BaseModelConfig
@@ -76,6 +77,8 @@ def check_evaluate(cfg: EvaluateConfig, model: ArtifactRef | None, dataset: Arti
     rubric = load_rubric(cfg.judge.rubric)
     problems = rubric_problems(cfg.gates, rubric.names, f"{rubric.name!r} ({cfg.judge.rubric})")
     problems += harness_problems(cfg.harness)
+    if is_vqa(columns_of(dataset)):  # image rows: a model that sees, no text-only predict features
+        problems += vqa_problems(model, cfg.predict.perplexity, cfg.predict.labels)
     if problems:
         raise ConfigError(problems)
     return [label for _, _, _, label in planned]
@@ -97,7 +100,8 @@ def evaluate(cfg: EvaluateConfig, model: ArtifactRef | None = None,
         if cfg.dry_run:
             print("evaluate plan: " + " → ".join(plan))
             return EvaluateResult.planned("evaluate", plan, mlflow_run_id)
-        if dataset.kind == "raw" and dataset.path.is_file():  # a plain table file: version it first
+        # a plain table file: version it first (a VQA set is read in place: its images are relative to it)
+        if dataset.kind == "raw" and dataset.path.is_file() and not is_vqa(columns_of(dataset)):
             steps["dataset"] = ingest(
                 IngestConfig(sources=[cfg.dataset or dataset.uri], required_columns=["input", "output"],
                              dedupe_on=None), {"validation": dataset}, name=f"{cfg.name}_validation")

@@ -7,6 +7,7 @@ that the table has them and raises an InputError naming the file, metric and mis
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import string
@@ -140,6 +141,38 @@ def exact_match(references: Sequence[str | None], predictions: Sequence[str | No
     """Share of rows whose normalised prediction equals the normalised reference."""
     pairs = _pairs(references, predictions)
     return sum(normalize_text(r) == normalize_text(p) for r, p in pairs) / len(pairs) if pairs else float("nan")
+
+
+_ARTICLES = {"a", "an", "the"}
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+
+
+def normalize_vqa(text: str) -> str:
+    """VQA answer normalisation: lower-case, punctuation dropped, number words as digits, articles removed."""
+    words = text.lower().translate(_PUNCT).split()
+    return " ".join(_NUMBERS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def _accepted(answers: Any) -> list[str]:
+    values = json.loads(answers) if isinstance(answers, str) and answers.strip().startswith("[") else answers
+    return [str(v) for v in values] if isinstance(values, list | tuple) else [str(values)]
+
+
+@metric("reference", "prediction")
+def vqa_exact_match(references: Sequence[str | None], predictions: Sequence[str | None]) -> float:
+    """Share of rows whose VQA-normalised prediction equals the normalised reference answer."""
+    pairs = _pairs(references, predictions)
+    return sum(normalize_vqa(r) == normalize_vqa(p) for r, p in pairs) / len(pairs) if pairs else float("nan")
+
+
+@metric("answers", "prediction")
+def vqa_accuracy(answers: Sequence[Any], predictions: Sequence[str | None]) -> float:
+    """Share of rows whose VQA-normalised prediction is one of the row's accepted answers (a JSON list;
+    the VQA predict step fills it with the single answer when a row has no ``answers``)."""
+    pairs = _pairs(answers, predictions)
+    hits = sum(normalize_vqa(p) in {normalize_vqa(a) for a in _accepted(acc)} for acc, p in pairs)
+    return hits / len(pairs) if pairs else float("nan")
 
 
 def _refusal_rate(harmful: Sequence[Any], refused: Sequence[Any], want: bool) -> float:

@@ -30,12 +30,13 @@ import polars as pl
 from pydantic import Field
 
 from nexus_core.artifacts import ArtifactRef
-from nexus_core.config import NexusModel
+from nexus_core.config import NexusModel, PathOrName
 from nexus_core.context import StepContext
+from nexus_core.contract import columns_of, step, table
 from nexus_core.contract import model as model_dir
-from nexus_core.contract import step, table
 from nexus_core.errors import InputError
-from nexus_core.io import load_table, schema_of, write_parquet
+from nexus_core.evaluate.vqa import is_vqa, media_reads, media_root, predict_vqa, vqa_problems, vqa_rows
+from nexus_core.io import load_table, read_table, schema_of, write_parquet
 from nexus_core.runner import Cost, StepResult
 
 PASS_THROUGH = ("label", "target", "meta", "domain", "title", "abstract", "quality", "harmful")
@@ -56,6 +57,8 @@ class PredictConfig(NexusModel):
                                                        "the second is the positive class for AUROC")
     dtype: str = Field(default="float32", description="torch dtype to load the model in")
     seed: int = Field(default=0, description="Torch seed (generation is greedy; this pins any randomness)")
+    media_dir: PathOrName | None = Field(default=None, description="VQA sets: folder the rows' image paths are "
+                                         "relative to (default: the data file's folder)")
 
 
 class PredictResult(StepResult):
@@ -140,13 +143,21 @@ def _first_number(text: str | None) -> float | None:
     return float(m.group(0)) if m else None
 
 
+def _media_reads(cfg: PredictConfig, inputs: dict[str, ArtifactRef]) -> list[Path]:
+    return media_reads(inputs["dataset"], cfg.media_dir) if "dataset" in inputs else []
+
+
 @step(area="evaluate", inputs={"model": model_dir(),
-                               "dataset": table(one_of=[("input", "output"), ("prompt", "completion")])})
+                               "dataset": table(one_of=[("input", "output"), ("prompt", "completion"),
+                                                        ("question", "answer")])}, reads=_media_reads)
 def run_predict(cfg: PredictConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
                 ctx: StepContext) -> PredictResult:
-    """Generate a prediction for every validation row with the model in ``inputs['model']``."""
+    """Generate a prediction for every validation row with the model in ``inputs['model']``
+    (VQA rows with images: :mod:`nexus_core.evaluate.vqa`)."""
     import torch
 
+    if is_vqa(columns_of(inputs["dataset"])):
+        return _run_vqa(cfg, inputs, Path(out_uri), ctx)
     from nexus_core.models.compressed import QUANT_DIR
     from nexus_core.models.io import load_causal_lm
 
@@ -236,3 +247,38 @@ def run_predict(cfg: PredictConfig, *, inputs: dict[str, ArtifactRef], out_uri: 
                          runtime=runtime, rows_digest=rows_digest(cols["row_id"], texts),
                          metrics={"predict_seconds": seconds, "mean_generated_tokens": sum(n_gen) / max(1, len(n_gen))},
                          cost=Cost(provider="local", model=inputs["model"].path.name))
+
+
+def _run_vqa(cfg: PredictConfig, inputs: dict[str, ArtifactRef], out: Path, ctx: StepContext) -> PredictResult:
+    """Predictions for a VQA set: checked rows, the model's processor answers (nexus_core.evaluate.vqa)."""
+    import torch
+
+    ref, model = inputs["dataset"], inputs["model"]
+    problems = vqa_problems(model, cfg.perplexity, cfg.labels)
+    if problems:
+        raise InputError("; ".join(problems))
+    df = load_table(ref) if ref.path.is_dir() else read_table(ref.path)
+    if cfg.max_rows:
+        df = df.head(cfg.max_rows)
+    rows = vqa_rows(df, ref.uri, media_root(cfg.media_dir, ref))
+    torch.manual_seed(cfg.seed)
+    t_start = time.perf_counter()
+    cols = predict_vqa(model.path, rows, system_prompt=cfg.system_prompt, batch_size=cfg.batch_size,
+                       max_new_tokens=cfg.max_new_tokens, dtype=cfg.dtype,
+                       on_batch=lambda n: ctx.progress(n, len(rows), f"{n}/{len(rows)} answers"))
+    row_ids = [str(x) for x in df["row_id"].to_list()] if "row_id" in df.columns else [str(i) for i in range(df.height)]
+    table = pl.DataFrame({"row_id": row_ids, **cols})
+    for name in PASS_THROUGH:
+        if name in df.columns and name not in table.columns:
+            table = table.with_columns(df[name].alias(name))
+    write_parquet(table, out / "data.parquet")
+    fname = f"predictions_{cfg.run_id}.parquet"
+    shutil.copyfile(out / "data.parquet", out / fname)
+    seconds = time.perf_counter() - t_start
+    n_gen = cols["generated_tokens"]
+    return PredictResult(rows=table.height, columns=schema_of(table), run_id=cfg.run_id, predictions_file=fname,
+                         model_uri=model.uri, seconds_per_row=seconds / max(1, table.height),
+                         rows_digest=rows_digest(row_ids, [f"{q}\n{m}" for q, m in zip(cols["input"], cols["media"],
+                                                                                         strict=True)]),
+                         metrics={"predict_seconds": seconds, "mean_generated_tokens": sum(n_gen) / max(1, len(n_gen))},
+                         cost=Cost(provider="local", model=model.path.name))

@@ -2,8 +2,10 @@
 
 Layout (LLaMA-Factory's sharegpt convention): ``messages`` is a list of ``{"role", "content"}`` turns
 (or its JSON text), ``images`` a list of image files (or one file) relative to the media folder (the
-data file's folder unless the stage sets ``media_dir``). A turn's ``<image>`` placeholders mark where
-each image goes, in order; a row without placeholders gets its images in front of its first user turn.
+data file's folder unless the stage sets ``media_dir``); ``videos`` likewise, read as sampled frames
+(:mod:`nexus_core.train.video`: one ``<image>`` per frame where the row's ``<video>`` placeholder is).
+A turn's ``<image>`` placeholders mark where each image goes, in order; a row without placeholders
+gets its images in front of its first user turn.
 
 Bad media fails fast, naming the row: a missing or unreadable image, or a placeholder count that does
 not match the row's images. With ``max_skipped`` > 0 such rows are skipped and counted instead, as long
@@ -24,6 +26,7 @@ from typing import Any
 import polars as pl
 
 from nexus_core.errors import InputError
+from nexus_core.train.video import VideoSampling, frame_ref, load_visuals, place_videos, video_frames
 
 IMAGE_TOKEN = "<image>"
 IGNORE = -100
@@ -76,8 +79,23 @@ def to_parts(messages: list[dict[str, Any]], n_images: int) -> list[dict[str, An
     return out
 
 
-def mm_records(df: pl.DataFrame, where: str, media_root: Path, max_skipped: float = 0.0) -> tuple[list[dict], int]:
-    """Checked records ``{"messages": <parts>, "images": [paths]}`` and how many rows were skipped."""
+def _place_videos(messages: list[dict[str, Any]], images: list[str], clips: list[str], media_root: Path,
+                  sampling: VideoSampling) -> tuple[list[dict[str, Any]], list[str]] | str:
+    """Sample each clip's frames and put them where the row's ``<video>`` placeholders are, or why not."""
+    videos = []
+    for f in clips:
+        path = (media_root / f) if not Path(f).is_absolute() else Path(f)
+        frames = video_frames(path, sampling)
+        if isinstance(frames, str):
+            return f"video {f!r} ({path}) {frames}"
+        videos.append([frame_ref(path, k) for k in frames])
+    return place_videos(messages, images, videos)
+
+
+def mm_records(df: pl.DataFrame, where: str, media_root: Path, max_skipped: float = 0.0,
+               video: VideoSampling | None = None) -> tuple[list[dict], int]:
+    """Checked records ``{"messages": <parts>, "images": [paths]}`` and how many rows were skipped.
+    A row's ``videos`` become sampled frames in ``images`` (:mod:`nexus_core.train.video`, ``video``)."""
     if "messages" not in df.columns:
         raise InputError(f"{where}: missing column 'messages'; has: {', '.join(df.columns)}")
     records, bad = [], []
@@ -85,12 +103,19 @@ def mm_records(df: pl.DataFrame, where: str, media_root: Path, max_skipped: floa
         try:
             messages = _as_list(row["messages"])
             files = [str(f) for f in _as_list(row.get("images"))]
+            clips = [str(f) for f in _as_list(row.get("videos"))]
         except (ValueError, TypeError) as exc:
             bad.append(f"row {i}: messages/images are not lists ({exc})")
             continue
         paths = [(media_root / f) if not Path(f).is_absolute() else Path(f) for f in files]
         problem = next((f"image {f!r} ({p}) {why}" for f, p in zip(files, paths, strict=True)
                         if (why := check_image(p))), None)
+        if problem is None and clips:
+            placed = _place_videos(messages, [str(p) for p in paths], clips, media_root, video or VideoSampling())
+            if isinstance(placed, str):
+                problem = placed
+            else:
+                messages, paths = placed[0], [Path(p) for p in placed[1]]
         parts = to_parts(messages, len(paths)) if problem is None else problem
         if isinstance(parts, str):
             bad.append(f"row {i}: {parts}")
@@ -144,7 +169,6 @@ class MMCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """The model's keyword arguments for one batch (right padding)."""
         import torch
-        from PIL import Image
 
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -158,9 +182,7 @@ class MMCollator:
         batch: dict[str, Any] = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         images = []
         for r in rows:
-            for f in r["images"]:
-                with Image.open(f) as im:
-                    images.append(im.convert("RGB"))
+            images.extend(load_visuals(r["images"]))  # still images and video frames
         if images:
             batch["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return batch

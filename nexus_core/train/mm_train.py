@@ -53,6 +53,7 @@ from nexus_core.train.data import load_rows
 from nexus_core.train.launch import run_stage
 from nexus_core.train.mm_data import MMCollator, encode_mm, mm_records
 from nexus_core.train.modalities import detect_modalities, modality_problems, needed_by_columns
+from nexus_core.train.video import VideoSampling
 
 PROJECTOR = "multi_modal_projector"
 
@@ -70,6 +71,14 @@ class MMStageBase(StageBase):
                                  "another rate is bad media ('wrong sample rate')")
     train_vision_tower: bool = Field(default=False, description="Unfreeze the vision tower too")
     assistant_only_loss: bool = Field(default=True, description="Loss on the assistant turns only")
+    video_fps: float = Field(default=1.0, gt=0, description="Video frames sampled per second of play time "
+                             "(each frame is one <image> block in the prompt)")
+    video_max_frames: int = Field(default=8, ge=1, description="Most frames taken from one video, spread evenly")
+    video_max_seconds: float = Field(default=600.0, gt=0, description="A longer video is bad media (named row)")
+
+    def video_sampling(self) -> VideoSampling:
+        """How this stage samples a row's videos into frames."""
+        return VideoSampling(self.video_fps, self.video_max_frames, self.video_max_seconds)
 
     @model_validator(mode="after")
     def _supported(self) -> MMStageBase:
@@ -126,7 +135,8 @@ def check_modalities(model_path: Path, columns: list[str], method: str) -> None:
 
 
 @step(area="train", kind="model", inputs={"model": model_input(description="a model with a vision tower"),
-                                          "data": table(one_of=[("messages", "images"), ("messages", "audios")])})
+                                          "data": table(one_of=[("messages", "images"), ("messages", "audios"),
+                                                                ("messages", "videos")])})
 def run_mm_train(cfg: MMAlignConfig | MMSFTConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
                  ctx: StepContext) -> MMResult:
     """Check modalities and every image, train (here or in child processes), save the model artifact."""
@@ -141,7 +151,7 @@ def run_mm_train(cfg: MMAlignConfig | MMSFTConfig, *, inputs: dict[str, Artifact
         m = run_stage(_train, cfg, inputs, out_uri, cfg.method, ctx)
         return MMResult.from_metrics(m, method=cfg.method, trainable_params=int(m["trainable_params"]),
                                      total_params=int(m["total_params"]), skipped_rows=skipped)
-    _, skipped = mm_records(df, where, media_root(cfg, inputs["data"]), cfg.max_skipped)
+    _, skipped = mm_records(df, where, media_root(cfg, inputs["data"]), cfg.max_skipped, cfg.video_sampling())
     if skipped:
         ctx.info(f"{cfg.method}: skipped {skipped} of {df.height} rows with bad media (max_skipped={cfg.max_skipped})")
     preflight(cfg)
@@ -209,7 +219,7 @@ def _train(cfg: MMAlignConfig | MMSFTConfig, inputs: dict[str, ArtifactRef], out
     if is_audio_model(base):
         return _train_audio(cfg, inputs, out_uri, ctx, base)
     df, where = load_rows(inputs["data"])
-    records, _ = mm_records(df, where, media_root(cfg, inputs["data"]), cfg.max_skipped)
+    records, _ = mm_records(df, where, media_root(cfg, inputs["data"]), cfg.max_skipped, cfg.video_sampling())
     processor = AutoProcessor.from_pretrained(str(base))
     model = prepare_model(cfg, base)
     seq = int(model.config.image_seq_length)

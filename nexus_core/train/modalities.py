@@ -27,7 +27,8 @@ _MARKERS = {
     "audio": ("audio_config", "audio_token_index", "audio_token_id"),
 }
 # data columns (the sharegpt convention) and the modality each needs
-MEDIA_COLUMNS = {"images": "vision", "videos": "video", "audios": "audio"}
+# (videos are read as sampled frames, one image each, so a vision tower takes them)
+MEDIA_COLUMNS = {"images": "vision", "videos": "vision", "audios": "audio"}
 # stage methods that train a model with encoders; the others train text-only causal LMs
 MULTIMODAL_METHODS = ("mm_align", "mm_sft")
 
@@ -54,7 +55,7 @@ def detect_modalities(model_dir: str | Path) -> list[str]:
 def needed_by_columns(columns: Iterable[str]) -> list[str]:
     """Modalities a dataset with these columns needs: ``text`` plus one per media column."""
     cols = set(columns)
-    return ["text", *(m for c, m in MEDIA_COLUMNS.items() if c in cols)]
+    return ["text", *dict.fromkeys(m for c, m in MEDIA_COLUMNS.items() if c in cols)]
 
 
 def modality_problems(needs: Iterable[str], has: Iterable[str], model: str, where: str) -> list[str]:
