@@ -122,8 +122,9 @@ def predict_vqa(model_path: Path, rows: list[dict[str, Any]], *, system_prompt: 
                 max_new_tokens: int, dtype: str, on_batch: Callable[[int], None]) -> dict[str, list[Any]]:
     """Generate an answer per row with the model's own processor; the predictions table's columns."""
     import torch
-    from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from nexus_core.io.images import open_upright
 
     model = AutoModelForImageTextToText.from_pretrained(str(model_path), dtype=getattr(torch, dtype))
     processor = AutoProcessor.from_pretrained(str(model_path))
@@ -140,9 +141,7 @@ def predict_vqa(model_path: Path, rows: list[dict[str, Any]], *, system_prompt: 
             msgs.append({"role": "user", "content": [*({"type": "image"} for _ in r["paths"]),
                                                      {"type": "text", "text": r["question"]}]})
             texts.append(processor.apply_chat_template(msgs, add_generation_prompt=True))
-            for p in r["paths"]:
-                with Image.open(p) as im:
-                    images.append(im.convert("RGB"))
+            images += [open_upright(p) for p in r["paths"]]  # EXIF orientation applied, as in training
         enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
         enc.pop("token_type_ids", None)
         t0 = time.perf_counter()

@@ -125,13 +125,11 @@ def fit(img: Image.Image, height: int, width: int, at: tuple[float, float], resa
 
 
 def open_upright(path: str, mode: str) -> Image.Image:
-    """Decode ``path`` fully, turned upright by its EXIF orientation, converted to ``mode``."""
-    from PIL import Image, ImageOps
+    """Decode ``path`` fully, turned upright by its EXIF orientation, converted to ``mode``
+    (:func:`nexus_core.io.images.open_upright`)."""
+    from nexus_core.io.images import open_upright as upright
 
-    with Image.open(path) as im:
-        im.load()
-        upright = ImageOps.exif_transpose(im)
-        return upright.convert(mode)
+    return upright(path, mode)
 
 
 def encode_image(img: Image.Image, fmt: Literal["png", "jpeg"]) -> bytes:

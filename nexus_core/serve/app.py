@@ -438,15 +438,17 @@ def _data_uri_image(value: Any, where: str) -> Any:
     import binascii
     import io
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from nexus_core.io.images import open_upright
 
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str) or not url.startswith("data:image/") or ";base64," not in url:
         raise APIError(400, f"{where}: image_url must be a data:image/...;base64 URI (this server fetches no URLs)",
                        param="messages")
     try:
-        with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1], validate=True))) as im:
-            return im.convert("RGB")
+        # upright by its EXIF orientation, as the model saw photos in training (nexus_core.io.images)
+        return open_upright(io.BytesIO(base64.b64decode(url.split(",", 1)[1], validate=True)))
     except (binascii.Error, OSError, UnidentifiedImageError, ValueError) as exc:
         raise APIError(400, f"{where}: the image cannot be decoded ({type(exc).__name__})", param="messages") from exc
 

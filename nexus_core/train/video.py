@@ -155,7 +155,7 @@ def video_frames(path: Path, s: VideoSampling) -> list[int] | str:
 def load_visuals(refs: list[str]) -> list[Any]:
     """RGB PIL images for an image list: still images and video frames (``frame_ref``), in order; each
     video is opened once."""
-    from PIL import Image
+    from nexus_core.io.images import open_upright
 
     wanted: dict[str, list[int]] = {}
     for ref in refs:
@@ -167,8 +167,7 @@ def load_visuals(refs: list[str]) -> list[Any]:
     for ref in refs:
         file, index = split_ref(ref)
         if index is None:
-            with Image.open(file) as im:
-                out.append(im.convert("RGB"))
+            out.append(open_upright(file))  # a photo's EXIF orientation applied, as in Flux prepare
         else:
             out.append(frames[file][index])
     return out
