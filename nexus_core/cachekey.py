@@ -31,11 +31,11 @@ from nexus_core.config import config_hash
 REPO_PACKAGES = ("nexus_core",)
 
 
-def _module_file(name: str) -> Path | None:
-    """Source file of an in-repo module, found on ``sys.path`` without importing anything (None for
-    modules outside ``REPO_PACKAGES`` and for names that are not modules, like ``pkg.SomeClass``)."""
+def _module_file(name: str, packages: tuple[str, ...] | None = None) -> Path | None:
+    """Source file of a module of ``packages``, found on ``sys.path`` without importing anything (None for
+    modules outside them and for names that are not modules, like ``pkg.SomeClass``)."""
     parts = name.split(".")
-    if parts[0] not in REPO_PACKAGES:
+    if parts[0] not in (packages or REPO_PACKAGES):
         return None
     for root in _package_roots(parts[0]):
         base = root.joinpath(*parts[1:]) if len(parts) > 1 else root
@@ -56,8 +56,9 @@ def _package_roots(top: str) -> list[Path]:
 
 
 @lru_cache(maxsize=4096)
-def _imports_of(path: str, mtime_ns: int, size: int, package: str) -> tuple[str, ...]:
-    """In-repo module names a source file imports (at any depth of the file, lazy imports included)."""
+def _imports_of(path: str, mtime_ns: int, size: int, package: str,
+                packages: tuple[str, ...]) -> tuple[str, ...]:
+    """Module names of ``packages`` a source file imports (at any depth of the file, lazy imports included)."""
     tree = ast.parse(Path(path).read_text(encoding="utf-8"))
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -71,24 +72,26 @@ def _imports_of(path: str, mtime_ns: int, size: int, package: str) -> tuple[str,
                 base = ".".join([*parts, base] if base else parts)
             found.add(base)
             found.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
-    return tuple(sorted(n for n in found if n.split(".")[0] in REPO_PACKAGES))
+    return tuple(sorted(n for n in found if n.split(".")[0] in packages))
 
 
-def module_closure(module: str) -> dict[str, Path]:
-    """``module`` and every in-repo module it imports, transitively (with their packages' ``__init__``)."""
+def module_closure(module: str, packages: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """``module`` and every module of ``packages`` (default: the repo's, ``REPO_PACKAGES``) it imports,
+    transitively (with their packages' ``__init__``)."""
+    packages = packages or REPO_PACKAGES
     seen: dict[str, Path] = {}
     todo = [module]
     while todo:
         name = todo.pop()
         if name in seen:
             continue
-        path = _module_file(name)
+        path = _module_file(name, packages)
         if path is None:
             continue
         seen[name] = path
         stat = path.stat()
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        todo.extend(_imports_of(str(path), stat.st_mtime_ns, stat.st_size, package))
+        todo.extend(_imports_of(str(path), stat.st_mtime_ns, stat.st_size, package, packages))
         if "." in name:
             todo.append(name.rpartition(".")[0])
     return seen

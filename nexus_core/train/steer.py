@@ -289,13 +289,22 @@ def resolve_callable(path: str, key: str) -> Callable[..., Any]:
 
 
 def callable_files(paths: list[str], key: str) -> list[Path]:
-    """The source files of the functions named by ``paths`` (the module named, and the file that
-    defines the function when that is another): their contents join the cache key."""
+    """The source files of the functions named by ``paths``: the module named, the file that defines the
+    function when that is another, and every module of the same top-level package either imports,
+    transitively (its helpers): their contents join the cache key. Imports outside that package
+    (installed libraries, a sibling top-level module) do not."""
+    from nexus_core.cachekey import module_closure
+
     files: list[Path] = []
     for i, path in enumerate(paths):
         fn = resolve_callable(path, f"{key}[{i}]")
-        module = importlib.import_module(path.partition(":")[0])
-        for src in (getattr(module, "__file__", None), _source_file(fn)):
+        name = path.partition(":")[0]
+        module = importlib.import_module(name)
+        defining = getattr(inspect.unwrap(fn), "__module__", None) or name
+        found = [getattr(module, "__file__", None), _source_file(fn)]
+        for mod in dict.fromkeys((name, defining)):
+            found += [str(f) for f in module_closure(mod, (mod.partition(".")[0],)).values()]
+        for src in found:
             if src and Path(src) not in files:
                 files.append(Path(src))
     return files

@@ -119,7 +119,8 @@ def test_reward_paths_resolve_or_fail_naming_the_path(reward_module):
     ]:
         with pytest.raises(InputError, match=message.replace("(", r"\(").replace("[", r"\[")):
             resolve_callable(path, "reward_funcs[0]")
-    assert callable_files(["my_rewards_pkg.rewards:short"], "reward_funcs") == [reward_module]
+    assert callable_files(["my_rewards_pkg.rewards:short"], "reward_funcs") == [reward_module,
+                                                                                reward_module.parent / "__init__.py"]
 
 
 def test_reward_function_source_joins_the_cache_key(reward_module, refs, tiny_model):
@@ -131,6 +132,27 @@ def test_reward_function_source_joins_the_cache_key(reward_module, refs, tiny_mo
     assert step_key(run_grpo, cfg, inputs) != before  # an edited reward re-runs the stage
     with pytest.raises(InputError, match="reward_funcs\\[0\\]: 'my_rewards_pkg.rewards:gone'"):
         step_key(run_grpo, GRPOConfig(rewards=[], reward_funcs=["my_rewards_pkg.rewards:gone"]), inputs)
+
+
+def test_a_reward_functions_helpers_in_its_package_join_the_cache_key(reward_module, refs, tiny_model):
+    """The reward imports a helper module of its own package (relative import): editing the helper
+    re-runs the stage; an installed library it imports does not count."""
+    helpers = reward_module.parent / "helpers.py"
+    helpers.write_text("def penalty(c):\n    return -float(len(str(c)))\n")
+    reward_module.write_text(reward_module.read_text() + textwrap.dedent("""
+        import math  # a library: not part of the key
+        from .helpers import penalty
+
+        def helped(prompts, completions, **_):
+            return [penalty(c) for c in completions]
+    """))
+    files = callable_files(["my_rewards_pkg.rewards:helped"], "reward_funcs")
+    assert helpers in files and not any("math" in f.name for f in files)
+    cfg = GRPOConfig(rewards=[], reward_funcs=["my_rewards_pkg.rewards:helped"])
+    inputs = {"model": tiny_model, "data": refs["math"]}
+    before = step_key(run_grpo, cfg, inputs)
+    helpers.write_text("def penalty(c):\n    return -2.0 * len(str(c))\n")
+    assert step_key(run_grpo, cfg, inputs) != before
 
 
 # ---------------------------------------------------------------- one stage that uses all of it
