@@ -125,7 +125,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not sep or name not in models:
             raise NexusError(f"--draft {spec!r}: expected SERVED_NAME=DIR with SERVED_NAME one of {sorted(models)}")
         drafts[name] = where
+    tts = {}
+    if args.tts:  # [NAME=]DIR_OR_HUB_ID; served as the directory's (or hub id's) last name by default
+        name, _, where = args.tts.rpartition("=")
+        tts[name or Path(where).name] = where
+    voices = {}
+    for spec in args.tts_voice or []:
+        name, sep, sid = spec.partition("=")
+        if not sep or not (sid.isdigit() or sid == "none"):
+            raise NexusError(f"--tts-voice {spec!r}: expected NAME=SPEAKER_ID (an integer, or none)")
+        voices[name] = None if sid == "none" else int(sid)
     serve_models(ServeConfig(
+        tts=tts, tts_voices=voices or None,
         models=models, drafts=drafts, engine=args.engine, host=args.host, port=args.port, api_key_env=args.api_key_env,
         max_batch_size=args.max_batch_size, max_body_mb=args.max_body_mb, request_timeout_s=args.request_timeout,
         max_queue=args.max_queue, max_request_rows=args.max_request_rows, timeout_keep_alive=args.timeout_keep_alive,
@@ -245,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--limit-concurrency", type=int, default=1024, help="open connections beyond this get 503")
     serve.add_argument("--draft", action="append", metavar="NAME=DIR",
                        help="speculative decoding: a smaller draft model (same tokenizer) for served model NAME")
+    serve.add_argument("--tts", default=None, metavar="[NAME=]DIR",
+                       help="a VITS text-to-speech model (dir or hub id): /v1/audio/speech and chat audio out")
+    serve.add_argument("--tts-voice", action="append", metavar="NAME=ID",
+                       help="voice name -> speaker id of the tts model (repeatable; default: OpenAI's voice names "
+                            "in speaker order)")
     serve.add_argument("--engine", choices=["embedded", "vllm"], default="embedded",
                        help="embedded: this process decodes (CPU or one GPU); vllm: vLLM servers as child processes "
                             "behind this one's auth and limits (needs the vllm package)")

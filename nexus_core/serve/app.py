@@ -6,7 +6,8 @@
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``stream`` as SSE,
 ``logprobs``/``top_logprobs``, ``n``, ``stop``, ``seed``), ``GET /v1/models``, ``GET /health``,
-``GET /metrics`` (Prometheus). Errors are OpenAI-shaped JSON bodies with a 4xx status; the server
+``GET /metrics`` (Prometheus); with a tts model, ``POST /v1/audio/speech`` and chat answers with audio
+(:mod:`nexus_core.serve.speech`). Errors are OpenAI-shaped JSON bodies with a 4xx status; the server
 stays up. API keys are only ever held as sha256 hex digests.
 
 Limits (each a ``create_app`` argument; ``nexus serve`` flags): a request body over ``max_body_bytes``
@@ -36,7 +37,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -46,6 +47,9 @@ from starlette.requests import ClientDisconnect
 
 from nexus_core.serve.engine import Engine, GenRequest, Sampling
 from nexus_core.train.audio import AudioSpec
+
+if TYPE_CHECKING:
+    from nexus_core.serve.speech import ChatAudio
 
 
 def hash_api_key(key: str) -> str:
@@ -132,7 +136,8 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
                batch_wait_s: float = 0.005, default_max_tokens: int = 256, dtype: str = "float32",
                draft_models: dict[str, str] | None = None, device: str | None = None,
                max_body_bytes: int = 8 * 2**20, body_timeout_s: float = 30.0, request_timeout_s: float = 600.0,
-               max_queue: int = 256, max_request_rows: int = 256) -> FastAPI:
+               max_queue: int = 256, max_request_rows: int = 256, tts: dict[str, str] | None = None,
+               tts_voices: dict[str, int | None] | None = None) -> FastAPI:
     """An OpenAI-compatible FastAPI app serving ``models`` (served name → local HF model or adapter dir).
 
     Models load now, so a bad directory fails here with an ``InputError`` naming it. With
@@ -141,9 +146,14 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
     ``draft_models`` (served name → smaller model dir with the same tokenizer) turns on speculative
     decoding for single greedy requests on an idle engine. ``device`` defaults to CUDA when available
     (int8 CPU variants stay on the CPU). ``max_batch_size`` is the most rows decoded together; the
-    other limits are described in the module docstring.
+    other limits are described in the module docstring. ``tts`` (served name → VITS dir or hub id, at most
+    one) adds speech out (``/v1/audio/speech``, chat ``modalities: ["text", "audio"]``; see
+    :mod:`nexus_core.serve.speech`), ``tts_voices`` maps voice names to its speaker ids.
     """
+    from nexus_core.serve.speech import add_speech_route, chat_audio, load_tts
+
     metrics = Metrics()
+    tts_model = load_tts(tts, tts_voices, device)
     engines: dict[str, Engine] = {}
     for name, path in models.items():
         engines[name] = Engine(name, path, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, dtype=dtype,
@@ -153,7 +163,9 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
     app = FastAPI(title="Nexus OpenAI-compatible server", docs_url=None, redoc_url=None)
     app.state.engines = engines
     app.state.metrics = metrics
+    app.state.tts = tts_model
     limits = _Limits(max_body_bytes, body_timeout_s, request_timeout_s, max_queue, max_request_rows)
+    add_speech_route(app, tts_model, lambda request, model: _parse(request, model, limits), metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -189,6 +201,7 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
         body = await _parse(request, ChatRequest, limits)
         eng = _engine(engines, body.model)
         _refuse_unsupported(body)
+        speech = chat_audio(body.model_extra or {}, tts_model)
         _check_queue(eng, limits)
         _check_rows(1, body.n, limits)
         top = body.top_logprobs or 0
@@ -212,7 +225,7 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
                            param="messages") from exc
         sampling = _sampling(body, eng, prompts, body.max_completion_tokens or body.max_tokens or default_max_tokens,
                              body.logprobs, top)
-        return await _respond(request, "chat", body, eng, prompts, sampling, metrics, limits, pixels, clips)
+        return await _respond(request, "chat", body, eng, prompts, sampling, metrics, limits, pixels, clips, speech)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -521,7 +534,7 @@ class _Disconnected(Exception):
 
 async def _respond(request: Request, kind: str, body: _Common, eng: Engine, prompts: list[list[int]],
                    sampling: Sampling, metrics: Metrics, limits: _Limits, pixel_values: Any = None,
-                   audio_features: Any = None) -> Response:
+                   audio_features: Any = None, speech: ChatAudio | None = None) -> Response:
     endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
     req = GenRequest(prompts=prompts, sampling=sampling, n=body.n, loop=asyncio.get_running_loop(),
                      events=asyncio.Queue(), pixel_values=pixel_values, audio_features=audio_features)
@@ -540,8 +553,12 @@ async def _respond(request: Request, kind: str, body: _Common, eng: Engine, prom
         metrics.latency.labels(endpoint, eng.name).observe(time.perf_counter() - start)
 
     if body.stream:
+        from nexus_core.serve.speech import AudioStreamer
+
         async def sse() -> AsyncIterator[str]:
             remaining, usage, first = total, {}, True
+            # Sentences are spoken while the text streams on; their audio comes back as events.
+            speaking = AudioStreamer(speech, total, req.events, created) if speech else None
             try:
                 if kind == "chat":
                     for i in range(total):
@@ -559,6 +576,12 @@ async def _respond(request: Request, kind: str, body: _Common, eng: Engine, prom
                         metrics.requests.labels(endpoint, eng.name, "500").inc()
                         yield _sse(APIError(500, ev[1], "server_error").body())
                         break
+                    if ev[0] == "audio":
+                        yield _sse(_chat_chunk(rid, created, eng.name, ev[1], {"audio": ev[2]}))
+                        continue
+                    if speaking and ev[0] == "done":  # its finish chunk follows its last audio ("spoken")
+                        speaking.finish(ev)
+                        continue
                     if ev[0] == "token":
                         if first:
                             metrics.ttft.labels(eng.name).observe(time.perf_counter() - start)
@@ -567,6 +590,8 @@ async def _respond(request: Request, kind: str, body: _Common, eng: Engine, prom
                         if kind == "chat":
                             lp = {"content": [_chat_lp(e) for e in lps]} if sampling.logprobs else None
                             yield _sse(_chat_chunk(rid, created, eng.name, idx, {"content": text}, logprobs=lp))
+                            if speaking:
+                                speaking.feed(idx, text)
                         else:
                             lp = _text_lp(lps) if sampling.logprobs else None
                             yield _sse(_text_chunk(rid, created, eng.name, idx, text, logprobs=lp))
@@ -588,6 +613,8 @@ async def _respond(request: Request, kind: str, body: _Common, eng: Engine, prom
                 yield "data: [DONE]\n\n"
             finally:
                 req.cancelled = True  # client went away or we are done: free the batch rows
+                if speaking:
+                    speaking.close()
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -623,6 +650,9 @@ async def _respond(request: Request, kind: str, body: _Common, eng: Engine, prom
         choices = [{"index": i, "finish_reason": finish[i], "message": {"role": "assistant", "content": "".join(texts[i])},
                     "logprobs": {"content": [_chat_lp(e) for e in lps[i]]} if sampling.logprobs else None}
                    for i in range(total)]
+        if speech:  # the whole answer spoken, off the event loop
+            for c in choices:
+                c["message"]["audio"] = await run_in_threadpool(speech.render, c["message"]["content"], created)
         obj = "chat.completion"
     else:
         choices = [{"index": i, "finish_reason": finish[i], "text": "".join(texts[i]),

@@ -52,6 +52,10 @@ class ServeConfig(NexusModel):
                                           "served models together")
     engine_startup_timeout_s: float = Field(default=900.0, gt=0, description="vllm: seconds each engine may take "
                                             "to answer /health")
+    tts: dict[str, str] = Field(default_factory=dict, max_length=1, description="Served name → a VITS text-to-speech "
+                                "model (directory or hub id) for /v1/audio/speech and chat audio out (embedded only)")
+    tts_voices: dict[str, int | None] | None = Field(default=None, description="Voice name → speaker id of the tts "
+                                                     "model (null: OpenAI's voice names in speaker order)")
 
 
 def _is_loopback(host: str) -> bool:
@@ -76,6 +80,9 @@ def serve_models(cfg: ServeConfig) -> None:
     if cfg.engine == "vllm":  # before any model is resolved or downloaded
         from nexus_core.serve.vllm import check_vllm, vllm_python
 
+        if cfg.tts:
+            raise NexusError("tts: speech out is served by the embedded engine only (not --engine vllm)")
+
         check_vllm(vllm_python(cfg.vllm_python))
     hashes = None
     if cfg.api_key_env:
@@ -94,6 +101,7 @@ def serve_models(cfg: ServeConfig) -> None:
     if unknown:
         raise NexusError(f"drafts for {unknown}: not served models ({sorted(models)})")
     drafts = {name: resolve(where) for name, where in cfg.drafts.items()}
+    tts = {name: resolve(where) for name, where in cfg.tts.items()}
     limits = {"max_body_bytes": int(cfg.max_body_mb * 2**20), "request_timeout_s": cfg.request_timeout_s,
               "max_queue": cfg.max_queue, "max_request_rows": cfg.max_request_rows}
     upstreams: list = []
@@ -121,7 +129,7 @@ def serve_models(cfg: ServeConfig) -> None:
             from nexus_core.serve.app import create_app
 
             app = create_app(models, api_key_hashes=hashes, max_batch_size=cfg.max_batch_size, draft_models=drafts,
-                             **limits)
+                             tts=tts, tts_voices=cfg.tts_voices, **limits)
         print(f"serving {', '.join(models)} on http://{cfg.host}:{cfg.port}/v1 (engine: {cfg.engine})", flush=True)
         uvicorn.Server(server_config(app, cfg.host, cfg.port, timeout_keep_alive=cfg.timeout_keep_alive,
                                      header_timeout_s=cfg.header_timeout_s,
