@@ -18,6 +18,7 @@ from flows.lifecycle import LifecycleConfig
 from flows.llm_train import LLMTrainConfig
 from flows.podcast import PodcastConfig
 from flows.serve import ServeFlowConfig
+from flows.video_gen import VideoGenConfig
 from nexus_core.distill.prompts import load_template
 from nexus_core.distill.rules import load_rules
 from nexus_core.evaluate.harness import task_files
@@ -30,7 +31,7 @@ CONFIGS = REPO / "configs"
 # configs/<dir>/... holds configs of this flow
 FLOW_DIRS = {"presets": LifecycleConfig, "distill": DistillConfig, "train": LLMTrainConfig,
              "compress": CompressConfig, "eval": EvaluateConfig, "flux": FluxConfig, "serve": ServeFlowConfig,
-             "image_gen": ImageGenConfig, "podcast": PodcastConfig}
+             "image_gen": ImageGenConfig, "podcast": PodcastConfig, "video_gen": VideoGenConfig}
 # data files that are not flow configs, each with its own loader
 DATA_FILES = {
     "distill/filters.yaml": lambda p: load_rules(p),

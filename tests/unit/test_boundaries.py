@@ -54,7 +54,7 @@ def test_step_modules_do_not_import_each_other():
 
 def test_one_package_per_area_and_no_catch_all_modules():
     """Steps live in nexus_core/<area>/ beside their helpers; no *_lib.py or steps/ grab-bags."""
-    areas = {"corpus", "distill", "train", "flux", "compress", "evaluate", "podcast"}
+    areas = {"corpus", "distill", "train", "flux", "compress", "evaluate", "podcast", "videogen"}
     for me in (_module(p) for p in _files("nexus_core") if _is_step_module(p)):
         assert me.split(".")[1] in areas, f"{me}: a step outside nexus_core/<area>/"
     catch_alls = [p for p in _files("nexus_core") if p.stem.endswith("_lib") or "steps" in p.parts]
