@@ -149,7 +149,8 @@ def _media_reads(cfg: PredictConfig, inputs: dict[str, ArtifactRef]) -> list[Pat
 
 @step(area="evaluate", inputs={"model": model_dir(),
                                "dataset": table(one_of=[("input", "output"), ("prompt", "completion"),
-                                                        ("question", "answer")])}, reads=_media_reads)
+                                                        ("image", "question", "answer"),
+                                                        ("images", "question", "answer")])}, reads=_media_reads)
 def run_predict(cfg: PredictConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
                 ctx: StepContext) -> PredictResult:
     """Generate a prediction for every validation row with the model in ``inputs['model']``

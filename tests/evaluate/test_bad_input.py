@@ -49,7 +49,8 @@ def test_validation_set_without_input_output_is_named(tmp_path):
     with pytest.raises(InputError) as err:
         check_inputs(run_predict, {"model": model, "dataset": data})
     assert "input 'model'" in str(err.value) and "nomodel): does not exist" in str(err.value)
-    assert "needs a table with column(s) input/output or prompt/completion; has: question, answer" in str(err.value)
+    assert ("needs a table with column(s) input/output or prompt/completion or image/question/answer or "
+            "images/question/answer; has: question, answer") in str(err.value)  # VQA rows need their images
     with pytest.raises(InputError, match="predict: missing input 'dataset'"):
         check_inputs(run_predict, {"model": model})
 
