@@ -193,6 +193,14 @@ def refusal_rate_benign(harmful: Sequence[Any], refused: Sequence[Any]) -> float
     return _refusal_rate(harmful, refused, False)
 
 
+@metric("remotion_ok")
+def remotion_parse_rate(ok: Sequence[Any]) -> float:
+    """Share of generated Remotion compositions that parse as TSX and pass the structural checks; ``remotion_ok``
+    comes from :mod:`nexus_core.evaluate.remotion`, added by the score step."""
+    values = [bool(v) for v in ok if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
 def check_names(names: Sequence[str], source: str = "metrics") -> None:
     """Raise ConfigError naming every unknown metric (and the known ones)."""
     unknown = [n for n in names if n not in METRICS]
