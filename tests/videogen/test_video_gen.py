@@ -177,3 +177,25 @@ def test_tiny_recipe_films_gifs_for_prompts_it_was_not_trained_on(prefect_harnes
         assert len(pngs) == 8
         with Image.open(pngs[0]) as im:
             assert len(set(im.convert("RGB").getdata())) > 1  # a drawing, not a blank
+
+
+def test_training_learns_and_a_killed_run_resumes_from_its_checkpoint(tiny_svd, tiny_llm, tmp_path):
+    """The heads move under the EDM loss; a run that left a checkpoint at step 1 continues from it."""
+    from nexus_core.videogen.train import VideoProjectorTrainConfig, run_video_projector_train
+
+    pre = tmp_path / "pre"
+    run_video_precompute(VideoPrecomputeConfig(num_frames=8, height=32, width=32, device="cpu"),
+                         inputs={"source": raw_ref(REPO / "data/raw/video_gen/tiny.jsonl"),
+                                 "pipeline": _ref(tiny_svd, "s")}, out_uri=str(pre), ctx=StepContext.detached())
+    inputs = {"precomputed": _ref(pre, "pre", "dataset"), "llm": _ref(tiny_llm, "l"), "pipeline": _ref(tiny_svd, "s")}
+    cfg = VideoProjectorTrainConfig(llm_layers=[1, 2], hidden_size=16, max_steps=2, checkpointing_steps=1,
+                                    learning_rate=1e-2, device="cpu")
+    ctx = StepContext.detached(work_dir=tmp_path / "work")
+    first = run_video_projector_train(cfg, inputs=inputs, out_uri=str(tmp_path / "a"), ctx=ctx)
+    assert (first.start_step, first.global_step) == (0, 2) and first.weight_change > 0
+    assert torch.isfinite(torch.tensor([first.final_loss, first.final_edm_loss])).all()
+    resumed = run_video_projector_train(cfg.model_copy(update={"max_steps": 3}), inputs=inputs,
+                                        out_uri=str(tmp_path / "b"), ctx=ctx)
+    assert (resumed.start_step, resumed.global_step) == (1, 3)
+    loaded, spec = pj.load_projector(tmp_path / "b")
+    assert set(loaded.keys()) == {"embed", "frame"} and spec.latent_shape == [4, 8, 8]
