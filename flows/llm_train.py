@@ -42,6 +42,7 @@ from nexus_core.train.cpt import CPTConfig, run_cpt
 from nexus_core.train.dpo import DPOConfig, run_dpo
 from nexus_core.train.grpo import GRPOConfig, run_grpo
 from nexus_core.train.kd import KDConfig, run_kd
+from nexus_core.train.mm_features import features_config
 from nexus_core.train.mm_train import MMAlignConfig, MMSFTConfig, run_mm_train
 from nexus_core.train.modalities import detect_modalities, queue_modality_problems
 from nexus_core.train.omni import OmniConfig, audio_ref, run_omni, vision_ref
@@ -56,6 +57,7 @@ from tasks.train_dpo import train_dpo
 from tasks.train_grpo import train_grpo
 from tasks.train_kd import train_kd
 from tasks.train_mm import train_mm
+from tasks.train_mm_features import train_mm_features
 from tasks.train_omni import train_omni
 from tasks.train_orpo import train_orpo
 from tasks.train_register import train_register
@@ -234,6 +236,16 @@ def base_modalities(cfg: LLMTrainConfig, base: ArtifactRef | None) -> list[str]:
     return has + [added] if cfg.omni is not None and added not in has else has
 
 
+def _mm_features(t: MMAlignConfig | MMSFTConfig, model: ArtifactRef, data: ArtifactRef, name: str,
+                 stage: str) -> ArtifactRef | None:
+    """An mm stage's precomputed tower features: its ``features`` artifact, or made here (``precomputed``)."""
+    if t.features:
+        return resolve_ref(t.features, f"stages.{stage}.train.features")
+    if t.precomputed:
+        return train_mm_features(features_config(t), model, data, name=f"{name}_features").ref
+    return None
+
+
 @flow(name="llm_train", log_prints=True)
 def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
               datasets: dict[str, ArtifactRef] | None = None) -> LLMTrainResult:
@@ -295,8 +307,8 @@ def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
                 r = train_grpo(*args, name=name, reward_model=rm)
             elif t.method == "reward":
                 r = train_reward(*args, name=name, **steer)
-            elif t.method in ("mm_align", "mm_sft"):
-                r = train_mm(*args, name=name)
+            elif isinstance(t, MMAlignConfig | MMSFTConfig):
+                r = train_mm(*args, name=name, features=_mm_features(t, model, data[s.dataset], name, s.name))
             else:
                 r = train_kd(*args, name=name, teacher=ref)
             steps[s.name], models[s.name] = r, r.ref

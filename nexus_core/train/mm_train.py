@@ -32,8 +32,8 @@ from pydantic import Field, model_validator
 from nexus_core.artifacts import ArtifactRef, atomic_write_text
 from nexus_core.config import PathOrName
 from nexus_core.context import StepContext
+from nexus_core.contract import directory, step, table
 from nexus_core.contract import model as model_input
-from nexus_core.contract import step, table
 from nexus_core.errors import InputError
 from nexus_core.train.audio import AudioSpec, audio_spec, is_audio_model
 from nexus_core.train.audio_data import AudioCollator, audio_records, encode_audio_mm
@@ -50,6 +50,7 @@ from nexus_core.train.common import (
     use_bf16,
 )
 from nexus_core.train.data import load_rows
+from nexus_core.train.feature_shards import check_features, train_from_features
 from nexus_core.train.launch import run_stage
 from nexus_core.train.mm_data import MMCollator, encode_mm, mm_records
 from nexus_core.train.modalities import detect_modalities, modality_problems, needed_by_columns
@@ -75,6 +76,10 @@ class MMStageBase(StageBase):
                              "(each frame is one <image> block in the prompt)")
     video_max_frames: int = Field(default=8, ge=1, description="Most frames taken from one video, spread evenly")
     video_max_seconds: float = Field(default=600.0, gt=0, description="A longer video is bad media (named row)")
+    precomputed: bool = Field(default=False, description="Train from tower features precomputed into MDS shards "
+                              "(the llm_train flow runs the mm features step first; needs a frozen tower)")
+    features: PathOrName | None = Field(default=None, description="An existing mm features artifact (NAME@vN or "
+                                        "dir) to train from; implies precomputed")
 
     def video_sampling(self) -> VideoSampling:
         """How this stage samples a row's videos into frames."""
@@ -87,6 +92,9 @@ class MMStageBase(StageBase):
         if self.chat_template:
             raise ValueError("chat_template: a multimodal stage renders chats with its model's processor; set "
                              "chat_template on the omni section instead")
+        if (self.precomputed or self.features) and self.train_vision_tower:
+            raise ValueError("precomputed: stored tower features need a frozen tower; train_vision_tower: true "
+                             "trains it (turn one of them off)")
         return self
 
 
@@ -136,13 +144,24 @@ def check_modalities(model_path: Path, columns: list[str], method: str) -> None:
 
 @step(area="train", kind="model", inputs={"model": model_input(description="a model with a vision tower"),
                                           "data": table(one_of=[("messages", "images"), ("messages", "audios"),
-                                                                ("messages", "videos")])})
+                                                                ("messages", "videos")]),
+                                          "features": directory(optional=True, description="precomputed tower "
+                                                                "features (mm_features)")})
 def run_mm_train(cfg: MMAlignConfig | MMSFTConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
                  ctx: StepContext) -> MMResult:
     """Check modalities and every image, train (here or in child processes), save the model artifact."""
     base = model_dir(inputs.get("model"))
     df, where = load_rows(inputs["data"])
     check_modalities(base, df.columns, cfg.method)
+    if cfg.precomputed or cfg.features or "features" in inputs:  # rows and media come from the shards
+        if "features" not in inputs:
+            raise InputError(f"{cfg.method}: precomputed: true needs the 'features' input (run_mm_features; the "
+                             "llm_train flow makes it)")
+        skipped = int(check_features(inputs["features"], base, cfg).get("skipped_rows", 0))
+        preflight(cfg)
+        m = run_stage(_train, cfg, inputs, out_uri, cfg.method, ctx)
+        return MMResult.from_metrics(m, method=cfg.method, trainable_params=int(m["trainable_params"]),
+                                     total_params=int(m["total_params"]), skipped_rows=skipped)
     if is_audio_model(base):  # the audio sibling: clips decoded and checked instead of images
         _, skipped = audio_records(df, where, media_root(cfg, inputs["data"]), stage_audio(cfg, base), cfg.max_skipped)
         if skipped:
@@ -188,6 +207,7 @@ def prepare_model(cfg: MMAlignConfig | MMSFTConfig, base: Path):  # noqa: ANN201
                           target_modules=lora_targets(model), modules_to_save=[PROJECTOR])
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
+        torch.manual_seed(cfg.seed)  # the adapters' init, whatever ran in this process before
         model = get_peft_model(model, lora)
         inner: Any = model.base_model.model
     elif audio:  # Qwen2-Audio keeps its parts at the top: projector, language_model (with lm_head)
@@ -216,6 +236,8 @@ def _train(cfg: MMAlignConfig | MMSFTConfig, inputs: dict[str, ArtifactRef], out
     from nexus_core.train.control import fit
 
     base = model_dir(inputs["model"])
+    if "features" in inputs:
+        return train_from_features(cfg, inputs, out_uri, ctx, base, prepare_model, save)
     if is_audio_model(base):
         return _train_audio(cfg, inputs, out_uri, ctx, base)
     df, where = load_rows(inputs["data"])
