@@ -137,6 +137,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         voices[name] = None if sid == "none" else int(sid)
     serve_models(ServeConfig(
         tts=tts, tts_voices=voices or None,
+        media_root=args.media_root, allow_image_urls=args.allow_image_urls,
+        allow_private_image_urls=args.allow_private_image_urls, max_image_mb=args.max_image_mb,
+        image_url_timeout_s=args.image_url_timeout,
         models=models, drafts=drafts, engine=args.engine, host=args.host, port=args.port, api_key_env=args.api_key_env,
         max_batch_size=args.max_batch_size, max_body_mb=args.max_body_mb, request_timeout_s=args.request_timeout,
         max_queue=args.max_queue, max_request_rows=args.max_request_rows, timeout_keep_alive=args.timeout_keep_alive,
@@ -261,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tts-voice", action="append", metavar="NAME=ID",
                        help="voice name -> speaker id of the tts model (repeatable; default: OpenAI's voice names "
                             "in speaker order)")
+    serve.add_argument("--media-root", default=None, metavar="DIR",
+                       help="image_url parts may name files (file:// URLs or absolute paths) under DIR")
+    serve.add_argument("--allow-image-urls", action="store_true",
+                       help="fetch http(s) image_url parts (public addresses only, see --allow-private-image-urls)")
+    serve.add_argument("--allow-private-image-urls", action="store_true",
+                       help="also fetch image URLs on loopback/private/link-local addresses (SSRF: trusted clients)")
+    serve.add_argument("--max-image-mb", type=float, default=8.0, help="larger image files / fetched images get 400")
+    serve.add_argument("--image-url-timeout", type=float, default=10.0, help="seconds an image URL may take to fetch")
     serve.add_argument("--engine", choices=["embedded", "vllm"], default="embedded",
                        help="embedded: this process decodes (CPU or one GPU); vllm: vLLM servers as child processes "
                             "behind this one's auth and limits (needs the vllm package)")

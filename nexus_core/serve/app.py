@@ -22,9 +22,10 @@ tokenising run in worker threads, never on the event loop. ``response_format`` (
 ``tools`` are refused with 400: this server does not constrain decoding or call tools. A client
 that disconnects cancels its generation, streaming or not.
 
-Media in chat content parts: ``image_url`` (``data:image/...;base64`` URIs) for a model that takes
-images, ``input_audio`` (``{"data": <base64 WAV>, "format": "wav"}``, PCM, resampled to the encoder's
-rate, at most its window long) for a model that takes audio; other models, bad base64, another format
+Media in chat content parts: ``image_url`` (``data:image/...;base64`` URIs; files under ``media_root``
+and http(s) URLs when enabled, see :mod:`nexus_core.serve.media`) for a model that takes images,
+``input_audio`` (``{"data": <base64 WAV>, "format": "wav"}``, PCM, resampled to the encoder's rate,
+at most its window long) for a model that takes audio; other models, bad base64, another format
 or an undecodable clip get a 400 naming the part.
 """
 
@@ -49,6 +50,7 @@ from nexus_core.serve.engine import Engine, GenRequest, Sampling
 from nexus_core.train.audio import AudioSpec
 
 if TYPE_CHECKING:
+    from nexus_core.serve.media import ImageSources
     from nexus_core.serve.speech import ChatAudio
 
 
@@ -137,7 +139,9 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
                draft_models: dict[str, str] | None = None, device: str | None = None,
                max_body_bytes: int = 8 * 2**20, body_timeout_s: float = 30.0, request_timeout_s: float = 600.0,
                max_queue: int = 256, max_request_rows: int = 256, tts: dict[str, str] | None = None,
-               tts_voices: dict[str, int | None] | None = None) -> FastAPI:
+               tts_voices: dict[str, int | None] | None = None, media_root: str | None = None,
+               allow_image_urls: bool = False, allow_private_image_urls: bool = False,
+               max_image_bytes: int = 8 * 2**20, image_url_timeout_s: float = 10.0) -> FastAPI:
     """An OpenAI-compatible FastAPI app serving ``models`` (served name → local HF model or adapter dir).
 
     Models load now, so a bad directory fails here with an ``InputError`` naming it. With
@@ -148,11 +152,19 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
     (int8 CPU variants stay on the CPU). ``max_batch_size`` is the most rows decoded together; the
     other limits are described in the module docstring. ``tts`` (served name → VITS dir or hub id, at most
     one) adds speech out (``/v1/audio/speech``, chat ``modalities: ["text", "audio"]``; see
-    :mod:`nexus_core.serve.speech`), ``tts_voices`` maps voice names to its speaker ids.
+    :mod:`nexus_core.serve.speech`), ``tts_voices`` maps voice names to its speaker ids. ``image_url`` parts
+    may also name files under ``media_root`` and, with ``allow_image_urls``, http(s) URLs (public addresses
+    only unless ``allow_private_image_urls``), at most ``max_image_bytes`` each (:mod:`nexus_core.serve.media`).
     """
+    from pathlib import Path
+
+    from nexus_core.serve.media import ImageSources
     from nexus_core.serve.speech import add_speech_route, chat_audio, load_tts
 
     metrics = Metrics()
+    sources = ImageSources(media_root=None if media_root is None else Path(media_root), allow_urls=allow_image_urls,
+                           allow_private=allow_private_image_urls, max_bytes=max_image_bytes,
+                           timeout_s=image_url_timeout_s)
     tts_model = load_tts(tts, tts_voices, device)
     engines: dict[str, Engine] = {}
     for name, path in models.items():
@@ -207,7 +219,8 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
         top = body.top_logprobs or 0
         if top and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-        messages, images = _normalise_messages(body.messages, eng.vision, eng.audio)
+        # in a worker thread: image parts may be files to read or URLs to fetch
+        messages, images = await run_in_threadpool(_normalise_messages, body.messages, eng.vision, eng.audio, sources)
         _check_text_length(eng, sum(len(_text_of(m["content"])) for m in messages), "messages")
         pixels = clips = None
         try:
@@ -404,11 +417,11 @@ def _engine(engines: dict[str, Engine], name: str) -> Engine:
     return eng
 
 
-def _normalise_messages(messages: list[dict[str, Any]], vision: bool = False,
-                        audio: AudioSpec | None = None) -> tuple[list[dict[str, Any]], list[Any]]:
+def _normalise_messages(messages: list[dict[str, Any]], vision: bool = False, audio: AudioSpec | None = None,
+                        sources: ImageSources | None = None) -> tuple[list[dict[str, Any]], list[Any]]:
     """Messages with string content, or (for a model that takes images) text and image parts; and the
-    images of the ``image_url`` parts (data URIs), decoded, in order. For a model that takes audio
-    (``audio``: its clips' spec), ``input_audio`` parts likewise, their clips decoded in the list.
+    images of the ``image_url`` parts (read as ``sources`` allows), decoded, in order. For a model that takes
+    audio (``audio``: its clips' spec), ``input_audio`` parts likewise, their clips decoded in the list.
     Other parts are dropped."""
     out, images = [], []
     for i, m in enumerate(messages):
@@ -423,7 +436,7 @@ def _normalise_messages(messages: list[dict[str, Any]], vision: bool = False,
                     if not vision:
                         raise APIError(400, f"messages[{i}].content[{j}]: this model takes text only (no vision "
                                             f"encoder); image parts are refused", param="messages")
-                    images.append(_data_uri_image(part.get("image_url"), f"messages[{i}].content[{j}]"))
+                    images.append(_image_part(part.get("image_url"), f"messages[{i}].content[{j}]", sources))
                     parts.append({"type": "image"})
                 elif kind == "input_audio":
                     if audio is None:
@@ -445,25 +458,14 @@ def _text_of(content: str | list[dict[str, Any]]) -> str:
     return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
-def _data_uri_image(value: Any, where: str) -> Any:
-    """The PIL image of an ``image_url`` part's ``data:image/...;base64,`` URL (the server fetches nothing)."""
-    import base64
-    import binascii
-    import io
+def _image_part(value: Any, where: str, sources: ImageSources | None = None) -> Any:
+    """The upright PIL image of an ``image_url`` part (data URI; file or URL as ``sources`` allows)."""
+    from nexus_core.serve.media import ImageSources, MediaError, load_image
 
-    from PIL import UnidentifiedImageError
-
-    from nexus_core.io.images import open_upright
-
-    url = value.get("url") if isinstance(value, dict) else value
-    if not isinstance(url, str) or not url.startswith("data:image/") or ";base64," not in url:
-        raise APIError(400, f"{where}: image_url must be a data:image/...;base64 URI (this server fetches no URLs)",
-                       param="messages")
     try:
-        # upright by its EXIF orientation, as the model saw photos in training (nexus_core.io.images)
-        return open_upright(io.BytesIO(base64.b64decode(url.split(",", 1)[1], validate=True)))
-    except (binascii.Error, OSError, UnidentifiedImageError, ValueError) as exc:
-        raise APIError(400, f"{where}: the image cannot be decoded ({type(exc).__name__})", param="messages") from exc
+        return load_image(value, sources or ImageSources())
+    except MediaError as exc:
+        raise APIError(400, f"{where}: {exc}", param="messages") from exc
 
 
 def _input_audio(value: Any, spec: AudioSpec, where: str) -> Any:

@@ -56,6 +56,14 @@ class ServeConfig(NexusModel):
                                 "model (directory or hub id) for /v1/audio/speech and chat audio out (embedded only)")
     tts_voices: dict[str, int | None] | None = Field(default=None, description="Voice name → speaker id of the tts "
                                                      "model (null: OpenAI's voice names in speaker order)")
+    media_root: str | None = Field(default=None, description="image_url parts may name files (file:// URLs or "
+                                   "absolute paths) under this directory (embedded only)")
+    allow_image_urls: bool = Field(default=False, description="Fetch http(s) image_url parts (public addresses only "
+                                   "unless allow_private_image_urls; embedded only)")
+    allow_private_image_urls: bool = Field(default=False, description="Also fetch image URLs on loopback, private "
+                                           "and link-local addresses (SSRF risk: trusted clients only)")
+    max_image_mb: float = Field(default=8.0, gt=0, description="Larger image files or fetched images get 400")
+    image_url_timeout_s: float = Field(default=10.0, gt=0, description="Seconds an image URL may take to fetch")
 
 
 def _is_loopback(host: str) -> bool:
@@ -82,6 +90,9 @@ def serve_models(cfg: ServeConfig) -> None:
 
         if cfg.tts:
             raise NexusError("tts: speech out is served by the embedded engine only (not --engine vllm)")
+        if cfg.media_root or cfg.allow_image_urls:
+            raise NexusError("media_root / allow_image_urls: image files and URLs are read by the embedded engine "
+                             "only (not --engine vllm)")
 
         check_vllm(vllm_python(cfg.vllm_python))
     hashes = None
@@ -129,7 +140,11 @@ def serve_models(cfg: ServeConfig) -> None:
             from nexus_core.serve.app import create_app
 
             app = create_app(models, api_key_hashes=hashes, max_batch_size=cfg.max_batch_size, draft_models=drafts,
-                             tts=tts, tts_voices=cfg.tts_voices, **limits)
+                             tts=tts, tts_voices=cfg.tts_voices, media_root=cfg.media_root,
+                             allow_image_urls=cfg.allow_image_urls,
+                             allow_private_image_urls=cfg.allow_private_image_urls,
+                             max_image_bytes=int(cfg.max_image_mb * 2**20),
+                             image_url_timeout_s=cfg.image_url_timeout_s, **limits)
         print(f"serving {', '.join(models)} on http://{cfg.host}:{cfg.port}/v1 (engine: {cfg.engine})", flush=True)
         uvicorn.Server(server_config(app, cfg.host, cfg.port, timeout_keep_alive=cfg.timeout_keep_alive,
                                      header_timeout_s=cfg.header_timeout_s,

@@ -40,10 +40,10 @@ def test_the_shared_decoder_applies_the_orientation(sideways):
 
 
 def test_training_and_serving_read_it_upright(sideways):
-    from nexus_core.serve.app import _data_uri_image
+    from nexus_core.serve.app import _image_part
     from nexus_core.train.video import load_visuals
 
     (im,) = load_visuals([str(sideways)])  # the mm collator's image loader
     _is_upright(im)
     uri = "data:image/jpeg;base64," + base64.b64encode(sideways.read_bytes()).decode()
-    _is_upright(_data_uri_image({"url": uri}, "messages[0].content[0]"))
+    _is_upright(_image_part({"url": uri}, "messages[0].content[0]"))
