@@ -87,7 +87,8 @@ class Stage(NexusModel):
                                             "path/spec) to evaluate on, instead of an eval_split")
     model: PathOrName | None = Field(default=None, description="Input model: an earlier stage's name or a path/spec "
                                                 "(default: the previous causal-LM stage, else the base)")
-    teacher: PathOrName | None = Field(default=None, description="kd source=model: an earlier stage, 'base', or a path/spec")
+    teacher: PathOrName | None = Field(default=None, description="kd source=model (or mm_sft with kd): an earlier "
+                                       "stage, 'base', or a path/spec")
     reward_model: PathOrName | None = Field(default=None, description="grpo: an earlier reward stage, or a path/spec")
     train: AnyStage = Field(description="The method and its hyper-parameters (method: sft|cpt|dpo|orpo|grpo|"
                                         "reward|kd|mm_align|mm_sft)")
@@ -136,6 +137,8 @@ class LLMTrainConfig(FlowConfig):
                 raise ValueError(f"stages[{i}].name: duplicate stage {s.name!r}")
             if s.train.method == "kd" and s.train.source == "model" and not s.teacher:
                 raise ValueError(f"stages[{i}].teacher: kd with source=model needs a teacher")
+            if isinstance(s.train, MMSFTConfig) and (s.train.kd is None) != (s.teacher is None):
+                raise ValueError(f"stages[{i}]: mm_sft distils with both train.kd and teacher; set both or neither")
             steerable = isinstance(s.train, Steering)
             for key, used in (("datasets", s.datasets), ("eval_dataset", s.eval_dataset)):
                 if used and not steerable:
@@ -308,7 +311,8 @@ def llm_train(cfg: LLMTrainConfig, base_model: ArtifactRef | None = None,
             elif t.method == "reward":
                 r = train_reward(*args, name=name, **steer)
             elif isinstance(t, MMAlignConfig | MMSFTConfig):
-                r = train_mm(*args, name=name, features=_mm_features(t, model, data[s.dataset], name, s.name))
+                r = train_mm(*args, name=name, features=_mm_features(t, model, data[s.dataset], name, s.name),
+                             teacher=ref)
             else:
                 r = train_kd(*args, name=name, teacher=ref)
             steps[s.name], models[s.name] = r, r.ref

@@ -10,8 +10,9 @@ from tasks.common import nexus_task, run_context
 
 @nexus_task(run_mm_train, name="train-mm", gpu=True)
 def train_mm(cfg: MMAlignConfig | MMSFTConfig, model: ArtifactRef, data: ArtifactRef, name: str = "mm",
-             features: ArtifactRef | None = None) -> MMResult:
+             features: ArtifactRef | None = None, teacher: ArtifactRef | None = None) -> MMResult:
     """Train ``model`` on ``data`` (messages + images) into ``train/<name>_vN`` (resumes from its checkpoints);
-    with ``features`` (precomputed tower features) from those shards instead of the media."""
-    return run_step(run_mm_train, cfg, name=name, inputs={"model": model, "data": data, "features": features},
-                    context=run_context())
+    with ``features`` (precomputed tower features) from those shards instead of the media; with ``teacher``
+    (mm_sft kd) distilling it."""
+    return run_step(run_mm_train, cfg, name=name, inputs={"model": model, "data": data, "features": features,
+                                                          "teacher": teacher}, context=run_context())

@@ -4,7 +4,8 @@
   ``multi_modal_projector`` learns to map image features into the LLM's embedding space.
 - ``mm_sft`` — visual (or audio) instruction tuning: LoRA adapters on the LLM's linear layers (never the tower's
   or the projector's), the projector trained in full beside them (peft ``modules_to_save``);
-  ``train_vision_tower`` unfreezes the tower too. ``finetune: full`` trains the whole LLM instead.
+  ``train_vision_tower`` unfreezes the tower too. ``finetune: full`` trains the whole LLM instead. With
+  ``kd:`` it distils a frozen multimodal ``teacher`` on the same batches (:mod:`nexus_core.train.mm_kd`).
 
 Data: ``messages`` + ``images`` rows (:mod:`nexus_core.train.mm_data`). Before any work the stage checks
 that the model takes every modality the data needs (``modality validation failed`` otherwise) and reads
@@ -49,10 +50,11 @@ from nexus_core.train.common import (
     trainer_kwargs,
     use_bf16,
 )
-from nexus_core.train.data import load_rows
+from nexus_core.train.data import load_rows, need
 from nexus_core.train.feature_shards import check_features, train_from_features
 from nexus_core.train.launch import run_stage
 from nexus_core.train.mm_data import MMCollator, encode_mm, mm_records
+from nexus_core.train.mm_kd import MMKDSettings, check_teacher, trainer_class
 from nexus_core.train.modalities import detect_modalities, modality_problems, needed_by_columns
 from nexus_core.train.video import VideoSampling
 
@@ -117,6 +119,15 @@ class MMSFTConfig(MMStageBase):
     """Visual instruction tuning: LoRA on the LLM (or full), projector trainable."""
 
     method: Literal["mm_sft"] = Field(default="mm_sft", description="Stage method")
+    kd: MMKDSettings | None = Field(default=None, description="Distil the 'teacher' input (a multimodal model "
+                                    "with the student's processor) on each batch; none: plain instruction tuning")
+
+    @model_validator(mode="after")
+    def _kd_on_media(self) -> MMSFTConfig:
+        if self.kd is not None and (self.precomputed or self.features):
+            raise ValueError("kd: the teacher runs its own tower on the raw media; precomputed / features "
+                             "train from stored features (turn one of them off)")
+        return self
 
 
 class MMResult(TrainResult):
@@ -146,13 +157,23 @@ def check_modalities(model_path: Path, columns: list[str], method: str) -> None:
                                           "data": table(one_of=[("messages", "images"), ("messages", "audios"),
                                                                 ("messages", "videos")]),
                                           "features": directory(optional=True, description="precomputed tower "
-                                                                "features (mm_features)")})
+                                                                "features (mm_features)"),
+                                          "teacher": model_input(optional=True, description="mm_sft kd: the "
+                                                                 "teacher (same processor as the model)")})
 def run_mm_train(cfg: MMAlignConfig | MMSFTConfig, *, inputs: dict[str, ArtifactRef], out_uri: str,
                  ctx: StepContext) -> MMResult:
     """Check modalities and every image, train (here or in child processes), save the model artifact."""
     base = model_dir(inputs.get("model"))
     df, where = load_rows(inputs["data"])
     check_modalities(base, df.columns, cfg.method)
+    kd = cfg.kd if isinstance(cfg, MMSFTConfig) else None
+    if kd is not None:
+        if "features" in inputs:
+            raise InputError(f"{cfg.method}: kd needs the raw media for the teacher's tower, not a 'features' input")
+        check_teacher(base, model_dir(need(inputs, "teacher", "mm_sft kd"), "teacher"), cfg.method)
+    elif "teacher" in inputs:
+        raise InputError(f"{cfg.method}: a 'teacher' input but no kd settings (mm_sft train.kd: {{alpha, "
+                         "temperature, divergence}})")
     if cfg.precomputed or cfg.features or "features" in inputs:  # rows and media come from the shards
         if "features" not in inputs:
             raise InputError(f"{cfg.method}: precomputed: true needs the 'features' input (run_mm_features; the "
@@ -230,7 +251,7 @@ def _train(cfg: MMAlignConfig | MMSFTConfig, inputs: dict[str, ArtifactRef], out
            ctx: StepContext) -> dict[str, float]:
     """One process's share of the stage; rank 0 saves the artifact."""
     from datasets import Dataset
-    from transformers import AutoProcessor, Trainer, TrainingArguments
+    from transformers import AutoProcessor, TrainingArguments
 
     from nexus_core.train.common import is_main_process
     from nexus_core.train.control import fit
@@ -253,8 +274,8 @@ def _train(cfg: MMAlignConfig | MMSFTConfig, inputs: dict[str, ArtifactRef], out
             raise InputError(f"{where}: row {i}: {exc}") from None
     args = TrainingArguments(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), remove_unused_columns=False))
     collator = MMCollator(processor.image_processor, processor.tokenizer.pad_token_id)
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collator,
-                      processing_class=processor)
+    trainer = _trainer_class(cfg, inputs, model)(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                                 data_collator=collator, processing_class=processor)
     before = param_snapshot(model)
     metrics = fit(trainer, cfg, ctx)
     metrics.update(param_delta(before, model))
@@ -263,6 +284,12 @@ def _train(cfg: MMAlignConfig | MMSFTConfig, inputs: dict[str, ArtifactRef], out
     if is_main_process():
         save(cfg, trainer.accelerator.unwrap_model(trainer.model), processor, base, Path(out_uri))
     return metrics
+
+
+def _trainer_class(cfg: MMAlignConfig | MMSFTConfig, inputs: dict[str, ArtifactRef], model) -> type:  # noqa: ANN001
+    """The stage's Trainer: plain, or distilling the teacher (mm_sft with kd) in the model's dtype."""
+    kd = cfg.kd if isinstance(cfg, MMSFTConfig) else None
+    return trainer_class(kd, model_dir(inputs["teacher"], "teacher") if kd else None, model.dtype)
 
 
 def save(cfg: MMAlignConfig | MMSFTConfig, model, processor, base: Path, out: Path) -> None:  # noqa: ANN001
@@ -285,7 +312,7 @@ def _train_audio(cfg: MMAlignConfig | MMSFTConfig, inputs: dict[str, ArtifactRef
                  ctx: StepContext, base: Path) -> dict[str, float]:
     """:func:`_train` for the audio composite: ``audios`` rows, clip tokens, ``input_features`` batches."""
     from datasets import Dataset
-    from transformers import AutoProcessor, Trainer, TrainingArguments
+    from transformers import AutoProcessor, TrainingArguments
 
     from nexus_core.train.common import is_main_process
     from nexus_core.train.control import fit
@@ -303,8 +330,8 @@ def _train_audio(cfg: MMAlignConfig | MMSFTConfig, inputs: dict[str, ArtifactRef
             raise InputError(f"{where}: row {i}: {exc}") from None
     args = TrainingArguments(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), remove_unused_columns=False))
     collator = AudioCollator(processor.feature_extractor, processor.tokenizer.pad_token_id, spec)
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collator,
-                      processing_class=processor)
+    trainer = _trainer_class(cfg, inputs, model)(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                                 data_collator=collator, processing_class=processor)
     before = param_snapshot(model)
     metrics = fit(trainer, cfg, ctx)
     metrics.update(param_delta(before, model))
