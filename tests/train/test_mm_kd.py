@@ -171,3 +171,19 @@ def test_sigusr1_pauses_and_sigusr2_checkpoints_a_kd_stage(student, plain, tmp_p
     m = _train(cfg, {"model": student, "data": raw_ref(DATA), "teacher": plain[0]}, str(tmp_path / "out"), ctx)
     assert m["pauses"] == 1 and m["emergency_saves"] == 1 and m["global_step"] == 3
     assert (tmp_path / "work" / "checkpoints" / "checkpoint-2" / COMPLETE_MARKER).is_file()
+
+
+def test_audio_kd_trains_on_clip_features_and_a_vision_teacher_is_refused(student, tiny_llm):
+    def audio_omni(seed: int) -> ArtifactRef:
+        ref = run_step(run_omni, OmniConfig(vision="none", audio="tiny", seed=seed), name=f"kd_audio_{seed}",
+                       inputs={"model": raw_ref(tiny_llm)}).ref
+        assert ref is not None
+        return ref
+
+    audio, teacher = audio_omni(0), audio_omni(1)  # same processor, another projector
+    data = raw_ref(REPO / "data" / "raw" / "omni" / "audio_instruct.jsonl")
+    cfg = MMSFTConfig(finetune="lora", kd=MMKDSettings(alpha=0.5), **FAST)
+    r = run_step(run_mm_train, cfg, name="kd_audio", inputs={"model": audio, "data": data, "teacher": teacher})
+    assert r.ref is not None and r.metrics["param_delta"] > 0 and r.metrics["train_loss"] > 0
+    with pytest.raises(InputError, match=r"model_type 'llava' vs 'qwen2_audio'"):
+        run_step(run_mm_train, cfg, name="kd_audio_bad", inputs={"model": audio, "data": data, "teacher": student})
