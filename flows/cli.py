@@ -135,8 +135,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not sep or not (sid.isdigit() or sid == "none"):
             raise NexusError(f"--tts-voice {spec!r}: expected NAME=SPEAKER_ID (an integer, or none)")
         voices[name] = None if sid == "none" else int(sid)
+    images = {}
+    for spec in args.image_model or []:  # [NAME=]ARTIFACT; served as the artifact's name by default
+        name, _, where = spec.rpartition("=")
+        images[name or Path(where.split("@", 1)[0]).name] = where
     serve_models(ServeConfig(
-        tts=tts, tts_voices=voices or None,
+        tts=tts, tts_voices=voices or None, image_models=images,
         media_root=args.media_root, allow_image_urls=args.allow_image_urls,
         allow_private_image_urls=args.allow_private_image_urls, max_image_mb=args.max_image_mb,
         image_url_timeout_s=args.image_url_timeout,
@@ -259,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--limit-concurrency", type=int, default=1024, help="open connections beyond this get 503")
     serve.add_argument("--draft", action="append", metavar="NAME=DIR",
                        help="speculative decoding: a smaller draft model (same tokenizer) for served model NAME")
+    serve.add_argument("--image-model", action="append", metavar="[NAME=]ARTIFACT",
+                       help="an image_gen projector artifact (its LLM and Klein pipeline load with it): "
+                            "/v1/images/generations (repeatable)")
     serve.add_argument("--tts", default=None, metavar="[NAME=]DIR",
                        help="a VITS text-to-speech model (dir or hub id): /v1/audio/speech and chat audio out")
     serve.add_argument("--tts-voice", action="append", metavar="NAME=ID",

@@ -7,7 +7,8 @@
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``stream`` as SSE,
 ``logprobs``/``top_logprobs``, ``n``, ``stop``, ``seed``), ``GET /v1/models``, ``GET /health``,
 ``GET /metrics`` (Prometheus); with a tts model, ``POST /v1/audio/speech`` and chat answers with audio
-(:mod:`nexus_core.serve.speech`). Errors are OpenAI-shaped JSON bodies with a 4xx status; the server
+(:mod:`nexus_core.serve.speech`); with image models, ``POST /v1/images/generations``
+(:mod:`nexus_core.serve.images`). Errors are OpenAI-shaped JSON bodies with a 4xx status; the server
 stays up. API keys are only ever held as sha256 hex digests.
 
 Limits (each a ``create_app`` argument; ``nexus serve`` flags): a request body over ``max_body_bytes``
@@ -137,6 +138,7 @@ MAX_PROMPTS = 256  # prompts in one completions request
 def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = None, max_batch_size: int = 16,
                batch_wait_s: float = 0.005, default_max_tokens: int = 256, dtype: str = "float32",
                draft_models: dict[str, str] | None = None, device: str | None = None,
+               image_models: dict[str, str] | None = None,
                max_body_bytes: int = 8 * 2**20, body_timeout_s: float = 30.0, request_timeout_s: float = 600.0,
                max_queue: int = 256, max_request_rows: int = 256, tts: dict[str, str] | None = None,
                tts_voices: dict[str, int | None] | None = None, media_root: str | None = None,
@@ -144,7 +146,8 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
                max_image_bytes: int = 8 * 2**20, image_url_timeout_s: float = 10.0) -> FastAPI:
     """An OpenAI-compatible FastAPI app serving ``models`` (served name → local HF model or adapter dir).
 
-    Models load now, so a bad directory fails here with an ``InputError`` naming it. With
+    Models load now, so a bad directory fails here with an ``InputError`` naming it. ``image_models``
+    (served name → an image_gen projector artifact) adds ``/v1/images/generations``. With
     ``api_key_hashes`` (sha256 hex digests, see :func:`hash_api_key`) every ``/v1`` call needs
     ``Authorization: Bearer <key>`` whose digest is listed; ``/health`` and ``/metrics`` stay open.
     ``draft_models`` (served name → smaller model dir with the same tokenizer) turns on speculative
@@ -158,6 +161,7 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
     """
     from pathlib import Path
 
+    from nexus_core.serve.images import add_image_route, describe, load_image_models
     from nexus_core.serve.media import ImageSources
     from nexus_core.serve.speech import add_speech_route, chat_audio, load_tts
 
@@ -166,6 +170,7 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
                            allow_private=allow_private_image_urls, max_bytes=max_image_bytes,
                            timeout_s=image_url_timeout_s)
     tts_model = load_tts(tts, tts_voices, device)
+    image = load_image_models(image_models, device, dtype)
     engines: dict[str, Engine] = {}
     for name, path in models.items():
         engines[name] = Engine(name, path, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, dtype=dtype,
@@ -176,8 +181,10 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
     app.state.engines = engines
     app.state.metrics = metrics
     app.state.tts = tts_model
+    app.state.image_models = image
     limits = _Limits(max_body_bytes, body_timeout_s, request_timeout_s, max_queue, max_request_rows)
     add_speech_route(app, tts_model, lambda request, model: _parse(request, model, limits), metrics)
+    add_image_route(app, image, lambda request, model: _parse(request, model, limits), metrics, request_timeout_s)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -206,7 +213,7 @@ def create_app(models: dict[str, str], *, api_key_hashes: list[str] | None = Non
         # Names only: where a model lives on this machine is none of the client's business.
         return {"object": "list", "data": [{"id": n, "object": "model", "created": e.created, "owned_by": "nexus",
                                             "max_model_len": e.context_length}
-                                           for n, e in engines.items()]}
+                                           for n, e in engines.items()] + describe(image)}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

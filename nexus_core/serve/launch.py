@@ -52,6 +52,9 @@ class ServeConfig(NexusModel):
                                           "served models together")
     engine_startup_timeout_s: float = Field(default=900.0, gt=0, description="vllm: seconds each engine may take "
                                             "to answer /health")
+    image_models: dict[str, str] = Field(default_factory=dict, description="Served name → an image_gen projector "
+                                         "artifact (directory, NAME@vN or store URI) for /v1/images/generations "
+                                         "(embedded only)")
     tts: dict[str, str] = Field(default_factory=dict, max_length=1, description="Served name → a VITS text-to-speech "
                                 "model (directory or hub id) for /v1/audio/speech and chat audio out (embedded only)")
     tts_voices: dict[str, int | None] | None = Field(default=None, description="Voice name → speaker id of the tts "
@@ -90,6 +93,8 @@ def serve_models(cfg: ServeConfig) -> None:
 
         if cfg.tts:
             raise NexusError("tts: speech out is served by the embedded engine only (not --engine vllm)")
+        if cfg.image_models:
+            raise NexusError("image_models: images are rendered by the embedded engine only (not --engine vllm)")
         if cfg.media_root or cfg.allow_image_urls:
             raise NexusError("media_root / allow_image_urls: image files and URLs are read by the embedded engine "
                              "only (not --engine vllm)")
@@ -140,6 +145,7 @@ def serve_models(cfg: ServeConfig) -> None:
             from nexus_core.serve.app import create_app
 
             app = create_app(models, api_key_hashes=hashes, max_batch_size=cfg.max_batch_size, draft_models=drafts,
+                             image_models=cfg.image_models,
                              tts=tts, tts_voices=cfg.tts_voices, media_root=cfg.media_root,
                              allow_image_urls=cfg.allow_image_urls,
                              allow_private_image_urls=cfg.allow_private_image_urls,
