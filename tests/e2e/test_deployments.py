@@ -12,6 +12,7 @@ from tests.support.prefect_server import free_port
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+@pytest.mark.nightly  # 2.3 minutes: `make test-nightly` (kept out of `make test` so CI stays under 30 minutes)
 def test_up_deploy_run_down(repo, tmp_path):
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
