@@ -250,11 +250,7 @@ def prepare_model(cfg: MMAlignConfig | MMSFTConfig, base: Path):  # noqa: ANN201
 def _train(cfg: MMAlignConfig | MMSFTConfig, inputs: dict[str, ArtifactRef], out_uri: str,
            ctx: StepContext) -> dict[str, float]:
     """One process's share of the stage; rank 0 saves the artifact."""
-    from datasets import Dataset
-    from transformers import AutoProcessor, TrainingArguments
-
-    from nexus_core.train.common import is_main_process
-    from nexus_core.train.control import fit
+    from transformers import AutoProcessor
 
     base = model_dir(inputs["model"])
     if "features" in inputs:
@@ -266,14 +262,34 @@ def _train(cfg: MMAlignConfig | MMSFTConfig, inputs: dict[str, ArtifactRef], out
     processor = AutoProcessor.from_pretrained(str(base))
     model = prepare_model(cfg, base)
     seq = int(model.config.image_seq_length)
+    rows = _encoded(records, where, lambda r: encode_mm(processor.tokenizer, r, seq, cfg.max_length,
+                                                        cfg.assistant_only_loss))
+    collator = MMCollator(processor.image_processor, processor.tokenizer.pad_token_id)
+    return _fit_and_save(cfg, inputs, out_uri, ctx, base, model, processor, rows, collator)
+
+
+def _encoded(records: list[dict], where: str, encode) -> list[dict]:  # noqa: ANN001
+    """Each record encoded for training; an encoding error names its row."""
     rows = []
     for i, r in enumerate(records):
         try:
-            rows.append(encode_mm(processor.tokenizer, r, seq, cfg.max_length, cfg.assistant_only_loss))
+            rows.append(encode(r))
         except InputError as exc:
             raise InputError(f"{where}: row {i}: {exc}") from None
+    return rows
+
+
+def _fit_and_save(cfg: MMAlignConfig | MMSFTConfig, inputs: dict[str, ArtifactRef], out_uri: str,
+                  ctx: StepContext, base: Path, model, processor, rows: list[dict],  # noqa: ANN001
+                  collator) -> dict[str, float]:  # noqa: ANN001
+    """Train the stage's Trainer on encoded ``rows``, measure what changed, and save on rank 0."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from nexus_core.train.common import is_main_process
+    from nexus_core.train.control import fit
+
     args = TrainingArguments(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), remove_unused_columns=False))
-    collator = MMCollator(processor.image_processor, processor.tokenizer.pad_token_id)
     trainer = _trainer_class(cfg, inputs, model)(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                                  data_collator=collator, processing_class=processor)
     before = param_snapshot(model)
@@ -311,32 +327,14 @@ def stage_audio(cfg: MMStageBase, base: Path) -> AudioSpec:
 def _train_audio(cfg: MMAlignConfig | MMSFTConfig, inputs: dict[str, ArtifactRef], out_uri: str,
                  ctx: StepContext, base: Path) -> dict[str, float]:
     """:func:`_train` for the audio composite: ``audios`` rows, clip tokens, ``input_features`` batches."""
-    from datasets import Dataset
-    from transformers import AutoProcessor, TrainingArguments
-
-    from nexus_core.train.common import is_main_process
-    from nexus_core.train.control import fit
+    from transformers import AutoProcessor
 
     df, where = load_rows(inputs["data"])
     spec = stage_audio(cfg, base)
     records, _ = audio_records(df, where, media_root(cfg, inputs["data"]), spec, cfg.max_skipped)
     processor = AutoProcessor.from_pretrained(str(base))
     model = prepare_model(cfg, base)
-    rows = []
-    for i, r in enumerate(records):
-        try:
-            rows.append(encode_audio_mm(processor, r, spec, cfg.max_length, cfg.assistant_only_loss))
-        except InputError as exc:
-            raise InputError(f"{where}: row {i}: {exc}") from None
-    args = TrainingArguments(**trainer_kwargs(cfg, checkpoint_dir(ctx.work_dir), remove_unused_columns=False))
+    rows = _encoded(records, where, lambda r: encode_audio_mm(processor, r, spec, cfg.max_length,
+                                                              cfg.assistant_only_loss))
     collator = AudioCollator(processor.feature_extractor, processor.tokenizer.pad_token_id, spec)
-    trainer = _trainer_class(cfg, inputs, model)(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                                 data_collator=collator, processing_class=processor)
-    before = param_snapshot(model)
-    metrics = fit(trainer, cfg, ctx)
-    metrics.update(param_delta(before, model))
-    metrics["trainable_params"] = float(sum(t.numel() for t in before.values()))
-    metrics["total_params"] = float(sum(p.numel() for p in model.parameters()))
-    if is_main_process():
-        save(cfg, trainer.accelerator.unwrap_model(trainer.model), processor, base, Path(out_uri))
-    return metrics
+    return _fit_and_save(cfg, inputs, out_uri, ctx, base, model, processor, rows, collator)
